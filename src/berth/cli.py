@@ -1,0 +1,92 @@
+"""berth's command line. Errors a user can fix exit with code 2 and a message naming the fix."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from berth.config import BerthConfig, load_config
+from berth.engine.launch import build_launch_argv
+from berth.engine.redact import redact_argv
+from berth.errors import BerthError, ConfigError
+
+USAGE_ERROR = 2
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = USAGE_ERROR) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    sys.exit(code)
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8080)")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def _load(path: str) -> BerthConfig:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _fail(exc.message)
+    for warning in config.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    return config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """berth: one OpenAI-compatible endpoint in front of many llama.cpp model servers."""
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="llama-swap style YAML config.")
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to bind.")
+@click.option("--watch-config", is_flag=True, help="Reload the config when the file changes (SIGHUP also reloads).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Overrides the config's logLevel.")
+def serve(config_path: str | None, listen: str, watch_config: bool, log_level: str | None) -> None:
+    """Serve the models of a config (or the embedded default model) on one endpoint."""
+    from berth.gateway.server import run_gateway
+
+    host, port = _parse_listen(listen)
+    if config_path is None:
+        _fail("no config given; pass -c config.yaml")
+    config = _load(config_path)
+    level = (log_level or config.log_level).upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        asyncio.run(run_gateway(config, host, port, build_launch_argv, config_path=config_path,
+                                watch_config=watch_config))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address with --listen")
+    except BerthError as exc:
+        _fail(exc.message, 1)
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def check(config_path: str) -> None:
+    """Validate a config without starting anything; print what each model would run."""
+    config = _load(config_path)
+    console = Console()
+    table = Table(title=f"{config_path}: {len(config.models)} models", show_lines=True)
+    for column in ("model", "argv", "port", "aliases", "group", "ttl"):
+        table.add_column(column, overflow="fold")
+    for spec in config.models.values():
+        argv = " ".join(redact_argv(build_launch_argv(spec)))
+        table.add_row(spec.id, argv, str(spec.port or "-"), ", ".join(spec.aliases) or "-", spec.group,
+                      f"{spec.ttl}s" if spec.ttl else "never")
+    console.print(table)
+    console.print(f"config OK ({len(config.warnings)} warnings)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Load a llama-swap style config into resolved, typed model specs.
+
+Everything a user can get wrong is reported as ConfigError(path, line, key,
+message); keys berth does not implement become warnings with their line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from berth.config import schema
+from berth.config.cmdline import CommandSyntaxError, split_command
+from berth.config.yamlines import LineDict, load_yaml
+from berth.errors import ConfigError
+
+DEFAULT_GROUP = "(default)"
+_MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_MACRO_REF = re.compile(r"\$\{([^}]*)\}")
+_RESERVED_MACROS = {"PORT", "MODEL_ID", "PID"}
+_MAX_MACRO_DEPTH = 10
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model as berth will run it: macros expanded, argv split, port assigned."""
+
+    id: str
+    argv: tuple[str, ...]
+    stop_argv: tuple[str, ...]  # may still contain ${PID}; filled in at stop time
+    proxy: str
+    port: int | None
+    env: tuple[tuple[str, str], ...]
+    check_endpoint: str | None  # None: no health check ("none")
+    ttl: int  # seconds idle before unload; 0 = never
+    aliases: tuple[str, ...]
+    group: str
+    unlisted: bool = False
+    use_model_name: str = ""
+    concurrency_limit: int = 10
+    strip_params: tuple[str, ...] = ()
+    set_params: tuple[tuple[str, Any], ...] = ()
+    name: str = ""
+    description: str = ""
+    metadata: tuple[tuple[str, Any], ...] = ()
+    unload_timeout: float = 10.0
+    health_check_timeout: float = 120.0
+    warmup: bool = False
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    swap: bool
+    exclusive: bool
+    persistent: bool
+    members: tuple[str, ...]
+
+
+@dataclass
+class BerthConfig:
+    path: str
+    models: dict[str, ModelSpec]
+    groups: dict[str, GroupSpec]
+    preload: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)
+    include_aliases_in_list: bool = False
+    log_level: str = "info"
+    health_check_timeout: float = 120.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    warnings: list[str] = field(default_factory=list)
+
+    def resolve(self, name: str) -> str | None:
+        """Model id for a model id or alias; None when neither."""
+        if name in self.models:
+            return name
+        for spec in self.models.values():
+            if name in spec.aliases:
+                return spec.id
+        return None
+
+    def default_model(self) -> str | None:
+        """The model a request without `model` goes to: alias `default`, else the only model."""
+        by_alias = self.resolve("default")
+        if by_alias:
+            return by_alias
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        return None
+
+
+def load_config(path: str | os.PathLike[str]) -> BerthConfig:
+    path_str = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path_str, None, "", "file not found; pass an existing file with -c/--config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path_str, None, "", f"cannot read file: {exc}") from None
+    return parse_config(text, path_str)
+
+
+def parse_config(text: str, path: str = "<config>", environ: dict[str, str] | None = None) -> BerthConfig:
+    raw = load_yaml(text, path)
+    if raw is None:
+        raw = LineDict()
+        raw.key_lines, raw.line = {}, 1
+    if not isinstance(raw, LineDict):
+        raise ConfigError(path, 1, "", "the top level must be a mapping with a `models:` key")
+    warnings: list[str] = []
+    _collect_unknown_keys(raw, path, warnings)
+    try:
+        parsed = schema.BerthConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(str(part) for part in first["loc"])
+        raise ConfigError(path, _line_of(raw, loc), ".".join(loc), first["msg"]) from None
+    return _Resolver(parsed, raw, path, environ if environ is not None else dict(os.environ), warnings).resolve()
+
+
+# -- unknown keys ---------------------------------------------------------------
+
+_NESTED_SECTIONS: dict[str, type[BaseModel]] = {"hooks": schema.HooksConfig}
+
+
+def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None:
+    def check(node: Any, section: type[BaseModel], where: str) -> None:
+        if not isinstance(node, LineDict):
+            return
+        allowed = schema.known_keys(section)
+        for key in node:
+            if key not in allowed:
+                dotted = f"{where}.{key}" if where else key
+                warnings.append(f"{path}:{node.line_of(key)}: {dotted}: not supported by berth; ignored")
+
+    check(raw, schema.BerthConfigFile, "")
+    models = raw.get("models")
+    if isinstance(models, LineDict):
+        for model_id, model in models.items():
+            check(model, schema.ModelConfig, f"models.{model_id}")
+            if isinstance(model, LineDict):
+                check(model.get("filters"), schema.FiltersConfig, f"models.{model_id}.filters")
+    groups = raw.get("groups")
+    if isinstance(groups, LineDict):
+        for name, group in groups.items():
+            check(group, schema.GroupConfig, f"groups.{name}")
+    hooks = raw.get("hooks")
+    check(hooks, schema.HooksConfig, "hooks")
+    if isinstance(hooks, LineDict):
+        check(hooks.get("on_startup"), schema.StartupHooks, "hooks.on_startup")
+
+
+def _line_of(raw: Any, loc: tuple[str, ...]) -> int | None:
+    """Deepest known line along a key path."""
+    line = raw.line if isinstance(raw, LineDict) else None
+    node = raw
+    for key in loc:
+        if isinstance(node, LineDict) and key in node:
+            line = node.line_of(key)
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            break
+    return line
+
+
+# -- resolution -----------------------------------------------------------------
+
+
+def _macro_text(value: schema.MacroValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class _Resolver:
+    def __init__(self, parsed: schema.BerthConfigFile, raw: LineDict, path: str,
+                 environ: dict[str, str], warnings: list[str]) -> None:
+        self.parsed, self.raw, self.path, self.environ, self.warnings = parsed, raw, path, environ, warnings
+
+    def error(self, loc: tuple[str, ...], message: str) -> ConfigError:
+        return ConfigError(self.path, _line_of(self.raw, loc), ".".join(loc), message)
+
+    def resolve(self) -> BerthConfig:
+        p = self.parsed
+        self.check_macro_names(p.macros, ("macros",))
+        group_of = self.resolve_group_membership()
+        models: dict[str, ModelSpec] = {}
+        next_port = p.start_port
+        for model_id, model in p.models.items():
+            spec, uses_port = self.resolve_model(model_id, model, next_port, group_of[model_id])
+            if uses_port:
+                next_port += 1
+            models[model_id] = spec
+        self.check_aliases(models)
+        config = BerthConfig(
+            path=self.path,
+            models=models,
+            groups=self.resolve_groups(group_of),
+            api_keys=[self.expand_env(k, ("apiKeys", str(i))) for i, k in enumerate(p.api_keys)],
+            include_aliases_in_list=p.include_aliases_in_list,
+            log_level=p.log_level,
+            health_check_timeout=p.health_check_timeout,
+            max_body_bytes=p.max_body_bytes,
+            warnings=self.warnings,
+        )
+        for i, key in enumerate(config.api_keys):
+            if not key.strip():
+                raise self.error(("apiKeys", str(i)), "API key is empty; remove it or set a value")
+        for i, name in enumerate(p.hooks.on_startup.preload):
+            model_id = config.resolve(name)
+            if model_id is None:
+                raise self.error(("hooks", "on_startup", "preload", str(i)),
+                                 f"unknown model {name!r}; preload names must be ids under models:")
+            config.preload.append(model_id)
+        return config
+
+    def check_macro_names(self, macros: dict[str, schema.MacroValue], loc: tuple[str, ...]) -> None:
+        for name in macros:
+            if name in _RESERVED_MACROS:
+                raise self.error(loc + (name,), f"macro name {name!r} is reserved; rename it")
+            if not _MACRO_NAME.match(name):
+                raise self.error(loc + (name,), "macro names may use only letters, digits, '_' and '-'")
+
+    def expand_env(self, text: str, loc: tuple[str, ...]) -> str:
+        def env_value(match: re.Match[str]) -> str:
+            name = match.group(1)[len("env."):]
+            if name not in self.environ:
+                raise self.error(loc, f"environment variable {name!r} is not set (used as ${{env.{name}}})")
+            return self.environ[name]
+
+        return re.sub(r"\$\{(env\.[^}]*)\}", env_value, text)
+
+    def expand(self, text: str, macros: dict[str, str], loc: tuple[str, ...], allow: set[str]) -> str:
+        """Expand user macros (nested), ${env.X} and the reserved names given in `allow`."""
+        for _ in range(_MAX_MACRO_DEPTH):
+            expanded = _MACRO_REF.sub(lambda m: macros.get(m.group(1), m.group(0)), text)
+            expanded = self.expand_env(expanded, loc)
+            if expanded == text:
+                break
+            text = expanded
+        else:
+            raise self.error(loc, "macros refer to each other in a cycle (or nest deeper than 10)")
+        for ref in _MACRO_REF.findall(text):
+            if ref in _RESERVED_MACROS:
+                if ref not in allow:
+                    raise self.error(loc, f"${{{ref}}} cannot be used here")
+            else:
+                raise self.error(loc, f"unknown macro ${{{ref}}}; define it under macros:")
+        return text
+
+    def resolve_model(self, model_id: str, model: schema.ModelConfig, port: int,
+                      group: str) -> tuple[ModelSpec, bool]:
+        loc = ("models", model_id)
+        self.check_macro_names(model.macros, loc + ("macros",))
+        macros = {k: _macro_text(v) for k, v in {**self.parsed.macros, **model.macros}.items()}
+        macros["MODEL_ID"] = model_id
+        cmd = self.expand(model.cmd, macros, loc + ("cmd",), {"PORT", "MODEL_ID"})
+        proxy = self.expand(model.proxy, macros, loc + ("proxy",), {"PORT", "MODEL_ID"})
+        uses_port = "${PORT}" in cmd or "${PORT}" in proxy
+        if "${PORT}" in proxy and "${PORT}" not in cmd:
+            raise self.error(loc + ("cmd",),
+                             "proxy uses ${PORT} but cmd does not; add `--port ${PORT}` to cmd or set proxy")
+        cmd = cmd.replace("${PORT}", str(port))
+        proxy = proxy.replace("${PORT}", str(port)).rstrip("/")
+        cmd_stop = self.expand(model.cmd_stop, macros, loc + ("cmdStop",), {"PORT", "MODEL_ID", "PID"})
+        cmd_stop = cmd_stop.replace("${PORT}", str(port))
+        if not proxy.startswith(("http://", "https://")):
+            raise self.error(loc + ("proxy",), f"proxy {proxy!r} must be an http:// or https:// URL")
+        try:
+            argv = split_command(cmd)
+            stop_argv = split_command(cmd_stop) if cmd_stop.strip() else []
+        except CommandSyntaxError as exc:
+            raise self.error(loc + ("cmd",), str(exc)) from None
+        if not argv:
+            raise self.error(loc + ("cmd",), "cmd is empty; give the command that starts the model server")
+        check = self.expand(model.check_endpoint, macros, loc + ("checkEndpoint",), {"MODEL_ID"}).strip()
+        env = []
+        for i, item in enumerate(model.env):
+            key, _, value = self.expand(item, macros, loc + ("env", str(i)), {"PORT", "MODEL_ID"}).partition("=")
+            env.append((key.strip(), value.replace("${PORT}", str(port))))
+        strip = model.filters.strip_params
+        strip_list = [s.strip() for s in (strip.split(",") if isinstance(strip, str) else strip) if s.strip()]
+        spec = ModelSpec(
+            id=model_id,
+            argv=tuple(argv),
+            stop_argv=tuple(stop_argv),
+            proxy=proxy,
+            port=port if uses_port else None,
+            env=tuple(env),
+            check_endpoint=None if check.lower() == "none" else ("/" + check.lstrip("/")),
+            ttl=self.parsed.global_ttl if model.ttl is None else model.ttl,
+            aliases=tuple(model.aliases),
+            group=group,
+            unlisted=model.unlisted,
+            use_model_name=model.use_model_name,
+            concurrency_limit=model.concurrency_limit,
+            strip_params=tuple(p for p in strip_list if p != "model"),
+            set_params=tuple(model.filters.set_params.items()),
+            name=model.name,
+            description=model.description,
+            metadata=tuple(model.metadata.items()),
+            unload_timeout=model.unload_timeout,
+            health_check_timeout=self.parsed.health_check_timeout,
+            warmup=model.warmup,
+        )
+        return spec, uses_port
+
+    def check_aliases(self, models: dict[str, ModelSpec]) -> None:
+        owner: dict[str, str] = {}
+        for spec in models.values():
+            for i, alias in enumerate(spec.aliases):
+                loc = ("models", spec.id, "aliases", str(i))
+                if alias in models:
+                    raise self.error(loc, f"alias {alias!r} is also a model id; rename one of them")
+                if alias in owner:
+                    raise self.error(loc, f"alias {alias!r} is already used by model {owner[alias]!r}")
+                owner[alias] = spec.id
+
+    def resolve_group_membership(self) -> dict[str, str]:
+        group_of: dict[str, str] = {}
+        for name, group in self.parsed.groups.items():
+            for i, member in enumerate(group.members):
+                loc = ("groups", name, "members", str(i))
+                if member not in self.parsed.models:
+                    raise self.error(loc, f"unknown model {member!r}; members must be ids under models:")
+                if member in group_of:
+                    raise self.error(loc, f"model {member!r} is already in group {group_of[member]!r}")
+                group_of[member] = name
+        for model_id in self.parsed.models:
+            group_of.setdefault(model_id, DEFAULT_GROUP)
+        return group_of
+
+    def resolve_groups(self, group_of: dict[str, str]) -> dict[str, GroupSpec]:
+        groups = {
+            name: GroupSpec(name, g.swap, g.exclusive, g.persistent, tuple(g.members))
+            for name, g in self.parsed.groups.items()
+        }
+        default_members = tuple(m for m, g in group_of.items() if g == DEFAULT_GROUP)
+        if default_members:
+            # As in llama-swap: ungrouped models swap among themselves and stop other groups.
+            groups[DEFAULT_GROUP] = GroupSpec(DEFAULT_GROUP, True, True, False, default_members)
+        return groups

@@ -1,0 +1,91 @@
+"""The config file's shape, as written by users (llama-swap's keys, camelCase).
+
+Validation is pydantic's; `loader.py` maps its error locations back to lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MacroValue = str | int | float | bool
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", strict=False)
+
+
+class FiltersConfig(_Section):
+    strip_params: str | list[str] = Field("", alias="stripParams")
+    set_params: dict[str, Any] = Field(default_factory=dict, alias="setParams")
+
+
+class ModelConfig(_Section):
+    cmd: str
+    cmd_stop: str = Field("", alias="cmdStop")
+    proxy: str = "http://127.0.0.1:${PORT}"
+    ttl: int | None = Field(None, ge=0)
+    aliases: list[str] = Field(default_factory=list)
+    env: list[str] = Field(default_factory=list)
+    check_endpoint: str = Field("/health", alias="checkEndpoint")
+    unlisted: bool = False
+    use_model_name: str = Field("", alias="useModelName")
+    concurrency_limit: int = Field(10, alias="concurrencyLimit", ge=1)
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    name: str = ""
+    description: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    unload_timeout: float = Field(10.0, alias="unloadTimeout", gt=0)
+    macros: dict[str, MacroValue] = Field(default_factory=dict)
+    warmup: bool = False
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_key_value(cls, value: list[str]) -> list[str]:
+        for item in value:
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"env entry {item!r} must look like NAME=value")
+        return value
+
+
+class GroupConfig(_Section):
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+    members: list[str] = Field(default_factory=list)
+
+
+class StartupHooks(_Section):
+    preload: list[str] = Field(default_factory=list)
+
+
+class HooksConfig(_Section):
+    on_startup: StartupHooks = Field(default_factory=StartupHooks)
+
+
+class BerthConfigFile(_Section):
+    health_check_timeout: float = Field(120.0, alias="healthCheckTimeout", gt=0)
+    global_ttl: int = Field(0, alias="globalTTL", ge=0)
+    start_port: int = Field(5800, alias="startPort", ge=1, le=65535)
+    log_level: str = Field("info", alias="logLevel")
+    macros: dict[str, MacroValue] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    hooks: HooksConfig = Field(default_factory=HooksConfig)
+    api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
+    include_aliases_in_list: bool = Field(False, alias="includeAliasesInList")
+    max_body_bytes: int = Field(64 * 1024 * 1024, alias="maxBodyBytes", gt=0)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warn", "warning", "error"}:
+            raise ValueError("logLevel must be one of debug, info, warn, error")
+        return value.lower()
+
+
+def known_keys(section: type[BaseModel]) -> set[str]:
+    """The keys a user may write in a section (aliases, or field names without one)."""
+    return {field.alias or name for name, field in section.model_fields.items()}

@@ -1,0 +1,62 @@
+"""YAML loading that remembers where every mapping key was written.
+
+Errors and warnings about a config must name the file and line, so each
+mapping is loaded as a `LineDict` that records the 1-based line of each key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from berth.errors import ConfigError
+
+
+class LineDict(dict):
+    """A dict that also knows the line of each of its keys (`key_lines`) and its own `line`."""
+
+    key_lines: dict[str, int]
+    line: int
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+def _make_loader(path: str) -> type[yaml.SafeLoader]:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> LineDict:
+        loader.flatten_mapping(node)
+        result = LineDict()
+        result.key_lines = {}
+        result.line = node.start_mark.line + 1
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                raise ConfigError(path, key_node.start_mark.line + 1, str(key), "mapping keys must be plain strings")
+            key = str(key)
+            if key in result:
+                raise ConfigError(
+                    path, key_node.start_mark.line + 1, key,
+                    f"duplicate key (first written on line {result.key_lines[key]}); keep one of them",
+                )
+            result[key] = loader.construct_object(value_node, deep=True)
+            result.key_lines[key] = key_node.start_mark.line + 1
+        return result
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """Parse YAML text; syntax errors become ConfigError with the line."""
+    try:
+        return yaml.load(text, Loader=_make_loader(path))  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError(path, line, "", f"YAML syntax error: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, None, "", f"YAML error: {exc}") from None

@@ -1,0 +1,117 @@
+"""Typed errors. Raised anywhere, rendered once at the edge (HTTP or CLI)."""
+
+from __future__ import annotations
+
+
+class BerthError(Exception):
+    """Base error: carries the HTTP status and OpenAI error type it renders as."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_openai(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code or self.error_type}}
+
+
+class ConfigError(BerthError):
+    """A config file that cannot be used: names the file, line and key."""
+
+    status = 500
+    error_type = "config_error"
+
+    def __init__(self, path: str, line: int | None, key: str, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.path, self.line, self.key, self.reason = path, line, key, message
+
+
+class BadRequest(BerthError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(BerthError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class UnknownModel(BerthError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(f"model {model!r} is not configured; available models: {', '.join(available) or '(none)'}")
+        self.model = model
+
+
+class BodyTooLarge(BerthError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class TooManyRequests(BerthError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "concurrency_limit"
+
+    def __init__(self, model: str, limit: int, retry_after: int = 1) -> None:
+        super().__init__(
+            f"model {model!r} already has {limit} requests in flight or waiting (concurrencyLimit {limit}); "
+            f"retry after {retry_after}s or raise concurrencyLimit in the config"
+        )
+        self.retry_after = retry_after
+
+
+class StartFailed(BerthError):
+    """A model process that never became ready; carries its last log lines."""
+
+    status = 503
+    error_type = "server_error"
+    code = "model_start_failed"
+
+    def __init__(self, model: str, reason: str, last_log_lines: list[str] | None = None) -> None:
+        self.model, self.reason = model, reason
+        self.last_log_lines = list(last_log_lines or [])
+        tail = "\n".join(self.last_log_lines[-15:])
+        super().__init__(f"model {model!r} failed to start: {reason}" + (f"\nlast log lines:\n{tail}" if tail else ""))
+
+
+class ModelUnloaded(BerthError):
+    status = 503
+    error_type = "server_error"
+    code = "model_unloaded"
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model!r} was stopped before it could serve this request ({reason}); retry")
+
+
+class UpstreamError(BerthError):
+    status = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class ShuttingDown(BerthError):
+    status = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("berth is shutting down; retry against another instance")
+
+
+class RouteNotFound(BerthError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"no route for {path}; see /v1/models for the models and the OpenAI paths berth serves")

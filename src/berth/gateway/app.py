@@ -1,0 +1,276 @@
+"""berth's HTTP surface: OpenAI routes, llama-swap and llama-server router admin routes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from berth.config import BerthConfig
+from berth.engine.redact import redact_argv
+from berth.errors import BadRequest, BerthError, BodyTooLarge, RouteNotFound, TooManyRequests, Unauthorized
+from berth.gateway.metrics import Metrics
+from berth.gateway.pool import ModelPool
+from berth.gateway.proxy import forward
+from berth.scheduler import ModelState
+
+log = logging.getLogger("berth.gateway")
+
+INFERENCE_PATHS = (
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking", "/v1/responses",
+    "/v1/messages", "/v1/messages/count_tokens", "/completion", "/completions", "/infill", "/embedding",
+    "/embeddings", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
+)
+_ROUTER_STATUS = {
+    ModelState.STOPPED: "unloaded", ModelState.FAILED: "unloaded", ModelState.STARTING: "loading",
+    ModelState.READY: "loaded", ModelState.STOPPING: "loaded",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: BerthError) -> web.Response:
+    response = web.json_response(error.to_openai(), status=error.status)
+    if isinstance(error, TooManyRequests):
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def _presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value.strip()
+    if scheme.lower() == "basic" and value:
+        try:
+            return base64.b64decode(value).decode().partition(":")[2]
+        except ValueError:
+            return None
+    return request.headers.get("X-Api-Key")
+
+
+class Gateway:
+    def __init__(self, pool: ModelPool, metrics: Metrics) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.started_at = int(time.time())
+        self.app = web.Application(middlewares=[self._errors, self._auth],
+                                   client_max_size=pool.config.max_body_bytes)
+        r = self.app.router
+        r.add_get("/health", self.health)
+        r.add_get("/v1/models", self.openai_models)
+        r.add_get("/running", self.running)
+        r.add_route("*", "/unload", self.unload_all)
+        r.add_get("/models", self.router_models)
+        r.add_post("/models/load", self.router_load)
+        r.add_post("/models/unload", self.router_unload)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/logs", self.logs_text)
+        r.add_get("/logs/stream", self.logs_stream)
+        r.add_get("/logs/stream/{model}", self.logs_stream)
+        r.add_route("*", "/upstream/{model}/{path:.*}", self.upstream)
+        for path in INFERENCE_PATHS:
+            r.add_post(path, self.inference)
+        r.add_route("*", "/{path:.*}", self.by_query_model)
+
+    @property
+    def config(self) -> BerthConfig:
+        return self.pool.config
+
+    # -- middlewares ------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BerthError as exc:
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(BodyTooLarge(
+                f"request body is larger than the limit of {self.config.max_body_bytes} bytes; "
+                "send less or raise maxBodyBytes in the config"))
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        keys = self.config.api_keys
+        if keys and request.path != "/health":
+            presented = _presented_key(request)
+            # compare against every key so the time taken does not reveal which one nearly matched
+            matched = False
+            for key in keys:
+                matched |= presented is not None and hmac.compare_digest(presented.encode(), key.encode())
+            if not matched:
+                raise Unauthorized("missing or invalid API key; send it as `Authorization: Bearer <key>`")
+        return await handler(request)
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def inference(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            payload = json.loads(body) if body else {}
+        except ValueError as exc:
+            raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
+        if not isinstance(payload, dict):
+            raise BadRequest("request body must be a JSON object with a `model` field")
+        name = payload.get("model")
+        if name is None or name == "":
+            model_id = self.config.default_model()
+            if model_id is None:
+                raise BadRequest(f"request has no `model`; name one of: {', '.join(self.pool.listed_ids())}")
+        elif not isinstance(name, str):
+            raise BadRequest("`model` must be a string")
+        else:
+            model_id = self.pool.resolve(name)
+        body = self._apply_filters(model_id, payload, body)
+        return await self._serve(request, model_id, request.path, body)
+
+    def _apply_filters(self, model_id: str, payload: dict, body: bytes) -> bytes:
+        spec = self.config.models[model_id]
+        changed = False
+        for key in spec.strip_params:
+            if key in payload:
+                del payload[key]
+                changed = True
+        for key, value in spec.set_params:
+            payload[key] = value
+            changed = True
+        if spec.use_model_name:
+            payload["model"] = spec.use_model_name
+            changed = True
+        return json.dumps(payload).encode() if changed else body
+
+    async def _serve(self, request: web.Request, model_id: str, path: str, body: bytes | None) -> web.StreamResponse:
+        lease = await self.pool.acquire(model_id)
+        try:
+            return await forward(request, lease, path, body, self.pool.session, self.metrics,
+                                 drop_auth=bool(self.config.api_keys))
+        finally:
+            lease.release()
+
+    async def upstream(self, request: web.Request) -> web.StreamResponse:
+        model_id = self.pool.resolve(request.match_info["model"])
+        body = await request.read()
+        return await self._serve(request, model_id, "/" + request.match_info["path"], body or None)
+
+    async def by_query_model(self, request: web.Request) -> web.StreamResponse:
+        name = request.query.get("model")
+        if not name:
+            raise RouteNotFound(request.path)
+        body = await request.read()
+        return await self._serve(request, self.pool.resolve(name), request.path, body or None)
+
+    # -- lists and admin ----------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    def _model_entry(self, model_id: str, listed_as: str) -> dict:
+        spec = self.config.models[model_id]
+        entry = {"id": listed_as, "object": "model", "created": self.started_at, "owned_by": "berth",
+                 "state": self.pool.state(model_id).value}
+        if spec.name:
+            entry["name"] = spec.name
+        if spec.description:
+            entry["description"] = spec.description
+        if spec.metadata:
+            entry["meta"] = dict(spec.metadata)
+        if listed_as != model_id:
+            entry["alias_of"] = model_id
+        return entry
+
+    async def openai_models(self, request: web.Request) -> web.Response:
+        data = []
+        for spec in self.config.models.values():
+            if spec.unlisted:
+                continue
+            data.append(self._model_entry(spec.id, spec.id))
+            if self.config.include_aliases_in_list:
+                data.extend(self._model_entry(spec.id, alias) for alias in spec.aliases)
+        return web.json_response({"object": "list", "data": data})
+
+    async def running(self, request: web.Request) -> web.Response:
+        running = []
+        for model_id in self.config.models:
+            view = self.pool.view(model_id)
+            if view.state in (ModelState.STOPPED, ModelState.FAILED):
+                continue
+            process = self.pool.process(model_id)
+            spec = self.config.models[model_id]
+            running.append({
+                "model": model_id, "state": view.state.value, "proxy": spec.proxy, "ttl": spec.ttl,
+                "pid": process.pid if process else None, "in_flight": view.in_flight, "queued": view.queued,
+                "cmd": " ".join(redact_argv(process.argv if process else list(spec.argv))),
+            })
+        return web.json_response({"running": running})
+
+    async def unload_all(self, request: web.Request) -> web.Response:
+        await self.pool.unload(None, force=request.query.get("force") in ("1", "true"))
+        return web.Response(text="OK")
+
+    async def router_models(self, request: web.Request) -> web.Response:
+        data = []
+        for spec in self.config.models.values():
+            if spec.unlisted:
+                continue
+            state = self.pool.state(spec.id)
+            status: dict = {"value": _ROUTER_STATUS[state], "args": redact_argv(spec.argv)}
+            if state is ModelState.FAILED:
+                status["failed"] = True
+            data.append({"id": spec.id, "object": "model", "owned_by": "berth", "created": self.started_at,
+                         "aliases": list(spec.aliases), "status": status})
+        return web.json_response({"object": "list", "data": data})
+
+    async def _model_from_body(self, request: web.Request) -> str:
+        try:
+            payload = await request.json()
+        except ValueError:
+            raise BadRequest('body must be JSON like {"model": "<id>"}') from None
+        name = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(name, str) or not name:
+            raise BadRequest('body must name the model: {"model": "<id>"}')
+        return self.pool.resolve(name)
+
+    async def router_load(self, request: web.Request) -> web.Response:
+        await self.pool.load(await self._model_from_body(request))
+        return web.json_response({"success": True})
+
+    async def router_unload(self, request: web.Request) -> web.Response:
+        await self.pool.unload(await self._model_from_body(request))
+        return web.json_response({"success": True})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def logs_text(self, request: web.Request) -> web.Response:
+        lines = self.pool.logs.tail(request.query.get("model"))
+        return web.Response(text="".join(f"[{line.source}] {line.text}\n" for line in lines))
+
+    async def logs_stream(self, request: web.Request) -> web.StreamResponse:
+        source = request.match_info.get("model")
+        if source is not None and source != "berth":
+            source = self.pool.resolve(source)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        queue = self.pool.logs.subscribe(source)
+        try:
+            if "no-history" not in request.query:
+                for line in self.pool.logs.tail(source):
+                    await response.write(_sse_line(line.source, line.text))
+            while True:
+                line = await queue.get()
+                await response.write(_sse_line(line.source, line.text))
+        except (ConnectionResetError, asyncio.CancelledError):
+            return response
+        finally:
+            self.pool.logs.unsubscribe(queue)
+
+
+def _sse_line(source: str, text: str) -> bytes:
+    return f"data: {json.dumps({'source': source, 'text': text})}\n\n".encode()

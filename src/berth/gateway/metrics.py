@@ -1,0 +1,49 @@
+"""Prometheus metrics for one gateway (a registry of its own, so tests can run several)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("berth_requests", "Requests by model and HTTP status", ["model", "status"], registry=r)
+        self.latency = Histogram("berth_request_duration_seconds", "Request duration, first byte in to last byte out",
+                                 ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("berth_time_to_first_byte_seconds", "Time from request to the first upstream byte",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.load_seconds = Histogram("berth_model_load_duration_seconds", "Time from spawn to ready", ["model"],
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.swaps = Counter("berth_swaps", "Models stopped to make room for another", registry=r)
+        self.start_failures = Counter("berth_model_start_failures", "Starts that never became ready", ["model"],
+                                      registry=r)
+        self.crashes = Counter("berth_model_crashes", "Model processes that exited while ready", ["model"], registry=r)
+        self.model_state = Gauge("berth_model_state", "1 for the state each model is in", ["model", "state"],
+                                 registry=r)
+        self.queue_depth = Gauge("berth_queue_depth", "Requests waiting for a model", registry=r)
+        self.tokens = Counter("berth_tokens", "Tokens reported by upstream usage", ["model", "kind"], registry=r)
+
+    def record_usage(self, model: str, tail: bytes) -> None:
+        """Count tokens from the last `usage` object in the end of a response body or stream."""
+        matches = _USAGE.findall(tail)
+        if not matches:
+            return
+        try:
+            usage = json.loads(matches[-1])
+        except ValueError:
+            return
+        for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
+            value = usage.get(kind)
+            if isinstance(value, int) and value > 0:
+                self.tokens.labels(model, kind.replace("_tokens", "")).inc(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,256 @@
+"""The shell around the pure scheduler: performs its actions and feeds back events.
+
+All calls happen on the event loop thread, so each scheduler step is atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from berth.config import BerthConfig, ModelSpec
+from berth.engine.redact import redact_argv
+from berth.errors import BerthError, UnknownModel
+from berth.gateway.metrics import Metrics
+from berth.runtime.janitor import Janitor
+from berth.runtime.logs import LogHub
+from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent, Stopped, Warmup
+from berth.scheduler import (
+    Action, Admit, GroupPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop,
+)
+
+log = logging.getLogger("berth.pool")
+
+ArgvBuilder = Callable[[ModelSpec], list[str]]
+
+
+def _policies(config: BerthConfig) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy]]:
+    models = {m.id: ModelPolicy(group=m.group, ttl=m.ttl, concurrency_limit=m.concurrency_limit)
+              for m in config.models.values()}
+    groups = {g.name: GroupPolicy(swap=g.swap, exclusive=g.exclusive, persistent=g.persistent)
+              for g in config.groups.values()}
+    return models, groups
+
+
+@dataclass
+class Lease:
+    """Permission to send one request to a ready model; release it when the response ends."""
+
+    request_id: int
+    spec: ModelSpec
+    _pool: "ModelPool"
+    _released: bool = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._apply(self._pool._scheduler.finished(self.request_id, self._pool._now()))
+
+
+class ModelPool:
+    def __init__(self, config: BerthConfig, logs: LogHub, metrics: Metrics,
+                 argv_builder: ArgvBuilder, warmup: Warmup | None = None) -> None:
+        self.config = config
+        self.logs = logs
+        self.metrics = metrics
+        self._argv_builder = argv_builder
+        self._warmup = warmup
+        self._scheduler = Scheduler.build(*_policies(config))
+        self._janitor = Janitor()
+        self._processes: dict[str, ModelProcess] = {}
+        self._waiters: dict[int, asyncio.Future[str]] = {}
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Condition()
+        self._timer: asyncio.TimerHandle | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._janitor.start()
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        for model_id in self.config.preload:
+            asyncio.create_task(self._preload(model_id))
+
+    async def _preload(self, model_id: str) -> None:
+        try:
+            await self.load(model_id)
+        except BerthError as exc:
+            log.info(f"preload of {model_id} failed: {exc.message}")
+
+    async def close(self) -> None:
+        """Stop every model (in-flight requests are cut) and wait until all are gone."""
+        self._apply(self._scheduler.shutdown(self._now()))
+        await asyncio.gather(*(p.wait_closed() for p in list(self._processes.values())), return_exceptions=True)
+        if self._timer:
+            self._timer.cancel()
+        if self._session:
+            await self._session.close()
+        self._janitor.close()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        model_id = self.config.resolve(name)
+        if model_id is None:
+            raise UnknownModel(name, self.listed_ids())
+        return model_id
+
+    def listed_ids(self) -> list[str]:
+        return [m.id for m in self.config.models.values() if not m.unlisted]
+
+    async def acquire(self, model_id: str) -> Lease:
+        """Wait until `model_id` is ready and admits this request (raises the typed error otherwise)."""
+        request_id = next(self._ids)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = future
+        spec = self.config.models[model_id]
+        self._apply(self._scheduler.request(request_id, model_id, self._now()))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._apply(self._scheduler.finished(request_id, self._now()))
+            else:
+                self._apply(self._scheduler.cancel(request_id, self._now()))
+            raise
+        finally:
+            self._waiters.pop(request_id, None)
+        return Lease(request_id, spec, self)
+
+    async def load(self, model_id: str) -> None:
+        (await self.acquire(model_id)).release()
+
+    async def unload(self, model_id: str | None = None, force: bool = False) -> None:
+        """Stop one model (or all) once idle and wait until stopped."""
+        targets = [model_id] if model_id else list(self._scheduler.models)
+        self._apply(self._scheduler.unload(model_id, self._now(), force=force))
+        async with self._changed:
+            await self._changed.wait_for(lambda: all(
+                m not in self._scheduler.models
+                or self._scheduler.state(m) in (ModelState.STOPPED, ModelState.FAILED)
+                for m in targets))
+
+    def reload(self, new: BerthConfig) -> list[str]:
+        """Adopt a new config; restart only models whose definition changed. Returns those ids."""
+        old = self.config
+        changed = [m for m in old.models if m in new.models and old.models[m] != new.models[m]]
+        removed = [m for m in old.models if m not in new.models]
+        self.config = new
+        self._scheduler.configure(*_policies(new))
+        for model_id in changed:
+            if self._scheduler.state(model_id) in (ModelState.READY, ModelState.STARTING):
+                self._apply(self._scheduler.unload(model_id, self._now(), reason="reload"))
+        self._apply(self._scheduler.tick(self._now()))
+        log.info(f"config reloaded: changed {changed or 'none'}, removed {removed or 'none'}")
+        return changed + removed
+
+    # -- views ------------------------------------------------------------------------
+
+    def state(self, model_id: str) -> ModelState:
+        return self._scheduler.state(model_id)
+
+    def view(self, model_id: str):
+        return self._scheduler.view(model_id)
+
+    def process(self, model_id: str) -> ModelProcess | None:
+        return self._processes.get(model_id)
+
+    def queue_depth(self) -> int:
+        return self._scheduler.queue_depth()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    # -- the shell --------------------------------------------------------------------
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Admit):
+                future = self._waiters.get(action.request_id)
+                if future is not None and not future.done():
+                    future.set_result(action.model)
+                else:  # the client left in the same instant: give the slot back
+                    self._apply(self._scheduler.finished(action.request_id, self._now()))
+            elif isinstance(action, Reject):
+                future = self._waiters.get(action.request_id)
+                if future is not None and not future.done():
+                    future.set_exception(action.error)
+            elif isinstance(action, Start):
+                self._start(action.model)
+            elif isinstance(action, Stop):
+                log.info(f"stopping {action.model} ({action.reason})")
+                if action.reason == "swap":
+                    self.metrics.swaps.inc()
+                process = self._processes.get(action.model)
+                if process is not None:
+                    process.request_stop()
+        self.metrics.queue_depth.set(self._scheduler.queue_depth())
+        if any(isinstance(a, (Start, Stop)) for a in actions):
+            self._update_state_gauges()
+        self._arm_timer()
+
+    async def _notify_state_change(self) -> None:
+        self._update_state_gauges()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _start(self, model_id: str) -> None:
+        spec = self.config.models[model_id]
+        argv = self._argv_builder(spec)
+        log.info(f"starting {model_id}: {' '.join(redact_argv(argv))}")
+        process: ModelProcess
+
+        def on_event(event: ProcessEvent) -> None:
+            self._on_process_event(model_id, process, event)
+
+        process = ModelProcess(spec, argv, self.logs, self._janitor, self.session, on_event, self._warmup)
+        self._processes[model_id] = process
+        process.launch()
+
+    def _on_process_event(self, model_id: str, process: ModelProcess, event: ProcessEvent) -> None:
+        now = self._now()
+        if isinstance(event, Started):
+            self.metrics.load_seconds.labels(model_id).observe(process.load_seconds or 0.0)
+            self._apply(self._scheduler.started(model_id, now))
+            asyncio.get_running_loop().create_task(self._notify_state_change())
+            return
+        if self._processes.get(model_id) is process:
+            del self._processes[model_id]
+        if isinstance(event, StartFailedEvent):
+            self.metrics.start_failures.labels(model_id).inc()
+            log.info(event.error.message)
+            self._apply(self._scheduler.start_failed(model_id, event.error, now))
+        elif isinstance(event, Stopped):
+            if event.crashed:
+                self.metrics.crashes.labels(model_id).inc()
+                log.info(f"{model_id} crashed (exit code {event.exit_code}); "
+                                         "the next request starts it again")
+            self._apply(self._scheduler.stopped(model_id, now))
+        asyncio.get_running_loop().create_task(self._notify_state_change())
+
+    def _arm_timer(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self._scheduler.next_deadline()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline, lambda: self._apply(self._scheduler.tick(self._now())))
+
+    def _update_state_gauges(self) -> None:
+        for model_id in self._scheduler.models:
+            current = self._scheduler.state(model_id)
+            for state in ModelState:
+                self.metrics.model_state.labels(model_id, state.value).set(1 if state is current else 0)

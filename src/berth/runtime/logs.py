@@ -1,0 +1,47 @@
+"""Per-source log ring buffers with live subscribers (for /logs and /logs/stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LogLine:
+    source: str  # "berth" or a model id
+    text: str
+    at: float  # wall-clock seconds
+
+
+class LogHub:
+    """Keeps the last lines of each source and fans new lines out to subscribers."""
+
+    def __init__(self, lines_per_source: int = 2000) -> None:
+        self._size = lines_per_source
+        self._rings: dict[str, deque[LogLine]] = {}
+        self._subscribers: set[tuple[asyncio.Queue[LogLine], str | None]] = set()
+
+    def write(self, source: str, text: str) -> None:
+        line = LogLine(source, text.rstrip("\n"), time.time())
+        self._rings.setdefault(source, deque(maxlen=self._size)).append(line)
+        for queue, wanted in list(self._subscribers):
+            if wanted is None or wanted == source:
+                if queue.qsize() < 10_000:  # a stalled reader loses lines rather than memory
+                    queue.put_nowait(line)
+
+    def tail(self, source: str | None = None, limit: int | None = None) -> list[LogLine]:
+        if source is not None:
+            lines = list(self._rings.get(source, ()))
+        else:
+            lines = sorted((line for ring in self._rings.values() for line in ring), key=lambda x: x.at)
+        return lines[-limit:] if limit else lines
+
+    def subscribe(self, source: str | None = None) -> asyncio.Queue[LogLine]:
+        queue: asyncio.Queue[LogLine] = asyncio.Queue()
+        self._subscribers.add((queue, source))
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[LogLine]) -> None:
+        self._subscribers = {(q, s) for q, s in self._subscribers if q is not queue}

@@ -1,0 +1,300 @@
+"""One supervised model server process: spawn, drain logs, wait for health, stop.
+
+A `ModelProcess` is owned by exactly one asyncio task (`_run`). Other code only
+calls `request_stop()` and receives events through the `on_event` callback:
+`("started",)`, `("start_failed", StartFailed)`, `("stopped", crashed: bool)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from berth.config import ModelSpec
+from berth.errors import StartFailed
+from berth.runtime.janitor import Janitor
+from berth.runtime.logs import LogHub
+
+log = logging.getLogger("berth.runtime")
+
+HEALTH_FIRST_DELAY = 0.05
+HEALTH_MAX_DELAY = 1.0
+GROUP_GONE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Started:
+    pass
+
+
+@dataclass(frozen=True)
+class StartFailedEvent:
+    error: StartFailed
+
+
+@dataclass(frozen=True)
+class Stopped:
+    crashed: bool
+    exit_code: int | None
+
+
+ProcessEvent = Started | StartFailedEvent | Stopped
+Warmup = Callable[[ModelSpec, aiohttp.ClientSession], Awaitable[None]]
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is in the process group."""
+    try:
+        entries = os.listdir("/proc")
+    except FileNotFoundError:  # not Linux: fall back to the signal probe
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
+            return True
+    return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+class ModelProcess:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        argv: list[str],
+        logs: LogHub,
+        janitor: Janitor,
+        session: aiohttp.ClientSession,
+        on_event: Callable[[ProcessEvent], None],
+        warmup: Warmup | None = None,
+    ) -> None:
+        self.spec = spec
+        self.argv = argv
+        self._logs = logs
+        self._janitor = janitor
+        self._session = session
+        self._on_event = on_event
+        self._warmup = warmup
+        self._stop_requested = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.started_at: float | None = None
+        self.load_seconds: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def launch(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"model:{self.spec.id}")
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def wait_closed(self) -> None:
+        if self._task:
+            await asyncio.shield(self._task)
+
+    def _log(self, text: str) -> None:
+        self._logs.write(self.spec.id, f"[berth] {text}")
+        log.info("%s: %s", self.spec.id, text)
+
+    def _last_lines(self) -> list[str]:
+        return [line.text for line in self._logs.tail(self.spec.id, 30) if not line.text.startswith("[berth]")]
+
+    # -- the owner task ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        begun = time.monotonic()
+        try:
+            await self._spawn()
+        except StartFailed as exc:
+            self._on_event(StartFailedEvent(exc))
+            return
+        assert self._proc is not None
+        drain = asyncio.create_task(self._drain(self._proc))
+        exited = asyncio.create_task(self._proc.wait())
+        stop_wanted = asyncio.create_task(self._stop_requested.wait())
+        try:
+            outcome = await self._become_ready(exited, stop_wanted)
+            if outcome is None:
+                self.load_seconds = time.monotonic() - begun
+                self.started_at = time.time()
+                self._log(f"ready after {self.load_seconds:.2f}s")
+                self._on_event(Started())
+                await asyncio.wait({exited, stop_wanted}, return_when=asyncio.FIRST_COMPLETED)
+                crashed = exited.done() and not stop_wanted.done()
+                if crashed:
+                    self._log(f"exited unexpectedly with code {self._proc.returncode}")
+                await self._terminate()
+                self._on_event(Stopped(crashed=crashed, exit_code=self._proc.returncode))
+            elif outcome == "stopped":
+                await self._terminate()
+                self._on_event(Stopped(crashed=False, exit_code=self._proc.returncode))
+            else:
+                await self._terminate()
+                self._on_event(StartFailedEvent(outcome))
+        finally:
+            stop_wanted.cancel()
+            exited.cancel()
+            await drain
+
+    async def _spawn(self) -> None:
+        spec = self.spec
+        if spec.port is not None:
+            host = urlsplit(spec.proxy).hostname or "127.0.0.1"
+            if port_in_use(host, spec.port):
+                raise StartFailed(spec.id, f"port {spec.port} on {host} is already in use by another program; "
+                                           "stop it or change startPort in the config")
+        env = dict(os.environ)
+        env.update(dict(spec.env))
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # own process group: a stop reaches every descendant
+            )
+        except FileNotFoundError:
+            raise StartFailed(spec.id, f"command not found: {self.argv[0]!r}; fix `cmd` in the config") from None
+        except PermissionError:
+            raise StartFailed(spec.id, f"command is not executable: {self.argv[0]!r}; fix `cmd` in the config") from None
+        except OSError as exc:
+            raise StartFailed(spec.id, f"cannot run {self.argv[0]!r}: {exc}") from None
+        self._janitor.register(self._proc.pid)
+        self._log(f"started pid {self._proc.pid}")
+
+    async def _drain(self, proc: asyncio.subprocess.Process) -> None:
+        """Read the child's output continuously so it never blocks on a full pipe."""
+        assert proc.stdout is not None
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line longer than the stream limit: take what is there
+                line = await proc.stdout.read(65536)
+            if not line:
+                return
+            self._logs.write(self.spec.id, line.decode("utf-8", errors="replace"))
+
+    async def _become_ready(self, exited: asyncio.Task, stop_wanted: asyncio.Task) -> StartFailed | str | None:
+        """None when ready; "stopped" when a stop was asked for first; else the failure."""
+        health = asyncio.create_task(self._wait_healthy())
+        try:
+            done, _ = await asyncio.wait(
+                {health, exited, stop_wanted}, timeout=self.spec.health_check_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            health.cancel()
+        if stop_wanted in done:
+            return "stopped"
+        if exited in done:
+            await asyncio.sleep(0)  # let the drain task take the last lines
+            return StartFailed(self.spec.id, f"process exited with code {self._proc.returncode} before it was ready",
+                               self._last_lines())
+        if health in done:
+            return None
+        return StartFailed(self.spec.id, f"not healthy after healthCheckTimeout ({self.spec.health_check_timeout:g}s) "
+                                         f"at {self.spec.proxy}{self.spec.check_endpoint}", self._last_lines())
+
+    async def _wait_healthy(self) -> None:
+        if self.spec.check_endpoint is not None:
+            url = self.spec.proxy + self.spec.check_endpoint
+            delay = HEALTH_FIRST_DELAY
+            timeout = aiohttp.ClientTimeout(total=5)
+            while True:
+                try:
+                    async with self._session.get(url, timeout=timeout) as resp:
+                        if resp.status == 200:
+                            break
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, HEALTH_MAX_DELAY)
+        if self._warmup is not None:
+            await self._warmup(self.spec, self._session)
+
+    async def _terminate(self) -> None:
+        """Stop the whole process group: cmdStop or SIGTERM, then SIGKILL after unloadTimeout."""
+        proc = self._proc
+        assert proc is not None
+        pgid = proc.pid
+        if proc.returncode is None or group_alive(pgid):
+            if self.spec.stop_argv and proc.returncode is None:
+                await self._run_stop_command(proc.pid)
+            else:
+                self._signal_group(pgid, signal.SIGTERM)
+            if not await self._wait_group_gone(proc, self.spec.unload_timeout):
+                self._log(f"still running {self.spec.unload_timeout:g}s after the stop request; sending SIGKILL")
+                self._signal_group(pgid, signal.SIGKILL)
+                if not await self._wait_group_gone(proc, GROUP_GONE_TIMEOUT):
+                    self._log(f"process group {pgid} survived SIGKILL")
+        self._janitor.unregister(pgid)
+        self._log(f"stopped (exit code {proc.returncode})")
+
+    async def _run_stop_command(self, pid: int) -> None:
+        argv = [arg.replace("${PID}", str(pid)) for arg in self.spec.stop_argv]
+        self._log(f"running cmdStop: {' '.join(argv)}")
+        try:
+            stopper = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            await asyncio.wait_for(stopper.wait(), self.spec.unload_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._log(f"cmdStop failed ({exc!r}); sending SIGTERM")
+            self._signal_group(pid, signal.SIGTERM)
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def _wait_group_gone(self, proc: asyncio.subprocess.Process, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            if proc.returncode is not None and not group_alive(proc.pid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), delay)
+            except asyncio.TimeoutError:
+                pass
+            else:
+                if group_alive(proc.pid):
+                    await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)

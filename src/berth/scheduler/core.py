@@ -1,0 +1,325 @@
+"""Pure scheduling decisions: (state, event) -> actions. No I/O, no clocks, no sleeps.
+
+See DESIGN.md next to this file for the states and invariants.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Union
+
+from berth.errors import BerthError, ModelUnloaded, ShuttingDown, TooManyRequests
+
+
+class ModelState(str, enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """What the scheduler needs to know about one model."""
+
+    group: str
+    ttl: float = 0  # seconds idle before a stop; 0 = never
+    concurrency_limit: int = 10
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    swap: bool = True  # only one member runs at a time
+    exclusive: bool = True  # starting a member stops models of other groups
+    persistent: bool = False  # never stopped to make room for another group
+
+
+@dataclass(frozen=True)
+class Start:
+    model: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    model: str
+    reason: str  # "swap", "ttl", "unload", "reload", "shutdown"
+
+
+@dataclass(frozen=True)
+class Admit:
+    request_id: int
+    model: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    request_id: int
+    model: str
+    error: BerthError
+
+
+Action = Union[Start, Stop, Admit, Reject]
+
+
+@dataclass
+class _Model:
+    policy: ModelPolicy
+    state: ModelState = ModelState.STOPPED
+    in_flight: int = 0
+    idle_since: float = 0.0
+    unload_reason: str | None = None  # a stop asked for by the API, waiting for in-flight requests
+    stop_reason: str | None = None
+    last_error: BerthError | None = None
+
+
+@dataclass
+class ModelView:
+    """A read-only snapshot of one model, for the API and metrics."""
+
+    state: ModelState
+    in_flight: int
+    queued: int
+    idle_since: float
+    ttl_deadline: float | None
+
+
+@dataclass
+class Scheduler:
+    """Decides which model processes run and which requests may proceed.
+
+    Every public method takes the event (and `now`, a monotonic time in
+    seconds) and returns the actions the shell must perform, in order.
+    """
+
+    models: dict[str, _Model] = field(default_factory=dict)
+    groups: dict[str, GroupPolicy] = field(default_factory=dict)
+    _queue: dict[int, str] = field(default_factory=dict)  # request id -> model, in arrival order
+    _in_flight: dict[int, str] = field(default_factory=dict)
+    _removed: set[str] = field(default_factory=set)
+    _closing: bool = False
+
+    @classmethod
+    def build(cls, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy]) -> "Scheduler":
+        scheduler = cls()
+        scheduler.configure(models, groups)
+        return scheduler
+
+    # -- configuration --------------------------------------------------------------
+
+    def configure(self, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy]) -> None:
+        """Replace policies, keeping the runtime state of models that still exist.
+
+        A model that is gone but still running stays known until it has stopped.
+        """
+        for model_id, policy in models.items():
+            if model_id in self.models:
+                self.models[model_id].policy = policy
+            else:
+                self.models[model_id] = _Model(policy)
+        self._removed = {m for m in self.models if m not in models}
+        for model_id in list(self._removed):
+            if self.models[model_id].state in (ModelState.STOPPED, ModelState.FAILED):
+                del self.models[model_id]
+                self._removed.discard(model_id)
+        self.groups = dict(groups)
+
+    # -- events ---------------------------------------------------------------------
+
+    def request(self, request_id: int, model: str, now: float) -> list[Action]:
+        """A request names `model` (an id the caller has checked exists)."""
+        if self._closing:
+            return [Reject(request_id, model, ShuttingDown())]
+        m = self.models[model]
+        waiting = sum(1 for q in self._queue.values() if q == model)
+        if m.in_flight + waiting >= m.policy.concurrency_limit:
+            return [Reject(request_id, model, TooManyRequests(model, m.policy.concurrency_limit))]
+        self._queue[request_id] = model
+        return self._plan(now)
+
+    def cancel(self, request_id: int, now: float) -> list[Action]:
+        """The client of a waiting request went away: forget it."""
+        self._queue.pop(request_id, None)
+        return self._plan(now)
+
+    def finished(self, request_id: int, now: float) -> list[Action]:
+        """An admitted request ended (success or not)."""
+        model = self._in_flight.pop(request_id, None)
+        if model is not None and model in self.models:
+            m = self.models[model]
+            m.in_flight -= 1
+            if m.in_flight == 0:
+                m.idle_since = now
+        return self._plan(now)
+
+    def started(self, model: str, now: float) -> list[Action]:
+        m = self.models[model]
+        if m.state is not ModelState.STARTING:
+            return []
+        m.state = ModelState.READY
+        m.idle_since = now
+        m.last_error = None
+        return self._plan(now)
+
+    def start_failed(self, model: str, error: BerthError, now: float) -> list[Action]:
+        """The start ended without the model becoming ready; its process is gone."""
+        m = self.models[model]
+        m.state = ModelState.FAILED
+        m.last_error = error
+        actions: list[Action] = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
+        for action in actions:
+            del self._queue[action.request_id]
+        self._forget_if_removed(model)
+        return actions + self._plan(now)
+
+    def stopped(self, model: str, now: float) -> list[Action]:
+        """The model's process is gone (a planned stop finished, or it crashed)."""
+        m = self.models[model]
+        m.state = ModelState.STOPPED
+        m.unload_reason = None
+        reason, m.stop_reason = m.stop_reason, None
+        actions: list[Action] = []
+        if reason in ("unload", "shutdown"):
+            # Requests that waited for this model must not silently start it again.
+            error = ModelUnloaded(model, reason)
+            actions = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
+            for action in actions:
+                del self._queue[action.request_id]
+        self._forget_if_removed(model)
+        return actions + self._plan(now)
+
+    def unload(self, model: str | None, now: float, reason: str = "unload", force: bool = False) -> list[Action]:
+        """Stop `model` (or every model). Waits for in-flight requests unless `force`."""
+        targets = [model] if model is not None else list(self.models)
+        actions: list[Action] = []
+        for model_id in targets:
+            m = self.models[model_id]
+            if m.state is ModelState.STARTING:
+                actions.append(self._begin_stop(model_id, reason))
+            elif m.state is ModelState.READY:
+                if m.in_flight == 0 or force:
+                    actions.append(self._begin_stop(model_id, reason))
+                else:
+                    m.unload_reason = reason
+        return actions + self._plan(now)
+
+    def shutdown(self, now: float) -> list[Action]:
+        """berth is exiting: refuse waiting and new requests, stop everything now."""
+        self._closing = True
+        actions: list[Action] = [Reject(r, q, ShuttingDown()) for r, q in self._queue.items()]
+        self._queue.clear()
+        for model_id, m in self.models.items():
+            if m.state in (ModelState.STARTING, ModelState.READY):
+                actions.append(self._begin_stop(model_id, "shutdown"))
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: stop models whose TTL ran out."""
+        return self._plan(now)
+
+    # -- queries ----------------------------------------------------------------------
+
+    def state(self, model: str) -> ModelState:
+        return self.models[model].state
+
+    def view(self, model: str) -> ModelView:
+        m = self.models[model]
+        return ModelView(
+            state=m.state,
+            in_flight=m.in_flight,
+            queued=sum(1 for q in self._queue.values() if q == model),
+            idle_since=m.idle_since,
+            ttl_deadline=self._ttl_deadline(model),
+        )
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which `tick` may have something to do."""
+        deadlines = [d for d in (self._ttl_deadline(m) for m in self.models) if d is not None]
+        return min(deadlines, default=None)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _ttl_deadline(self, model: str) -> float | None:
+        m = self.models[model]
+        if m.state is not ModelState.READY or m.in_flight or m.policy.ttl <= 0:
+            return None
+        if any(q == model for q in self._queue.values()):
+            return None
+        return m.idle_since + m.policy.ttl
+
+    def _begin_stop(self, model: str, reason: str) -> Stop:
+        m = self.models[model]
+        m.state = ModelState.STOPPING
+        m.unload_reason = None
+        m.stop_reason = reason
+        return Stop(model, reason)
+
+    def _forget_if_removed(self, model: str) -> None:
+        """A model dropped from the config is forgotten once its process is gone."""
+        if model in self._removed and self.models[model].state in (ModelState.STOPPED, ModelState.FAILED):
+            del self.models[model]
+            self._removed.discard(model)
+
+    def _running(self) -> list[str]:
+        return [m for m, s in self.models.items() if s.state in (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)]
+
+    def _conflicts(self, model: str, other: str) -> bool:
+        """Would starting `model` require `other` to be stopped?"""
+        if model == other:
+            return False
+        mine = self.models[model].policy.group
+        theirs = self.models[other].policy.group
+        if mine == theirs:
+            return self.groups[mine].swap
+        return self.groups[mine].exclusive and not self.groups[theirs].persistent
+
+    def _clash(self, a: str, b: str) -> bool:
+        return self._conflicts(a, b) or self._conflicts(b, a)
+
+    def _plan(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        draining: set[str] = set()  # ready models that must stop so an earlier request's model can start
+        claimed: list[str] = []  # stopped models that earlier requests are waiting to start
+        for request_id, model in list(self._queue.items()):
+            if model in self._removed:
+                self._queue.pop(request_id)
+                actions.append(Reject(request_id, model, ModelUnloaded(model, "removed from the config")))
+                continue
+            m = self.models[model]
+            if m.state is ModelState.READY and model not in draining and m.unload_reason is None:
+                self._queue.pop(request_id)
+                self._in_flight[request_id] = model
+                m.in_flight += 1
+                actions.append(Admit(request_id, model))
+                continue
+            if m.state not in (ModelState.STOPPED, ModelState.FAILED) or model in claimed:
+                continue  # waits for the start, the stop, or the drain under way
+            if any(self._clash(model, other) for other in claimed):
+                continue  # an earlier request's swap goes first
+            claimed.append(model)
+            blockers = [o for o in self._running() if self._conflicts(model, o)]
+            for other in blockers:
+                o = self.models[other]
+                if o.state is ModelState.READY:
+                    draining.add(other)
+                    if o.in_flight == 0:
+                        actions.append(self._begin_stop(other, "swap"))
+            if not blockers:
+                m.state = ModelState.STARTING
+                actions.append(Start(model))
+        for model_id, m in self.models.items():
+            if m.state is not ModelState.READY or m.in_flight:
+                continue
+            if m.unload_reason is not None:
+                actions.append(self._begin_stop(model_id, m.unload_reason))
+            elif model_id in self._removed:
+                actions.append(self._begin_stop(model_id, "reload"))
+            else:
+                deadline = self._ttl_deadline(model_id)
+                if deadline is not None and now >= deadline:
+                    actions.append(self._begin_stop(model_id, "ttl"))
+        return actions

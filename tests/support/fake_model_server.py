@@ -1,0 +1,107 @@
+"""A fake OpenAI-compatible model server, run as a real subprocess by the tests.
+
+Behaviour is chosen by flags so one file covers every scenario: slow loads,
+crashes, SIGTERM-ignoring servers, grandchildren, streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from aiohttp import web
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--name", default="fake")
+    p.add_argument("--load-delay", type=float, default=0.0, help="seconds /health answers 503")
+    p.add_argument("--exit-at-start", type=int, default=None, help="exit with this code right away")
+    p.add_argument("--never-healthy", action="store_true")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--grandchild-pid-file", default=None, help="fork a grandchild and write its pid here")
+    p.add_argument("--pid-file", default=None)
+    p.add_argument("--start-log", default=None, help="append a line per start to this file")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"fake server {args.name} starting on port {args.port}", flush=True)
+    if args.start_log:
+        with open(args.start_log, "a") as fh:
+            fh.write(f"{args.name} {os.getpid()}\n")
+    if args.exit_at_start is not None:
+        print("fatal: could not load model file /nope.gguf", flush=True)
+        sys.exit(args.exit_at_start)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.pid_file:
+        with open(args.pid_file, "w") as fh:
+            fh.write(str(os.getpid()))
+    if args.grandchild_pid_file:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
+        with open(args.grandchild_pid_file, "w") as fh:
+            fh.write(str(child.pid))
+    ready_at = time.monotonic() + args.load_delay
+
+    async def health(request: web.Request) -> web.Response:
+        if args.never_healthy or time.monotonic() < ready_at:
+            return web.json_response({"status": "loading"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response({
+            "server": args.name, "pid": os.getpid(), "path": request.path, "query": request.query_string,
+            "method": request.method, "body": body.decode(errors="replace"),
+            "headers": dict(request.headers), "env": {k: v for k, v in os.environ.items() if k.startswith("FAKE_")},
+        })
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        sleep = float(payload.get("sleep", 0))
+        chunks = int(payload.get("chunks", 5))
+        delay = float(payload.get("chunk_delay", 0.0))
+        crash_after = payload.get("crash_after_chunks")
+        if not payload.get("stream"):
+            await asyncio.sleep(sleep)
+            return web.json_response({
+                "id": "chatcmpl-fake", "object": "chat.completion", "model": payload.get("model"),
+                "server": args.name, "pid": os.getpid(),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {args.name}"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            })
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(sleep)
+        for i in range(chunks):
+            if crash_after is not None and i == int(crash_after):
+                os.kill(os.getpid(), signal.SIGKILL)
+            chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": payload.get("model"),
+                     "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if delay:
+                await asyncio.sleep(delay)
+        await response.write(b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d}}\n\n' % chunks)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_route("*", "/{path:.*}", echo)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None, handle_signals=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Running real berth and fake model server processes for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import requests
+
+FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fake_cmd(name: str, *flags: str) -> str:
+    return " ".join([sys.executable, str(FAKE_SERVER), "--port", "${PORT}", "--name", name, *flags])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+class BerthServer:
+    """A real `berth serve` subprocess on a free port."""
+
+    def __init__(self, tmp_path: Path, config: str, extra_args: tuple[str, ...] = ()) -> None:
+        self.tmp_path = tmp_path
+        self.config_path = tmp_path / "config.yaml"
+        self.config_path.write_text(textwrap.dedent(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "berth.log"
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "BerthServer":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "berth.cli", "serve", "-c", str(self.config_path),
+             "--listen", f"127.0.0.1:{self.port}", *self.extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"berth exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                return requests.get(self.url + "/health", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(up, timeout, "berth to listen")
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"berth did not exit within {timeout}s of signal {sig}")
+        self._log.close()
+        return self.proc.returncode
+
+    def running(self) -> dict[str, dict]:
+        return {r["model"]: r for r in requests.get(self.url + "/running", timeout=5).json()["running"]}
+
+    def pid_of(self, model: str) -> int | None:
+        entry = self.running().get(model)
+        return entry["pid"] if entry else None
+
+
+def start_log_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def children_of(pid: int) -> list[int]:
+    """Every live descendant of pid (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parents[int(entry)] = int(fields[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == current]
+        found += kids
+        frontier += kids
+    return found
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
