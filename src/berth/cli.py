@@ -8,7 +8,6 @@ import sys
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from berth.config import BerthConfig, load_config
 from berth.engine.launch import build_launch_argv
@@ -76,16 +75,14 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
 def check(config_path: str) -> None:
     """Validate a config without starting anything; print what each model would run."""
     config = _load(config_path)
-    console = Console()
-    table = Table(title=f"{config_path}: {len(config.models)} models", show_lines=True)
-    for column in ("model", "argv", "port", "aliases", "group", "ttl"):
-        table.add_column(column, overflow="fold")
     for spec in config.models.values():
-        argv = " ".join(redact_argv(build_launch_argv(spec)))
-        table.add_row(spec.id, argv, str(spec.port or "-"), ", ".join(spec.aliases) or "-", spec.group,
-                      f"{spec.ttl}s" if spec.ttl else "never")
-    console.print(table)
-    console.print(f"config OK ({len(config.warnings)} warnings)")
+        click.echo(spec.id)
+        click.echo(f"  argv:    {' '.join(redact_argv(build_launch_argv(spec)))}")
+        click.echo(f"  port:    {spec.port or '-'}")
+        click.echo(f"  aliases: {', '.join(spec.aliases) or '-'}")
+        click.echo(f"  group:   {spec.group}")
+        click.echo(f"  ttl:     {f'{spec.ttl}s' if spec.ttl else 'never'}")
+    click.echo(f"config OK: {len(config.models)} models, {len(config.warnings)} warnings")
 
 
 if __name__ == "__main__":

@@ -83,14 +83,18 @@ def main() -> None:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await asyncio.sleep(sleep)
-        for i in range(chunks):
-            if crash_after is not None and i == int(crash_after):
-                os.kill(os.getpid(), signal.SIGKILL)
-            chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": payload.get("model"),
-                     "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if delay:
-                await asyncio.sleep(delay)
+        try:
+            for i in range(chunks):
+                if crash_after is not None and i == int(crash_after):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": payload.get("model"),
+                         "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if delay:
+                    await asyncio.sleep(delay)
+        except (ConnectionResetError, asyncio.CancelledError):
+            print(f"stream aborted by client after {i} chunks", flush=True)
+            raise
         await response.write(b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d}}\n\n' % chunks)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -129,6 +129,8 @@ _NESTED_SECTIONS: dict[str, type[BaseModel]] = {"hooks": schema.HooksConfig}
 
 
 def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None:
+    found: list[tuple[int, str]] = []
+
     def check(node: Any, section: type[BaseModel], where: str) -> None:
         if not isinstance(node, LineDict):
             return
@@ -136,7 +138,8 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
         for key in node:
             if key not in allowed:
                 dotted = f"{where}.{key}" if where else key
-                warnings.append(f"{path}:{node.line_of(key)}: {dotted}: not supported by berth; ignored")
+                line = node.line_of(key)
+                found.append((line, f"{path}:{line}: {dotted}: not supported by berth; ignored"))
 
     check(raw, schema.BerthConfigFile, "")
     models = raw.get("models")
@@ -153,6 +156,7 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
     check(hooks, schema.HooksConfig, "hooks")
     if isinstance(hooks, LineDict):
         check(hooks.get("on_startup"), schema.StartupHooks, "hooks.on_startup")
+    warnings.extend(text for _, text in sorted(found))
 
 
 def _line_of(raw: Any, loc: tuple[str, ...]) -> int | None:

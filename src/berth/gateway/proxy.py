@@ -65,6 +65,9 @@ async def forward(
             except ConnectionResetError:
                 status = 499  # the client went away; leaving the block cancels the upstream request
                 return response
+            except asyncio.CancelledError:
+                status = 499  # aiohttp cancels the handler when the client disconnects
+                raise
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 status = 502
                 if is_sse:

@@ -1,0 +1,499 @@
+"""Scenario tests: real berth process, real fake model server subprocesses, real sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.support.harness import (
+    children_of, fake_cmd, free_port, pid_alive, start_log_lines, wait_until,
+)
+
+
+def chat(url: str, model: str | None, timeout: float = 30, **extra) -> requests.Response:
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    if model is not None:
+        body["model"] = model
+    return requests.post(url + "/v1/chat/completions", json=body, timeout=timeout)
+
+
+def two_models(start_port: int, tmp_path, flags_a=(), flags_b=(), extra: str = "", limit: int = 10) -> str:
+    log = tmp_path / "starts.log"
+    return f"""
+startPort: {start_port}
+healthCheckTimeout: 20
+{extra}
+models:
+  a:
+    concurrencyLimit: {limit}
+    cmd: {fake_cmd('a', '--start-log', str(log), *flags_a)}
+  b:
+    cmd: {fake_cmd('b', '--start-log', str(log), *flags_b)}
+"""
+
+
+def test_start_serve_and_unload(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path))
+    assert b.running() == {}
+    r = chat(b.url, "a")
+    assert r.status_code == 200 and r.json()["server"] == "a"
+    pid = b.pid_of("a")
+    assert pid and pid_alive(pid)
+    assert requests.post(b.url + "/unload", timeout=30).text == "OK"
+    assert b.running() == {}
+    wait_until(lambda: not pid_alive(pid), 5, "model process to exit")
+
+
+def test_swap_stops_the_other_model(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path))
+    assert chat(b.url, "a").json()["server"] == "a"
+    pid_a = b.pid_of("a")
+    assert chat(b.url, "b").json()["server"] == "b"
+    assert list(b.running()) == ["b"]
+    assert not pid_alive(pid_a)
+    metrics = requests.get(b.url + "/metrics").text
+    assert "berth_swaps_total 1.0" in metrics
+
+
+def test_twenty_concurrent_requests_join_one_load(berth, start_port, tmp_path):
+    # concurrencyLimit counts waiting requests too (as llama-swap's does), so room for all twenty
+    b = berth(two_models(start_port, tmp_path, flags_a=("--load-delay", "1"), limit=20))
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda _: chat(b.url, "a"), range(20)))
+    assert [r.status_code for r in responses] == [200] * 20
+    assert len({r.json()["pid"] for r in responses}) == 1
+    assert len(start_log_lines(tmp_path / "starts.log")) == 1
+
+
+def test_swap_waits_for_in_flight_request_and_queue_keeps_arrival_order(berth, start_port, tmp_path):
+    config = f"""
+startPort: {start_port}
+models:
+  a: {{cmd: "{fake_cmd('a')}"}}
+  b: {{cmd: "{fake_cmd('b')}"}}
+  c: {{cmd: "{fake_cmd('c')}"}}
+"""
+    b = berth(config)
+    chat(b.url, "a")
+    finished: dict[str, float] = {}
+
+    def run(model: str, delay: float, sleep: float) -> requests.Response:
+        time.sleep(delay)
+        r = chat(b.url, model, sleep=sleep)
+        finished[model] = time.monotonic()
+        return r
+
+    with ThreadPoolExecutor(3) as pool:
+        slow_a = pool.submit(run, "a", 0, 1.5)
+        then_b = pool.submit(run, "b", 0.3, 0)
+        then_c = pool.submit(run, "c", 0.6, 0)
+        results = [slow_a.result(), then_b.result(), then_c.result()]
+    assert [r.json()["server"] for r in results] == ["a", "b", "c"]
+    assert finished["a"] < finished["b"] < finished["c"]
+
+
+def test_ready_model_is_served_while_another_group_loads(berth, start_port, tmp_path):
+    config = two_models(start_port, tmp_path, flags_b=("--load-delay", "2"), extra="""
+groups:
+  one: {swap: true, exclusive: false, members: [a]}
+  two: {swap: true, exclusive: false, members: [b]}
+""")
+    b = berth(config)
+    chat(b.url, "a")
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(chat, b.url, "b")
+        time.sleep(0.3)
+        began = time.monotonic()
+        assert chat(b.url, "a").status_code == 200
+        served_in = time.monotonic() - began
+        assert not loading.done()  # a was answered while b was still loading
+        assert loading.result().status_code == 200
+    assert served_in < 1.5
+    assert set(b.running()) == {"a", "b"}
+
+
+def test_ttl_unloads_idle_model_and_requests_reset_it(berth, start_port, tmp_path):
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    ttl: 1
+    cmd: {fake_cmd('a')}
+"""
+    b = berth(config)
+    chat(b.url, "a")
+    pid = b.pid_of("a")
+    for _ in range(4):  # keep it busy past its TTL
+        time.sleep(0.5)
+        assert chat(b.url, "a").json()["pid"] == pid
+    r = chat(b.url, "a", sleep=1.5)  # a request longer than the TTL never gets cut
+    assert r.status_code == 200 and r.json()["pid"] == pid
+    wait_until(lambda: b.running() == {}, 5, "TTL unload")
+    assert not pid_alive(pid)
+
+
+def test_crash_mid_stream_reports_error_then_restarts(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path))
+    chat(b.url, "a")
+    old_pid = b.pid_of("a")
+    r = requests.post(b.url + "/v1/chat/completions", timeout=30,
+                      json={"model": "a", "stream": True, "chunks": 5, "crash_after_chunks": 2})
+    assert r.status_code == 200
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert "tok1" in events[1]
+    assert json.loads(events[-1][6:])["error"]["code"] == "upstream_error"
+    wait_until(lambda: "a" not in b.running(), 5, "crash to be noticed")
+    r = chat(b.url, "a")
+    assert r.status_code == 200 and r.json()["pid"] != old_pid
+    assert 'berth_model_crashes_total{model="a"} 1.0' in requests.get(b.url + "/metrics").text
+
+
+def test_exit_before_healthy_fails_fast_with_log_lines(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path, flags_a=("--exit-at-start", "3")))
+    began = time.monotonic()
+    r = chat(b.url, "a")
+    assert time.monotonic() - began < 10  # not the 20 s health timeout
+    assert r.status_code == 503
+    error = r.json()["error"]
+    assert error["code"] == "model_start_failed"
+    assert "exited with code 3" in error["message"]
+    assert "could not load model file" in error["message"]
+    assert b.running() == {}
+    assert [m["state"] for m in requests.get(b.url + "/v1/models").json()["data"] if m["id"] == "a"] == ["failed"]
+
+
+def test_health_timeout_kills_the_process(berth, start_port, tmp_path):
+    pid_file = tmp_path / "pid"
+    config = f"""
+startPort: {start_port}
+healthCheckTimeout: 1
+models:
+  a:
+    cmd: {fake_cmd('a', '--never-healthy', '--pid-file', str(pid_file))}
+"""
+    b = berth(config)
+    r = chat(b.url, "a")
+    assert r.status_code == 503
+    assert "healthCheckTimeout" in r.json()["error"]["message"]
+    pid = int(pid_file.read_text())
+    wait_until(lambda: not pid_alive(pid), 5, "unhealthy process to be killed")
+
+
+def test_sigterm_ignoring_server_gets_sigkill_and_grandchild_is_reaped(berth, start_port, tmp_path):
+    grandchild_file = tmp_path / "grandchild"
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    unloadTimeout: 0.5
+    cmd: {fake_cmd('a', '--ignore-sigterm', '--grandchild-pid-file', str(grandchild_file))}
+"""
+    b = berth(config)
+    chat(b.url, "a")
+    pid = b.pid_of("a")
+    grandchild = int(grandchild_file.read_text())
+    assert pid_alive(grandchild)
+    began = time.monotonic()
+    requests.post(b.url + "/unload", timeout=30)
+    assert time.monotonic() - began >= 0.5  # it waited unloadTimeout for SIGTERM first
+    assert not pid_alive(pid) and not pid_alive(grandchild)
+    assert "sending SIGKILL" in requests.get(b.url + "/logs").text
+
+
+def test_cmd_stop_is_used_with_pid(berth, start_port, tmp_path):
+    marker = tmp_path / "stopped-pid"
+    stopper = f"{sys.executable} -c \"import os,sys; open(sys.argv[1],'w').write(sys.argv[2]); os.kill(int(sys.argv[2]), 15)\""
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    cmd: {fake_cmd('a')}
+    cmdStop: {stopper} {marker} ${{PID}}
+"""
+    b = berth(config)
+    chat(b.url, "a")
+    pid = b.pid_of("a")
+    requests.post(b.url + "/unload", timeout=30)
+    assert marker.read_text() == str(pid)
+    assert not pid_alive(pid)
+
+
+def test_env_is_passed(berth, start_port):
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    cmd: {fake_cmd('a')}
+    env: ["FAKE_GREETING=hello world", "FAKE_MODEL=${{MODEL_ID}}"]
+"""
+    b = berth(config)
+    r = requests.post(b.url + "/v1/completions", json={"model": "a", "prompt": "x"}, timeout=30)
+    assert r.json()["env"] == {"FAKE_GREETING": "hello world", "FAKE_MODEL": "a"}
+
+
+def test_concurrency_limit_answers_429_with_retry_after(berth, start_port):
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    concurrencyLimit: 2
+    cmd: {fake_cmd('a')}
+"""
+    b = berth(config)
+    chat(b.url, "a")
+    with ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(chat, b.url, "a", 30, sleep=1.0) for _ in range(2)]
+        time.sleep(0.4)
+        r = chat(b.url, "a")
+        assert [f.result().status_code for f in slow] == [200, 200]
+    assert r.status_code == 429
+    assert r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "concurrency_limit"
+
+
+def test_request_errors_use_openai_shape(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path, extra="maxBodyBytes: 2000"))
+    r = chat(b.url, "nope")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found" and "a, b" in r.json()["error"]["message"]
+    r = requests.post(b.url + "/v1/chat/completions", data=b"{not json", timeout=5)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = chat(b.url, None)
+    assert r.status_code == 400 and "a, b" in r.json()["error"]["message"]
+    r = requests.post(b.url + "/v1/chat/completions", json={"model": "a", "pad": "x" * 5000}, timeout=5)
+    assert r.status_code == 413 and "maxBodyBytes" in r.json()["error"]["message"]
+    r = requests.get(b.url + "/nothing-here", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_request_without_model_goes_to_default_alias(berth, start_port, tmp_path):
+    config = f"""
+startPort: {start_port}
+models:
+  a: {{cmd: "{fake_cmd('a')}", aliases: [default]}}
+  b: {{cmd: "{fake_cmd('b')}"}}
+"""
+    b = berth(config)
+    assert chat(b.url, None).json()["server"] == "a"
+    assert chat(b.url, "default").json()["server"] == "a"
+
+
+def test_api_keys_protect_everything_but_health(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path, extra="apiKeys: [sekret-1, sekret-2]"))
+    assert requests.get(b.url + "/health").status_code == 200
+    r = chat(b.url, "a")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert requests.get(b.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert requests.get(b.url + "/metrics").status_code == 401
+    assert requests.get(b.url + "/v1/models", headers={"Authorization": "Bearer sekret-2"}).status_code == 200
+    assert requests.get(b.url + "/v1/models", headers={"x-api-key": "sekret-1"}).status_code == 200
+    basic = base64.b64encode(b"user:sekret-1").decode()
+    assert requests.get(b.url + "/v1/models", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    r = requests.post(b.url + "/v1/completions", json={"model": "a"}, headers={"Authorization": "Bearer sekret-1"})
+    assert "Authorization" not in r.json()["headers"]  # berth's key is not leaked to the model server
+    assert "sekret" not in requests.get(b.url + "/logs", headers={"x-api-key": "sekret-1"}).text
+
+
+def test_streaming_passes_bytes_unchanged(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path))
+    chat(b.url, "a")
+    port = int(b.running()["a"]["proxy"].rsplit(":", 1)[1])
+    body = {"model": "a", "stream": True, "chunks": 40}
+    via_berth = requests.post(b.url + "/v1/chat/completions", json=body, timeout=30)
+    direct = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30)
+    assert via_berth.headers["Content-Type"].startswith("text/event-stream")
+    assert via_berth.content == direct.content
+    assert via_berth.content.endswith(b"data: [DONE]\n\n")
+
+
+def test_stream_arrives_incrementally_with_openai_client(berth, start_port, tmp_path):
+    from openai import OpenAI
+
+    b = berth(two_models(start_port, tmp_path))
+    client = OpenAI(base_url=b.url + "/v1", api_key="unused")
+    arrivals = []
+    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], stream=True,
+                                            extra_body={"chunks": 4, "chunk_delay": 0.3})
+    for chunk in stream:
+        if chunk.choices:
+            arrivals.append((time.monotonic(), chunk.choices[0].delta.content))
+    assert [text for _, text in arrivals] == ["tok0 ", "tok1 ", "tok2 ", "tok3 "]
+    assert arrivals[-1][0] - arrivals[0][0] > 0.6  # not buffered into one burst
+
+
+def test_client_disconnect_cancels_upstream(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path))
+    chat(b.url, "a")
+    r = requests.post(b.url + "/v1/chat/completions", stream=True, timeout=30,
+                      json={"model": "a", "stream": True, "chunks": 100, "chunk_delay": 0.1})
+    next(r.iter_lines())
+    r.close()
+    # The fake server is still writing; berth must drop the upstream connection, so the
+    # request leaves in-flight accounting long before the 10 s the stream would take.
+    wait_until(lambda: b.running()["a"]["in_flight"] == 0, 5, "in-flight count to drop")
+    wait_until(lambda: "stream aborted by client" in requests.get(b.url + "/logs").text, 5,
+               "the model server to see the disconnect")
+    assert 'status="499"' in requests.get(b.url + "/metrics").text
+
+
+def test_use_model_name_filters_upstream_and_query_routing(berth, start_port):
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    cmd: {fake_cmd('a')}
+    useModelName: org/real-name
+    filters:
+      stripParams: temperature
+      setParams: {{top_k: 3}}
+"""
+    b = berth(config)
+    r = requests.post(b.url + "/v1/completions", json={"model": "a", "temperature": 2, "prompt": "p"}, timeout=30)
+    sent = json.loads(r.json()["body"])
+    assert sent == {"model": "org/real-name", "prompt": "p", "top_k": 3}
+    props = requests.get(b.url + "/props", params={"model": "a"}, timeout=30).json()
+    assert props["path"] == "/props" and props["method"] == "GET"
+    upstream = requests.get(b.url + "/upstream/a/slots?id=1", timeout=30).json()
+    assert upstream["path"] == "/slots" and upstream["query"] == "id=1"
+
+
+def test_router_mode_model_api(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path, flags_a=("--load-delay", "1")))
+
+    def status(model: str) -> str:
+        data = requests.get(b.url + "/models", timeout=5).json()["data"]
+        return next(m["status"]["value"] for m in data if m["id"] == model)
+
+    assert status("a") == "unloaded"
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(requests.post, b.url + "/models/load", json={"model": "a"}, timeout=30)
+        wait_until(lambda: status("a") == "loading", 5, "loading status")
+        assert loading.result().json() == {"success": True}
+    assert status("a") == "loaded"
+    assert requests.post(b.url + "/models/unload", json={"model": "a"}, timeout=30).json() == {"success": True}
+    assert status("a") == "unloaded"
+    r = requests.post(b.url + "/models/load", json={"model": "zzz"}, timeout=30)
+    assert r.status_code == 404
+
+
+def test_v1_models_lists_states_hides_unlisted_and_shows_aliases(berth, start_port):
+    config = f"""
+startPort: {start_port}
+includeAliasesInList: true
+models:
+  a: {{cmd: "{fake_cmd('a')}", aliases: [alpha], name: Alpha, description: first}}
+  hidden: {{cmd: "{fake_cmd('h')}", unlisted: true}}
+"""
+    b = berth(config)
+    data = requests.get(b.url + "/v1/models").json()["data"]
+    assert [(m["id"], m["state"]) for m in data] == [("a", "stopped"), ("alpha", "stopped")]
+    assert data[0]["name"] == "Alpha" and data[0]["description"] == "first"
+    assert chat(b.url, "hidden").status_code == 200  # unlisted, still served
+
+
+def test_logs_and_log_stream(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path))
+    events: list[dict] = []
+    with requests.get(b.url + "/logs/stream/a", stream=True, timeout=30) as stream:
+        chat(b.url, "a")
+        for line in stream.iter_lines():
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+            if any("fake server a starting" in e["text"] for e in events):
+                break
+    assert all(e["source"] == "a" for e in events)
+    assert "fake server a starting" in requests.get(b.url + "/logs").text
+
+
+def test_preload_hook_starts_model_at_startup(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path, extra="hooks:\n  on_startup:\n    preload: [b]"))
+    wait_until(lambda: b.running().get("b", {}).get("state") == "ready", 10, "preload")
+
+
+def test_config_reload_restarts_only_changed_models(berth, start_port, tmp_path):
+    def config(b_flag: str) -> str:
+        return f"""
+startPort: {start_port}
+groups:
+  all: {{swap: false, exclusive: false, members: [a, b]}}
+models:
+  a: {{cmd: "{fake_cmd('a')}"}}
+  b: {{cmd: "{fake_cmd('b', b_flag)}"}}
+"""
+    b = berth(config("--load-delay=0"), "--watch-config")
+    chat(b.url, "a")
+    chat(b.url, "b")
+    pid_a, pid_b = b.pid_of("a"), b.pid_of("b")
+    b.config_path.write_text(config("--load-delay=0.1"))
+    wait_until(lambda: "b" not in b.running(), 10, "changed model to stop")
+    assert b.pid_of("a") == pid_a
+    chat(b.url, "b")
+    assert b.pid_of("b") != pid_b
+    b.config_path.write_text(config("--load-delay=0.2"))
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "b" not in b.running(), 10, "SIGHUP reload")
+    b.config_path.write_text("models: [broken")
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "config reload failed" in b.output(), 5, "reload error")
+    assert chat(b.url, "a").status_code == 200  # the running config stays
+
+
+def test_sigterm_to_berth_stops_every_model(berth, start_port, tmp_path):
+    config = two_models(start_port, tmp_path, extra="""
+groups:
+  all: {swap: false, exclusive: false, members: [a, b]}
+""")
+    b = berth(config)
+    chat(b.url, "a")
+    chat(b.url, "b")
+    pids = [b.pid_of("a"), b.pid_of("b")]
+    assert b.stop(signal.SIGTERM) == 0
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_berth_killed_with_sigkill_leaves_no_children(berth, start_port, tmp_path):
+    grandchild_file = tmp_path / "grandchild"
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    cmd: {fake_cmd('a', '--grandchild-pid-file', str(grandchild_file))}
+"""
+    b = berth(config)
+    chat(b.url, "a")
+    descendants = children_of(b.proc.pid)
+    model_pid, grandchild = b.pid_of("a"), int(grandchild_file.read_text())
+    assert {model_pid, grandchild} <= set(descendants)
+    b.proc.kill()
+    b.proc.wait()
+    wait_until(lambda: not any(pid_alive(p) for p in descendants), 10, "orphans to die")
+
+
+def test_port_already_taken_is_a_clear_start_failure(berth, tmp_path):
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    try:
+        b = berth(f"startPort: {taken}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+        r = chat(b.url, "a")
+        assert r.status_code == 503 and f"port {taken}" in r.json()["error"]["message"]
+    finally:
+        blocker.close()
+
+
+def test_missing_binary_is_a_clear_start_failure(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: '/no/such/llama-server --port ${{PORT}}'}}\n")
+    r = chat(b.url, "a")
+    assert r.status_code == 503 and "command not found: '/no/such/llama-server'" in r.json()["error"]["message"]

@@ -1,0 +1,219 @@
+"""Config parsing on llama-swap files written the way people write them."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from berth.config import parse_config
+from berth.config.cmdline import split_command
+from berth.errors import ConfigError
+
+# The shape of seed 000 (a Kubernetes ConfigMap for llama-swap), macros restored.
+SEED_000 = """\
+---
+# Single GPU: only one model runs at a time.
+healthCheckTimeout: 900
+
+macros:
+  # Shared flags
+  common: >
+    --host 127.0.0.1 --port ${PORT}
+    --jinja
+    --cache-type-k q8_0 --cache-type-v q8_0
+    --temp 0.6 --top-k 20
+    --metrics
+
+models:
+  gemma-4:
+    ttl: 900
+    aliases:
+      - self-hosted
+    cmd: >
+      /app/llama-server
+      ${common}
+      -hf unsloth/gemma-4-26B-A4B-it-GGUF:UD-Q3_K_XL
+      --fit-ctx 100000
+      --fit-target 512
+      --parallel 2
+      --no-mmap
+      --swa-full
+      --slot-save-path /cache/slots
+      --min-p 0.0
+
+  qwen-3.5:
+    ttl: 900
+    cmd: >
+      /app/llama-server
+      ${common}
+      -hf unsloth/Qwen3.5-9B-GGUF:UD-Q5_K_XL
+      --ctx-size 160000
+      --override-tensor token_embd\\.weight=CUDA0
+      --no-context-shift
+"""
+
+# The shape of seed 001: vision models with mmproj, stable symlinked paths, checkEndpoint.
+SEED_001 = """\
+healthCheckTimeout: 300
+logLevel: info
+startPort: 10001
+macros:
+  server: /app/llama-server --host 127.0.0.1 --port ${PORT} -ngl 99 -c 3072
+models:
+  qwen3vl-8b:
+    cmd: |
+      ${server}
+      -m /models/qwen3vl-8b/model.gguf
+      --mmproj /models/qwen3vl-8b/mmproj.gguf
+    checkEndpoint: /health
+    ttl: 600
+  minicpm-v-4-5:
+    cmd: |
+      ${server}
+      # the projector must match the model
+      -m /models/minicpm-v-4-5/model.gguf \\
+      --mmproj /models/minicpm-v-4-5/mmproj.gguf
+    ttl: 600
+  qwen3vl-4b:
+    cmd: ${server} -m /models/qwen3vl-4b/model.gguf --mmproj /models/qwen3vl-4b/mmproj.gguf
+    ttl: 600
+"""
+
+
+def test_seed_000_resolves_macros_ports_and_aliases():
+    config = parse_config(SEED_000, "seed000.yaml")
+    gemma = config.models["gemma-4"]
+    assert gemma.argv[:4] == ("/app/llama-server", "--host", "127.0.0.1", "--port")
+    assert gemma.port == 5800 and gemma.argv[4] == "5800"
+    assert gemma.proxy == "http://127.0.0.1:5800"
+    assert config.models["qwen-3.5"].port == 5801
+    assert "token_embd\\.weight=CUDA0" in config.models["qwen-3.5"].argv
+    assert config.resolve("self-hosted") == "gemma-4"
+    assert gemma.ttl == 900 and gemma.health_check_timeout == 900
+    assert config.groups["(default)"].members == ("gemma-4", "qwen-3.5")
+    assert config.warnings == []
+
+
+def test_seed_001_comments_continuations_and_start_port():
+    config = parse_config(SEED_001, "seed001.yaml")
+    mini = config.models["minicpm-v-4-5"]
+    assert mini.argv[-4:] == ("-m", "/models/minicpm-v-4-5/model.gguf", "--mmproj", "/models/minicpm-v-4-5/mmproj.gguf")
+    assert "#" not in " ".join(mini.argv)
+    assert [m.port for m in config.models.values()] == [10001, 10002, 10003]
+    assert config.models["qwen3vl-8b"].check_endpoint == "/health"
+
+
+def test_nested_macros_env_model_id_and_model_level_macros():
+    config = parse_config(textwrap.dedent("""\
+        macros:
+          base: "--port ${PORT}"
+          full: "${base} --alias ${MODEL_ID} --tag ${tag}"
+          tag: global
+        models:
+          m1:
+            macros:
+              tag: local
+            cmd: srv ${full} --key ${env.MY_KEY}
+            env: ["A=${MODEL_ID}", "B=x=y"]
+            cmdStop: kill -TERM ${PID}
+        """), "c.yaml", environ={"MY_KEY": "s3"})
+    m = config.models["m1"]
+    assert m.argv == ("srv", "--port", "5800", "--alias", "m1", "--tag", "local", "--key", "s3")
+    assert m.env == (("A", "m1"), ("B", "x=y"))
+    assert m.stop_argv == ("kill", "-TERM", "${PID}")
+
+
+def test_windows_paths_and_quotes_survive():
+    argv = split_command('C:\\llama\\llama-server.exe -m "C:\\My Models\\q.gguf" --chat-template \'{{ x }}\'')
+    assert argv == ["C:\\llama\\llama-server.exe", "-m", "C:\\My Models\\q.gguf", "--chat-template", "{{ x }}"]
+
+
+@pytest.mark.parametrize(("text", "line", "key", "words"), [
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n    ttl: soon\n", 4, "models.a.ttl", "integer"),
+    ("models:\n  a:\n    cmd: x ${nope} --port ${PORT}\n", 3, "models.a.cmd", "unknown macro ${nope}"),
+    ("models:\n  a:\n    cmd: x --port ${PORT} --k ${env.BERTH_TEST_UNSET}\n", 3, "models.a.cmd", "BERTH_TEST_UNSET"),
+    ("models:\n  a:\n    cmd: x\n", 3, "models.a.cmd", "proxy uses ${PORT} but cmd does not"),
+    ("models:\n  a:\n    cmd: 'x \"unclosed --port ${PORT}'\n", 3, "models.a.cmd", "quotes"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n    env: [NOEQUALS]\n", 4, "models.a.env", "NAME=value"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n  a:\n    cmd: y\n", 4, "a", "duplicate key"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\ngroups:\n  g:\n    members: [zz]\n", 6, "groups.g.members.0", "zz"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n    aliases: [a]\n", 4, "models.a.aliases.0", "also a model id"),
+    ("macros:\n  PORT: 1\nmodels: {}\n", 2, "macros.PORT", "reserved"),
+    ("macros:\n  a: ${b}\n  b: ${a}\nmodels:\n  m:\n    cmd: x ${a} --port ${PORT}\n", 6, "models.m.cmd", "cycle"),
+    ("models:\n  a:\n    cmd: [unclosed\n", 4, "", "YAML syntax"),
+    ("hooks:\n  on_startup:\n    preload: [ghost]\nmodels: {}\n", 3, "hooks.on_startup.preload.0", "ghost"),
+])
+def test_bad_configs_name_file_line_and_key(text, line, key, words):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "bad.yaml", environ={})
+    err = info.value
+    assert (err.path, err.line, err.key) == ("bad.yaml", line, key), err.message
+    assert words in err.message
+
+
+def test_unimplemented_keys_warn_with_their_line():
+    config = parse_config(textwrap.dedent("""\
+        models:
+          a:
+            cmd: x --port ${PORT}
+            sendLoadingState: true
+        peers:
+          other: {proxy: "http://x"}
+        matrix: {}
+        """), "w.yaml")
+    assert config.warnings == [
+        "w.yaml:4: models.a.sendLoadingState: not supported by berth; ignored",
+        "w.yaml:5: peers: not supported by berth; ignored",
+        "w.yaml:7: matrix: not supported by berth; ignored",
+    ]
+
+
+def test_groups_defaults_and_ungrouped_models():
+    config = parse_config(textwrap.dedent("""\
+        models:
+          a: {cmd: "x --port ${PORT}"}
+          b: {cmd: "x --port ${PORT}"}
+          c: {cmd: "x --port ${PORT}"}
+        groups:
+          pinned:
+            persistent: true
+            swap: false
+            exclusive: false
+            members: [a, b]
+        """), "g.yaml")
+    assert config.models["a"].group == "pinned"
+    assert config.models["c"].group == "(default)"
+    pinned = config.groups["pinned"]
+    assert (pinned.swap, pinned.exclusive, pinned.persistent) == (False, False, True)
+
+
+def test_filters_check_endpoint_none_and_global_ttl():
+    config = parse_config(textwrap.dedent("""\
+        globalTTL: 300
+        models:
+          a:
+            cmd: x --port ${PORT}
+            checkEndpoint: none
+            useModelName: real/name
+            filters:
+              stripParams: "temperature, top_p, model"
+              setParams: {top_k: 5}
+          b:
+            cmd: x --port ${PORT}
+            ttl: 0
+        """), "f.yaml")
+    a = config.models["a"]
+    assert a.check_endpoint is None and a.ttl == 300
+    assert a.strip_params == ("temperature", "top_p")  # model is never stripped
+    assert a.set_params == (("top_k", 5),)
+    assert config.models["b"].ttl == 0
+
+
+def test_default_model_is_alias_default_or_the_only_model():
+    one = parse_config("models:\n  solo: {cmd: 'x --port ${PORT}'}\n")
+    assert one.default_model() == "solo"
+    two = parse_config("models:\n  a: {cmd: 'x --port ${PORT}', aliases: [default]}\n  b: {cmd: 'y --port ${PORT}'}\n")
+    assert two.default_model() == "a"
+    none = parse_config("models:\n  a: {cmd: 'x --port ${PORT}'}\n  b: {cmd: 'y --port ${PORT}'}\n")
+    assert none.default_model() is None
