@@ -15,7 +15,7 @@ from berth.engine.redact import redact_argv
 from berth.errors import BerthError, ConfigError
 
 USAGE_ERROR = 2
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = USAGE_ERROR) -> None:
@@ -53,17 +53,24 @@ def main() -> None:
               help="Overrides the config's logLevel.")
 def serve(config_path: str | None, listen: str, watch_config: bool, log_level: str | None) -> None:
     """Serve the models of a config (or the embedded default model) on one endpoint."""
+    from berth.engine.warmup import chat_warmup
     from berth.gateway.server import run_gateway
 
     host, port = _parse_listen(listen)
     if config_path is None:
-        _fail("no config given; pass -c config.yaml")
-    config = _load(config_path)
+        from berth.engine.embedded import EmbeddedModelError, embedded_config
+
+        try:
+            config = embedded_config()
+        except EmbeddedModelError as exc:
+            _fail(str(exc), 1)
+    else:
+        config = _load(config_path)
     level = (log_level or config.log_level).upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(run_gateway(config, host, port, build_launch_argv, config_path=config_path,
-                                watch_config=watch_config))
+        asyncio.run(run_gateway(config, host, port, build_launch_argv, warmup=chat_warmup,
+                                config_path=config_path, watch_config=watch_config))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address with --listen")
     except BerthError as exc:
@@ -83,6 +90,19 @@ def check(config_path: str) -> None:
         click.echo(f"  group:   {spec.group}")
         click.echo(f"  ttl:     {f'{spec.ttl}s' if spec.ttl else 'never'}")
     click.echo(f"config OK: {len(config.models)} models, {len(config.warnings)} warnings")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("llama_server_flags", nargs=-1, type=click.UNPROCESSED)
+def worker(llama_server_flags: tuple[str, ...]) -> None:
+    """Run llama.cpp's server in-process (xllamacpp) with llama-server flags."""
+    from berth.engine.worker import WorkerUsageError, run_worker
+
+    try:
+        sys.exit(run_worker(list(llama_server_flags)))
+    except WorkerUsageError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

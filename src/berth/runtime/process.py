@@ -49,7 +49,7 @@ class Stopped:
 
 
 ProcessEvent = Started | StartFailedEvent | Stopped
-Warmup = Callable[[ModelSpec, aiohttp.ClientSession], Awaitable[None]]
+Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
 
 
 def group_alive(pgid: int) -> bool:
@@ -224,7 +224,12 @@ class ModelProcess:
             return StartFailed(self.spec.id, f"process exited with code {self._proc.returncode} before it was ready",
                                self._last_lines())
         if health in done:
-            return None
+            failure = health.exception()
+            if failure is None:
+                return None
+            if isinstance(failure, StartFailed):
+                return failure
+            return StartFailed(self.spec.id, f"readiness check failed: {failure!r}", self._last_lines())
         return StartFailed(self.spec.id, f"not healthy after healthCheckTimeout ({self.spec.health_check_timeout:g}s) "
                                          f"at {self.spec.proxy}{self.spec.check_endpoint}", self._last_lines())
 
@@ -242,8 +247,8 @@ class ModelProcess:
                     pass
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, HEALTH_MAX_DELAY)
-        if self._warmup is not None:
-            await self._warmup(self.spec, self._session)
+        if self._warmup is not None and self.spec.warmup:
+            await self._warmup(self.spec, self.argv, self._session)
 
     async def _terminate(self) -> None:
         """Stop the whole process group: cmdStop or SIGTERM, then SIGKILL after unloadTimeout."""

