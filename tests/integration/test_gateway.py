@@ -497,3 +497,18 @@ def test_missing_binary_is_a_clear_start_failure(berth, start_port):
     b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: '/no/such/llama-server --port ${{PORT}}'}}\n")
     r = chat(b.url, "a")
     assert r.status_code == 503 and "command not found: '/no/such/llama-server'" in r.json()["error"]["message"]
+
+
+def test_warmup_gates_readiness_and_an_empty_answer_fails_the_start(berth, start_port):
+    config = f"""
+startPort: {start_port}
+models:
+  good: {{warmup: true, cmd: "{fake_cmd('good')}"}}
+  mute: {{warmup: true, cmd: "{fake_cmd('mute', '--empty-chat')}"}}
+"""
+    b = berth(config)
+    assert chat(b.url, "good").status_code == 200
+    r = chat(b.url, "mute")
+    assert r.status_code == 503
+    assert "warmup answer was empty" in r.json()["error"]["message"]
+    assert "mute" not in b.running()

@@ -29,6 +29,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grandchild-pid-file", default=None, help="fork a grandchild and write its pid here")
     p.add_argument("--pid-file", default=None)
     p.add_argument("--start-log", default=None, help="append a line per start to this file")
+    p.add_argument("--empty-chat", action="store_true", help="answer chat with empty content")
     return p.parse_args()
 
 
@@ -76,7 +77,8 @@ def main() -> None:
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "model": payload.get("model"),
                 "server": args.name, "pid": os.getpid(),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {args.name}"},
+                "choices": [{"index": 0, "message": {"role": "assistant",
+                                                   "content": "" if args.empty_chat else f"hello from {args.name}"},
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
             })

@@ -48,10 +48,15 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
 class BerthServer:
     """A real `berth serve` subprocess on a free port."""
 
-    def __init__(self, tmp_path: Path, config: str, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp_path: Path, config: str | None, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        """`config` None runs berth without -c (the embedded default model)."""
         self.tmp_path = tmp_path
         self.config_path = tmp_path / "config.yaml"
-        self.config_path.write_text(textwrap.dedent(config))
+        if config is not None:
+            self.config_path.write_text(textwrap.dedent(config))
+        self.config_args = ["-c", str(self.config_path)] if config is not None else []
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / "berth.log"
@@ -61,9 +66,9 @@ class BerthServer:
     def start(self, timeout: float = 20.0) -> "BerthServer":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "berth.cli", "serve", "-c", str(self.config_path),
+            [sys.executable, "-m", "berth.cli", "serve", *self.config_args,
              "--listen", f"127.0.0.1:{self.port}", *self.extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
         )
 
         def up() -> bool:

@@ -73,6 +73,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("-cmoe --cpu-moe", "cpu_moe", bool, worker=True),
     _f("--no-warmup", "no_warmup", bool, worker=True),
     _f("--chat-template", "chat_template", worker=True),
+    _f("--pooling", "pooling", worker=True),
     # known to llama-server, passed through by the binary engine only
     _f("-mu --model-url", "model_url"),
     _f("-hf -hfr --hf-repo", "hf_repo"),
@@ -99,7 +100,6 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("--rope-freq-base", "rope_freq_base", float),
     _f("--rope-freq-scale", "rope_freq_scale", float),
     _f("--yarn-orig-ctx", "yarn_orig_ctx", int),
-    _f("--pooling", "pooling"),
     _f("-to --timeout", "timeout", int),
     _f("--threads-http", "threads_http", int),
     _f("-md --model-draft", "model_draft"),

@@ -128,6 +128,11 @@ def build_params(args: LlamaServerArgs):
         p.tensor_buft_overrides = overrides
     if args.get("chat_template"):
         p.chat_template = args.get("chat_template")
+    if args.get("pooling"):
+        try:
+            p.pooling_type = xllamacpp.llama_pooling_type[f"LLAMA_POOLING_TYPE_{args.get('pooling').upper()}"]
+        except KeyError:
+            raise WorkerUsageError(f"--pooling {args.get('pooling')!r} is not one of none, mean, cls, last, rank")
     if args.get("no_warmup"):
         p.warmup = False
     return p

