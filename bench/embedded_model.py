@@ -115,8 +115,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"{args.runs} runs, {args.tokens} tokens, medians")
     results = [bench_engine(name, program, model, args.runs, args.tokens) for name, program in engines]
-    header = f"{'engine':22} {'cold→1st tok':>13} {'warm TTFT':>10} {'direct tok/s':>13} {'via berth tok/s':>16} {'ratio':>6}"
-    print(header)
+    print(f"{'engine':22} {'cold→1st tok':>13} {'warm TTFT':>10} {'direct tok/s':>13} "
+          f"{'via berth tok/s':>16} {'ratio':>6}")
     for r in results:
         ratio = r["through_berth_tokens_per_s"] / r["direct_tokens_per_s"]
         r["berth_over_direct"] = ratio

@@ -66,7 +66,7 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
             _fail(str(exc), 1)
     else:
         config = _load(config_path)
-    level = (log_level or config.log_level).upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
+    level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         asyncio.run(run_gateway(config, host, port, build_launch_argv, warmup=chat_warmup,

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from tests.support.harness import (
-    children_of, fake_cmd, free_port, pid_alive, start_log_lines, wait_until,
+    children_of, fake_cmd, pid_alive, start_log_lines, wait_until,
 )
 
 
@@ -211,7 +208,8 @@ models:
 
 def test_cmd_stop_is_used_with_pid(berth, start_port, tmp_path):
     marker = tmp_path / "stopped-pid"
-    stopper = f"{sys.executable} -c \"import os,sys; open(sys.argv[1],'w').write(sys.argv[2]); os.kill(int(sys.argv[2]), 15)\""
+    script = "import os,sys; open(sys.argv[1],'w').write(sys.argv[2]); os.kill(int(sys.argv[2]), 15)"
+    stopper = f'{sys.executable} -c "{script}"'
     config = f"""
 startPort: {start_port}
 models:
@@ -512,3 +510,24 @@ models:
     assert r.status_code == 503
     assert "warmup answer was empty" in r.json()["error"]["message"]
     assert "mute" not in b.running()
+
+
+def test_client_that_leaves_while_waiting_holds_nothing(berth, start_port, tmp_path):
+    config = f"""
+startPort: {start_port}
+models:
+  slow:
+    concurrencyLimit: 1
+    cmd: {fake_cmd('slow', '--load-delay', '1.5')}
+"""
+    b = berth(config)
+    try:
+        chat(b.url, "slow", timeout=0.5)
+    except requests.exceptions.ReadTimeout:
+        pass
+    else:
+        raise AssertionError("the request should still have been waiting for the load")
+    # With concurrencyLimit 1, a waiter that was not removed would make this a 429.
+    r = chat(b.url, "slow")
+    assert r.status_code == 200
+    assert b.running()["slow"]["queued"] == 0 and b.running()["slow"]["in_flight"] == 0

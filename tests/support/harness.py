@@ -94,7 +94,7 @@ class BerthServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"berth did not exit within {timeout}s of signal {sig}")
+                raise AssertionError(f"berth did not exit within {timeout}s of signal {sig}") from None
         self._log.close()
         return self.proc.returncode
 

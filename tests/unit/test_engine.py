@@ -79,7 +79,8 @@ def test_worker_flags_map_onto_xllamacpp_params(tmp_path):
         "-b", "1024", "-ub", "256", "-t", "2", "-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on", "--no-mmap",
         "--alias", "a,b", "--api-key", "k", "--metrics", "--no-slots", "--slot-save-path", str(tmp_path),
         "--swa-full", "--embeddings", "--temp", "0.5", "--top-k", "7", "--top-p", "0.9", "--min-p", "0.1",
-        "-ot", "token_embd\\.weight=CPU", "--n-cpu-moe", "2", "--chat-template", "gemma", "--no-warmup", "--pooling", "mean",
+        "-ot", "token_embd\\.weight=CPU", "--n-cpu-moe", "2", "--chat-template", "gemma", "--no-warmup",
+        "--pooling", "mean",
     ])
     p = build_params(args)
     assert p.model.path == str(model) and p.hostnames == ["127.0.0.2"] and p.port == 9999

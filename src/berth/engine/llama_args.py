@@ -10,7 +10,6 @@ read settings through `get`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,11 +284,3 @@ class LlamaServerArgs:
     def unsupported_by_worker(self) -> list[str]:
         """Flags (as written) that the built-in worker does not implement."""
         return [item.spelled for item in self.items if item.spec is None or not item.spec.worker]
-
-    @property
-    def model_name(self) -> str | None:
-        """The model file's base name, or the HF repo."""
-        model = self.get("model")
-        if model:
-            return os.path.basename(model)
-        return self.get("hf_repo")

@@ -129,10 +129,11 @@ def build_params(args: LlamaServerArgs):
     if args.get("chat_template"):
         p.chat_template = args.get("chat_template")
     if args.get("pooling"):
+        pooling = args.get("pooling")
         try:
-            p.pooling_type = xllamacpp.llama_pooling_type[f"LLAMA_POOLING_TYPE_{args.get('pooling').upper()}"]
+            p.pooling_type = xllamacpp.llama_pooling_type[f"LLAMA_POOLING_TYPE_{pooling.upper()}"]
         except KeyError:
-            raise WorkerUsageError(f"--pooling {args.get('pooling')!r} is not one of none, mean, cls, last, rank")
+            raise WorkerUsageError(f"--pooling {pooling!r} is not one of none, mean, cls, last, rank") from None
     if args.get("no_warmup"):
         p.warmup = False
     return p

@@ -109,7 +109,6 @@ class ModelPool:
         request_id = next(self._ids)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = future
-        spec = self.config.models[model_id]
         self._apply(self._scheduler.request(request_id, model_id, self._now()))
         try:
             await future
@@ -121,7 +120,8 @@ class ModelPool:
             raise
         finally:
             self._waiters.pop(request_id, None)
-        return Lease(request_id, spec, self)
+        # Admitted means ready, so a process exists; its spec (not a reloaded config's) says where it listens.
+        return Lease(request_id, self._processes[model_id].spec, self)
 
     async def load(self, model_id: str) -> None:
         (await self.acquire(model_id)).release()

@@ -134,11 +134,35 @@ class ModelProcess:
     # -- the owner task ---------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Own the process from spawn to reap; report exactly one outcome event after `Started`."""
+        started = ended = False
+
+        def report(event: ProcessEvent) -> None:
+            nonlocal started, ended
+            started |= isinstance(event, Started)
+            ended |= not isinstance(event, Started)
+            self._on_event(event)
+
+        try:
+            await self._supervise(report)
+        except Exception as exc:  # a bug here must not leave the scheduler waiting forever
+            log.exception("%s: supervisor failed", self.spec.id)
+            if self._proc is not None:
+                self._signal_group(self._proc.pid, signal.SIGKILL)
+                self._janitor.unregister(self._proc.pid)
+            if ended:
+                return
+            if started:
+                self._on_event(Stopped(crashed=True, exit_code=None))
+            else:
+                self._on_event(StartFailedEvent(StartFailed(self.spec.id, f"internal error: {exc!r}")))
+
+    async def _supervise(self, report: Callable[[ProcessEvent], None]) -> None:
         begun = time.monotonic()
         try:
             await self._spawn()
         except StartFailed as exc:
-            self._on_event(StartFailedEvent(exc))
+            report(StartFailedEvent(exc))
             return
         assert self._proc is not None
         drain = asyncio.create_task(self._drain(self._proc))
@@ -150,19 +174,19 @@ class ModelProcess:
                 self.load_seconds = time.monotonic() - begun
                 self.started_at = time.time()
                 self._log(f"ready after {self.load_seconds:.2f}s")
-                self._on_event(Started())
+                report(Started())
                 await asyncio.wait({exited, stop_wanted}, return_when=asyncio.FIRST_COMPLETED)
                 crashed = exited.done() and not stop_wanted.done()
                 if crashed:
                     self._log(f"exited unexpectedly with code {self._proc.returncode}")
                 await self._terminate()
-                self._on_event(Stopped(crashed=crashed, exit_code=self._proc.returncode))
+                report(Stopped(crashed=crashed, exit_code=self._proc.returncode))
             elif outcome == "stopped":
                 await self._terminate()
-                self._on_event(Stopped(crashed=False, exit_code=self._proc.returncode))
+                report(Stopped(crashed=False, exit_code=self._proc.returncode))
             else:
                 await self._terminate()
-                self._on_event(StartFailedEvent(outcome))
+                report(StartFailedEvent(outcome))
         finally:
             stop_wanted.cancel()
             exited.cancel()
@@ -189,7 +213,8 @@ class ModelProcess:
         except FileNotFoundError:
             raise StartFailed(spec.id, f"command not found: {self.argv[0]!r}; fix `cmd` in the config") from None
         except PermissionError:
-            raise StartFailed(spec.id, f"command is not executable: {self.argv[0]!r}; fix `cmd` in the config") from None
+            raise StartFailed(spec.id, f"command is not executable: {self.argv[0]!r}; "
+                                       "fix `cmd` in the config") from None
         except OSError as exc:
             raise StartFailed(spec.id, f"cannot run {self.argv[0]!r}: {exc}") from None
         self._janitor.register(self._proc.pid)

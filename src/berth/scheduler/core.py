@@ -265,7 +265,8 @@ class Scheduler:
             self._removed.discard(model)
 
     def _running(self) -> list[str]:
-        return [m for m, s in self.models.items() if s.state in (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)]
+        live = (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)
+        return [m for m, s in self.models.items() if s.state in live]
 
     def _conflicts(self, model: str, other: str) -> bool:
         """Would starting `model` require `other` to be stopped?"""
