@@ -9,10 +9,15 @@ import sys
 import click
 from rich.console import Console
 
+import functools
+import time
+
 from berth.config import BerthConfig, load_config
-from berth.engine.launch import build_launch_argv
+from berth.engine.launch import build_launch_argv, store_reference
 from berth.engine.redact import redact_argv
-from berth.errors import BerthError, ConfigError
+from berth.errors import BadRequest, BerthError, ConfigError
+from berth.store import ModelStore, parse_ref
+from berth.store.store import BadSelection, NotInStore
 
 USAGE_ERROR = 2
 err_console = Console(stderr=True, soft_wrap=True)
@@ -69,7 +74,8 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(run_gateway(config, host, port, build_launch_argv, warmup=chat_warmup,
+        argv_builder = functools.partial(build_launch_argv, store=_store(config), fetch=True)
+        asyncio.run(run_gateway(config, host, port, argv_builder, warmup=chat_warmup,
                                 config_path=config_path, watch_config=watch_config))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address with --listen")
@@ -82,9 +88,10 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
 def check(config_path: str) -> None:
     """Validate a config without starting anything; print what each model would run."""
     config = _load(config_path)
+    store = _store(config)
     for spec in config.models.values():
         click.echo(spec.id)
-        click.echo(f"  argv:    {' '.join(redact_argv(build_launch_argv(spec)))}")
+        click.echo(f"  argv:    {' '.join(redact_argv(build_launch_argv(spec, store)))}")
         click.echo(f"  port:    {spec.port or '-'}")
         click.echo(f"  aliases: {', '.join(spec.aliases) or '-'}")
         click.echo(f"  group:   {spec.group}")
@@ -103,6 +110,87 @@ def worker(llama_server_flags: tuple[str, ...]) -> None:
         sys.exit(run_worker(list(llama_server_flags)))
     except WorkerUsageError as exc:
         _fail(str(exc))
+
+
+def _store(config: BerthConfig | None = None) -> ModelStore:
+    return ModelStore(config.store_dir) if config and config.store_dir else ModelStore.default()
+
+
+@main.command()
+@click.argument("ref", required=False)
+@click.option("--mmproj", is_flag=True, help="Also fetch the repo's projector (mmproj*.gguf, F16 preferred).")
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+@click.option("--sha256", default=None, help="Expected sha256 of a single-file model (default: the hub's LFS hash).")
+@click.option("--name", default=None, help="Store name (default: derived from REF).")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(1, 100), help="Attempts per request.")
+@click.option("--retry-delay", default=1.0, show_default=True, type=click.FloatRange(0), help="First backoff, s.")
+@click.option("--all", "pull_all", is_flag=True, help="Pull every store model of the config given with -c.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False))
+def pull(ref: str | None, mmproj: bool, revision: str | None, sha256: str | None, name: str | None, retries: int,
+         retry_delay: float, pull_all: bool, config_path: str | None) -> None:
+    """Download a model into the store: owner/repo:QUANT, owner/repo/path/file.gguf or hf://..."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import TransferSpeedColumn
+
+    from berth.store.pull import RetryPolicy
+    from berth.store.pull import pull as pull_model
+
+    config = _load(config_path) if config_path else None
+    store = _store(config)
+    if pull_all:
+        if config is None:
+            _fail("--all needs the config: berth pull --all -c config.yaml")
+        wanted = [w for w in (store_reference(s) for s in config.models.values()) if w is not None]
+    elif ref:
+        try:
+            wanted = [(parse_ref(ref, revision), True if mmproj else False)]
+        except BadRequest as exc:
+            _fail(exc.message)
+    else:
+        _fail("name a model: berth pull owner/repo:QUANT (or --all -c config.yaml)")
+    retry = RetryPolicy(attempts=retries, first_delay=retry_delay)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        for model_ref, projector in wanted:
+            try:
+                entry = pull_model(store, model_ref, name=name if not pull_all else None, mmproj=projector,
+                                   sha256=sha256, retry=retry, progress=progress)
+            except (BadSelection, NotInStore) as exc:
+                _fail(exc.message)
+            except BerthError as exc:
+                _fail(exc.message, 1)
+            click.echo(f"{entry.name}: {entry.model_path} ({entry.size / 2**20:.1f} MiB, verified)")
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False))
+def models(config_path: str | None) -> None:
+    """List the models in the store."""
+    config = _load(config_path) if config_path else None
+    store = _store(config)
+    entries = store.entries()
+    if not entries:
+        click.echo(f"no models in {store.root}")
+        return
+    click.echo(f"{'NAME':40} {'SIZE':>10} {'QUANT':12} {'VERIFIED':8} LAST USED")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "never"
+        click.echo(f"{e.name:40} {e.size / 2**20:>7.1f}MiB {e.quant or '-':12} {'yes' if e.verified else 'no':8} "
+                   f"{used}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False))
+def rm(name: str, config_path: str | None) -> None:
+    """Delete a model from the store."""
+    store = _store(_load(config_path) if config_path else None)
+    try:
+        store.remove(name)
+    except NotInStore as exc:
+        _fail(exc.message)
+    click.echo(f"removed {name}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from berth.config import schema
 from berth.config.cmdline import CommandSyntaxError, split_command
 from berth.config.yamlines import LineDict, load_yaml
 from berth.errors import ConfigError
+from berth.store.refs import BadModelRef, parse_ref
 
 DEFAULT_GROUP = "(default)"
 _MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -51,6 +52,8 @@ class ModelSpec:
     unload_timeout: float = 10.0
     health_check_timeout: float = 120.0
     warmup: bool = False
+    model_ref: str = ""  # store reference from `model:`, validated
+    mmproj: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class BerthConfig:
     log_level: str = "info"
     health_check_timeout: float = 120.0
     max_body_bytes: int = 64 * 1024 * 1024
+    store_dir: Path | None = None  # None: $BERTH_HOME/models
     warnings: list[str] = field(default_factory=list)
 
     def resolve(self, name: str) -> str | None:
@@ -212,6 +216,8 @@ class _Resolver:
             log_level=p.log_level,
             health_check_timeout=p.health_check_timeout,
             max_body_bytes=p.max_body_bytes,
+            store_dir=Path(os.path.expanduser(self.expand_env(p.model_store, ("modelStore",)))) if p.model_store
+            else None,
             warnings=self.warnings,
         )
         for i, key in enumerate(config.api_keys):
@@ -284,6 +290,13 @@ class _Resolver:
             raise self.error(loc + ("cmd",), str(exc)) from None
         if not argv:
             raise self.error(loc + ("cmd",), "cmd is empty; give the command that starts the model server")
+        if model.model:
+            try:
+                parse_ref(model.model)
+            except BadModelRef as exc:
+                raise self.error(loc + ("model",), exc.message) from None
+        elif model.mmproj:
+            raise self.error(loc + ("mmproj",), "mmproj: true needs `model: owner/repo:QUANT` to pull it from")
         check = self.expand(model.check_endpoint, macros, loc + ("checkEndpoint",), {"MODEL_ID"}).strip()
         env = []
         for i, item in enumerate(model.env):
@@ -313,6 +326,8 @@ class _Resolver:
             unload_timeout=model.unload_timeout,
             health_check_timeout=self.parsed.health_check_timeout,
             warmup=model.warmup,
+            model_ref=model.model,
+            mmproj=model.mmproj,
         )
         return spec, uses_port
 

@@ -39,6 +39,8 @@ class ModelConfig(_Section):
     unload_timeout: float = Field(10.0, alias="unloadTimeout", gt=0)
     macros: dict[str, MacroValue] = Field(default_factory=dict)
     warmup: bool = False
+    model: str = ""  # a store reference (owner/repo:QUANT ...) pulled before the first start
+    mmproj: bool = False  # with `model`: also pull the repo's projector and pass --mmproj
 
     @field_validator("env")
     @classmethod
@@ -77,6 +79,7 @@ class BerthConfigFile(_Section):
     api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
     include_aliases_in_list: bool = Field(False, alias="includeAliasesInList")
     max_body_bytes: int = Field(64 * 1024 * 1024, alias="maxBodyBytes", gt=0)
+    model_store: str = Field("", alias="modelStore")  # default: $BERTH_HOME/models
 
     @field_validator("log_level")
     @classmethod

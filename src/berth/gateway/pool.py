@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import aiohttp
 
 from berth.config import BerthConfig, ModelSpec
-from berth.engine.redact import redact_argv
 from berth.errors import BerthError, UnknownModel
 from berth.gateway.metrics import Metrics
 from berth.runtime.janitor import Janitor
@@ -208,14 +207,14 @@ class ModelPool:
 
     def _start(self, model_id: str) -> None:
         spec = self.config.models[model_id]
-        argv = self._argv_builder(spec)
-        log.info(f"starting {model_id}: {' '.join(redact_argv(argv))}")
+        log.info(f"starting {model_id}")
         process: ModelProcess
 
         def on_event(event: ProcessEvent) -> None:
             self._on_process_event(model_id, process, event)
 
-        process = ModelProcess(spec, argv, self.logs, self._janitor, self.session, on_event, self._warmup)
+        process = ModelProcess(spec, self._argv_builder, self.logs, self._janitor, self.session, on_event,
+                               self._warmup)
         self._processes[model_id] = process
         process.launch()
 

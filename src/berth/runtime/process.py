@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from berth.config import ModelSpec
-from berth.errors import StartFailed
+from berth.engine.redact import redact_argv
+from berth.errors import BerthError, StartFailed
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
 
@@ -90,7 +91,7 @@ class ModelProcess:
     def __init__(
         self,
         spec: ModelSpec,
-        argv: list[str],
+        build_argv: Callable[[ModelSpec], list[str]],
         logs: LogHub,
         janitor: Janitor,
         session: aiohttp.ClientSession,
@@ -98,7 +99,8 @@ class ModelProcess:
         warmup: Warmup | None = None,
     ) -> None:
         self.spec = spec
-        self.argv = argv
+        self._build_argv = build_argv
+        self.argv: list[str] = list(spec.argv)  # replaced by the resolved argv at spawn
         self._logs = logs
         self._janitor = janitor
         self._session = session
@@ -194,6 +196,11 @@ class ModelProcess:
 
     async def _spawn(self) -> None:
         spec = self.spec
+        try:  # may pull the model from the store first: minutes, so off the event loop
+            self.argv = await asyncio.to_thread(self._build_argv, spec)
+        except BerthError as exc:
+            raise StartFailed(spec.id, exc.message) from None
+        self._log(f"launching: {' '.join(redact_argv(self.argv))}")
         if spec.port is not None:
             host = urlsplit(spec.proxy).hostname or "127.0.0.1"
             if port_in_use(host, spec.port):

@@ -1,0 +1,281 @@
+"""The model store: pulled files, verified, behind stable paths.
+
+Layout under the store root (default `$BERTH_HOME/models`):
+
+    <name>/files/<path in repo>      the downloaded files, names as upstream has them
+    <name>/model.gguf                symlink to the model (split models: the first part)
+    <name>/mmproj.gguf               symlink to the projector, when pulled
+    <name>/berth-model.json          completion marker, written only after every file verified
+    <name>/last-used                 touched whenever a model is launched from the store
+    .locks/<name>.lock               held while pulling, so concurrent pulls download once
+
+A directory without a marker is never served.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from berth.errors import BerthError
+from berth.store.gguf_check import GGUFInvalid, check_gguf
+from berth.store.refs import SPLIT_SUFFIX, ModelRef
+
+MARKER = "berth-model.json"
+_MMPROJ_PREFERENCE = ("f16", "f32", "bf16")
+_DISK_MARGIN = 64 * 1024 * 1024
+
+
+class StoreError(BerthError):
+    """A pull or lookup that cannot succeed; the message says what to do."""
+
+    status = 503
+    error_type = "server_error"
+    code = "model_store_error"
+
+
+class NotInStore(StoreError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_in_store"
+
+
+class BadSelection(StoreError):
+    """The reference does not match what the repo holds (user input: CLI exit 2)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "model_not_found_in_repo"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int | None
+    sha256: str | None
+
+
+@dataclass
+class StoreEntry:
+    name: str
+    directory: Path
+    ref: str = ""
+    quant: str | None = None
+    files: list[dict] = field(default_factory=list)
+    verified: bool = False
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / "model.gguf"
+
+    @property
+    def launch_model_path(self) -> Path:
+        """What to pass to -m: the real first part for split models, whose siblings llama.cpp finds by name."""
+        target = self.model_path.resolve()
+        return target if SPLIT_SUFFIX.search(target.name) else self.model_path
+
+    @property
+    def mmproj_path(self) -> Path | None:
+        path = self.directory / "mmproj.gguf"
+        return path if path.is_symlink() or path.exists() else None
+
+    @property
+    def size(self) -> int:
+        return sum(f.get("size") or 0 for f in self.files)
+
+    @property
+    def last_used(self) -> float | None:
+        stamp = self.directory / "last-used"
+        return stamp.stat().st_mtime if stamp.exists() else None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(4 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _quant_matches(filename: str, quant: str) -> bool:
+    base = filename.rsplit("/", 1)[-1]
+    return re.search(rf"(^|[-_.]){re.escape(quant)}([-_.]|$)", base, re.IGNORECASE) is not None
+
+
+def _is_mmproj(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].lower().startswith("mmproj") and path.lower().endswith(".gguf")
+
+
+def select_model_files(ref: ModelRef, listing: list[RemoteFile]) -> list[RemoteFile]:
+    """The files a reference means: one GGUF, or all parts of a split one, in order."""
+    ggufs = [f for f in listing if f.path.lower().endswith(".gguf") and not _is_mmproj(f.path)]
+    if ref.filename:
+        chosen = [f for f in listing if f.path == ref.filename]
+        if not chosen:
+            raise BadSelection(f"{ref.repo} has no file {ref.filename!r}; its GGUF files: "
+                               f"{', '.join(f.path for f in ggufs) or '(none)'}")
+        split = SPLIT_SUFFIX.search(ref.filename)
+        if split:
+            prefix = ref.filename[:split.start()]
+            chosen = [f for f in ggufs if f.path.startswith(prefix) and SPLIT_SUFFIX.search(f.path)]
+        return sorted(chosen, key=lambda f: f.path)
+    candidates = [f for f in ggufs if _quant_matches(f.path, ref.quant)] if ref.quant else ggufs
+    groups: dict[str, list[RemoteFile]] = {}
+    for f in candidates:
+        split = SPLIT_SUFFIX.search(f.path)
+        groups.setdefault(f.path[:split.start()] if split else f.path, []).append(f)
+    if len(groups) == 1:
+        return sorted(next(iter(groups.values())), key=lambda f: f.path)
+    available = sorted({m.group(0) for f in ggufs
+                        if (m := re.search(r"(?:UD-)?(?:I?Q\d[\w]*|F16|F32|BF16)", f.path.rsplit("/", 1)[-1],
+                                           re.IGNORECASE))})
+    if not groups:
+        raise BadSelection(f"{ref.repo} has no GGUF file for quant {ref.quant!r}; "
+                           f"available: {', '.join(available) or '(no GGUF files)'}")
+    raise BadSelection(f"{ref} matches several models in {ref.repo}: {', '.join(sorted(groups))}; "
+                       "name the file instead (owner/repo/path/file.gguf)")
+
+
+def select_mmproj(listing: list[RemoteFile]) -> RemoteFile | None:
+    projectors = sorted((f for f in listing if _is_mmproj(f.path)), key=lambda f: f.path)
+    for precision in _MMPROJ_PREFERENCE:
+        for f in projectors:
+            if re.search(rf"(^|[-_.]){precision}([-_.]|$)", f.path.rsplit("/", 1)[-1], re.IGNORECASE):
+                return f
+    return projectors[0] if projectors else None
+
+
+def _replace_symlink(link: Path, target: Path) -> None:
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(tmp, link)
+
+
+Fetcher = Callable[[RemoteFile, Path], None]  # downloads one file into a directory
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def default(cls) -> "ModelStore":
+        from berth.engine.embedded import berth_home
+
+        return cls(berth_home() / "models")
+
+    # -- reading ------------------------------------------------------------------------
+
+    def entry(self, name: str) -> StoreEntry | None:
+        """A verified entry, or None (a directory without a valid marker does not count)."""
+        directory = self.root / name
+        try:
+            marker = json.loads((directory / MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        entry = StoreEntry(name, directory, marker.get("ref", ""), marker.get("quant"), marker.get("files", []),
+                           verified=True)
+        if not entry.model_path.exists():
+            return None
+        return entry
+
+    def entries(self) -> list[StoreEntry]:
+        if not self.root.is_dir():
+            return []
+        found = (self.entry(d.name) for d in sorted(self.root.iterdir()) if d.is_dir() and not d.name.startswith("."))
+        return [e for e in found if e is not None]
+
+    def touch(self, entry: StoreEntry) -> None:
+        (entry.directory / "last-used").touch()
+
+    # -- changing -------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{name}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def remove(self, name: str) -> None:
+        directory = self.root / name
+        if not directory.is_dir() or name.startswith("."):
+            names = ", ".join(e.name for e in self.entries()) or "(the store is empty)"
+            raise NotInStore(f"no model named {name!r} in the store at {self.root}; stored: {names}")
+        with self.lock(name):
+            shutil.rmtree(directory)
+
+    def install(self, name: str, ref: ModelRef, model_files: list[RemoteFile], mmproj: RemoteFile | None,
+                fetch: Fetcher, expected_sha256: str | None = None, attempts: int = 3) -> StoreEntry:
+        """Fetch, verify and publish the files of one model under `name` (under the store lock)."""
+        directory = self.root / name
+        files_dir = directory / "files"
+        files_dir.mkdir(parents=True, exist_ok=True)
+        wanted = model_files + ([mmproj] if mmproj else [])
+        self._check_disk_space(files_dir, wanted)
+        records = []
+        for remote in wanted:
+            sha = expected_sha256 if (expected_sha256 and remote is model_files[0] and len(model_files) == 1) \
+                else remote.sha256
+            local = files_dir / remote.path
+            for attempt in range(1, attempts + 1):
+                fetch(remote, files_dir)
+                problem = self._verify(local, remote.size, sha)
+                if problem is None:
+                    break
+                local.unlink(missing_ok=True)
+                if attempt == attempts:
+                    raise StoreError(f"{remote.path} from {ref.repo} failed verification {attempts} times "
+                                     f"({problem}); the upstream file or the connection is damaged")
+            records.append({"path": remote.path, "size": local.stat().st_size, "sha256": sha or sha256_of(local)})
+        _replace_symlink(directory / "model.gguf", files_dir / model_files[0].path)
+        if mmproj:
+            _replace_symlink(directory / "mmproj.gguf", files_dir / mmproj.path)
+        marker = {"ref": str(ref), "repo": ref.repo, "quant": ref.quant, "revision": ref.revision,
+                  "files": records, "verified_at": time.time()}
+        tmp = directory / f".{MARKER}.tmp"
+        tmp.write_text(json.dumps(marker, indent=2))
+        os.replace(tmp, directory / MARKER)
+        entry = self.entry(name)
+        assert entry is not None
+        return entry
+
+    @staticmethod
+    def _verify(path: Path, size: int | None, sha256: str | None) -> str | None:
+        if not path.exists():
+            return "the file is missing after download"
+        actual = path.stat().st_size
+        if size is not None and actual != size:
+            return f"size {actual} bytes, expected {size}"
+        if sha256 and sha256_of(path) != sha256.lower():
+            return "sha256 mismatch"
+        try:
+            check_gguf(path)
+        except GGUFInvalid as exc:
+            return f"not a valid GGUF: {exc}"
+        return None
+
+    def _check_disk_space(self, files_dir: Path, wanted: list[RemoteFile]) -> None:
+        needed = 0
+        for remote in wanted:
+            local = files_dir / remote.path
+            have = local.stat().st_size if local.exists() else 0
+            needed += max((remote.size or 0) - have, 0)
+        free = shutil.disk_usage(files_dir).free
+        if needed + _DISK_MARGIN > free:
+            raise StoreError(f"not enough disk space in {self.root}: the download needs {needed / 2**30:.2f} GiB "
+                             f"and {free / 2**30:.2f} GiB are free; free some space or set BERTH_HOME elsewhere")

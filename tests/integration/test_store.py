@@ -1,0 +1,170 @@
+"""`berth pull` / `models` / `rm` against a local fake hub, through the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.support.fake_hub import FakeHub
+from tests.support.ggufs import write_gguf
+
+REPO = "acme/tiny-llm-GGUF"
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "berth-home"
+
+
+def berth_cli(home: Path, hub: FakeHub | None, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BERTH_HOME": str(home), "HF_HOME": str(home / "hf"), "COLUMNS": "200"}
+    env.pop("HF_HUB_OFFLINE", None)
+    if hub is not None:
+        env["HF_ENDPOINT"] = hub.url
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "berth.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def publish(hub: FakeHub, tmp_path: Path, *names: str, elements: int = 4096, repo: str = REPO) -> dict:
+    files = {}
+    for name in names:
+        split = None
+        if "-of-" in name:
+            index, count = name.rsplit("-", 3)[-3], name.rsplit("-", 3)[-1].split(".")[0]
+            split = (int(index), int(count))
+        files[name] = hub.add(repo, name, write_gguf(tmp_path / "upstream" / name, elements=elements, split=split))
+    return files
+
+
+def test_quant_tag_selection_is_case_insensitive_and_names_alternatives(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf", "tiny-UD-Q3_K_XL.gguf")
+    result = berth_cli(home, hub, "pull", f"{REPO}:q8_0", "--retry-delay", "0.05")
+    assert result.returncode == 0, result.stderr
+    entry = home / "models" / "tiny-llm-q8_0"
+    assert os.readlink(entry / "model.gguf") == "files/tiny-Q8_0.gguf"
+    assert hub.gets == {"tiny-Q8_0.gguf": 1}
+    marker = json.loads((entry / "berth-model.json").read_text())
+    assert marker["files"][0]["sha256"] == hub.repos[REPO]["tiny-Q8_0.gguf"].sha256
+    missing = berth_cli(home, hub, "pull", f"{REPO}:Q5_K_S")
+    assert missing.returncode == 2
+    assert "no GGUF file for quant 'Q5_K_S'" in missing.stderr and "Q4_K_M" in missing.stderr
+    bad = berth_cli(home, hub, "pull", "not a ref")
+    assert bad.returncode == 2 and "owner/repo:QUANT" in bad.stderr
+
+
+def test_split_model_and_mmproj(hub, home, tmp_path):
+    publish(hub, tmp_path, "big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf",
+            "mmproj-big-F32.gguf", "mmproj-big-F16.gguf", "big-Q8_0.gguf")
+    result = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", "--mmproj")
+    assert result.returncode == 0, result.stderr
+    entry = home / "models" / "tiny-llm-q4_k_m"
+    assert sorted(p.name for p in (entry / "files").iterdir()) == [
+        "big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf", "mmproj-big-F16.gguf"]
+    assert os.readlink(entry / "model.gguf") == "files/big-Q4_K_M-00001-of-00002.gguf"
+    assert os.readlink(entry / "mmproj.gguf") == "files/mmproj-big-F16.gguf"
+    listing = berth_cli(home, None, "models")
+    assert "tiny-llm-q4_k_m" in listing.stdout and "Q4_K_M" in listing.stdout and "yes" in listing.stdout
+
+
+def test_resume_after_connection_drop_transfers_little_twice(hub, home, tmp_path):
+    files = publish(hub, tmp_path, "tiny-Q4_K_M.gguf", elements=1 << 19)  # 8 MiB
+    size = files["tiny-Q4_K_M.gguf"].size
+    hub.drop_after["tiny-Q4_K_M.gguf"] = size // 2
+    result = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", "--retry-delay", "0.05")
+    assert result.returncode == 0, result.stderr
+    assert hub.gets["tiny-Q4_K_M.gguf"] >= 2  # it was cut and asked again
+    assert hub.bytes_sent["tiny-Q4_K_M.gguf"] < 1.2 * size  # resumed, not restarted
+
+
+def test_corrupted_bytes_are_detected_and_fetched_again(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf")
+    hub.corrupt_once.add("tiny-Q4_K_M.gguf")
+    result = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", "--retry-delay", "0.05")
+    assert result.returncode == 0, result.stderr
+    assert hub.gets["tiny-Q4_K_M.gguf"] == 2
+    stored = home / "models" / "tiny-llm-q4_k_m" / "files" / "tiny-Q4_K_M.gguf"
+    assert stored.read_bytes() == (tmp_path / "upstream" / "tiny-Q4_K_M.gguf").read_bytes()
+
+
+def test_truncated_gguf_is_rejected_and_never_marked(hub, home, tmp_path):
+    source = write_gguf(tmp_path / "upstream" / "cut-Q4_K_M.gguf", elements=1 << 16)
+    with open(source, "r+b") as fh:
+        fh.truncate(source.stat().st_size - 4096)  # upstream itself is broken: hash and size agree
+    hub.add(REPO, "cut-Q4_K_M.gguf", source)
+    result = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", "--retry-delay", "0.05")
+    assert result.returncode == 1
+    assert "not a valid GGUF" in result.stderr and "truncated" in result.stderr
+    assert not (home / "models" / "tiny-llm-q4_k_m" / "berth-model.json").exists()
+    assert "no models" in berth_cli(home, None, "models").stdout
+
+
+def test_sha256_option_overrides_hub_hash(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf")
+    result = berth_cli(home, hub, "pull", f"{REPO}/tiny-Q4_K_M.gguf", "--sha256", "0" * 64, "--retries", "2",
+                       "--retry-delay", "0.05")
+    assert result.returncode == 1 and "sha256 mismatch" in result.stderr
+
+
+def test_disk_full_fails_before_downloading(hub, home, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        publish(hub, tmp_path, "tiny-Q4_K_M.gguf", elements=1 << 19)
+        result = berth_cli(small, hub, "pull", f"{REPO}:Q4_K_M")
+        assert result.returncode == 1
+        assert "not enough disk space" in result.stderr
+        assert hub.gets["tiny-Q4_K_M.gguf"] == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_offline_mode_serves_the_store_and_names_berth_pull(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf")
+    absent = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", offline=True)
+    assert absent.returncode == 2 and f"run `berth pull {REPO}:Q4_K_M`" in absent.stderr
+    assert berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M").returncode == 0
+    hub.stop()
+    again = berth_cli(home, None, "pull", f"{REPO}:Q4_K_M", offline=True)
+    assert again.returncode == 0, again.stderr
+
+
+def test_concurrent_pulls_download_once(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf", elements=1 << 18)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.returncode for r in results] == [0, 0, 0]
+    assert hub.gets["tiny-Q4_K_M.gguf"] == 1
+
+
+def test_rm_and_unknown_repo(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf")
+    assert berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M").returncode == 0
+    gone = berth_cli(home, None, "rm", "nope")
+    assert gone.returncode == 2 and "tiny-llm-q4_k_m" in gone.stderr
+    assert berth_cli(home, None, "rm", "tiny-llm-q4_k_m").returncode == 0
+    assert not (home / "models" / "tiny-llm-q4_k_m").exists()
+    unknown = berth_cli(home, hub, "pull", "acme/missing:Q4_K_M", "--retry-delay", "0.05")
+    assert unknown.returncode == 2 and "acme/missing was not found" in unknown.stderr
