@@ -168,3 +168,24 @@ def test_rm_and_unknown_repo(hub, home, tmp_path):
     assert not (home / "models" / "tiny-llm-q4_k_m").exists()
     unknown = berth_cli(home, hub, "pull", "acme/missing:Q4_K_M", "--retry-delay", "0.05")
     assert unknown.returncode == 2 and "acme/missing was not found" in unknown.stderr
+
+
+def test_pull_all_fetches_every_store_model_of_a_config(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+models:
+  by-key:
+    model: {REPO}:Q8_0
+    cmd: /opt/llama-server --port ${{PORT}}
+  by-hf:
+    cmd: /opt/llama-server -hf {REPO}:Q4_K_M --port ${{PORT}}
+  plain:
+    cmd: /opt/llama-server -m /m/x.gguf --port ${{PORT}}
+""")
+    result = berth_cli(home, hub, "pull", "--all", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert hub.gets == {"tiny-Q8_0.gguf": 1, "tiny-Q4_K_M.gguf": 1}
+    check = berth_cli(home, None, "check", "-c", str(config))
+    assert f"--model {home}/models/tiny-llm-q4_k_m/model.gguf" in check.stdout
+    assert f"-hf {REPO}" not in check.stdout

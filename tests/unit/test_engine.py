@@ -100,3 +100,27 @@ def test_worker_flags_map_onto_xllamacpp_params(tmp_path):
         "blk\\.1\\.ffn_(up|down|gate|gate_up)_exps=CPU"]
     with pytest.raises(WorkerUsageError, match="not a cache type"):
         build_params(parse_worker_args(["-m", str(model), "-ctk", "q9_9"]))
+
+
+def test_hf_and_model_refs_launch_from_the_store_path(tmp_path, monkeypatch):
+    from berth.store import ModelStore
+
+    monkeypatch.setenv("BERTH_LLAMA_SERVER", "/opt/llama-server")
+    store = ModelStore(tmp_path / "models")
+    hf = parse_config("models:\n  m:\n    cmd: llama-server -hf unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL --port ${PORT} -c 4096\n")
+    argv = build_launch_argv(hf.models["m"], store)  # fetch=False: planned paths, nothing downloaded
+    assert argv == ["/opt/llama-server", "--port", "5800", "-c", "4096", "--model",
+                    str(tmp_path / "models" / "qwen3-8b-ud-q4_k_xl" / "model.gguf")]
+    by_key = parse_config("models:\n  m:\n    model: acme/tiny-GGUF/sub/tiny-F16.gguf\n"
+                          "    cmd: /opt/llama-server --port ${PORT}\n")
+    assert build_launch_argv(by_key.models["m"], store)[-2:] == [
+        "--model", str(tmp_path / "models" / "tiny-f16" / "model.gguf")]
+    assert not (tmp_path / "models").exists()
+
+
+def test_bad_model_reference_is_a_config_error():
+    from berth.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config("models:\n  m:\n    model: not-a-ref\n    cmd: x --port ${PORT}\n", "c.yaml")
+    assert (info.value.line, info.value.key) == (3, "models.m.model")
