@@ -13,7 +13,7 @@ import functools
 import time
 
 from berth.config import BerthConfig, load_config
-from berth.engine.launch import build_launch_argv, store_reference
+from berth.engine.launch import build_launch, store_reference
 from berth.engine.redact import redact_argv
 from berth.errors import BadRequest, BerthError, ConfigError
 from berth.store import ModelStore, parse_ref
@@ -74,8 +74,8 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        argv_builder = functools.partial(build_launch_argv, store=_store(config), fetch=True)
-        asyncio.run(run_gateway(config, host, port, argv_builder, warmup=chat_warmup,
+        launch_builder = functools.partial(build_launch, store=_store(config), fetch=True)
+        asyncio.run(run_gateway(config, host, port, launch_builder, warmup=chat_warmup,
                                 config_path=config_path, watch_config=watch_config))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address with --listen")
@@ -91,11 +91,16 @@ def check(config_path: str) -> None:
     store = _store(config)
     for spec in config.models.values():
         click.echo(spec.id)
-        click.echo(f"  argv:    {' '.join(redact_argv(build_launch_argv(spec, store)))}")
+        launch = build_launch(spec, store)
+        click.echo(f"  argv:    {' '.join(redact_argv(launch.argv))}")
         click.echo(f"  port:    {spec.port or '-'}")
         click.echo(f"  aliases: {', '.join(spec.aliases) or '-'}")
         click.echo(f"  group:   {spec.group}")
         click.echo(f"  ttl:     {f'{spec.ttl}s' if spec.ttl else 'never'}")
+        if launch.slots is not None:
+            note = " (--swa-full added: sliding-window model, restored slots need it)" \
+                if launch.slots.swa_full_added else ""
+            click.echo(f"  kv:      slots saved in {launch.slots.directory}{note}")
     click.echo(f"config OK: {len(config.models)} models, {len(config.warnings)} warnings")
 
 

@@ -30,7 +30,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pid-file", default=None)
     p.add_argument("--start-log", default=None, help="append a line per start to this file")
     p.add_argument("--empty-chat", action="store_true", help="answer chat with empty content")
-    return p.parse_args()
+    args, _ = p.parse_known_args()  # llama-server flags berth adds (-m, --slots ...) are accepted and ignored
+    return args
 
 
 def main() -> None:
@@ -104,7 +105,15 @@ def main() -> None:
 
     app = web.Application()
     app.router.add_get("/health", health)
+    async def slots(request: web.Request) -> web.Response:
+        return web.json_response([{"id": 0, "n_ctx": 1024, "is_processing": False, "n_prompt_tokens": 12}])
+
+    async def slot_action(request: web.Request) -> web.Response:  # a server whose slot storage is broken
+        return web.json_response({"error": {"code": 500, "message": "failed to open slot file"}}, status=500)
+
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/slots", slots)
+    app.router.add_post("/slots/{id}", slot_action)
     app.router.add_route("*", "/{path:.*}", echo)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None, handle_signals=True)
 

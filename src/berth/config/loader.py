@@ -54,6 +54,9 @@ class ModelSpec:
     warmup: bool = False
     model_ref: str = ""  # store reference from `model:`, validated
     mmproj: bool = False
+    kv_persistence: bool | None = None  # None: on when the engine is llama.cpp's
+    kv_persistence_max_bytes: int = 2 * 1024**3
+    kv_persistence_total_max_bytes: int = 8 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -328,6 +331,9 @@ class _Resolver:
             warmup=model.warmup,
             model_ref=model.model,
             mmproj=model.mmproj,
+            kv_persistence=model.kv_persistence,
+            kv_persistence_max_bytes=model.kv_persistence_max_bytes,
+            kv_persistence_total_max_bytes=self.parsed.kv_persistence_total_max_bytes,
         )
         return spec, uses_port
 

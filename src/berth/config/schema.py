@@ -41,6 +41,8 @@ class ModelConfig(_Section):
     warmup: bool = False
     model: str = ""  # a store reference (owner/repo:QUANT ...) pulled before the first start
     mmproj: bool = False  # with `model`: also pull the repo's projector and pass --mmproj
+    kv_persistence: bool | None = Field(None, alias="kvPersistence")  # None: on for llama.cpp engines
+    kv_persistence_max_bytes: int = Field(2 * 1024**3, alias="kvPersistenceMaxBytes", ge=0)
 
     @field_validator("env")
     @classmethod
@@ -80,6 +82,7 @@ class BerthConfigFile(_Section):
     include_aliases_in_list: bool = Field(False, alias="includeAliasesInList")
     max_body_bytes: int = Field(64 * 1024 * 1024, alias="maxBodyBytes", gt=0)
     model_store: str = Field("", alias="modelStore")  # default: $BERTH_HOME/models
+    kv_persistence_total_max_bytes: int = Field(8 * 1024**3, alias="kvPersistenceTotalMaxBytes", ge=0)
 
     @field_validator("log_level")
     @classmethod

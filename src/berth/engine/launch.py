@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
 
 from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
 from berth.engine.llama_args import ArgvError, LlamaServerArgs
+from berth.engine.slots import SlotPlan, plan_slot_persistence
 from berth.errors import BadRequest
 from berth.store.refs import ModelRef, parse_ref
 
@@ -26,6 +29,8 @@ def _program(spec: ModelSpec) -> tuple[list[str], list[str]]:
         binary = find_llama_server()
         return ([binary] if binary else worker_argv()), rest
     if program == "berth":
+        if rest[:1] == ["worker"]:
+            return worker_argv(), rest[1:]
         return [sys.executable, "-m", "berth.cli"], rest
     return [program], rest
 
@@ -52,37 +57,60 @@ def store_reference(spec: ModelSpec) -> tuple[ModelRef, bool | None] | None:
     return ref, wants_mmproj
 
 
-def build_launch_argv(spec: ModelSpec, store=None, fetch: bool = False) -> list[str]:
-    """Resolve a model's cmd into the argv to execute.
+@dataclass(frozen=True)
+class Launch:
+    """What to execute for one start: the argv and, with KV persistence, where slots are saved."""
+
+    argv: list[str]
+    slots: SlotPlan | None = None
+
+
+def is_llama_cpp(program: list[str]) -> bool:
+    return program == worker_argv() or os.path.basename(program[0]).startswith("llama-server")
+
+
+def build_launch(spec: ModelSpec, store=None, fetch: bool = False) -> Launch:
+    """Resolve a model's cmd into what to execute.
 
     A bare `llama-server` becomes the binary `find_llama_server` picks, or the
     built-in worker when there is none; a bare `berth` is this berth; anything
     else, absolute paths included, runs as written. A model from the store
     (`model:` or `-hf` in cmd) is pulled first when `fetch` (else its stable
-    path is shown as planned) and passed as a local `-m` path, so the model
-    server never downloads at run time.
+    path is shown as planned) and passed as a local `--model` path, so the
+    model server never downloads at run time. With KV persistence (default for
+    llama.cpp engines) the slot flags are added.
     """
+    from berth.store import ModelStore
+
     prefix, rest = _program(spec)
     wanted = store_reference(spec)
-    if wanted is None:
-        return [*prefix, *rest]
-    ref, mmproj = wanted
-    from berth.store import ModelStore
+    persist = spec.kv_persistence if spec.kv_persistence is not None else is_llama_cpp(prefix)
+    if wanted is None and not persist:
+        return Launch([*prefix, *rest])
+    try:
+        args = LlamaServerArgs.parse(["program", *rest])
+    except ArgvError as exc:
+        raise BadRequest(f"cannot read the cmd of {spec.id}: {exc}") from None
+    store = store or ModelStore.default()
+    if wanted is not None:
+        _use_store_model(args, store, *wanted, fetch)
+    plan = None
+    if persist:
+        plan = plan_slot_persistence(spec.id, args, store.root / ".slots", spec.kv_persistence_max_bytes,
+                                     spec.kv_persistence_total_max_bytes)
+    return Launch([*prefix, *args.to_argv()[1:]], plan)
+
+
+def _use_store_model(args: LlamaServerArgs, store, ref: ModelRef, mmproj: bool | None, fetch: bool) -> None:
     from berth.store.pull import pull
     from berth.store.store import StoreEntry
 
-    store = store or ModelStore.default()
     if fetch:
         entry = pull(store, ref, mmproj=mmproj)
         store.touch(entry)
     else:
         entry = store.entry(ref.default_name) or StoreEntry(ref.default_name, store.root / ref.default_name)
-    try:
-        args = LlamaServerArgs.parse(["program", *rest])
-    except ArgvError as exc:
-        raise BadRequest(f"cannot read the cmd of {spec.id}: {exc}") from None
     args.items = [item for item in args.items if item.spec is None or item.spec.dest not in ("hf_repo", "hf_file")]
     args.set("model", str(entry.launch_model_path))
     if entry.mmproj_path is not None and mmproj is not False:
         args.set("mmproj", str(entry.mmproj_path))
-    return [*prefix, *args.to_argv()[1:]]

@@ -117,7 +117,8 @@ def build_params(args: LlamaServerArgs):
     p.endpoint_metrics = args.get("metrics")
     p.endpoint_slots = args.get("slots", True)
     if args.get("slot_save_path"):
-        p.slot_save_path = args.get("slot_save_path")
+        # llama-server's own parser adds the separator; the library joins path and file name as strings
+        p.slot_save_path = os.path.join(args.get("slot_save_path"), "")
     p.swa_full = args.get("swa_full")
     p.embedding = args.get("embeddings")
     for dest in ("temp", "top_k", "top_p", "min_p"):

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
+_TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
 
 
@@ -31,6 +32,15 @@ class Metrics:
                                  registry=r)
         self.queue_depth = Gauge("berth_queue_depth", "Requests waiting for a model", registry=r)
         self.tokens = Counter("berth_tokens", "Tokens reported by upstream usage", ["model", "kind"], registry=r)
+        self.kv_saves = Counter("berth_kv_slot_saves", "KV slot saves before planned stops", ["model", "outcome"],
+                                registry=r)
+        self.kv_restores = Counter("berth_kv_slot_restores", "KV slot restores after starts", ["model", "outcome"],
+                                   registry=r)
+        self.kv_bytes = Counter("berth_kv_slot_bytes", "Bytes of KV slots saved and restored", ["model", "direction"],
+                                registry=r)
+        self.kv_restore_hits = Counter("berth_kv_restore_hit_tokens",
+                                       "Cached tokens reused by the first request after a restore", ["model"],
+                                       registry=r)
 
     def record_usage(self, model: str, tail: bytes) -> None:
         """Count tokens from the last `usage` object in the end of a response body or stream."""
@@ -48,6 +58,20 @@ class Metrics:
             value = usage.get(kind)
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(model, kind.replace("_tokens", "")).inc(value)
+
+    def record_restore_hit(self, model: str, tail: bytes) -> None:
+        """Count the prompt tokens served from cache (llama.cpp's `timings.cache_n`) by one response."""
+        text = tail.decode("utf-8", errors="replace")
+        starts = [m.end() - 1 for m in _TIMINGS_KEY.finditer(text)]
+        if not starts:
+            return
+        try:
+            timings, _ = _DECODER.raw_decode(text, starts[-1])
+        except ValueError:
+            return
+        cached = timings.get("cache_n") if isinstance(timings, dict) else None
+        if isinstance(cached, int) and cached > 0:
+            self.kv_restore_hits.labels(model).inc(cached)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from berth.config import BerthConfig, ModelSpec
+from berth.engine.launch import Launch
 from berth.errors import BerthError, UnknownModel
 from berth.gateway.metrics import Metrics
 from berth.runtime.janitor import Janitor
@@ -25,7 +26,7 @@ from berth.scheduler import (
 
 log = logging.getLogger("berth.pool")
 
-ArgvBuilder = Callable[[ModelSpec], list[str]]
+LaunchBuilder = Callable[[ModelSpec], Launch]
 
 
 def _policies(config: BerthConfig) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy]]:
@@ -41,7 +42,7 @@ class Lease:
     """Permission to send one request to a ready model; release it when the response ends."""
 
     request_id: int
-    spec: ModelSpec
+    process: ModelProcess
     _pool: "ModelPool"
     _released: bool = False
 
@@ -53,11 +54,11 @@ class Lease:
 
 class ModelPool:
     def __init__(self, config: BerthConfig, logs: LogHub, metrics: Metrics,
-                 argv_builder: ArgvBuilder, warmup: Warmup | None = None) -> None:
+                 launch_builder: LaunchBuilder, warmup: Warmup | None = None) -> None:
         self.config = config
         self.logs = logs
         self.metrics = metrics
-        self._argv_builder = argv_builder
+        self._launch_builder = launch_builder
         self._warmup = warmup
         self._scheduler = Scheduler.build(*_policies(config))
         self._janitor = Janitor()
@@ -120,7 +121,7 @@ class ModelPool:
         finally:
             self._waiters.pop(request_id, None)
         # Admitted means ready, so a process exists; its spec (not a reloaded config's) says where it listens.
-        return Lease(request_id, self._processes[model_id].spec, self)
+        return Lease(request_id, self._processes[model_id], self)
 
     async def load(self, model_id: str) -> None:
         (await self.acquire(model_id)).release()
@@ -213,8 +214,8 @@ class ModelPool:
         def on_event(event: ProcessEvent) -> None:
             self._on_process_event(model_id, process, event)
 
-        process = ModelProcess(spec, self._argv_builder, self.logs, self._janitor, self.session, on_event,
-                               self._warmup)
+        process = ModelProcess(spec, self._launch_builder, self.logs, self._janitor, self.session, on_event,
+                               self._warmup, self.metrics)
         self._processes[model_id] = process
         process.launch()
 

@@ -40,8 +40,10 @@ async def forward(
     drop_auth: bool,
 ) -> web.StreamResponse:
     """Send `body` to the leased model at `path` and stream its answer to the client."""
-    model = lease.spec.id
-    url = lease.spec.proxy + path
+    spec = lease.process.spec
+    model = spec.id
+    restore_hit = lease.process.take_restore_hit()
+    url = spec.proxy + path
     if request.query_string:
         url += "?" + request.query_string
     began = time.perf_counter()
@@ -77,10 +79,12 @@ async def forward(
                     request.transport and request.transport.close()
                     return response
             metrics.record_usage(model, tail)
+            if restore_hit:
+                metrics.record_restore_hit(model, tail)
             await response.write_eof()
             return response
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-        raise UpstreamError(f"model {model!r} is not reachable at {lease.spec.proxy}: {exc}") from None
+        raise UpstreamError(f"model {model!r} is not reachable at {spec.proxy}: {exc}") from None
     finally:
         metrics.requests.labels(model, str(status)).inc()
         metrics.latency.labels(model).observe(time.perf_counter() - began)

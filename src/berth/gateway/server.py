@@ -14,7 +14,7 @@ from berth.config import BerthConfig, load_config
 from berth.errors import ConfigError
 from berth.gateway.app import Gateway
 from berth.gateway.metrics import Metrics
-from berth.gateway.pool import ArgvBuilder, ModelPool
+from berth.gateway.pool import LaunchBuilder, ModelPool
 from berth.runtime.logs import LogHub
 from berth.runtime.process import Warmup
 
@@ -38,7 +38,7 @@ async def run_gateway(
     config: BerthConfig,
     host: str,
     port: int,
-    argv_builder: ArgvBuilder,
+    launch_builder: LaunchBuilder,
     warmup: Warmup | None = None,
     config_path: str | None = None,
     watch_config: bool = False,
@@ -49,7 +49,7 @@ async def run_gateway(
     handler = _HubHandler(logs)
     logging.getLogger("berth").addHandler(handler)
     metrics = Metrics()
-    pool = ModelPool(config, logs, metrics, argv_builder, warmup)
+    pool = ModelPool(config, logs, metrics, launch_builder, warmup)
     await pool.open()
     gateway = Gateway(pool, metrics)
     runner = web.AppRunner(gateway.app, handler_cancellation=True, access_log=None)

@@ -21,7 +21,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from berth.config import ModelSpec
+from berth.engine.launch import Launch
 from berth.engine.redact import redact_argv
+from berth.engine.slots import SlotPlan
+from berth.runtime.slots import SlotKeeper
 from berth.errors import BerthError, StartFailed
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
@@ -91,21 +94,26 @@ class ModelProcess:
     def __init__(
         self,
         spec: ModelSpec,
-        build_argv: Callable[[ModelSpec], list[str]],
+        build_launch: Callable[[ModelSpec], Launch],
         logs: LogHub,
         janitor: Janitor,
         session: aiohttp.ClientSession,
         on_event: Callable[[ProcessEvent], None],
         warmup: Warmup | None = None,
+        metrics=None,
     ) -> None:
         self.spec = spec
-        self._build_argv = build_argv
+        self._build_launch = build_launch
+        self.slots: SlotPlan | None = None
         self.argv: list[str] = list(spec.argv)  # replaced by the resolved argv at spawn
         self._logs = logs
         self._janitor = janitor
         self._session = session
         self._on_event = on_event
         self._warmup = warmup
+        self._metrics = metrics
+        self._slot_keeper: SlotKeeper | None = None
+        self._restore_hit_pending = False
         self._stop_requested = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -115,6 +123,11 @@ class ModelProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    def take_restore_hit(self) -> bool:
+        """True once: for the first request after slots were restored (to measure the reuse)."""
+        pending, self._restore_hit_pending = self._restore_hit_pending, False
+        return pending
 
     def launch(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"model:{self.spec.id}")
@@ -173,6 +186,9 @@ class ModelProcess:
         try:
             outcome = await self._become_ready(exited, stop_wanted)
             if outcome is None:
+                if self._slot_keeper is not None:
+                    self._restore_hit_pending = await self._slot_keeper.restore() > 0
+                    self._slot_keeper.mark_running()
                 self.load_seconds = time.monotonic() - begun
                 self.started_at = time.time()
                 self._log(f"ready after {self.load_seconds:.2f}s")
@@ -181,6 +197,8 @@ class ModelProcess:
                 crashed = exited.done() and not stop_wanted.done()
                 if crashed:
                     self._log(f"exited unexpectedly with code {self._proc.returncode}")
+                elif self._slot_keeper is not None and self._proc.returncode is None:
+                    await self._slot_keeper.save()  # a planned stop: in-flight requests have finished
                 await self._terminate()
                 report(Stopped(crashed=crashed, exit_code=self._proc.returncode))
             elif outcome == "stopped":
@@ -197,10 +215,14 @@ class ModelProcess:
     async def _spawn(self) -> None:
         spec = self.spec
         try:  # may pull the model from the store first: minutes, so off the event loop
-            self.argv = await asyncio.to_thread(self._build_argv, spec)
+            launch = await asyncio.to_thread(self._build_launch, spec)
+            self.argv, self.slots = launch.argv, launch.slots
         except BerthError as exc:
             raise StartFailed(spec.id, exc.message) from None
         self._log(f"launching: {' '.join(redact_argv(self.argv))}")
+        if self.slots is not None:
+            self._slot_keeper = SlotKeeper(spec.id, self.slots, spec.proxy, self._session, self._log, self._metrics)
+            self._slot_keeper.prepare()
         if spec.port is not None:
             host = urlsplit(spec.proxy).hostname or "127.0.0.1"
             if port_in_use(host, spec.port):

@@ -8,6 +8,7 @@ milliseconds even for large files; the sha256 check covers the data bytes.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -16,6 +17,7 @@ GGUF_MAGIC = b"GGUF"
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 DEFAULT_ALIGNMENT = 32
+_SHORT_ARRAY = 1024
 
 
 class GGUFInvalid(ValueError):
@@ -35,6 +37,10 @@ class _Reader:
     def unpack(self, fmt: str):
         return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
 
+    def skip(self, n: int) -> None:
+        if self.fh.seek(n, 1) > self.size:
+            raise GGUFInvalid(f"file ends inside the header at byte {self.size} (truncated?)")
+
     def string(self) -> str:
         length = self.unpack("Q")
         if length > self.size:
@@ -50,15 +56,49 @@ class _Reader:
             item_kind, count = self.unpack("I"), self.unpack("Q")
             if count > self.size:
                 raise GGUFInvalid(f"an array of {count} items is larger than the file")
-            if item_kind in _SCALAR:  # skip without decoding: token lists hold 100k+ items
-                self.take(count * struct.calcsize("<" + _SCALAR[item_kind]))
-                return None
-            return [self.value(item_kind) for _ in range(count)]
+            if count <= _SHORT_ARRAY:  # per-layer settings such as head_count_kv
+                return [self.value(item_kind) for _ in range(count)]
+            # long arrays (token lists of 100k+ items) are skipped, not decoded
+            if item_kind in _SCALAR:
+                self.skip(count * struct.calcsize("<" + _SCALAR[item_kind]))
+            elif item_kind == _STRING:
+                for _ in range(count):
+                    self.skip(self.unpack("Q"))
+            else:
+                for _ in range(count):
+                    self.value(item_kind)
+            return None
         raise GGUFInvalid(f"unknown metadata value type {kind}")
 
 
-def check_gguf(path: str | Path) -> dict:
-    """Raise GGUFInvalid unless `path` is a complete GGUF file; return a summary of it."""
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+    offset: int  # from the start of the data section
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    version: int
+    metadata: dict  # scalars and short arrays; long arrays (token lists) map to None
+    tensors: tuple[TensorInfo, ...]
+    data_start: int
+    file_size: int
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    def arch_value(self, key: str, default=None):
+        """A `<architecture>.<key>` metadata value."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Read the header, metadata and tensor table; raise GGUFInvalid on anything malformed."""
     size = Path(path).stat().st_size
     with open(path, "rb") as fh:
         r = _Reader(fh, size)
@@ -72,11 +112,10 @@ def check_gguf(path: str | Path) -> dict:
         for _ in range(n_kv):
             key = r.string()
             metadata[key] = r.value(r.unpack("I"))
-        end_of_data = 0
         tensors = []
         for _ in range(n_tensors):
             name = r.string()
-            dims = [r.unpack("Q") for _ in range(r.unpack("I"))]
+            dims = tuple(r.unpack("Q") for _ in range(r.unpack("I")))
             ggml_type, offset = r.unpack("I"), r.unpack("Q")
             try:
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
@@ -85,12 +124,17 @@ def check_gguf(path: str | Path) -> dict:
             elements = 1
             for d in dims:
                 elements *= d
-            end_of_data = max(end_of_data, offset + elements // block * type_size)
-            tensors.append(name)
+            tensors.append(TensorInfo(name, dims, ggml_type, offset, elements // block * type_size))
         alignment = metadata.get("general.alignment") or DEFAULT_ALIGNMENT
         data_start = -(-fh.tell() // alignment) * alignment
-    if data_start + end_of_data > size:
-        raise GGUFInvalid(f"tensor data ends at byte {data_start + end_of_data} but the file has {size} bytes "
-                          "(truncated)")
-    return {"version": version, "tensors": len(tensors), "architecture": metadata.get("general.architecture"),
-            "split_count": metadata.get("split.count")}
+    return GGUFHeader(version, metadata, tuple(tensors), data_start, size)
+
+
+def check_gguf(path: str | Path) -> GGUFHeader:
+    """Raise GGUFInvalid unless `path` is a complete GGUF file (every tensor's data inside it)."""
+    header = read_gguf_header(path)
+    end_of_data = max((t.offset + t.nbytes for t in header.tensors), default=0)
+    if header.data_start + end_of_data > header.file_size:
+        raise GGUFInvalid(f"tensor data ends at byte {header.data_start + end_of_data} but the file has "
+                          f"{header.file_size} bytes (truncated)")
+    return header

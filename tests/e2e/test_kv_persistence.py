@@ -1,0 +1,133 @@
+"""KV slots survive swaps: saved before a planned stop, restored after the next start (real model, both engines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import requests
+
+from tests.support.harness import BerthServer, fake_cmd, wait_until
+from tests.support.ggufs import write_gguf
+
+LONG = "Tell me everything about lighthouses, their keepers, lenses and storms. " * 40
+
+
+def ask(b: BerthServer, model: str, content: str = LONG, **extra) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+    r = requests.post(b.url + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def two_ids(engine: str, gguf: str, ctx_a: int = 2048, extra_a: str = "") -> str:
+    common = f"-m {gguf} --port ${{PORT}} --no-jinja --chat-template gemma -np 1"
+    return f"""
+models:
+  a: {{cmd: "{engine} {common} -c {ctx_a} {extra_a}"}}
+  b: {{cmd: "{engine} {common} -c 1024"}}
+"""
+
+
+def start(tmp_path: Path, config: str) -> BerthServer:
+    return BerthServer(tmp_path, config, env={"BERTH_HOME": str(tmp_path / "home")}).start()
+
+
+def test_prefix_is_reused_after_a_swap(tmp_path, engine, gemma_gguf):
+    b = start(tmp_path, two_ids(engine, gemma_gguf))
+    try:
+        first = ask(b, "a")
+        prompt_tokens = first["usage"]["prompt_tokens"]
+        assert prompt_tokens > 300
+        assert "--swa-full" in b.running()["a"]["cmd"]  # Gemma 3 has sliding-window layers
+        ask(b, "b", "hi")  # swap: a saves its slot and stops
+        again = ask(b, "a")  # swap back: restored before a counts as ready
+        assert again["timings"]["cache_n"] >= prompt_tokens - 8
+        metrics = requests.get(b.url + "/metrics").text
+        assert 'berth_kv_slot_saves_total{model="a",outcome="ok"} 1.0' in metrics
+        assert 'berth_kv_slot_restores_total{model="a",outcome="ok"} 1.0' in metrics
+        hits = [line for line in metrics.splitlines() if line.startswith('berth_kv_restore_hit_tokens_total{model="a"}')]
+        assert hits and float(hits[0].split()[-1]) >= prompt_tokens - 8
+    finally:
+        b.stop()
+
+
+def test_incompatible_save_is_discarded_not_restored(tmp_path, engine, gemma_gguf):
+    b = start(tmp_path, two_ids(engine, gemma_gguf, ctx_a=2048))
+    ask(b, "a")
+    ask(b, "b", "hi")
+    b.stop()
+    slots = tmp_path / "home" / "models" / ".slots" / "a"
+    [old_dir] = list(slots.iterdir())
+    assert list(old_dir.glob("slot-*.bin"))
+    b = start(tmp_path, two_ids(engine, gemma_gguf, ctx_a=3072))  # another context size: another layout
+    try:
+        fresh = ask(b, "a")
+        assert fresh["timings"]["cache_n"] == 0
+        assert not old_dir.exists()
+        assert "made with other launch settings (ctx_size 2048 -> 3072)" in requests.get(b.url + "/logs").text
+    finally:
+        b.stop()
+
+
+def test_disk_cap_deletes_least_recently_used(tmp_path, engine, gemma_gguf):
+    config = two_ids(engine, gemma_gguf).replace("models:", "kvPersistenceTotalMaxBytes: 1000\nmodels:", 1)
+    b = start(tmp_path, config)
+    try:
+        ask(b, "a")
+        ask(b, "b", "hi")
+        assert "over the 1000 byte cap" in requests.get(b.url + "/logs").text
+        assert not list((tmp_path / "home" / "models" / ".slots").rglob("slot-*.bin"))
+    finally:
+        b.stop()
+
+
+def test_failed_save_never_blocks_a_stop(tmp_path, start_port):
+    """A server whose slot API fails (here a fake one) still stops promptly, and the failure is counted."""
+    gguf = write_gguf(tmp_path / "fake.gguf")
+    config = f"""
+startPort: {start_port}
+models:
+  a:
+    kvPersistence: true
+    cmd: {fake_cmd('a', '-m', str(gguf))}
+"""
+    b = start(tmp_path, config)
+    try:
+        ask(b, "a", "x")
+        pid = b.pid_of("a")
+        requests.post(b.url + "/unload", timeout=30)
+        assert b.running() == {}
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 5, "the model to exit")
+        assert 'berth_kv_slot_saves_total{model="a",outcome="failed"} 1.0' in requests.get(b.url + "/metrics").text
+    finally:
+        b.stop()
+
+
+def test_crash_restores_the_last_good_save_and_says_so(tmp_path, engine, gemma_gguf):
+    b = start(tmp_path, two_ids(engine, gemma_gguf))
+    try:
+        first = ask(b, "a")
+        ask(b, "b", "hi")
+        ask(b, "a")  # restored; now running with the marker set
+        os.kill(b.pid_of("a"), signal.SIGKILL)  # a crash: nothing is saved
+        wait_until(lambda: "a" not in b.running(), 10, "crash to be noticed")
+        again = ask(b, "a")
+        assert again["timings"]["cache_n"] >= first["usage"]["prompt_tokens"] - 8
+        assert "ended without a planned stop; restoring the older save" in requests.get(b.url + "/logs").text
+    finally:
+        b.stop()
+
+
+def test_check_reports_persistence_and_swa_full(tmp_path, engine, gemma_gguf):
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(two_ids(engine, gemma_gguf))
+    out = subprocess.run([sys.executable, "-m", "berth.cli", "check", "-c", str(config)], capture_output=True,
+                         text=True, env={**os.environ, "BERTH_HOME": str(tmp_path / "home")}).stdout
+    assert "--swa-full" in out and "--slot-save-path" in out and "--swa-full added" in out
+    assert json.dumps(str(tmp_path / "home" / "models" / ".slots" / "a"))[1:-1] in out
