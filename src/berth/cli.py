@@ -10,11 +10,13 @@ import click
 from rich.console import Console
 
 import functools
+import shutil
 import time
 
 from berth.config import BerthConfig, load_config
 from berth.engine.launch import build_launch, store_reference
 from berth.engine.redact import redact_argv
+from berth.engine.slots import SLOTS_DIR, slot_usage
 from berth.errors import BadRequest, BerthError, ConfigError
 from berth.store import ModelStore, parse_ref
 from berth.store.store import BadSelection, NotInStore
@@ -177,20 +179,34 @@ def models(config_path: str | None) -> None:
     entries = store.entries()
     if not entries:
         click.echo(f"no models in {store.root}")
-        return
     click.echo(f"{'NAME':40} {'SIZE':>10} {'QUANT':12} {'VERIFIED':8} LAST USED")
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "never"
         click.echo(f"{e.name:40} {e.size / 2**20:>7.1f}MiB {e.quant or '-':12} {'yes' if e.verified else 'no':8} "
                    f"{used}")
+    slots_root = store.root / SLOTS_DIR
+    models_with_slots = sorted(d for d in slots_root.iterdir() if d.is_dir()) if slots_root.is_dir() else []
+    if models_with_slots:
+        click.echo(f"\n{'SAVED KV SLOTS (model)':40} {'FILES':>6} {'SIZE':>10}")
+        for directory in models_with_slots:
+            files, size = slot_usage(directory)
+            click.echo(f"{directory.name:40} {files:>6} {size / 2**20:>7.1f}MiB")
 
 
 @main.command()
 @click.argument("name")
+@click.option("--slots", "slots_only", is_flag=True, help="Delete the model's saved KV slots (NAME is a model id).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False))
-def rm(name: str, config_path: str | None) -> None:
-    """Delete a model from the store."""
+def rm(name: str, slots_only: bool, config_path: str | None) -> None:
+    """Delete a model from the store, or with --slots its saved KV slots."""
     store = _store(_load(config_path) if config_path else None)
+    if slots_only:
+        directory = store.root / SLOTS_DIR / name
+        if not directory.is_dir() or "/" in name or name.startswith("."):
+            _fail(f"no saved slots for model {name!r} in {store.root / SLOTS_DIR}")
+        shutil.rmtree(directory)
+        click.echo(f"removed saved slots of {name}")
+        return
     try:
         store.remove(name)
     except NotInStore as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import requests
@@ -48,10 +50,20 @@ def test_prefix_is_reused_after_a_swap(tmp_path, engine, gemma_gguf):
         metrics = requests.get(b.url + "/metrics").text
         assert 'berth_kv_slot_saves_total{model="a",outcome="ok"} 1.0' in metrics
         assert 'berth_kv_slot_restores_total{model="a",outcome="ok"} 1.0' in metrics
-        hits = [line for line in metrics.splitlines() if line.startswith('berth_kv_restore_hit_tokens_total{model="a"}')]
+        hit_metric = 'berth_kv_restore_hit_tokens_total{model="a"}'
+        hits = [line for line in metrics.splitlines() if line.startswith(hit_metric)]
         assert hits and float(hits[0].split()[-1]) >= prompt_tokens - 8
+        kv = b.running()["a"]["kv_slots"]
+        assert kv["files"] == 1 and kv["bytes"] > 1_000_000
     finally:
         b.stop()
+    env = {**os.environ, "BERTH_HOME": str(tmp_path / "home")}
+    listing = subprocess.run([sys.executable, "-m", "berth.cli", "models"], capture_output=True, text=True, env=env)
+    assert "SAVED KV SLOTS" in listing.stdout and any(
+        line.split()[:2] == ["a", "1"] for line in listing.stdout.splitlines())
+    removed = subprocess.run([sys.executable, "-m", "berth.cli", "rm", "--slots", "a"], capture_output=True, env=env)
+    assert removed.returncode == 0
+    assert not (tmp_path / "home" / "models" / ".slots" / "a").exists()
 
 
 def test_incompatible_save_is_discarded_not_restored(tmp_path, engine, gemma_gguf):
@@ -122,9 +134,6 @@ def test_crash_restores_the_last_good_save_and_says_so(tmp_path, engine, gemma_g
 
 
 def test_check_reports_persistence_and_swa_full(tmp_path, engine, gemma_gguf):
-    import subprocess
-    import sys
-
     config = tmp_path / "c.yaml"
     config.write_text(two_ids(engine, gemma_gguf))
     out = subprocess.run([sys.executable, "-m", "berth.cli", "check", "-c", str(config)], capture_output=True,

@@ -107,7 +107,8 @@ def test_hf_and_model_refs_launch_from_the_store_path(tmp_path, monkeypatch):
 
     monkeypatch.setenv("BERTH_LLAMA_SERVER", "/opt/llama-server")
     store = ModelStore(tmp_path / "models")
-    hf = parse_config("models:\n  m:\n    cmd: llama-server -hf unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL --port ${PORT} -c 4096\n")
+    hf = parse_config("models:\n  m:\n"
+                      "    cmd: llama-server -hf unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL --port ${PORT} -c 4096\n")
     argv = build_launch(hf.models["m"], store).argv  # fetch=False: planned paths, nothing downloaded
     assert argv == ["/opt/llama-server", "--port", "5800", "-c", "4096", "--model",
                     str(tmp_path / "models" / "qwen3-8b-ud-q4_k_xl" / "model.gguf")]

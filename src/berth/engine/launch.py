@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
 from berth.engine.llama_args import ArgvError, LlamaServerArgs
-from berth.engine.slots import SlotPlan, plan_slot_persistence
+from berth.engine.slots import SLOTS_DIR, SlotPlan, plan_slot_persistence
 from berth.errors import BadRequest
 from berth.store.refs import ModelRef, parse_ref
 
@@ -96,7 +96,7 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False) -> Launch:
         _use_store_model(args, store, *wanted, fetch)
     plan = None
     if persist:
-        plan = plan_slot_persistence(spec.id, args, store.root / ".slots", spec.kv_persistence_max_bytes,
+        plan = plan_slot_persistence(spec.id, args, store.root / SLOTS_DIR, spec.kv_persistence_max_bytes,
                                      spec.kv_persistence_total_max_bytes)
     return Launch([*prefix, *args.to_argv()[1:]], plan)
 

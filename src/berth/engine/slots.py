@@ -18,6 +18,8 @@ from pathlib import Path
 from berth.engine.llama_args import LlamaServerArgs
 from berth.store.gguf_check import GGUFInvalid, read_gguf_header
 
+SLOTS_DIR = ".slots"  # under the store root
+
 
 @dataclass(frozen=True)
 class SlotPlan:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from berth.config import BerthConfig
 from berth.engine.redact import redact_argv
+from berth.engine.slots import slot_usage
 from berth.errors import BadRequest, BerthError, BodyTooLarge, RouteNotFound, TooManyRequests, Unauthorized
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
@@ -207,6 +208,7 @@ class Gateway:
                 "model": model_id, "state": view.state.value, "proxy": spec.proxy, "ttl": spec.ttl,
                 "pid": process.pid if process else None, "in_flight": view.in_flight, "queued": view.queued,
                 "cmd": " ".join(redact_argv(process.argv if process else list(spec.argv))),
+                "kv_slots": _slot_summary(process),
             })
         return web.json_response({"running": running})
 
@@ -270,6 +272,13 @@ class Gateway:
             return response
         finally:
             self.pool.logs.unsubscribe(queue)
+
+
+def _slot_summary(process) -> dict | None:
+    if process is None or process.slots is None:
+        return None
+    files, size = slot_usage(process.slots.model_root)
+    return {"directory": str(process.slots.directory), "files": files, "bytes": size}
 
 
 def _sse_line(source: str, text: str) -> bytes:
