@@ -38,7 +38,7 @@ models:
             r = requests.post(b.url + "/v1/chat/completions", json={**body, "model": "gemma-hf"}, timeout=300)
             assert r.status_code == 200
             assert hub.gets["gemma-3-270m-Q4_K_M.gguf"] == 1  # same store entry: not downloaded again
-            assert "-hf" not in b.running()["gemma-hf"]["cmd"]
+            assert f"-hf {REPO}" not in b.running()["gemma-hf"]["cmd"]
         finally:
             b.stop()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import signal
 import sys
@@ -360,8 +361,8 @@ models:
     assert sent == {"model": "org/real-name", "prompt": "p", "top_k": 3}
     props = requests.get(b.url + "/props", params={"model": "a"}, timeout=30).json()
     assert props["path"] == "/props" and props["method"] == "GET"
-    upstream = requests.get(b.url + "/upstream/a/slots?id=1", timeout=30).json()
-    assert upstream["path"] == "/slots" and upstream["query"] == "id=1"
+    upstream = requests.get(b.url + "/upstream/a/some/path?id=1", timeout=30).json()
+    assert upstream["path"] == "/some/path" and upstream["query"] == "id=1"
 
 
 def test_router_mode_model_api(berth, start_port, tmp_path):
@@ -531,3 +532,13 @@ models:
     r = chat(b.url, "slow")
     assert r.status_code == 200
     assert b.running()["slow"]["queued"] == 0 and b.running()["slow"]["in_flight"] == 0
+
+
+def test_compressed_responses_pass_through_untouched(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path))
+    raw = requests.get(b.url + "/upstream/a/echo?gzip=1", headers={"Accept-Encoding": "gzip"}, stream=True,
+                       timeout=30)
+    assert raw.headers["Content-Encoding"] == "gzip"
+    body = raw.raw.read(decode_content=False)
+    assert body[:2] == b"\x1f\x8b"  # still gzip bytes, as the model server sent them
+    assert json.loads(gzip.decompress(body))["path"] == "/echo"

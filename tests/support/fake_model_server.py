@@ -61,11 +61,14 @@ def main() -> None:
 
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
-        return web.json_response({
+        response = web.json_response({
             "server": args.name, "pid": os.getpid(), "path": request.path, "query": request.query_string,
             "method": request.method, "body": body.decode(errors="replace"),
             "headers": dict(request.headers), "env": {k: v for k, v in os.environ.items() if k.startswith("FAKE_")},
         })
+        if "gzip" in request.query:
+            response.enable_compression()  # honours the client's Accept-Encoding
+        return response
 
     async def chat(request: web.Request) -> web.StreamResponse:
         payload = await request.json()

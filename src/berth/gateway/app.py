@@ -150,7 +150,7 @@ class Gateway:
     async def _serve(self, request: web.Request, model_id: str, path: str, body: bytes | None) -> web.StreamResponse:
         lease = await self.pool.acquire(model_id)
         try:
-            return await forward(request, lease, path, body, self.pool.session, self.metrics,
+            return await forward(request, lease, path, body, self.pool.proxy_session, self.metrics,
                                  drop_auth=bool(self.config.api_keys))
         finally:
             lease.release()

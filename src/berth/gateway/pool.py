@@ -68,12 +68,15 @@ class ModelPool:
         self._changed = asyncio.Condition()
         self._timer: asyncio.TimerHandle | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._proxy_session: aiohttp.ClientSession | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> None:
         self._janitor.start()
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # The proxy passes bodies through as sent (a gzip body stays gzip, with its header).
+        self._proxy_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         for model_id in self.config.preload:
             asyncio.create_task(self._preload(model_id))
 
@@ -89,8 +92,9 @@ class ModelPool:
         await asyncio.gather(*(p.wait_closed() for p in list(self._processes.values())), return_exceptions=True)
         if self._timer:
             self._timer.cancel()
-        if self._session:
-            await self._session.close()
+        for session in (self._session, self._proxy_session):
+            if session:
+                await session.close()
         self._janitor.close()
 
     # -- requests ---------------------------------------------------------------------
@@ -166,8 +170,15 @@ class ModelPool:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """For berth's own calls to model servers (health, warmup, slots)."""
         assert self._session is not None
         return self._session
+
+    @property
+    def proxy_session(self) -> aiohttp.ClientSession:
+        """For forwarding client requests: never decompresses."""
+        assert self._proxy_session is not None
+        return self._proxy_session
 
     # -- the shell --------------------------------------------------------------------
 
