@@ -47,7 +47,8 @@ async def wait_up(session: aiohttp.ClientSession, url: str) -> None:
     raise SystemExit(f"{url} never came up")
 
 
-async def run_block(session: aiohttp.ClientSession, url: str, count: int, concurrency: int) -> tuple[list[float], float]:
+async def run_block(session: aiohttp.ClientSession, url: str, count: int,
+                    concurrency: int) -> tuple[list[float], float]:
     """(latencies of `count` POSTs at `concurrency`, wall seconds)."""
     latencies: list[float] = []
     remaining = count
