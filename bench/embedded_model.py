@@ -15,27 +15,18 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
+from _berth import free_port, running_berth
 
 from berth.engine.binary import find_llama_server
 from berth.engine.embedded import embedded_model_path
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stream_timings(url: str, max_tokens: int) -> tuple[float, float, int]:
@@ -66,17 +57,7 @@ def bench_engine(name: str, program: str, model: Path, runs: int, max_tokens: in
     config.write_text(
         f"startPort: {free_port()}\nmodels:\n  gemma:\n    cmd: {program} -m {model} --host 127.0.0.1 "
         f"--port ${{PORT}} -c 2048 --no-jinja --chat-template gemma\n")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    berth = subprocess.Popen([sys.executable, "-m", "berth.cli", "serve", "-c", str(config), "--listen",
-                              f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.05)
+    with running_berth(config) as url:
         cold = []
         for _ in range(runs):
             requests.post(url + "/unload", timeout=60)
@@ -89,16 +70,13 @@ def bench_engine(name: str, program: str, model: Path, runs: int, max_tokens: in
             via_berth.append(tokens / decode)
             _, decode, tokens = stream_timings(direct_url, max_tokens)
             direct.append(tokens / decode)
-        return {
-            "engine": name,
-            "cold_start_to_first_token_s": statistics.median(cold),
-            "warm_time_to_first_token_s": statistics.median(warm),
-            "direct_tokens_per_s": statistics.median(direct),
-            "through_berth_tokens_per_s": statistics.median(via_berth),
-        }
-    finally:
-        berth.send_signal(signal.SIGTERM)
-        berth.wait(60)
+    return {
+        "engine": name,
+        "cold_start_to_first_token_s": statistics.median(cold),
+        "warm_time_to_first_token_s": statistics.median(warm),
+        "direct_tokens_per_s": statistics.median(direct),
+        "through_berth_tokens_per_s": statistics.median(via_berth),
+    }
 
 
 def main() -> None:

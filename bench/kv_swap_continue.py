@@ -15,26 +15,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
+from _berth import free_port, running_berth
 
 from berth.engine.binary import find_llama_server
 from berth.engine.embedded import embedded_model_path
 
 SENTENCE = "The keeper climbed the spiral stairs at dusk to light the great lens above the sea. "
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chat(url: str, model: str, messages: list[dict]) -> tuple[dict, float]:
@@ -77,19 +69,7 @@ models:
   forget: {{cmd: "{common}", kvPersistence: false}}
   other: {{cmd: "{common}"}}
 """)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "BERTH_HOME": str(workdir / "home")}
-    berth = subprocess.Popen([sys.executable, "-m", "berth.cli", "serve", "-c", str(workdir / "config.yaml"),
-                              "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.05)
+    with running_berth(workdir / "config.yaml", {"BERTH_HOME": str(workdir / "home")}) as url:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores; engine: {args.engine}; Gemma 3 270M Q4_K_M")
         print("turn = the next turn after the model is back; start = bringing it back (load, restore)")
         print(f"{'tokens':>7} {'turn, off':>10} {'turn, on':>9} {'on/off':>7} {'cache_n on':>11} "
@@ -99,9 +79,6 @@ models:
             start_on, on, cached, _ = continued_turn(url, "keep", size)
             print(f"{tokens:>7} {off:>9.2f}s {on:>8.2f}s {on / off:>7.3f} {cached:>11} {start_off:>10.2f}s "
                   f"{start_on:>9.2f}s")
-    finally:
-        berth.send_signal(signal.SIGTERM)
-        berth.wait(120)
 
 
 if __name__ == "__main__":

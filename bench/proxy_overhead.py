@@ -14,37 +14,17 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+from _berth import free_port, running_berth
 
 FAKE = Path(__file__).resolve().parent.parent / "tests" / "support" / "fake_model_server.py"
 BODY = {"model": "fast", "prompt": "hi", "max_tokens": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_up(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(400):
-        try:
-            async with session.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise SystemExit(f"{url} never came up")
 
 
 async def run_block(session: aiohttp.ClientSession, url: str, count: int,
@@ -75,7 +55,6 @@ def pct(values: list[float], q: float) -> float:
 async def measure(direct: str, berth: str, requests: int) -> None:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await wait_up(session, berth + "/health")
         await run_block(session, berth, 200, 4)  # start the model and warm both paths
         await run_block(session, direct, 200, 4)
         print(f"{'concurrency':>11} {'path':>14} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
@@ -97,21 +76,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="per path and concurrency")
     args = parser.parse_args()
-    upstream_port, berth_port = free_port(), free_port()
+    upstream_port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="berth-proxybench-"))
     (workdir / "config.yaml").write_text(
         f"models:\n  fast:\n    concurrencyLimit: 1000\n    proxy: http://127.0.0.1:{upstream_port}\n"
         f"    cmd: {sys.executable} {FAKE} --port {upstream_port} --name fast\n")
-    berth = subprocess.Popen([sys.executable, "-m", "berth.cli", "serve", "-c", str(workdir / "config.yaml"),
-                              "--listen", f"127.0.0.1:{berth_port}", "--log-level", "warning"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"load generator, berth and upstream share the machine")
-    try:
-        asyncio.run(measure(f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{berth_port}", args.requests))
-    finally:
-        berth.send_signal(signal.SIGTERM)
-        berth.wait(60)
+    with running_berth(workdir / "config.yaml", None, "--log-level", "warning") as berth_url:
+        asyncio.run(measure(f"http://127.0.0.1:{upstream_port}", berth_url, args.requests))
 
 
 if __name__ == "__main__":

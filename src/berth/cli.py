@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import shutil
 import sys
+import time
 
 import click
 from rich.console import Console
-
-import functools
-import shutil
-import time
+from rich.markup import escape
 
 from berth.config import BerthConfig, load_config
 from berth.engine.launch import build_launch, store_reference
@@ -26,7 +26,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = USAGE_ERROR) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
 
 
@@ -43,7 +43,7 @@ def _load(path: str) -> BerthConfig:
     except ConfigError as exc:
         _fail(exc.message)
     for warning in config.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     return config
 
 

@@ -1,0 +1,46 @@
+"""What the benchmark scripts share: a free port, and a berth subprocess that is up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_berth(config: Path, env: dict[str, str] | None = None, *extra: str) -> Iterator[str]:
+    """Run `berth serve -c config` on a free port until the block ends; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    berth = subprocess.Popen([sys.executable, "-m", "berth.cli", "serve", "-c", str(config), "--listen",
+                              f"127.0.0.1:{port}", *extra], env={**os.environ, **(env or {})},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if berth.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"berth did not start (exit code {berth.poll()})")
+            time.sleep(0.05)
+        yield url
+    finally:
+        berth.send_signal(signal.SIGTERM)
+        berth.wait(120)
