@@ -131,12 +131,11 @@ def test_kill_9_mid_stream_then_next_request_succeeds(berth, start_port, model_c
 def test_missing_model_file_is_a_clear_503_within_seconds(berth, start_port, engine, tmp_path):
     cmd = f"{engine} -m {tmp_path}/missing.gguf --port ${{PORT}}"
     b = berth(one_model(start_port, cmd))
-    began = time.monotonic()
     r = requests.post(b.url + "/v1/chat/completions", json={"model": "gemma", "messages": MESSAGES}, timeout=60)
-    assert time.monotonic() - began < 15
     assert r.status_code == 503
     message = r.json()["error"]["message"]
-    assert "failed to start" in message and "missing.gguf" in message
+    # "exited ... before it was ready": the fast path, not the 60 s health timeout
+    assert "failed to start" in message and "before it was ready" in message and "missing.gguf" in message
 
 
 def test_sigterm_to_berth_leaves_no_process(berth, start_port, model_cmd):

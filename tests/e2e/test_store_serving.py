@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import requests
@@ -56,10 +55,8 @@ models:
     env = {"BERTH_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     b = BerthServer(tmp_path, config, env=env).start()
     try:
-        began = time.monotonic()
         r = requests.post(b.url + "/v1/chat/completions", json={"model": "gemma", "messages": []}, timeout=60)
-        assert time.monotonic() - began < 5
-        assert r.status_code == 503
+        assert r.status_code == 503  # before any process was spawned: the store said no
         assert f"run `berth pull {REPO}:Q4_K_M`" in r.json()["error"]["message"]
     finally:
         b.stop()
