@@ -189,3 +189,35 @@ models:
     check = berth_cli(home, None, "check", "-c", str(config))
     assert f"--model {home}/models/tiny-llm-q4_k_m/model.gguf" in check.stdout
     assert f"-hf {REPO}" not in check.stdout
+
+
+def test_shutdown_during_a_start_time_pull_cancels_it_and_keeps_the_partial_file(hub, home, tmp_path, start_port):
+    from tests.support.harness import BerthServer, wait_until
+
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf", elements=1 << 19)  # 8 MiB: 128 blocks
+    hub.seconds_per_block = 0.5  # about a minute to download in full
+    config = f"""
+startPort: {start_port}
+models:
+  tiny:
+    model: {REPO}:Q4_K_M
+    cmd: /bin/false --port ${{PORT}}
+"""
+    b = BerthServer(tmp_path, config, env={"BERTH_HOME": str(home), "HF_ENDPOINT": hub.url,
+                                           "HF_HOME": str(home / "hf")}).start()
+    waiter = threading.Thread(target=lambda: _post_quietly(b.url))
+    waiter.start()
+    wait_until(lambda: hub.bytes_sent["tiny-Q4_K_M.gguf"] > 256 * 1024, 20, "the pull to be under way")
+    assert b.stop(timeout=30) == 0  # a pull that could not be cancelled would hold shutdown for a minute
+    waiter.join(30)
+    partial = home / "models" / "tiny-llm-q4_k_m" / "files" / "tiny-Q4_K_M.gguf.partial"
+    assert partial.exists() and 0 < partial.stat().st_size < hub.repos[REPO]["tiny-Q4_K_M.gguf"].size
+
+
+def _post_quietly(url: str) -> None:
+    import requests
+
+    try:
+        requests.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=60)
+    except requests.RequestException:
+        pass

@@ -35,6 +35,7 @@ class FakeHub:
         self.gets: Counter[str] = Counter()
         self.drop_after: dict[str, int] = {}  # file -> bytes; the next GET is cut there (once)
         self.corrupt_once: set[str] = set()
+        self.seconds_per_block = 0.0  # > 0 makes downloads slow (64 KiB blocks)
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -108,6 +109,8 @@ class FakeHub:
                     request.transport.close()  # the connection drops mid-file
                     return response
                 await response.write(block)
+                if self.seconds_per_block:
+                    await asyncio.sleep(self.seconds_per_block)
                 sent += len(block)
                 self.bytes_sent[name] += len(block)
         await response.write_eof()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 from berth.config import ModelSpec
@@ -69,7 +70,7 @@ def is_llama_cpp(program: list[str]) -> bool:
     return program == worker_argv() or os.path.basename(program[0]).startswith("llama-server")
 
 
-def build_launch(spec: ModelSpec, store=None, fetch: bool = False) -> Launch:
+def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threading.Event | None = None) -> Launch:
     """Resolve a model's cmd into what to execute.
 
     A bare `llama-server` becomes the binary `find_llama_server` picks, or the
@@ -93,7 +94,7 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False) -> Launch:
         raise BadRequest(f"cannot read the cmd of {spec.id}: {exc}") from None
     store = store or ModelStore.default()
     if wanted is not None:
-        _use_store_model(args, store, *wanted, fetch)
+        _use_store_model(args, store, *wanted, fetch, cancel)
     plan = None
     if persist:
         plan = plan_slot_persistence(spec.id, args, store.root / SLOTS_DIR, spec.kv_persistence_max_bytes,
@@ -101,12 +102,13 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False) -> Launch:
     return Launch([*prefix, *args.to_argv()[1:]], plan)
 
 
-def _use_store_model(args: LlamaServerArgs, store, ref: ModelRef, mmproj: bool | None, fetch: bool) -> None:
+def _use_store_model(args: LlamaServerArgs, store, ref: ModelRef, mmproj: bool | None, fetch: bool,
+                     cancel: threading.Event | None) -> None:
     from berth.store.pull import pull
     from berth.store.store import StoreEntry
 
     if fetch:
-        entry = pull(store, ref, mmproj=mmproj)
+        entry = pull(store, ref, mmproj=mmproj, cancel=cancel)
         store.touch(entry)
     else:
         entry = store.entry(ref.default_name) or StoreEntry(ref.default_name, store.root / ref.default_name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from berth.config import BerthConfig, ModelSpec
+from berth.config import BerthConfig
 from berth.engine.launch import Launch
 from berth.errors import BerthError, UnknownModel
 from berth.gateway.metrics import Metrics
@@ -26,7 +26,7 @@ from berth.scheduler import (
 
 log = logging.getLogger("berth.pool")
 
-LaunchBuilder = Callable[[ModelSpec], Launch]
+LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event) -> Launch
 
 
 def _policies(config: BerthConfig) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy]]:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ class ModelProcess:
     def __init__(
         self,
         spec: ModelSpec,
-        build_launch: Callable[[ModelSpec], Launch],
+        build_launch: Callable[..., Launch],  # (spec, cancel=threading.Event) -> Launch
         logs: LogHub,
         janitor: Janitor,
         session: aiohttp.ClientSession,
@@ -115,6 +116,7 @@ class ModelProcess:
         self._slot_keeper: SlotKeeper | None = None
         self._restore_hit_pending = False
         self._stop_requested = asyncio.Event()
+        self._cancel_launch = threading.Event()  # tells a pull running in a worker thread to give up
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self.started_at: float | None = None
@@ -134,6 +136,7 @@ class ModelProcess:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+        self._cancel_launch.set()
 
     async def wait_closed(self) -> None:
         if self._task:
@@ -215,7 +218,7 @@ class ModelProcess:
     async def _spawn(self) -> None:
         spec = self.spec
         try:  # may pull the model from the store first: minutes, so off the event loop
-            launch = await asyncio.to_thread(self._build_launch, spec)
+            launch = await asyncio.to_thread(self._build_launch, spec, cancel=self._cancel_launch)
             self.argv, self.slots = launch.argv, launch.slots
         except BerthError as exc:
             raise StartFailed(spec.id, exc.message) from None

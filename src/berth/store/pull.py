@@ -11,6 +11,7 @@ only then writes the completion marker.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +80,21 @@ def list_repo(ref: ModelRef, retry: RetryPolicy) -> tuple[str, list[RemoteFile]]
     return info.sha, files
 
 
+class PullCancelled(StoreError):
+    """The pull was abandoned (the model's start was cancelled, or berth is stopping)."""
+
+
+def _check_cancel(cancel: threading.Event | None, what: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise PullCancelled(f"{what} was cancelled")
+
+
 class IncompleteDownload(ConnectionError):
     """The connection ended before the whole file arrived (transient: the next attempt resumes)."""
 
 
 def download_file(ref: ModelRef, remote: RemoteFile, files_dir: Path, commit: str, retry: RetryPolicy,
-                  progress=None) -> None:
+                  progress=None, cancel: threading.Event | None = None) -> None:
     """Fetch one file with HTTP ranges into `<file>.partial`, resuming across attempts and runs."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -98,6 +108,7 @@ def download_file(ref: ModelRef, remote: RemoteFile, files_dir: Path, commit: st
     task = progress.add_task(remote.path, total=remote.size) if progress is not None else None
 
     def attempt() -> None:
+        _check_cancel(cancel, f"downloading {remote.path}")
         have = partial.stat().st_size if partial.exists() else 0
         if remote.size is not None and have > remote.size:
             partial.unlink()
@@ -113,7 +124,8 @@ def download_file(ref: ModelRef, remote: RemoteFile, files_dir: Path, commit: st
                 hf_raise_for_status(resp)
                 # 206: the rest of the file; 200: the server ignored the range, so start over
                 with open(partial, "ab" if resp.status_code == 206 else "wb") as fh:
-                    for chunk in resp.iter_bytes(1 << 20):
+                    for chunk in resp.iter_bytes():  # as it arrives: progress and resume points stay fine-grained
+                        _check_cancel(cancel, f"downloading {remote.path}")  # the .partial file stays for a resume
                         fh.write(chunk)
                         if task is not None:
                             progress.advance(task, len(chunk))
@@ -126,13 +138,14 @@ def download_file(ref: ModelRef, remote: RemoteFile, files_dir: Path, commit: st
 
 
 def pull(store: ModelStore, ref: ModelRef, *, name: str | None = None, mmproj: bool | None = False,
-         sha256: str | None = None, retry: RetryPolicy = RetryPolicy(), progress=None) -> StoreEntry:
+         sha256: str | None = None, retry: RetryPolicy = RetryPolicy(), progress=None,
+         cancel: threading.Event | None = None) -> StoreEntry:
     """Make `ref` available in the store (downloading only what is missing) and return its entry.
 
     `mmproj`: True requires the repo's projector, None takes it when the repo has one.
     """
     name = name or ref.default_name
-    with store.lock(name):
+    with store.lock(name, cancel):
         existing = store.entry(name)
         if existing is not None and existing.ref == str(ref) and (existing.mmproj_path or mmproj is not True):
             return existing
@@ -146,6 +159,6 @@ def pull(store: ModelStore, ref: ModelRef, *, name: str | None = None, mmproj: b
             raise BadSelection(f"{ref.repo} has no mmproj*.gguf projector; pull without --mmproj")
 
         def fetch(remote: RemoteFile, files_dir: Path) -> None:
-            download_file(ref, remote, files_dir, commit, retry, progress)
+            download_file(ref, remote, files_dir, commit, retry, progress, cancel)
 
         return store.install(name, ref, model_files, projector, fetch, expected_sha256=sha256)

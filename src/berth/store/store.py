@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -201,11 +202,19 @@ class ModelStore:
     # -- changing -------------------------------------------------------------------------
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str, cancel: threading.Event | None = None) -> Iterator[None]:
+        """Hold the model's pull lock; waiting for it stops when `cancel` is set."""
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
         with open(locks / f"{name}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if cancel is not None and cancel.is_set():
+                        raise StoreError(f"waiting for another pull of {name} was cancelled") from None
+                    time.sleep(0.1)
             try:
                 yield
             finally:
