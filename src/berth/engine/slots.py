@@ -9,6 +9,7 @@ are discarded when the model starts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,16 +45,15 @@ def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path
     model = args.get("model")
     if not model or not os.path.isfile(model):
         return None
-    try:
-        header = read_gguf_header(model)
-    except (GGUFInvalid, OSError):
+    stat = os.stat(model)
+    sliding = _has_sliding_window(os.path.realpath(model), stat.st_size, stat.st_mtime_ns)
+    if sliding is None:
         return None
-    swa_full_added = bool(header.arch_value("attention.sliding_window")) and not args.get("swa_full")
+    swa_full_added = sliding and not args.get("swa_full")
     if swa_full_added:
         args.set("swa_full", True)
     args.items = [item for item in args.items if item.spec is None or item.spec.dest != "no_slots"]
     args.set("slots", True)
-    stat = os.stat(model)
     settings = {
         "model": os.path.realpath(model), "model_size": stat.st_size, "model_mtime_ns": stat.st_mtime_ns,
         "ctx_size": args.get("ctx_size", 0), "parallel": args.get("parallel", 1),
@@ -64,6 +64,19 @@ def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path
     directory = slots_root / model_id / digest
     args.set("slot_save_path", str(directory))
     return SlotPlan(directory, settings, swa_full_added, per_model_max_bytes, total_max_bytes)
+
+
+@functools.lru_cache(maxsize=64)
+def _has_sliding_window(path: str, size: int, mtime_ns: int) -> bool | None:
+    """Whether the model has sliding-window attention layers; None if unreadable.
+
+    Keyed by size and mtime too, so a replaced file is read again; the header of a
+    large-vocabulary model takes a few hundred milliseconds to walk.
+    """
+    try:
+        return bool(read_gguf_header(path).arch_value("attention.sliding_window"))
+    except (GGUFInvalid, OSError):
+        return None
 
 
 def slot_usage(model_root: Path) -> tuple[int, int]:
