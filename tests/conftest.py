@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.support.harness import BerthServer, children_of, free_port, kill_quietly
@@ -27,3 +29,23 @@ def berth(tmp_path):
 @pytest.fixture
 def start_port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def berth_home(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("berth-home"))
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(berth_home) -> str:
+    from berth.engine import embedded
+
+    previous = os.environ.get("BERTH_HOME")
+    os.environ["BERTH_HOME"] = berth_home
+    try:
+        return str(embedded.embedded_model_path())
+    finally:
+        if previous is None:
+            del os.environ["BERTH_HOME"]
+        else:
+            os.environ["BERTH_HOME"] = previous

