@@ -214,5 +214,87 @@ def rm(name: str, slots_only: bool, config_path: str | None) -> None:
     click.echo(f"removed {name}")
 
 
+@main.command()
+@click.argument("model")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="Read MODEL as a model id of this config (its launch settings are the starting point).")
+@click.option("--ctx", type=click.IntRange(1), help="Context size (-c).")
+@click.option("--parallel", type=click.IntRange(1), help="Parallel sequences (-np).")
+@click.option("--cache-type-k", help="KV cache type for K (f16, q8_0, ...).")
+@click.option("--cache-type-v", help="KV cache type for V.")
+@click.option("--ngl", help="GPU layers to estimate for (a number, auto or all).")
+@click.option("--budget", help="Device budgets, e.g. gpu0=24GiB,ram=20GiB: prints the flags that fit.")
+@click.option("--headroom", default=0.05, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of each budget kept free.")
+@click.option("--max-context", is_flag=True, help="With --budget: also find the largest context that fits.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output with byte fields.")
+def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | None, cache_type_k: str | None,
+        cache_type_v: str | None, ngl: str | None, budget: str | None, headroom: float, max_context: bool,
+        as_json: bool) -> None:
+    """Estimate a model's memory per device (GGUF path, store name or config model id)."""
+    import json
+
+    from berth.engine.llama_args import ArgvError, LlamaServerArgs
+    from berth.memory.estimate import EstimateError, estimate
+    from berth.memory.fit import BudgetError, find_fit, parse_budget
+    from berth.store.gguf_check import GGUFInvalid, read_gguf_header
+
+    config = _load(config_path) if config_path else None
+    store = _store(config)
+    if config is not None:
+        model_id = config.resolve(model)
+        if model_id is None:
+            _fail(f"model {model!r} is not in {config_path}; ids: {', '.join(config.models)}")
+        argv = build_launch(config.models[model_id], store).argv
+    else:
+        entry = store.entry(model)
+        path = str(entry.launch_model_path) if entry else model
+        argv = ["llama-server", "-m", path]
+    try:
+        args = LlamaServerArgs.parse(argv)
+    except ArgvError as exc:
+        _fail(f"cannot read the launch settings: {exc}")
+    for dest, value in (("ctx_size", ctx), ("parallel", parallel), ("cache_type_k", cache_type_k),
+                        ("cache_type_v", cache_type_v), ("n_gpu_layers", ngl)):
+        if value is not None:
+            args.set(dest, value)
+    path = args.get("model")
+    try:
+        header = read_gguf_header(path)
+    except FileNotFoundError:
+        _fail(f"{path!r} is neither a GGUF file nor a model in the store at {store.root}; see `berth models`")
+    except (GGUFInvalid, OSError) as exc:
+        _fail(f"{path} is not a readable GGUF file: {exc}")
+    try:
+        budgets = parse_budget(budget) if budget else None
+        if budgets is not None:
+            found = find_fit(header, args, budgets, headroom, max_context)
+            if found is None:
+                _fail(f"{path} does not fit {budget} even with every layer on the host and the smallest context",
+                      1)
+            result, flags = found.estimate, found.flags
+        else:
+            result, flags = estimate(header, args, has_gpu=args.get("n_gpu_layers") not in (None, "0")), []
+    except (EstimateError, BudgetError) as exc:
+        _fail(str(exc))
+    devices = {name: {"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
+                      "total_bytes": d.total_bytes} for name, d in result.devices.items()}
+    if as_json:
+        click.echo(json.dumps({"model": path, "devices": devices, "total_bytes": result.total_bytes,
+                               "kv_cells_per_stream": result.kv_cells, "swa_cells_per_stream": result.swa_cells,
+                               "streams": result.streams, "flags": flags}, indent=2))
+        return
+    mib = 1024 * 1024
+    click.echo(f"{path}: {result.streams} stream(s) of {result.kv_cells} KV cells"
+               + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else ""))
+    click.echo(f"{'DEVICE':8} {'WEIGHTS':>12} {'KV':>12} {'COMPUTE':>12} {'TOTAL':>12}")
+    for name, d in devices.items():
+        click.echo(f"{name:8} " + " ".join(f"{d[k] / mib:>8.1f} MiB" for k in
+                                           ("weights_bytes", "kv_bytes", "compute_bytes", "total_bytes")))
+    click.echo(f"{'total':8} {'':>12} {'':>12} {'':>12} {result.total_bytes / mib:>8.1f} MiB")
+    if flags:
+        click.echo(f"fits {budget} with {headroom:.0%} headroom: {' '.join(flags)}")
+
+
 if __name__ == "__main__":
     main()

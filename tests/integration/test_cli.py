@@ -48,3 +48,25 @@ def test_missing_config_file_and_bad_listen_exit_2(tmp_path):
     assert result.returncode == 2 and "file not found" in result.stderr
     result = berth_cli("serve", "--listen", "nonsense")
     assert result.returncode == 2 and "HOST:PORT" in result.stderr
+
+
+def test_fit_json_has_byte_fields_and_flags(tmp_path):
+    import json
+    import os
+
+    from tests.support.ggufs import write_gguf
+
+    model = write_gguf(tmp_path / "m.gguf", n_tensors=4)
+    result = subprocess.run([sys.executable, "-m", "berth.cli", "fit", str(model), "--ctx", "512", "--json"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    host = report["devices"]["host"]
+    assert host["weights_bytes"] == 4 * 4096 * 4
+    assert host["total_bytes"] == host["weights_bytes"] + host["kv_bytes"] + host["compute_bytes"]
+    assert report["kv_cells_per_stream"] == 512 and report["flags"] == []
+    too_small = subprocess.run([sys.executable, "-m", "berth.cli", "fit", str(model), "--budget", "ram=1KiB"],
+                               capture_output=True, text=True, timeout=60)
+    assert too_small.returncode == 1 and "does not fit ram=1KiB" in too_small.stderr
+    missing = berth_cli("fit", str(tmp_path / "absent.gguf"))
+    assert missing.returncode == 2 and "neither a GGUF file nor a model in the store" in missing.stderr

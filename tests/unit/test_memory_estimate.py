@@ -116,3 +116,45 @@ def test_gemma_3_270m_kv_matches_llama_cpp(gemma_gguf):
         assert round(e.devices["host"].weights_bytes / mib, 2) == 235.16  # "CPU_Mapped model buffer size"
     q8 = estimate(header, LlamaServerArgs.parse("llama-server -c 1000 -ctk q8_0 -ctv q8_0".split()))
     assert round(q8.devices["host"].kv_bytes / mib, 2) == round(1.59 + 7.97, 2)
+
+
+def test_budget_parsing():
+    from berth.memory.fit import BudgetError, parse_budget
+
+    assert parse_budget("gpu0=24GiB, ram=512MiB") == {"gpu0": 24 * 1024**3, "host": 512 * 1024**2}
+    assert parse_budget("gpu=1.5g") == {"gpu0": int(1.5 * 1024**3)}
+    for bad in ("", "gpu0", "vram=1GiB", "ram=lots", "ram=1XB"):
+        with pytest.raises(BudgetError):
+            parse_budget(bad)
+
+
+def test_fit_finds_the_most_gpu_layers_and_the_fewest_host_expert_layers(tmp_path):
+    from berth.memory.fit import find_fit
+
+    dense = read_gguf_header(write_model(tmp_path / "d.gguf"))
+    args = LlamaServerArgs.parse(["llama-server", "-c", "256"])
+    kv_layer = 256 * 2 * 16 * 2
+    all_gpu = estimate(dense, LlamaServerArgs.parse("x -c 256 -ngl 5".split()), has_gpu=True)
+    # room on the GPU for exactly two layers (weights + KV) plus the GPU's compute buffer
+    gpu_compute = all_gpu.devices["gpu0"].compute_bytes
+    budget = {"gpu0": 2 * (ATTN + FFN + kv_layer) + gpu_compute, "host": 10**9}
+    assert find_fit(dense, args, budget, headroom=0).flags == ["-ngl", "2"]
+    assert find_fit(dense, args, {"host": 10**9}, headroom=0).flags == ["-ngl", "0"]
+    assert find_fit(dense, args, {"host": 1000}, headroom=0) is None
+
+    moe = read_gguf_header(write_model(tmp_path / "moe.gguf", moe_experts=4))
+    full = estimate(moe, LlamaServerArgs.parse("x -c 256 -ngl 5".split()), has_gpu=True).devices["gpu0"].total_bytes
+    experts = 4 * FFN
+    budget = {"gpu0": full - 3 * experts, "host": 10**9}  # three layers' experts must move to the host
+    assert find_fit(moe, args, budget, headroom=0).flags == ["-ngl", "5", "--n-cpu-moe", "3"]
+
+
+def test_fit_finds_the_largest_context(tmp_path):
+    from berth.memory.fit import find_fit
+
+    dense = read_gguf_header(write_model(tmp_path / "d.gguf"))  # context_length 4096
+    args = LlamaServerArgs.parse(["llama-server"])
+    at = {ctx: estimate(dense, LlamaServerArgs.parse(f"x -c {ctx}".split())).total_bytes for ctx in (2048, 2304)}
+    found = find_fit(dense, args, {"host": at[2048]}, headroom=0, max_context=True)
+    assert found.flags == ["-ngl", "0", "-c", "2048"]
+    assert found.estimate.total_bytes <= at[2048] < at[2304]

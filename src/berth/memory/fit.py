@@ -1,0 +1,99 @@
+"""Searching launch settings that fit memory budgets, on top of the pure estimate."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from berth.engine.llama_args import LlamaServerArgs
+from berth.memory.estimate import CTX_PAD, GPU, HOST, MemoryEstimate, estimate
+from berth.store.gguf_check import GGUFHeader
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3,
+          "t": 1024**4, "tib": 1024**4, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_DEVICE_ALIASES = {"ram": HOST, "host": HOST, "cpu": HOST, "gpu": GPU, "gpu0": GPU}
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def parse_budget(text: str) -> dict[str, int]:
+    """`gpu0=24GiB,ram=20GiB` -> {"gpu0": bytes, "host": bytes}."""
+    budget: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, amount = part.partition("=")
+        match = re.fullmatch(r"([\d.]+)\s*([a-zA-Z]*)", amount.strip())
+        device = _DEVICE_ALIASES.get(name.strip().lower())
+        if not sep or match is None or device is None or match.group(2).lower() not in _UNITS:
+            raise BudgetError(f"{part!r} is not DEVICE=SIZE; write for example gpu0=24GiB,ram=20GiB")
+        budget[device] = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if not budget:
+        raise BudgetError("the budget is empty; write for example gpu0=24GiB,ram=20GiB")
+    return budget
+
+
+def fits(result: MemoryEstimate, budget: dict[str, int], headroom: float) -> bool:
+    for device, usage in result.devices.items():
+        limit = budget.get(device)
+        if limit is not None and usage.total_bytes > limit * (1 - headroom):
+            return False
+        if limit is None and device == GPU and usage.total_bytes:
+            return False  # no budget for a GPU means no GPU
+    return True
+
+
+@dataclass
+class FitResult:
+    flags: list[str]  # llama-server flags to use
+    estimate: MemoryEstimate
+
+
+def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], headroom: float = 0.05,
+             max_context: bool = False) -> FitResult | None:
+    """The most GPU layers (then the fewest CPU-held expert layers, then optionally the largest
+    context) whose estimate fits every budget; None when even all-on-host does not fit."""
+    n_layer = int(header.arch_value("block_count") or 0)
+    has_gpu = GPU in budget
+    moe = any("_exps." in t.name for t in header.tensors)
+
+    def trial(ngl: int, n_cpu_moe: int, ctx: int | None = None) -> MemoryEstimate:
+        trial_args = LlamaServerArgs(args.program, list(args.items))
+        trial_args.items = [i for i in trial_args.items if i.spec is None or i.spec.dest not in
+                            ("n_gpu_layers", "n_cpu_moe", "cpu_moe")]
+        trial_args.set("n_gpu_layers", ngl)
+        if n_cpu_moe:
+            trial_args.set("n_cpu_moe", n_cpu_moe)
+        if ctx is not None:
+            trial_args.set("ctx_size", ctx)
+        return estimate(header, trial_args, has_gpu)
+
+    flags: list[str] = []
+    search_ctx = CTX_PAD if max_context else None  # placement first at the smallest context, then grow it
+    if moe and has_gpu:
+        # every layer on the GPU, experts of the first K layers on the host: the usual MoE split
+        choice = next((k for k in range(n_layer + 1) if fits(trial(n_layer + 1, k, search_ctx), budget, headroom)),
+                      None)
+        if choice is None:
+            return None
+        ngl, n_cpu_moe = n_layer + 1, choice
+        flags += ["-ngl", str(ngl)] + (["--n-cpu-moe", str(n_cpu_moe)] if n_cpu_moe else [])
+    else:
+        top = n_layer + 1 if has_gpu else 0
+        ngl = next((n for n in range(top, -1, -1) if fits(trial(n, 0, search_ctx), budget, headroom)), None)
+        if ngl is None:
+            return None
+        n_cpu_moe = 0
+        flags += ["-ngl", str(ngl)]
+    if max_context:
+        low, high = CTX_PAD, int(header.arch_value("context_length") or CTX_PAD)
+        while low < high:  # the estimate grows with the context, so bisect on multiples of CTX_PAD
+            mid = ((low + high) // 2 + CTX_PAD) // CTX_PAD * CTX_PAD
+            mid = min(mid, high)
+            if fits(trial(ngl, n_cpu_moe, mid), budget, headroom):
+                low = mid
+            else:
+                high = mid - CTX_PAD
+        flags += ["-c", str(low)]
+        return FitResult(flags, trial(ngl, n_cpu_moe, low))
+    return FitResult(flags, trial(ngl, n_cpu_moe))
