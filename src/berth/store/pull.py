@@ -154,6 +154,9 @@ def pull(store: ModelStore, ref: ModelRef, *, name: str | None = None, mmproj: b
                              f"run `berth pull {ref}` while online")
         commit, listing = list_repo(ref, retry)
         model_files = select_model_files(ref, listing)
+        if sha256 and len(model_files) != 1:
+            raise BadSelection(f"--sha256 names one file, but {ref} has {len(model_files)} parts; "
+                               "drop --sha256 (each part is checked against the hub's hash)")
         projector = select_mmproj(listing) if mmproj is not False else None
         if mmproj is True and projector is None:
             raise BadSelection(f"{ref.repo} has no mmproj*.gguf projector; pull without --mmproj")

@@ -230,7 +230,10 @@ class ModelStore:
 
     def install(self, name: str, ref: ModelRef, model_files: list[RemoteFile], mmproj: RemoteFile | None,
                 fetch: Fetcher, expected_sha256: str | None = None, attempts: int = 3) -> StoreEntry:
-        """Fetch, verify and publish the files of one model under `name` (under the store lock)."""
+        """Fetch, verify and publish the files of one model under `name` (under the store lock).
+
+        `expected_sha256` replaces the hub's hash of a single-file model.
+        """
         directory = self.root / name
         files_dir = directory / "files"
         files_dir.mkdir(parents=True, exist_ok=True)
@@ -238,8 +241,7 @@ class ModelStore:
         self._check_disk_space(files_dir, wanted)
         records = []
         for remote in wanted:
-            sha = expected_sha256 if (expected_sha256 and remote is model_files[0] and len(model_files) == 1) \
-                else remote.sha256
+            sha = expected_sha256 if expected_sha256 and remote is model_files[0] else remote.sha256
             local = files_dir / remote.path
             for attempt in range(1, attempts + 1):
                 fetch(remote, files_dir)
