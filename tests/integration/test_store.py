@@ -79,6 +79,8 @@ def test_split_model_and_mmproj(hub, home, tmp_path):
     assert os.readlink(entry / "mmproj.gguf") == "files/mmproj-big-F16.gguf"
     listing = berth_cli(home, None, "models")
     assert "tiny-llm-q4_k_m" in listing.stdout and "Q4_K_M" in listing.stdout and "yes" in listing.stdout
+    one_hash = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", "--sha256", "0" * 64, "--name", "other")
+    assert one_hash.returncode == 2 and "has 2 parts" in one_hash.stderr
 
 
 def test_resume_after_connection_drop_transfers_little_twice(hub, home, tmp_path):
