@@ -44,16 +44,7 @@ class Metrics:
 
     def record_usage(self, model: str, tail: bytes) -> None:
         """Count tokens from the last `usage` object in the end of a response body or stream."""
-        text = tail.decode("utf-8", errors="replace")
-        starts = [m.end() - 1 for m in _USAGE_KEY.finditer(text)]
-        if not starts:
-            return
-        try:  # the object may nest (prompt_tokens_details), so decode it rather than match braces
-            usage, _ = _DECODER.raw_decode(text, starts[-1])
-        except ValueError:
-            return
-        if not isinstance(usage, dict):
-            return
+        usage = _last_object(tail, _USAGE_KEY)
         for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
             value = usage.get(kind)
             if isinstance(value, int) and value > 0:
@@ -61,17 +52,25 @@ class Metrics:
 
     def record_restore_hit(self, model: str, tail: bytes) -> None:
         """Count the prompt tokens served from cache (llama.cpp's `timings.cache_n`) by one response."""
-        text = tail.decode("utf-8", errors="replace")
-        starts = [m.end() - 1 for m in _TIMINGS_KEY.finditer(text)]
-        if not starts:
-            return
-        try:
-            timings, _ = _DECODER.raw_decode(text, starts[-1])
-        except ValueError:
-            return
-        cached = timings.get("cache_n") if isinstance(timings, dict) else None
+        cached = _last_object(tail, _TIMINGS_KEY).get("cache_n")
         if isinstance(cached, int) and cached > 0:
             self.kv_restore_hits.labels(model).inc(cached)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _last_object(tail: bytes, key: re.Pattern[str]) -> dict:
+    """The last JSON object written under `key` in a response's tail ({} if none or cut off).
+
+    Decoded rather than matched with a regex: such objects nest (`prompt_tokens_details`).
+    """
+    text = tail.decode("utf-8", errors="replace")
+    starts = [m.end() - 1 for m in key.finditer(text)]
+    if not starts:
+        return {}
+    try:
+        found, _ = _DECODER.raw_decode(text, starts[-1])
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
