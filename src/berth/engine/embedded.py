@@ -13,13 +13,10 @@ import shlex
 from pathlib import Path
 
 from berth.config import BerthConfig, parse_config
+from berth.store.store import berth_home
 
 EMBEDDED_MODEL_ID = "gemma-3-270m"
 EMBEDDED_TTL = 900
-
-
-def berth_home() -> Path:
-    return Path(os.environ.get("BERTH_HOME") or Path.home() / ".cache" / "berth")
 
 
 class EmbeddedModelError(RuntimeError):

@@ -99,6 +99,11 @@ class StoreEntry:
         return stamp.stat().st_mtime if stamp.exists() else None
 
 
+def berth_home() -> Path:
+    """berth's data directory: `$BERTH_HOME`, default `~/.cache/berth`."""
+    return Path(os.environ.get("BERTH_HOME") or Path.home() / ".cache" / "berth")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -171,8 +176,6 @@ class ModelStore:
 
     @classmethod
     def default(cls) -> "ModelStore":
-        from berth.engine.embedded import berth_home
-
         return cls(berth_home() / "models")
 
     # -- reading ------------------------------------------------------------------------
