@@ -20,6 +20,7 @@ from berth.runtime.process import Warmup
 
 log = logging.getLogger("berth")
 WATCH_INTERVAL = 1.0
+SETTLE_INTERVAL = 0.25
 
 
 class _HubHandler(logging.Handler):
@@ -94,10 +95,10 @@ async def run_gateway(
 async def _watch(path: str, reload: Callable[[], None]) -> None:
     """Reload when the file's mtime or size changes (polling: works on every filesystem and ConfigMaps)."""
 
-    def stamp() -> tuple[float, int] | None:
+    def stamp() -> tuple[int, int, int] | None:
         try:
-            st = os.stat(path)
-            return (st.st_mtime, st.st_size)
+            st = os.stat(path)  # follows symlinks: a Kubernetes ConfigMap swap changes the inode
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
         except OSError:
             return None
 
@@ -105,6 +106,16 @@ async def _watch(path: str, reload: Callable[[], None]) -> None:
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         current = stamp()
-        if current is not None and current != last:
+        if current is None or current == last:
+            continue
+        # An editor or `echo >` may still be writing: a half-written file can parse as a valid
+        # config (an empty one has no models), so reload only once the file has stopped changing.
+        while True:
+            await asyncio.sleep(SETTLE_INTERVAL)
+            settled = stamp()
+            if settled == current:
+                break
+            current = settled
+        if current is not None:
             last = current
             reload()
