@@ -165,9 +165,6 @@ class ModelPool:
     def process(self, model_id: str) -> ModelProcess | None:
         return self._processes.get(model_id)
 
-    def queue_depth(self) -> int:
-        return self._scheduler.queue_depth()
-
     @property
     def session(self) -> aiohttp.ClientSession:
         """For berth's own calls to model servers (health, warmup, slots)."""
@@ -252,13 +249,21 @@ class ModelPool:
         asyncio.get_running_loop().create_task(self._notify_state_change())
 
     def _arm_timer(self) -> None:
+        deadline = self._scheduler.next_deadline()
+        if self._timer is not None and self._timer.when() == deadline:
+            return  # most requests leave the next TTL deadline as it was
         if self._timer:
             self._timer.cancel()
             self._timer = None
-        deadline = self._scheduler.next_deadline()
         if deadline is not None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(deadline, lambda: self._apply(self._scheduler.tick(self._now())))
+            self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        # asyncio may run this a clock tick before the deadline; with the handle cleared first,
+        # _arm_timer sets a fresh one for the same deadline instead of keeping this spent one.
+        self._timer = None
+        self._apply(self._scheduler.tick(self._now()))
 
     def _update_state_gauges(self) -> None:
         for model_id in self._scheduler.models:

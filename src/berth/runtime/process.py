@@ -119,7 +119,6 @@ class ModelProcess:
         self._cancel_launch = threading.Event()  # tells a pull running in a worker thread to give up
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
-        self.started_at: float | None = None
         self.load_seconds: float | None = None
 
     @property
@@ -193,7 +192,6 @@ class ModelProcess:
                     self._restore_hit_pending = await self._slot_keeper.restore() > 0
                     self._slot_keeper.mark_running()
                 self.load_seconds = time.monotonic() - begun
-                self.started_at = time.time()
                 self._log(f"ready after {self.load_seconds:.2f}s")
                 report(Started())
                 await asyncio.wait({exited, stop_wanted}, return_when=asyncio.FIRST_COMPLETED)

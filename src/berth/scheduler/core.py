@@ -81,8 +81,6 @@ class ModelView:
     state: ModelState
     in_flight: int
     queued: int
-    idle_since: float
-    ttl_deadline: float | None
 
 
 @dataclass
@@ -229,8 +227,6 @@ class Scheduler:
             state=m.state,
             in_flight=m.in_flight,
             queued=sum(1 for q in self._queue.values() if q == model),
-            idle_since=m.idle_since,
-            ttl_deadline=self._ttl_deadline(model),
         )
 
     def queue_depth(self) -> int:
