@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import requests
-from _berth import free_port, running_berth
+from _berth import running_berth
 
 from berth.engine.binary import find_llama_server
 from berth.engine.embedded import embedded_model_path
@@ -63,7 +63,6 @@ def main() -> None:
     common = f"{program} -m {model} --port ${{PORT}} -c 10240 -np 1 --no-jinja --chat-template gemma"
     workdir = Path(tempfile.mkdtemp(prefix="berth-kvbench-"))
     (workdir / "config.yaml").write_text(f"""
-startPort: {free_port()}
 models:
   keep: {{cmd: "{common}"}}
   forget: {{cmd: "{common}", kvPersistence: false}}

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.support.harness import BerthServer, children_of, free_port, kill_quietly
+from tests.support.harness import BerthServer, children_of, free_port_block, kill_quietly
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def berth(tmp_path):
 
 @pytest.fixture
 def start_port() -> int:
-    return free_port()
+    return free_port_block()
 
 
 @pytest.fixture(scope="session")

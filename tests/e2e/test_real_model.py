@@ -92,8 +92,9 @@ models:
     b = berth(config)
 
     def n_ctx(model: str) -> int:
-        props = requests.get(b.url + "/props", params={"model": model}, timeout=60).json()
-        return props["default_generation_settings"]["n_ctx"]
+        props = requests.get(b.url + "/props", params={"model": model}, timeout=60)
+        assert props.status_code == 200, props.text
+        return props.json()["default_generation_settings"]["n_ctx"]
 
     assert n_ctx("small") == 512
     small_pid = b.pid_of("small")
