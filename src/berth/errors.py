@@ -77,11 +77,39 @@ class StartFailed(BerthError):
     error_type = "server_error"
     code = "model_start_failed"
 
-    def __init__(self, model: str, reason: str, last_log_lines: list[str] | None = None) -> None:
+    def __init__(self, model: str, reason: str, last_log_lines: list[str] | None = None,
+                 out_of_memory: bool = False) -> None:
         self.model, self.reason = model, reason
+        self.out_of_memory = out_of_memory  # the scheduler evicts idle models and retries once
         self.last_log_lines = list(last_log_lines or [])
         tail = "\n".join(self.last_log_lines[-15:])
         super().__init__(f"model {model!r} failed to start: {reason}" + (f"\nlast log lines:\n{tail}" if tail else ""))
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+class InsufficientMemory(BerthError):
+    """A model whose planned memory cannot fit, even with every other evictable model stopped."""
+
+    status = 507
+    error_type = "server_error"
+    code = "insufficient_memory"
+
+    def __init__(self, model: str, need: dict[str, int], available: dict[str, int], held: str = "") -> None:
+        short = [d for d in sorted(need) if need[d] > available.get(d, 0)]
+        plan = "; ".join(f"{d}: needs {format_bytes(need[d])}, at most {format_bytes(available.get(d, 0))} "
+                         "can be freed" for d in short)
+        super().__init__(
+            f"model {model!r} does not fit in memory ({plan}){held}; lower its context (-c), --parallel or "
+            "-ngl (`berth fit` shows what fits), or raise memoryBudget in the config"
+        )
+        self.model, self.need, self.available = model, dict(need), dict(available)
 
 
 class ModelUnloaded(BerthError):

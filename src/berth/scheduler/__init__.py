@@ -1,6 +1,6 @@
 from berth.scheduler.core import (
-    Action, Admit, GroupPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
+    Action, Admit, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
 )
 
-__all__ = ["Action", "Admit", "GroupPolicy", "ModelPolicy", "ModelState", "ModelView", "Reject", "Scheduler",
+__all__ = ["Action", "Admit", "GroupPolicy", "MemoryPolicy", "ModelPolicy", "ModelState", "ModelView", "Reject", "Scheduler",
            "Start", "Stop"]

@@ -6,10 +6,11 @@ See DESIGN.md next to this file for the states and invariants.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from typing import Union
 
-from berth.errors import BerthError, ModelUnloaded, ShuttingDown, TooManyRequests
+from berth.errors import BerthError, InsufficientMemory, ModelUnloaded, ShuttingDown, TooManyRequests
 
 
 class ModelState(str, enum.Enum):
@@ -27,6 +28,8 @@ class ModelPolicy:
     group: str
     ttl: float = 0  # seconds idle before a stop; 0 = never
     concurrency_limit: int = 10
+    memory: Mapping[str, int] | None = None  # planned bytes per device; None = unknown (runs alone)
+    pinned: bool = False  # never stopped to make room by memory
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,15 @@ class GroupPolicy:
     swap: bool = True  # only one member runs at a time
     exclusive: bool = True  # starting a member stops models of other groups
     persistent: bool = False  # never stopped to make room for another group
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """Admit models by planned memory instead of by swap groups."""
+
+    budgets: Mapping[str, int]  # usable bytes per device (headroom already taken off)
+    scheduled_group: str | None = None  # the group whose members share memory (None: only refuse the too-big)
+    eviction: str = "lru"  # "lru": least recently used first, larger on ties; "largest": larger first
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class _Model:
     unload_reason: str | None = None  # a stop asked for by the API, waiting for in-flight requests
     stop_reason: str | None = None
     last_error: BerthError | None = None
+    oom_retry: bool = False  # the last start died of out-of-memory: retry once with everything else evicted
 
 
 @dataclass
@@ -93,20 +106,23 @@ class Scheduler:
 
     models: dict[str, _Model] = field(default_factory=dict)
     groups: dict[str, GroupPolicy] = field(default_factory=dict)
+    memory: MemoryPolicy | None = None
     _queue: dict[int, str] = field(default_factory=dict)  # request id -> model, in arrival order
     _in_flight: dict[int, str] = field(default_factory=dict)
     _removed: set[str] = field(default_factory=set)
     _closing: bool = False
 
     @classmethod
-    def build(cls, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy]) -> "Scheduler":
+    def build(cls, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy],
+              memory: MemoryPolicy | None = None) -> "Scheduler":
         scheduler = cls()
-        scheduler.configure(models, groups)
+        scheduler.configure(models, groups, memory)
         return scheduler
 
     # -- configuration --------------------------------------------------------------
 
-    def configure(self, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy]) -> None:
+    def configure(self, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy],
+                  memory: MemoryPolicy | None = None) -> None:
         """Replace policies, keeping the runtime state of models that still exist.
 
         A model that is gone but still running stays known until it has stopped.
@@ -122,6 +138,15 @@ class Scheduler:
                 del self.models[model_id]
                 self._removed.discard(model_id)
         self.groups = dict(groups)
+        self.memory = memory
+
+    def set_memory(self, model: str, memory: Mapping[str, int] | None, now: float) -> list[Action]:
+        """A better figure for a model's memory (measured after a start): later decisions use it."""
+        m = self.models.get(model)
+        if m is None:
+            return []
+        m.policy = replace(m.policy, memory=memory)
+        return self._plan(now)
 
     # -- events ---------------------------------------------------------------------
 
@@ -158,11 +183,20 @@ class Scheduler:
         m.state = ModelState.READY
         m.idle_since = now
         m.last_error = None
+        m.oom_retry = False
         return self._plan(now)
 
     def start_failed(self, model: str, error: BerthError, now: float) -> list[Action]:
-        """The start ended without the model becoming ready; its process is gone."""
+        """The start ended without the model becoming ready; its process is gone.
+
+        A first out-of-memory failure is retried once, after every other evictable model stopped.
+        """
         m = self.models[model]
+        if getattr(error, "out_of_memory", False) and not m.oom_retry and model not in self._removed:
+            m.oom_retry = True
+            m.state = ModelState.STOPPED
+            return self._plan(now)
+        m.oom_retry = False
         m.state = ModelState.FAILED
         m.last_error = error
         actions: list[Action] = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
@@ -277,10 +311,80 @@ class Scheduler:
     def _clash(self, a: str, b: str) -> bool:
         return self._conflicts(a, b) or self._conflicts(b, a)
 
+    def _memory_scheduled(self, model: str) -> bool:
+        return self.memory is not None and self.models[model].policy.group == self.memory.scheduled_group
+
+    def _need(self, model: str) -> Mapping[str, int] | None:
+        m = self.models[model]
+        return None if m.oom_retry else m.policy.memory
+
+    def _too_big(self, model: str) -> InsufficientMemory | None:
+        """The error for a model that cannot fit even with every unpinned model stopped."""
+        need = self.models[model].policy.memory
+        if self.memory is None or need is None:
+            return None
+        budgets = self.memory.budgets
+        held: dict[str, int] = {}
+        pinned = [o for o in self._running() if o != model and self.models[o].policy.pinned
+                  and self._memory_scheduled(o)]
+        for other in pinned:
+            for device, amount in (self.models[other].policy.memory or {}).items():
+                held[device] = held.get(device, 0) + amount
+        available = {d: budgets.get(d, 0) - held.get(d, 0) for d in need}
+        if all(need[d] <= available[d] for d in need if need[d]):
+            return None
+        note = f" (pinned models {', '.join(pinned)} hold the rest)" if pinned and any(held.values()) else ""
+        return InsufficientMemory(model, dict(need), available, note)
+
+    def _eviction_order(self, candidates: list[str]) -> list[str]:
+        """Idle models before busy ones; then least recently used (or largest) first."""
+        def size(model: str) -> int:
+            return sum((self.models[model].policy.memory or {}).values())
+
+        def key(model: str):
+            m = self.models[model]
+            busy = m.in_flight > 0 or any(q == model for q in self._queue.values())
+            if self.memory is not None and self.memory.eviction == "largest":
+                return (busy, -size(model), m.idle_since)
+            return (busy, m.idle_since, -size(model))
+        return sorted(candidates, key=key)
+
+    def _plan_memory_start(self, model: str, ledger: "_MemoryLedger", draining: set[str],
+                           actions: list[Action]) -> bool:
+        """Make room for `model` by planned memory. True when it can start now."""
+        need = self._need(model)
+        evictable = [o for o in self._running() if o != model and self._memory_scheduled(o)
+                     and not self.models[o].policy.pinned and self.models[o].state is ModelState.READY
+                     and o not in draining]
+        if need is None:
+            # Unknown need (or a retry after an out-of-memory start): run alone beside pinned models.
+            victims = evictable
+            room = not any(o != model and self._memory_scheduled(o) and not self.models[o].policy.pinned
+                           for o in self._running())
+        elif ledger.fits_now(need):
+            ledger.take(need)
+            return True
+        else:
+            victims = []
+            for other in self._eviction_order(evictable):
+                if ledger.fits_later(need, victims):
+                    break
+                victims.append(other)
+            if not ledger.fits_later(need, victims):
+                victims = []  # starts under way hold the rest: evict nothing until they are ready
+            room = False
+            ledger.reserve(need, victims)
+        for other in victims:
+            draining.add(other)
+            if self.models[other].in_flight == 0:
+                actions.append(self._begin_stop(other, "memory"))
+        return room
+
     def _plan(self, now: float) -> list[Action]:
         actions: list[Action] = []
         draining: set[str] = set()  # ready models that must stop so an earlier request's model can start
         claimed: list[str] = []  # stopped models that earlier requests are waiting to start
+        ledger = _MemoryLedger.of(self)
         for request_id, model in list(self._queue.items()):
             if model in self._removed:
                 self._queue.pop(request_id)
@@ -295,6 +399,11 @@ class Scheduler:
                 continue
             if m.state not in (ModelState.STOPPED, ModelState.FAILED) or model in claimed:
                 continue  # waits for the start, the stop, or the drain under way
+            too_big = self._too_big(model)
+            if too_big is not None:
+                self._queue.pop(request_id)
+                actions.append(Reject(request_id, model, too_big))
+                continue
             if any(self._clash(model, other) for other in claimed):
                 continue  # an earlier request's swap goes first
             claimed.append(model)
@@ -305,7 +414,8 @@ class Scheduler:
                     draining.add(other)
                     if o.in_flight == 0:
                         actions.append(self._begin_stop(other, "swap"))
-            if not blockers:
+            room = not self._memory_scheduled(model) or self._plan_memory_start(model, ledger, draining, actions)
+            if not blockers and room:
                 m.state = ModelState.STARTING
                 actions.append(Start(model))
         for model_id, m in self.models.items():
@@ -320,3 +430,56 @@ class Scheduler:
                 if deadline is not None and now >= deadline:
                     actions.append(self._begin_stop(model_id, "ttl"))
         return actions
+
+
+@dataclass
+class _MemoryLedger:
+    """Planned bytes per device during one plan pass.
+
+    `now` counts every live process (a stopping one holds its memory until it is gone);
+    `later` counts what stays once the stops under way have finished. Both shrink as
+    starts are granted or reserved in queue order, so a later request cannot take the
+    room an earlier one is waiting for.
+    """
+
+    scheduler: Scheduler
+    now: dict[str, int]
+    later: dict[str, int]
+
+    @classmethod
+    def of(cls, scheduler: Scheduler) -> "_MemoryLedger":
+        budgets = dict(scheduler.memory.budgets) if scheduler.memory else {}
+        now, later = dict(budgets), dict(budgets)
+        for model in scheduler._running():
+            if not scheduler._memory_scheduled(model):
+                continue
+            for device, amount in (scheduler.models[model].policy.memory or {}).items():
+                now[device] = now.get(device, 0) - amount
+                if scheduler.models[model].state is not ModelState.STOPPING:
+                    later[device] = later.get(device, 0) - amount
+        return cls(scheduler, now, later)
+
+    def _memory(self, model: str) -> Mapping[str, int]:
+        return self.scheduler.models[model].policy.memory or {}
+
+    def fits_now(self, need: Mapping[str, int]) -> bool:
+        return all(amount <= self.now.get(d, 0) for d, amount in need.items() if amount)
+
+    def fits_later(self, need: Mapping[str, int], victims: list[str]) -> bool:
+        freed: dict[str, int] = {}
+        for victim in victims:
+            for device, amount in self._memory(victim).items():
+                freed[device] = freed.get(device, 0) + amount
+        return all(amount <= self.later.get(d, 0) + freed.get(d, 0) for d, amount in need.items() if amount)
+
+    def take(self, need: Mapping[str, int]) -> None:
+        for device, amount in need.items():
+            self.now[device] = self.now.get(device, 0) - amount
+            self.later[device] = self.later.get(device, 0) - amount
+
+    def reserve(self, need: Mapping[str, int], victims: list[str]) -> None:
+        """Hold `need` for a start that waits for `victims` (and stops under way) to finish."""
+        for victim in victims:
+            for device, amount in self._memory(victim).items():
+                self.later[device] = self.later.get(device, 0) + amount
+        self.take(need)
