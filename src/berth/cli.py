@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import shutil
 import sys
 import time
@@ -241,6 +242,10 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
 
     config = _load(config_path) if config_path else None
     store = _store(config)
+    if config is None and store.entry(model) is None and not os.path.exists(model):
+        from berth.engine.embedded import embedded_config
+
+        config = embedded_config() if embedded_config().resolve(model) else None
     if config is not None:
         model_id = config.resolve(model)
         if model_id is None:
@@ -278,7 +283,8 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
     except (EstimateError, BudgetError) as exc:
         _fail(str(exc))
     devices = {name: {"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
-                      "total_bytes": d.total_bytes} for name, d in result.devices.items()}
+                      "runtime_bytes": d.runtime_bytes, "total_bytes": d.total_bytes}
+               for name, d in result.devices.items()}
     if as_json:
         click.echo(json.dumps({"model": path, "devices": devices, "total_bytes": result.total_bytes,
                                "kv_cells_per_stream": result.kv_cells, "swa_cells_per_stream": result.swa_cells,
@@ -287,11 +293,11 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
     mib = 1024 * 1024
     click.echo(f"{path}: {result.streams} stream(s) of {result.kv_cells} KV cells"
                + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else ""))
-    click.echo(f"{'DEVICE':8} {'WEIGHTS':>12} {'KV':>12} {'COMPUTE':>12} {'TOTAL':>12}")
+    columns = ("weights_bytes", "kv_bytes", "compute_bytes", "runtime_bytes", "total_bytes")
+    click.echo(f"{'DEVICE':8} " + " ".join(f"{c.removesuffix('_bytes').upper():>12}" for c in columns))
     for name, d in devices.items():
-        click.echo(f"{name:8} " + " ".join(f"{d[k] / mib:>8.1f} MiB" for k in
-                                           ("weights_bytes", "kv_bytes", "compute_bytes", "total_bytes")))
-    click.echo(f"{'total':8} {'':>12} {'':>12} {'':>12} {result.total_bytes / mib:>8.1f} MiB")
+        click.echo(f"{name:8} " + " ".join(f"{d[k] / mib:>8.1f} MiB" for k in columns))
+    click.echo(f"{'total':8} {'':>12} {'':>12} {'':>12} {'':>12} {result.total_bytes / mib:>8.1f} MiB")
     if flags:
         click.echo(f"fits {budget} with {headroom:.0%} headroom: {' '.join(flags)}")
 

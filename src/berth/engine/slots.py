@@ -9,7 +9,6 @@ are discarded when the model starts.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from berth.engine.llama_args import LlamaServerArgs
-from berth.store.gguf_check import GGUFInvalid, read_gguf_header
+from berth.store.gguf_check import GGUFInvalid, read_model_header
 
 SLOTS_DIR = ".slots"  # under the store root
 
@@ -46,8 +45,9 @@ def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path
     if not model or not os.path.isfile(model):
         return None
     stat = os.stat(model)
-    sliding = _has_sliding_window(os.path.realpath(model), stat.st_size, stat.st_mtime_ns)
-    if sliding is None:
+    try:
+        sliding = bool(read_model_header(os.path.realpath(model)).arch_value("attention.sliding_window"))
+    except (GGUFInvalid, OSError):
         return None
     swa_full_added = sliding and not args.get("swa_full")
     if swa_full_added:
@@ -64,19 +64,6 @@ def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path
     directory = slots_root / model_id / digest
     args.set("slot_save_path", str(directory))
     return SlotPlan(directory, settings, swa_full_added, per_model_max_bytes, total_max_bytes)
-
-
-@functools.lru_cache(maxsize=64)
-def _has_sliding_window(path: str, size: int, mtime_ns: int) -> bool | None:
-    """Whether the model has sliding-window attention layers; None if unreadable.
-
-    Keyed by size and mtime too, so a replaced file is read again; the header of a
-    large-vocabulary model takes a few hundred milliseconds to walk.
-    """
-    try:
-        return bool(read_gguf_header(path).arch_value("attention.sliding_window"))
-    except (GGUFInvalid, OSError):
-        return None
 
 
 def slot_usage(model_root: Path) -> tuple[int, int]:

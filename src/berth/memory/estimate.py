@@ -16,8 +16,15 @@ llama.cpp's allocation, checked against its own load log for Gemma 3 270M
   bytes(type_v))` per cell. Sliding-window layers hold
   min(stream cells, pad(window + ubatch, 256)) cells per stream unless `--swa-full`.
 - Compute: an estimate, 4 bytes x ubatch x (n_head x attended cells + 2 x n_ff
-  + n_embd), plus the logits buffer (n_vocab x 4 bytes per sequence). Measured
-  usage replaces it once a model has run (issue #5, not built yet).
+  + n_embd), plus the logits buffer (n_vocab x 4 bytes per sequence).
+- Runtime (host): what the server process holds besides its buffers: the GGUF's
+  metadata (the file is mapped whole), the tokenizer (about 160 bytes per vocabulary
+  entry: text, score, attributes and the lookup map) and a fixed 16 MiB for code,
+  HTTP server and heap. Calibrated on Gemma 3 270M (262k-entry vocabulary), whose
+  llama-server measured 374 MiB resident after a request against 366 MiB estimated.
+
+Once a model has run, the gateway plans with its measured usage instead
+(`memory/usage.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ HOST = "host"
 GPU = "gpu0"
 CTX_PAD = 256
 DEFAULT_UBATCH = 512
+RUNTIME_FIXED_BYTES = 16 * 1024**2
+RUNTIME_BYTES_PER_TOKEN = 160
 # bytes per element of each KV cache type (block size / bytes per block as in ggml)
 CACHE_TYPE_BYTES = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -53,10 +62,11 @@ class DeviceEstimate:
     weights_bytes: int = 0
     kv_bytes: int = 0
     compute_bytes: int = 0
+    runtime_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
 
 @dataclass
@@ -143,6 +153,8 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False) -
 
     _add_kv(result, header, args, n_layer, first_gpu_layer if ngl > 0 else n_layer)
     _add_compute(result, header, args, ngl > 0)
+    n_vocab = int(header.arch_value("vocab_size") or _vocab_from_embedding(header))
+    result.device(HOST).runtime_bytes += header.data_start + RUNTIME_BYTES_PER_TOKEN * n_vocab + RUNTIME_FIXED_BYTES
     return result
 
 

@@ -2,5 +2,5 @@ from berth.scheduler.core import (
     Action, Admit, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
 )
 
-__all__ = ["Action", "Admit", "GroupPolicy", "MemoryPolicy", "ModelPolicy", "ModelState", "ModelView", "Reject", "Scheduler",
-           "Start", "Stop"]
+__all__ = ["Action", "Admit", "GroupPolicy", "MemoryPolicy", "ModelPolicy", "ModelState", "ModelView", "Reject",
+           "Scheduler", "Start", "Stop"]
