@@ -30,6 +30,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pid-file", default=None)
     p.add_argument("--start-log", default=None, help="append a line per start to this file")
     p.add_argument("--empty-chat", action="store_true", help="answer chat with empty content")
+    p.add_argument("--alloc-mib", type=int, default=0, help="hold this much touched memory (for measurement)")
+    p.add_argument("--oom-once", default=None,
+                   help="at the first start (this marker file absent): create it, print an allocation failure, exit 1")
     args, _ = p.parse_known_args()  # llama-server flags berth adds (-m, --slots ...) are accepted and ignored
     return args
 
@@ -40,6 +43,14 @@ def main() -> None:
     if args.start_log:
         with open(args.start_log, "a") as fh:
             fh.write(f"{args.name} {os.getpid()}\n")
+    if args.oom_once and not os.path.exists(args.oom_once):
+        open(args.oom_once, "w").close()
+        print("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
+              "cudaMalloc failed: out of memory", flush=True)
+        sys.exit(1)
+    held = bytearray(args.alloc_mib * 1024 * 1024)
+    for offset in range(0, len(held), 4096):  # touch every page so it is resident
+        held[offset] = 1
     if args.exit_at_start is not None:
         print("fatal: could not load model file /nope.gguf", flush=True)
         sys.exit(args.exit_at_start)

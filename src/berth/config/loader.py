@@ -18,6 +18,7 @@ from berth.config import schema
 from berth.config.cmdline import CommandSyntaxError, split_command
 from berth.config.yamlines import LineDict, load_yaml
 from berth.errors import ConfigError
+from berth.memory.units import SizeError, device_key, parse_size
 from berth.store.refs import BadModelRef, parse_ref
 
 DEFAULT_GROUP = "(default)"
@@ -57,6 +58,8 @@ class ModelSpec:
     kv_persistence: bool | None = None  # None: on when the engine is llama.cpp's
     kv_persistence_max_bytes: int = 2 * 1024**3
     kv_persistence_total_max_bytes: int = 8 * 1024**3
+    declared_memory: tuple[tuple[str, int], ...] = ()  # `memory:` per device, bytes; overrides the estimate
+    persistent: bool = False  # never evicted to make room by memory
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,14 @@ class GroupSpec:
     exclusive: bool
     persistent: bool
     members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    scheduled: bool = True  # models of the (default) group share memory instead of swapping
+    budget: tuple[tuple[str, int], ...] = ()  # explicit per-device budgets; others: free at startup
+    headroom_bytes: int = 1024**3
+    eviction: str = "lru"
 
 
 @dataclass
@@ -80,6 +91,7 @@ class BerthConfig:
     health_check_timeout: float = 120.0
     max_body_bytes: int = 64 * 1024 * 1024
     store_dir: Path | None = None  # None: $BERTH_HOME/models
+    memory: MemorySettings = field(default_factory=lambda: MemorySettings())
     warnings: list[str] = field(default_factory=list)
 
     def resolve(self, name: str) -> str | None:
@@ -163,6 +175,7 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
     check(hooks, schema.HooksConfig, "hooks")
     if isinstance(hooks, LineDict):
         check(hooks.get("on_startup"), schema.StartupHooks, "hooks.on_startup")
+    check(raw.get("memory"), schema.MemoryConfig, "memory")
     warnings.extend(text for _, text in sorted(found))
 
 
@@ -221,6 +234,7 @@ class _Resolver:
             max_body_bytes=p.max_body_bytes,
             store_dir=Path(os.path.expanduser(self.expand_env(p.model_store, ("modelStore",)))) if p.model_store
             else None,
+            memory=self.memory_settings(),
             warnings=self.warnings,
         )
         for i, key in enumerate(config.api_keys):
@@ -334,8 +348,29 @@ class _Resolver:
             kv_persistence=model.kv_persistence,
             kv_persistence_max_bytes=model.kv_persistence_max_bytes,
             kv_persistence_total_max_bytes=self.parsed.kv_persistence_total_max_bytes,
+            declared_memory=self.sizes(model.memory, loc + ("memory",)),
+            persistent=model.persistent,
         )
         return spec, uses_port
+
+    def sizes(self, values: dict[str, str | int], loc: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+        parsed = []
+        for device, amount in values.items():
+            try:
+                parsed.append((device_key(device), parse_size(amount)))
+            except SizeError as exc:
+                raise self.error(loc + (device,), str(exc)) from None
+        return tuple(parsed)
+
+    def memory_settings(self) -> MemorySettings:
+        memory = self.parsed.memory
+        try:
+            headroom = parse_size(memory.headroom)
+        except SizeError as exc:
+            raise self.error(("memory", "headroom"), str(exc)) from None
+        return MemorySettings(scheduled=memory.scheduling and not self.parsed.groups,
+                              budget=self.sizes(memory.budget, ("memory", "budget")), headroom_bytes=headroom,
+                              eviction=memory.eviction)
 
     def check_aliases(self, models: dict[str, ModelSpec]) -> None:
         owner: dict[str, str] = {}

@@ -5,7 +5,7 @@ Validation is pydantic's; `loader.py` maps its error locations back to lines.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,6 +43,8 @@ class ModelConfig(_Section):
     mmproj: bool = False  # with `model`: also pull the repo's projector and pass --mmproj
     kv_persistence: bool | None = Field(None, alias="kvPersistence")  # None: on for llama.cpp engines
     kv_persistence_max_bytes: int = Field(2 * 1024**3, alias="kvPersistenceMaxBytes", ge=0)
+    memory: dict[str, str | int] = Field(default_factory=dict)  # declared need per device: {ram: 2GiB, gpu0: 6GiB}
+    persistent: bool = False  # never evicted to make room by memory
 
     @field_validator("env")
     @classmethod
@@ -59,6 +61,13 @@ class GroupConfig(_Section):
     exclusive: bool = True
     persistent: bool = False
     members: list[str] = Field(default_factory=list)
+
+
+class MemoryConfig(_Section):
+    scheduling: bool = True  # without groups, run models together while they fit (False: llama-swap's swap)
+    budget: dict[str, str | int] = Field(default_factory=dict)  # per device; default: free at startup
+    headroom: str | int = "1GiB"  # kept free on each device
+    eviction: Literal["lru", "largest"] = "lru"
 
 
 class StartupHooks(_Section):
@@ -83,6 +92,7 @@ class BerthConfigFile(_Section):
     max_body_bytes: int = Field(64 * 1024 * 1024, alias="maxBodyBytes", gt=0)
     model_store: str = Field("", alias="modelStore")  # default: $BERTH_HOME/models
     kv_persistence_total_max_bytes: int = Field(8 * 1024**3, alias="kvPersistenceTotalMaxBytes", ge=0)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @field_validator("log_level")
     @classmethod

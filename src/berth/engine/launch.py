@@ -66,8 +66,22 @@ class Launch:
     slots: SlotPlan | None = None
 
 
-def is_llama_cpp(program: list[str]) -> bool:
-    return program == worker_argv() or os.path.basename(program[0]).startswith("llama-server")
+def is_llama_cpp(argv: list[str]) -> bool:
+    """Whether an argv (or just its program part) runs llama.cpp's server: the binary or `berth worker`."""
+    worker = worker_argv()
+    return argv[:len(worker)] == worker or os.path.basename(argv[0]).startswith("llama-server")
+
+
+def server_args(argv: list[str]) -> LlamaServerArgs | None:
+    """The typed flags of a llama.cpp server argv as executed; None for other engines or unreadable flags."""
+    if not is_llama_cpp(argv):
+        return None
+    worker = worker_argv()
+    rest = argv[len(worker):] if argv[:len(worker)] == worker else argv[1:]
+    try:
+        return LlamaServerArgs.parse(["llama-server", *rest])
+    except ArgvError:
+        return None
 
 
 def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threading.Event | None = None) -> Launch:

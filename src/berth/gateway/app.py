@@ -184,6 +184,7 @@ class Gateway:
             entry["meta"] = dict(spec.metadata)
         if listed_as != model_id:
             entry["alias_of"] = model_id
+        entry["memory"] = self._memory_entry(model_id)
         return entry
 
     async def openai_models(self, request: web.Request) -> web.Response:
@@ -209,8 +210,18 @@ class Gateway:
                 "pid": process.pid if process else None, "in_flight": view.in_flight, "queued": view.queued,
                 "cmd": " ".join(redact_argv(process.argv if process else list(spec.argv))),
                 "kv_slots": _slot_summary(process),
+                "memory": self._memory_entry(model_id),
             })
-        return web.json_response({"running": running})
+        devices = await asyncio.to_thread(self.pool.devices)
+        return web.json_response({"running": running, "devices": devices})
+
+    def _memory_entry(self, model_id: str) -> dict:
+        plan = self.pool.memory.get(model_id)
+        entry: dict = {"planned_bytes": plan.planned if plan else None, "source": plan.source if plan else "unknown",
+                       "detail": plan.detail if plan else ""}
+        if model_id in self.pool.measured:
+            entry["measured_bytes"] = self.pool.measured[model_id]
+        return entry
 
     async def unload_all(self, request: web.Request) -> web.Response:
         await self.pool.unload(None, force=request.query.get("force") in ("1", "true"))
@@ -248,6 +259,9 @@ class Gateway:
         return web.json_response({"success": True})
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        devices = await asyncio.to_thread(self.pool.devices)
+        planned = {m: (p.source, p.planned) for m, p in self.pool.memory.items() if p.planned}
+        self.metrics.set_memory(planned, dict(self.pool.measured), devices)
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def logs_text(self, request: web.Request) -> web.Response:

@@ -42,6 +42,28 @@ class Metrics:
                                        "Cached tokens reused by the first request after a restore", ["model"],
                                        registry=r)
 
+        self.memory_planned = Gauge("berth_model_memory_planned_bytes", "Memory the scheduler counts per model",
+                                    ["model", "device", "source"], registry=r)
+        self.memory_measured = Gauge("berth_model_memory_measured_bytes", "Peak memory a running model used",
+                                     ["model", "device"], registry=r)
+        self.device_memory = Gauge("berth_device_memory_bytes", "Memory per device: total, free, budget, planned",
+                                   ["device", "kind"], registry=r)
+
+    def set_memory(self, planned: dict[str, tuple[str, dict[str, int]]], measured: dict[str, dict[str, int]],
+                   devices: dict[str, dict[str, int]]) -> None:
+        """Replace the memory gauges with the current figures (models come and go)."""
+        for gauge in (self.memory_planned, self.memory_measured, self.device_memory):
+            gauge.clear()
+        for model, (source, usage) in planned.items():
+            for device, amount in usage.items():
+                self.memory_planned.labels(model, device, source).set(amount)
+        for model, usage in measured.items():
+            for device, amount in usage.items():
+                self.memory_measured.labels(model, device).set(amount)
+        for device, figures in devices.items():
+            for kind, amount in figures.items():
+                self.device_memory.labels(device, kind.removesuffix("_bytes")).set(amount)
+
     def record_usage(self, model: str, tail: bytes) -> None:
         """Count tokens from the last `usage` object in the end of a response body or stream."""
         usage = _last_object(tail, _USAGE_KEY)

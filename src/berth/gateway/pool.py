@@ -14,27 +14,40 @@ from dataclasses import dataclass
 import aiohttp
 
 from berth.config import BerthConfig
+from berth.config.loader import DEFAULT_GROUP
 from berth.engine.launch import Launch
 from berth.errors import BerthError, UnknownModel
 from berth.gateway.metrics import Metrics
+from berth.memory.devices import inventory, measure_group
+from berth.memory.planner import MemoryLedger, MemoryPlanner, ModelMemory
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
 from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent, Stopped, Warmup
 from berth.scheduler import (
-    Action, Admit, GroupPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop,
+    Action, Admit, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop,
 )
+from berth.store.store import berth_home
 
 log = logging.getLogger("berth.pool")
 
 LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event) -> Launch
 
 
-def _policies(config: BerthConfig) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy]]:
-    models = {m.id: ModelPolicy(group=m.group, ttl=m.ttl, concurrency_limit=m.concurrency_limit)
+MEASURE_INTERVAL = 30.0  # seconds between measurements of running models (peak usage grows with use)
+
+
+def _policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[str, int],
+              ) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy]:
+    persistent_groups = {g.name for g in config.groups.values() if g.persistent}
+    models = {m.id: ModelPolicy(group=m.group, ttl=m.ttl, concurrency_limit=m.concurrency_limit,
+                                memory=plans[m.id].planned, pinned=m.persistent or m.group in persistent_groups)
               for m in config.models.values()}
     groups = {g.name: GroupPolicy(swap=g.swap, exclusive=g.exclusive, persistent=g.persistent)
               for g in config.groups.values()}
-    return models, groups
+    scheduled = DEFAULT_GROUP if config.memory.scheduled else None
+    if scheduled in groups:  # without groups, memory decides who runs together instead of swapping
+        groups[scheduled] = GroupPolicy(swap=False, exclusive=False)
+    return models, groups, MemoryPolicy(budgets, scheduled, config.memory.eviction)
 
 
 @dataclass
@@ -60,7 +73,11 @@ class ModelPool:
         self.metrics = metrics
         self._launch_builder = launch_builder
         self._warmup = warmup
-        self._scheduler = Scheduler.build(*_policies(config))
+        self.planner = MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"),
+                                     lambda spec: launch_builder(spec, fetch=False))
+        self.memory: dict[str, ModelMemory] = {}  # planned memory per model
+        self.measured: dict[str, dict[str, int]] = {}  # peak usage per running model
+        self._scheduler = Scheduler.build(*self._plan_all(config))
         self._janitor = Janitor()
         self._processes: dict[str, ModelProcess] = {}
         self._waiters: dict[int, asyncio.Future[str]] = {}
@@ -69,6 +86,7 @@ class ModelPool:
         self._timer: asyncio.TimerHandle | None = None
         self._session: aiohttp.ClientSession | None = None
         self._proxy_session: aiohttp.ClientSession | None = None
+        self._measuring: asyncio.Task | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -79,6 +97,7 @@ class ModelPool:
         self._proxy_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         for model_id in self.config.preload:
             asyncio.create_task(self._preload(model_id))
+        self._measuring = asyncio.create_task(self._measure_periodically())
 
     async def _preload(self, model_id: str) -> None:
         try:
@@ -89,6 +108,8 @@ class ModelPool:
     async def close(self) -> None:
         """Stop every model (in-flight requests are cut) and wait until all are gone."""
         self._apply(self._scheduler.shutdown(self._now()))
+        if self._measuring:
+            self._measuring.cancel()
         await asyncio.gather(*(p.wait_closed() for p in list(self._processes.values())), return_exceptions=True)
         if self._timer:
             self._timer.cancel()
@@ -146,7 +167,7 @@ class ModelPool:
         changed = [m for m in old.models if m in new.models and old.models[m] != new.models[m]]
         removed = [m for m in old.models if m not in new.models]
         self.config = new
-        self._scheduler.configure(*_policies(new))
+        self._scheduler.configure(*self._plan_all(new))
         for model_id in changed:
             if self._scheduler.state(model_id) in (ModelState.READY, ModelState.STARTING):
                 self._apply(self._scheduler.unload(model_id, self._now(), reason="reload"))
@@ -177,6 +198,53 @@ class ModelPool:
         assert self._proxy_session is not None
         return self._proxy_session
 
+    # -- memory -----------------------------------------------------------------------
+
+    def _plan_all(self, config: BerthConfig):
+        self.memory = {spec.id: self.planner.plan(spec) for spec in config.models.values()}
+        for model_id, plan in self.memory.items():
+            log.debug(f"{model_id}: memory {plan.source} {plan.planned} {plan.detail}")
+        return _policies(config, self.memory, self.planner.budgets(config))
+
+    async def _measure(self, model_id: str, process: ModelProcess) -> None:
+        """Read what a running model really uses; later plans for the same settings start from it."""
+        if process.pid is None:
+            return
+        usage = await asyncio.to_thread(measure_group, process.pid)
+        if self._processes.get(model_id) is not process or not usage.get("host"):
+            return  # stopped meanwhile
+        self.measured[model_id] = usage
+        spec = self.config.models.get(model_id)
+        if spec is None or spec.argv != process.spec.argv:
+            return  # reloaded with other settings meanwhile
+        plan = self.planner.learn(spec, process.argv, usage)
+        if plan.planned != self.memory[model_id].planned:
+            log.info(f"{model_id}: planned memory now {plan.planned} ({plan.source})")
+        self.memory[model_id] = plan
+        self._apply(self._scheduler.set_memory(model_id, plan.planned, self._now()))
+
+    def devices(self) -> dict[str, dict[str, int]]:
+        """Per device: total and free now, berth's budget, and what running models are planned to hold."""
+        live = inventory()
+        budgets = self.planner.budgets(self.config)
+        result = {}
+        for name in sorted(set(live) | set(budgets)):
+            planned = sum((self.memory[m].planned or {}).get(name, 0) for m in self._scheduler.models
+                          if m in self.memory and self._scheduler.state(m) in
+                          (ModelState.STARTING, ModelState.READY, ModelState.STOPPING))
+            device = live.get(name)
+            result[name] = {"total_bytes": device.total_bytes if device else 0,
+                            "free_bytes": device.free_bytes if device else 0,
+                            "budget_bytes": budgets.get(name, 0), "planned_in_use_bytes": planned}
+        return result
+
+    async def _measure_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(MEASURE_INTERVAL)
+            for model_id, process in list(self._processes.items()):
+                if self._scheduler.state(model_id) is ModelState.READY:
+                    await self._measure(model_id, process)
+
     # -- the shell --------------------------------------------------------------------
 
     @staticmethod
@@ -199,7 +267,7 @@ class ModelPool:
                 self._start(action.model)
             elif isinstance(action, Stop):
                 log.info(f"stopping {action.model} ({action.reason})")
-                if action.reason == "swap":
+                if action.reason in ("swap", "memory"):
                     self.metrics.swaps.inc()
                 process = self._processes.get(action.model)
                 if process is not None:
@@ -232,10 +300,13 @@ class ModelPool:
         if isinstance(event, Started):
             self.metrics.load_seconds.labels(model_id).observe(process.load_seconds or 0.0)
             self._apply(self._scheduler.started(model_id, now))
-            asyncio.get_running_loop().create_task(self._notify_state_change())
+            loop = asyncio.get_running_loop()
+            loop.create_task(self._notify_state_change())
+            loop.create_task(self._measure(model_id, process))
             return
         if self._processes.get(model_id) is process:
             del self._processes[model_id]
+            self.measured.pop(model_id, None)
         if isinstance(event, StartFailedEvent):
             self.metrics.start_failures.labels(model_id).inc()
             log.info(event.error.message)

@@ -33,9 +33,9 @@ import re
 from dataclasses import dataclass, field
 
 from berth.engine.llama_args import LlamaServerArgs
+from berth.memory.units import HOST
 from berth.store.gguf_check import GGUFHeader
 
-HOST = "host"
 GPU = "gpu0"
 CTX_PAD = 256
 DEFAULT_UBATCH = 512

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from berth.engine.llama_args import LlamaServerArgs
-from berth.memory.estimate import CTX_PAD, GPU, HOST, MemoryEstimate, estimate
+from berth.memory.estimate import CTX_PAD, GPU, MemoryEstimate, estimate
+from berth.memory.units import SizeError, device_key, parse_size
 from berth.store.gguf_check import GGUFHeader
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3,
-          "t": 1024**4, "tib": 1024**4, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
-_DEVICE_ALIASES = {"ram": HOST, "host": HOST, "cpu": HOST, "gpu": GPU, "gpu0": GPU}
 
 
 class BudgetError(ValueError):
@@ -23,11 +19,12 @@ def parse_budget(text: str) -> dict[str, int]:
     budget: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, amount = part.partition("=")
-        match = re.fullmatch(r"([\d.]+)\s*([a-zA-Z]*)", amount.strip())
-        device = _DEVICE_ALIASES.get(name.strip().lower())
-        if not sep or match is None or device is None or match.group(2).lower() not in _UNITS:
-            raise BudgetError(f"{part!r} is not DEVICE=SIZE; write for example gpu0=24GiB,ram=20GiB")
-        budget[device] = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        try:
+            if not sep:
+                raise SizeError("no '='")
+            budget[device_key(name)] = parse_size(amount)
+        except SizeError:
+            raise BudgetError(f"{part!r} is not DEVICE=SIZE; write for example gpu0=24GiB,ram=20GiB") from None
     if not budget:
         raise BudgetError("the budget is empty; write for example gpu0=24GiB,ram=20GiB")
     return budget

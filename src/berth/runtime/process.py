@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -25,10 +26,11 @@ from berth.config import ModelSpec
 from berth.engine.launch import Launch
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SlotPlan
-from berth.runtime.slots import SlotKeeper
 from berth.errors import BerthError, StartFailed
+from berth.memory.devices import group_pids
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
+from berth.runtime.slots import SlotKeeper
 
 log = logging.getLogger("berth.runtime")
 
@@ -57,28 +59,25 @@ ProcessEvent = Started | StartFailedEvent | Stopped
 Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
 
 
+# What llama.cpp (CPU, CUDA, HIP, Vulkan) and C++ print when an allocation fails.
+_OUT_OF_MEMORY = re.compile(r"out of memory|failed to allocate|unable to allocate|cudaMalloc failed|hipMalloc failed|"
+                            r"std::bad_alloc|ErrorOutOfDeviceMemory", re.IGNORECASE)
+
+
+def looks_out_of_memory(returncode: int | None, lines: list[str]) -> bool:
+    """An exit before ready that an allocation failure (or the kernel's OOM killer's SIGKILL) explains."""
+    return returncode == -signal.SIGKILL or any(_OUT_OF_MEMORY.search(line) for line in lines)
+
+
 def group_alive(pgid: int) -> bool:
     """True while any non-zombie process is in the process group."""
-    try:
-        entries = os.listdir("/proc")
-    except FileNotFoundError:  # not Linux: fall back to the signal probe
+    if not os.path.isdir("/proc"):  # not Linux: fall back to the signal probe
         try:
             os.killpg(pgid, 0)
             return True
         except ProcessLookupError:
             return False
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
-            return True
-    return False
+    return bool(group_pids(pgid))
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -276,8 +275,9 @@ class ModelProcess:
             return "stopped"
         if exited in done:
             await asyncio.sleep(0)  # let the drain task take the last lines
+            lines = self._last_lines()
             return StartFailed(self.spec.id, f"process exited with code {self._proc.returncode} before it was ready",
-                               self._last_lines())
+                               lines, out_of_memory=looks_out_of_memory(self._proc.returncode, lines))
         if health in done:
             failure = health.exception()
             if failure is None:

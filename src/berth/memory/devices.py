@@ -1,0 +1,159 @@
+"""What memory the machine has, and what a model server process really uses.
+
+Host RAM respects cgroup limits (v2 `memory.max`, v1 `memory.limit_in_bytes`):
+in a container MemTotal is the host's, not ours. NVIDIA GPUs are read through
+NVML (`nvidia-ml-py`) when the driver library is present; without it the list
+of GPUs is empty and every layer is planned on the host, as llama.cpp's CPU
+build would place it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.memory.units import HOST
+
+log = logging.getLogger("berth.memory")
+
+_CGROUP_V2 = Path("/sys/fs/cgroup")
+_CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+_NO_LIMIT = 1 << 60  # cgroup v1 writes a huge number for "unlimited"
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # "host", "gpu0", "gpu1", ...
+    description: str
+    total_bytes: int
+    free_bytes: int
+
+
+def _meminfo() -> dict[str, int]:
+    values = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                values[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return values
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_limit() -> tuple[int, int] | None:
+    """(limit, usage) of this process's memory cgroup, or None when unlimited."""
+    for limit_file, usage_file in ((_CGROUP_V2 / "memory.max", _CGROUP_V2 / "memory.current"),
+                                   (_CGROUP_V1 / "memory.limit_in_bytes", _CGROUP_V1 / "memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is not None and limit < _NO_LIMIT:
+            return limit, _read_int(usage_file) or 0
+    return None
+
+
+def host_device() -> Device:
+    info = _meminfo()
+    total, free = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
+    description = "host RAM"
+    cgroup = _cgroup_limit()
+    if cgroup is not None and cgroup[0] < total:
+        limit, usage = cgroup
+        total, free = limit, min(free, max(limit - usage, 0))
+        description = "host RAM (cgroup limit)"
+    return Device(HOST, description, total, free)
+
+
+def _nvml():
+    """The initialised pynvml module, or None without an NVIDIA driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    return pynvml
+
+
+def gpu_devices() -> list[Device]:
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    devices = []
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
+            devices.append(Device(f"gpu{index}", name.decode() if isinstance(name, bytes) else str(name),
+                                  int(memory.total), int(memory.free)))
+    except nvml.NVMLError as exc:
+        log.warning(f"NVML failed while listing GPUs ({exc}); planning without GPUs")
+        return []
+    finally:
+        nvml.nvmlShutdown()
+    return devices
+
+
+def inventory() -> dict[str, Device]:
+    return {d.name: d for d in (host_device(), *gpu_devices())}
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) members of a process group."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
+            pids.append(int(entry))
+    return pids
+
+
+def _peak_resident_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_group(pgid: int) -> dict[str, int]:
+    """Bytes a process group uses: its members' peak resident host memory, and per GPU what NVML
+    reports for its pids (allocations there are committed at load, so current is peak)."""
+    pids = group_pids(pgid)
+    usage = {HOST: sum(_peak_resident_bytes(pid) for pid in pids)}
+    nvml = _nvml() if pids else None
+    if nvml is None:
+        return usage
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            used = sum(p.usedGpuMemory or 0 for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                       if p.pid in pids)
+            if used:
+                usage[f"gpu{index}"] = int(used)
+    except nvml.NVMLError as exc:
+        log.debug(f"NVML could not measure pids {pids}: {exc}")
+    finally:
+        nvml.nvmlShutdown()
+    return usage

@@ -1,0 +1,186 @@
+"""Each model's planned memory, from what is known best: declared > measured > estimated.
+
+- declared: `memory:` in the model's config (any engine, e.g. a vLLM cmd);
+- measured: what the model's process group really used after its last start with
+  the same argv and model file, kept in `$BERTH_HOME/memory.json` across restarts;
+- estimated: `memory.estimate` from the GGUF header and the launch settings,
+  for llama.cpp engines whose model file is on disk.
+Anything else is unknown, and the scheduler runs it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.config import BerthConfig, ModelSpec
+from berth.engine.launch import Launch, server_args
+from berth.errors import BerthError
+from berth.memory.devices import Device
+from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
+from berth.memory.units import HOST
+from berth.store.gguf_check import GGUFInvalid, read_model_header
+
+log = logging.getLogger("berth.memory")
+
+# Flags that change where a server listens or saves, not what it holds in memory.
+_PLACEMENT_FLAGS = ("--port", "--host", "--slot-save-path", "--api-key", "--alias")
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    planned: dict[str, int] | None  # bytes per device the scheduler counts; None = unknown
+    source: str  # "declared", "measured", "estimated" or "unknown"
+    detail: str = ""  # why unknown, or what was estimated
+    estimate: MemoryEstimate | None = None
+    key: str | None = None  # the measurement ledger's key (argv + model file), when known
+
+
+def budgets(devices: dict[str, Device], explicit: dict[str, int], headroom: int) -> dict[str, int]:
+    """Usable bytes per device: the configured budget, else what was free at startup, less headroom."""
+    result = {}
+    for name, device in devices.items():
+        base = explicit.get(name, device.free_bytes)
+        result[name] = max(base - headroom, 0)
+    for name, amount in explicit.items():  # a budget for a device not seen (declared memory, tests)
+        result.setdefault(name, max(amount - headroom, 0))
+    return result
+
+
+def _spread_over_gpus(usage: dict[str, int], devices: dict[str, Device]) -> dict[str, int]:
+    """llama.cpp splits offloaded layers over GPUs in proportion to their memory by default."""
+    gpus = sorted(n for n in devices if n.startswith("gpu"))
+    if len(gpus) < 2 or GPU not in usage:
+        return usage
+    total = sum(devices[n].total_bytes for n in gpus)
+    on_gpu = usage.pop(GPU)
+    for name in gpus:
+        usage[name] = usage.get(name, 0) + on_gpu * devices[name].total_bytes // total
+    return usage
+
+
+def _combine(measured: dict[str, int], estimated: dict[str, int] | None) -> dict[str, int]:
+    """GPU allocations are committed at load, so the measurement is the truth there. Host memory is
+    counted by resident pages, and a KV cache's pages become resident only as contexts fill: a
+    measurement below the estimate does not prove the model needs less, so the larger one counts."""
+    planned = dict(measured)
+    for device, amount in (estimated or {}).items():
+        if device == HOST:
+            planned[device] = max(planned.get(device, 0), amount)
+        else:
+            planned.setdefault(device, amount)
+    return planned
+
+
+class MemoryLedger:
+    """Measured usage per (argv, model file), kept on disk so a restart plans with it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._entries: dict[str, dict] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._entries = {}
+
+    def get(self, key: str) -> dict[str, int] | None:
+        entry = self._entries.get(key)
+        return dict(entry["usage"]) if entry else None
+
+    def record(self, key: str, model_id: str, usage: dict[str, int]) -> None:
+        self._entries[key] = {"model": model_id, "usage": usage, "at": time.time()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
+            partial.replace(self.path)
+        except OSError as exc:
+            log.warning(f"cannot save measured memory to {self.path}: {exc}")
+
+
+def measurement_key(argv: list[str]) -> str | None:
+    """Identity of a launch for the ledger: its argv minus placement flags, plus the model file's identity."""
+    args = server_args(argv)
+    model = args.get("model") if args else None
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _PLACEMENT_FLAGS:
+            skip = True
+        else:
+            kept.append(arg)
+    identity: list = [kept]
+    if model:
+        try:
+            stat = os.stat(model)
+        except OSError:
+            return None
+        identity.append([os.path.realpath(model), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+
+class MemoryPlanner:
+    def __init__(self, devices: dict[str, Device], ledger: MemoryLedger,
+                 plan_launch: Callable[[ModelSpec], Launch]) -> None:
+        self.devices = devices
+        self.ledger = ledger
+        self._plan_launch = plan_launch  # the launch as it would run, without pulling anything
+
+    def budgets(self, config: BerthConfig) -> dict[str, int]:
+        return budgets(self.devices, dict(config.memory.budget), config.memory.headroom_bytes)
+
+    def plan(self, spec: ModelSpec) -> ModelMemory:
+        if spec.declared_memory:
+            return ModelMemory(dict(spec.declared_memory), "declared")
+        try:
+            argv = self._plan_launch(spec).argv
+        except BerthError as exc:
+            return ModelMemory(None, "unknown", exc.message)
+        key = measurement_key(argv)
+        measured = self.ledger.get(key) if key else None
+        result = self._estimate(argv)
+        estimated = None
+        if isinstance(result, MemoryEstimate):
+            usage = {name: d.total_bytes for name, d in result.devices.items() if d.total_bytes}
+            estimated = _spread_over_gpus(usage, self.devices)
+        if measured is not None:
+            return ModelMemory(_combine(measured, estimated), "measured", "from its last run with these settings",
+                               result if estimated else None, key)
+        if estimated is None:
+            return ModelMemory(None, "unknown", str(result), key=key)
+        return ModelMemory(estimated, "estimated", "from the GGUF header and its flags", result, key)
+
+    def learn(self, spec: ModelSpec, argv: list[str], usage: dict[str, int]) -> ModelMemory:
+        """Keep a measurement of `spec` run as `argv` (the peak per device so far); return the new plan."""
+        key = measurement_key(argv)
+        if key is not None and not spec.declared_memory:
+            previous = self.ledger.get(key) or {}
+            peak = {d: max(usage.get(d, 0), previous.get(d, 0)) for d in set(usage) | set(previous)}
+            if peak != previous:
+                self.ledger.record(key, spec.id, peak)
+        return self.plan(spec)
+
+    def _estimate(self, argv: list[str]) -> MemoryEstimate | str:
+        """The estimate, or why there is none."""
+        args = server_args(argv)
+        if args is None:
+            return "not a llama.cpp server (or its flags are not readable); declare `memory:` for it in the config"
+        model = args.get("model")
+        if not model:
+            return "no --model file to read"
+        try:
+            header = read_model_header(model)
+        except FileNotFoundError:
+            return f"{model} is not on disk yet (it is pulled at the first start)"
+        except (GGUFInvalid, OSError) as exc:
+            return f"cannot read {model}: {exc}"
+        try:
+            return estimate(header, args, has_gpu=any(n.startswith("gpu") for n in self.devices))
+        except EstimateError as exc:
+            return str(exc)
