@@ -229,14 +229,15 @@ def rm(name: str, slots_only: bool, config_path: str | None) -> None:
               help="Share of each budget kept free.")
 @click.option("--max-context", is_flag=True, help="With --budget: also find the largest context that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with byte fields.")
+@click.option("--exact", is_flag=True, help="Ask llama.cpp's own dry run (llama-fit-params) instead of estimating.")
 def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | None, cache_type_k: str | None,
         cache_type_v: str | None, ngl: str | None, budget: str | None, headroom: float, max_context: bool,
-        as_json: bool) -> None:
+        as_json: bool, exact: bool) -> None:
     """Estimate a model's memory per device (GGUF path, store name or config model id)."""
     import json
 
     from berth.engine.llama_args import ArgvError, LlamaServerArgs
-    from berth.memory.estimate import EstimateError, estimate
+    from berth.memory.estimate import EstimateError, MemoryEstimate, estimate
     from berth.memory.fit import BudgetError, find_fit, parse_budget
     from berth.store.gguf_check import GGUFInvalid, read_gguf_header
 
@@ -270,9 +271,19 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
         _fail(f"{path!r} is neither a GGUF file nor a model in the store at {store.root}; see `berth models`")
     except (GGUFInvalid, OSError) as exc:
         _fail(f"{path} is not a readable GGUF file: {exc}")
+    if exact and (budget or max_context):
+        _fail("--exact reports llama.cpp's own plan for free device memory; drop --budget/--max-context or --exact")
     try:
         budgets = parse_budget(budget) if budget else None
-        if budgets is not None:
+        if exact:
+            from berth.memory.exact import ExactUnavailable, exact_fit
+
+            try:
+                found_exact = exact_fit(args)
+            except ExactUnavailable as exc:
+                _fail(str(exc), 1)
+            result, flags = MemoryEstimate(devices=found_exact.devices), found_exact.flags
+        elif budgets is not None:
             found = find_fit(header, args, budgets, headroom, max_context)
             if found is None:
                 _fail(f"{path} does not fit {budget} even with every layer on the host and the smallest context",
@@ -286,21 +297,145 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
                       "runtime_bytes": d.runtime_bytes, "total_bytes": d.total_bytes}
                for name, d in result.devices.items()}
     if as_json:
-        click.echo(json.dumps({"model": path, "devices": devices, "total_bytes": result.total_bytes,
+        click.echo(json.dumps({"model": path, "method": "llama-fit-params" if exact else "estimate",
+                               "devices": devices, "total_bytes": result.total_bytes,
                                "kv_cells_per_stream": result.kv_cells, "swa_cells_per_stream": result.swa_cells,
                                "streams": result.streams, "flags": flags}, indent=2))
         return
     mib = 1024 * 1024
-    click.echo(f"{path}: {result.streams} stream(s) of {result.kv_cells} KV cells"
-               + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else ""))
+    if exact:
+        click.echo(f"{path}: llama.cpp's dry run (llama-fit-params; compute is its worst-case reserve)")
+    else:
+        click.echo(f"{path}: {result.streams} stream(s) of {result.kv_cells} KV cells"
+                   + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else ""))
     columns = ("weights_bytes", "kv_bytes", "compute_bytes", "runtime_bytes", "total_bytes")
     click.echo(f"{'DEVICE':8} " + " ".join(f"{c.removesuffix('_bytes').upper():>12}" for c in columns))
     for name, d in devices.items():
         click.echo(f"{name:8} " + " ".join(f"{d[k] / mib:>8.1f} MiB" for k in columns))
     click.echo(f"{'total':8} {'':>12} {'':>12} {'':>12} {'':>12} {result.total_bytes / mib:>8.1f} MiB")
-    if flags:
+    if flags and exact:
+        click.echo(f"llama-fit-params would run it with: {' '.join(flags)}")
+    elif flags:
         click.echo(f"fits {budget} with {headroom:.0%} headroom: {' '.join(flags)}")
 
+
+
+def _concurrency_list(ctx, param, value: str) -> list[int]:
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"{value!r} is not a list of positive numbers; write for example 1,4,16")
+    return levels
+
+
+@main.command()
+@click.option("--url", required=True, help="Base URL of an OpenAI-compatible server (with or without /v1).")
+@click.option("--model", "models", multiple=True, required=True, help="Model to measure; repeat for several.")
+@click.option("--requests", "n_requests", default=20, show_default=True, type=click.IntRange(1),
+              help="Requests per model and concurrency level (swap: per model).")
+@click.option("--concurrency", default="1", show_default=True, callback=_concurrency_list,
+              help="Requests in flight at once; a list such as 1,4,16 sweeps.")
+@click.option("--prompt", help="The user message.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False),
+              help="A file with the user message; .jsonl: one prompt per line (a string or {\"prompt\": ...}).")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--stream/--no-stream", default=True, show_default=True)
+@click.option("--json-schema", "schema_path", type=click.Path(dir_okay=False),
+              help="Ask for JSON matching this schema and report the share that parses and validates.")
+@click.option("--scenario", type=click.Choice(["warm", "cold", "swap"]), default="warm", show_default=True,
+              help="warm: loaded first; cold: unloaded (berth's API) before each request; swap: alternate models.")
+@click.option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key (default: $OPENAI_API_KEY).")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds per request.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for results.json, summary.md and the PNG plots.")
+def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[int], prompt: str | None,
+          prompt_file: str | None, max_tokens: int, stream: bool, schema_path: str | None, scenario: str,
+          api_key: str | None, timeout: float, out_dir: str) -> None:
+    """Measure latency, throughput and errors of models behind any OpenAI-compatible URL."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from berth.bench import report
+    from berth.bench.runner import BenchSettings, BenchSetupError, check_target, run
+
+    base = url.rstrip("/").removesuffix("/v1")
+    if not base.startswith(("http://", "https://")):
+        _fail(f"--url {url!r} must start with http:// or https://")
+    prompts = _bench_prompts(prompt, prompt_file)
+    schema = None
+    if schema_path:
+        try:
+            schema = json.loads(Path(schema_path).read_text())
+            import jsonschema
+
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except OSError as exc:
+            _fail(f"cannot read --json-schema {schema_path}: {exc.strerror}")
+        except ValueError as exc:
+            _fail(f"--json-schema {schema_path} is not JSON: {exc}")
+        except jsonschema.SchemaError as exc:
+            _fail(f"--json-schema {schema_path} is not a valid JSON Schema: {exc.message}")
+    if scenario == "swap" and len(models) < 2:
+        _fail("--scenario swap alternates models; give --model at least twice")
+    if scenario in ("cold", "swap") and concurrency != [1]:
+        _fail(f"--scenario {scenario} sends one request at a time; drop --concurrency")
+    settings = BenchSettings(base, list(models), n_requests, concurrency, prompts, max_tokens, stream, scenario,
+                             schema, api_key, timeout)
+    phases = 1 if scenario == "swap" else len(models) * len(concurrency)
+    total = n_requests * (len(models) if scenario == "swap" else phases)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        asyncio.run(check_target(settings))
+        with Progress(*columns, console=err_console, transient=False) as bar:
+            overall = bar.add_task("all requests", total=total)
+            tasks: dict[str, int] = {}
+
+            def advance(label: str, done: int) -> None:
+                if label not in tasks:
+                    tasks[label] = bar.add_task(label, total=total // phases)
+                bar.advance(tasks[label], done)
+                bar.advance(overall, done)
+
+            records = asyncio.run(run(settings, advance))
+    except BenchSetupError as exc:
+        _fail(str(exc))
+    results = report.write(settings, records, Path(out_dir))
+    click.echo(report.markdown(settings, results["summary"]))
+    click.echo(f"wrote {out_dir}/results.json, summary.md, latency.png, throughput.png")
+
+
+def _bench_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
+    import json
+
+    if bool(prompt) == bool(prompt_file):
+        _fail("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt:
+        return [prompt]
+    try:
+        with open(prompt_file, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read --prompt-file {prompt_file}: {exc}")
+    if not prompt_file.endswith(".jsonl"):
+        return [text] if text.strip() else _fail(f"--prompt-file {prompt_file} is empty")
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            _fail(f"{prompt_file}:{number}: not JSON; each line is a string or {{\"prompt\": \"...\"}}")
+        value = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(value, str) or not value:
+            _fail(f"{prompt_file}:{number}: no prompt; each line is a string or {{\"prompt\": \"...\"}}")
+        prompts.append(value)
+    return prompts or _fail(f"--prompt-file {prompt_file} has no prompts")
 
 if __name__ == "__main__":
     main()

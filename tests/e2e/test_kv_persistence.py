@@ -27,6 +27,7 @@ def ask(b: BerthServer, model: str, content: str = LONG, **extra) -> dict:
 def two_ids(engine: str, gguf: str, ctx_a: int = 2048, extra_a: str = "") -> str:
     common = f"-m {gguf} --port ${{PORT}} --no-jinja --chat-template gemma -np 1"
     return f"""
+memory: {{scheduling: false}}  # swap as llama-swap does: each request for the other id stops this one
 models:
   a: {{cmd: "{engine} {common} -c {ctx_a} {extra_a}"}}
   b: {{cmd: "{engine} {common} -c 1024"}}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import openai
@@ -82,26 +85,61 @@ def test_embeddings(berth, start_port, model_cmd):
     assert result.data[0].embedding != result.data[1].embedding
 
 
-def test_two_ids_on_one_gguf_swap(berth, start_port, model_cmd):
-    config = f"""
+def two_ids_on_one_gguf(start_port: int, model_cmd, memory: str) -> str:
+    return f"""
 startPort: {start_port}
+memory: {memory}
 models:
   small: {{cmd: "{model_cmd('-c 512')}"}}
   large: {{cmd: "{model_cmd('-c 1536')}"}}
 """
-    b = berth(config)
 
-    def n_ctx(model: str) -> int:
-        props = requests.get(b.url + "/props", params={"model": model}, timeout=60)
-        assert props.status_code == 200, props.text
-        return props.json()["default_generation_settings"]["n_ctx"]
 
-    assert n_ctx("small") == 512
+def n_ctx(b: BerthServer, model: str) -> int:
+    props = requests.get(b.url + "/props", params={"model": model}, timeout=60)
+    assert props.status_code == 200, props.text
+    return props.json()["default_generation_settings"]["n_ctx"]
+
+
+@pytest.mark.parametrize("memory", ["{scheduling: false}", "{budget: {ram: 600MiB}, headroom: 0}"])
+def test_two_ids_on_one_gguf_swap(berth, start_port, model_cmd, memory):
+    """llama-swap's swap, and the memory scheduler's when a budget holds only one of them."""
+    b = berth(two_ids_on_one_gguf(start_port, model_cmd, memory))
+    assert n_ctx(b, "small") == 512
     small_pid = b.pid_of("small")
-    assert n_ctx("large") == 1536
+    assert n_ctx(b, "large") == 1536
     assert list(b.running()) == ["large"] and not pid_alive(small_pid)
     reply = client(b).chat.completions.create(model="small", messages=MESSAGES, max_tokens=8)
     assert reply.choices[0].message.content.strip() and list(b.running()) == ["small"]
+
+
+def test_two_ids_on_one_gguf_run_together_when_memory_allows(berth, start_port, model_cmd):
+    b = berth(two_ids_on_one_gguf(start_port, model_cmd, "{budget: {ram: 4GiB}}"))
+    assert n_ctx(b, "small") == 512
+    assert n_ctx(b, "large") == 1536
+    running = b.running()
+    assert set(running) == {"small", "large"}
+    for entry in running.values():
+        assert entry["memory"]["planned_bytes"]["host"] > 300 * 1024**2  # a real plan, not a placeholder
+
+
+def test_estimate_is_within_15_percent_of_measured_host_usage(berth, start_port, model_cmd, tmp_path):
+    """The pure estimate (`berth fit`) against the peak resident memory berth measures after a request."""
+    config = one_model(start_port, model_cmd("-c 4096 --parallel 2"))
+    path = tmp_path / "fit.yaml"
+    path.write_text(config)
+    fit = subprocess.run([sys.executable, "-m", "berth.cli", "fit", "gemma", "-c", str(path), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert fit.returncode == 0, fit.stderr
+    estimated = json.loads(fit.stdout)["devices"]["host"]["total_bytes"]
+    b = berth(config)
+    client(b).chat.completions.create(model="gemma", messages=[{"role": "user", "content": "hello " * 300}],
+                                      max_tokens=16)
+    with open(f"/proc/{b.pid_of('gemma')}/status") as fh:  # the peak resident memory, read directly
+        measured = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    wait_until(lambda: "measured_bytes" in b.running()["gemma"]["memory"], 60, "berth's own measurement")
+    assert 0 < b.running()["gemma"]["memory"]["measured_bytes"]["host"] <= measured
+    assert abs(estimated - measured) / measured <= 0.15, (estimated, measured)
 
 
 def test_ttl_unload_then_reload(berth, start_port, model_cmd):

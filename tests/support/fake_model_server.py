@@ -30,6 +30,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pid-file", default=None)
     p.add_argument("--start-log", default=None, help="append a line per start to this file")
     p.add_argument("--empty-chat", action="store_true", help="answer chat with empty content")
+    p.add_argument("--error-every", type=int, default=0, help="answer every Nth chat request with a 500")
+    p.add_argument("--invalid-json-every", type=int, default=0,
+                   help="with response_format: every Nth answer is JSON that breaks the usual schema")
     p.add_argument("--alloc-mib", type=int, default=0, help="hold this much touched memory (for measurement)")
     p.add_argument("--oom-once", default=None,
                    help="at the first start (this marker file absent): create it, print an allocation failure, exit 1")
@@ -81,8 +84,25 @@ def main() -> None:
             response.enable_compression()  # honours the client's Accept-Encoding
         return response
 
+    chat_count = 0
+
+    def content_for(payload: dict, i: int | None = None) -> str:
+        if payload.get("response_format"):  # one JSON object, as a structured-output server would send
+            if i:
+                return ""
+            bad = args.invalid_json_every and chat_count % args.invalid_json_every == 0
+            return json.dumps({"answer": 42} if bad else {"answer": f"hello from {args.name}"})
+        if args.empty_chat:
+            return ""
+        return f"hello from {args.name}" if i is None else f"tok{i} "
+
     async def chat(request: web.Request) -> web.StreamResponse:
+        nonlocal chat_count
         payload = await request.json()
+        chat_count += 1
+        if args.error_every and chat_count % args.error_every == 0:
+            return web.json_response({"error": {"message": "fake overload", "type": "server_error",
+                                                "code": "fake_overload"}}, status=500)
         sleep = float(payload.get("sleep", 0))
         chunks = int(payload.get("chunks", 5))
         delay = float(payload.get("chunk_delay", 0.0))
@@ -92,8 +112,7 @@ def main() -> None:
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "model": payload.get("model"),
                 "server": args.name, "pid": os.getpid(),
-                "choices": [{"index": 0, "message": {"role": "assistant",
-                                                   "content": "" if args.empty_chat else f"hello from {args.name}"},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_for(payload)},
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
             })
@@ -105,7 +124,8 @@ def main() -> None:
                 if crash_after is not None and i == int(crash_after):
                     os.kill(os.getpid(), signal.SIGKILL)
                 chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": payload.get("model"),
-                         "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                         "choices": [{"index": 0, "delta": {"content": content_for(payload, i)},
+                                      "finish_reason": None}]}
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if delay:
                     await asyncio.sleep(delay)

@@ -158,3 +158,20 @@ def test_fit_finds_the_largest_context(tmp_path):
     found = find_fit(dense, args, {"host": at[2048]}, headroom=0, max_context=True)
     assert found.flags == ["-ngl", "0", "-c", "2048"]
     assert found.estimate.total_bytes <= at[2048] < at[2304]
+
+
+def test_llama_fit_params_breakdown_is_read_per_device():
+    from berth.memory.exact import parse_breakdown
+
+    prefix = "0.01.05 I common_memory_breakdown_print: "
+    table = "\n".join(prefix + row for row in (
+        "| memory breakdown [MiB] | total   free    self   model   context   compute    unaccounted |",
+        "|   - CUDA0 (NVIDIA H100 80GB HBM3) | 81079 = 70000 + (9000 = 7000 +  1500 +     500) +  2079 |",
+        "|   - Host               |                  787 =   222 +      42 +     522                |",
+        "|   - CPU_REPACK         |                   12 =    12 +       0 +       0                |"))
+    devices = parse_breakdown(table)
+    mib = 1024**2
+    assert (devices["gpu0"].weights_bytes, devices["gpu0"].kv_bytes, devices["gpu0"].compute_bytes) == \
+        (7000 * mib, 1500 * mib, 500 * mib)
+    assert (devices["host"].weights_bytes, devices["host"].kv_bytes, devices["host"].compute_bytes) == \
+        (234 * mib, 42 * mib, 522 * mib)
