@@ -1,0 +1,1 @@
+"""`berth bench`: measure any OpenAI-compatible server (berth or not)."""

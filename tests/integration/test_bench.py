@@ -1,0 +1,145 @@
+"""`berth bench` against a real berth (and a bare server) fronting fake model servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from tests.support.harness import fake_cmd, free_port, start_log_lines, wait_until
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+
+
+def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "berth.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def config(start_port: int, tmp_path: Path, flags_a: str = "", flags_b: str = "", extra: str = "") -> str:
+    log = tmp_path / "starts.log"
+    return f"""
+startPort: {start_port}
+{extra}
+models:
+  a:
+    cmd: {fake_cmd('a', '--start-log', str(log), *flags_a.split())}
+    memory: {{ram: 1GiB}}
+  b:
+    cmd: {fake_cmd('b', '--start-log', str(log), *flags_b.split())}
+    memory: {{ram: 1GiB}}
+"""
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_warm_sweep_reports_latency_throughput_errors_and_plots(berth, start_port, tmp_path):
+    b = berth(config(start_port, tmp_path, flags_b="--error-every 3"))
+    out = tmp_path / "out"
+    run = bench("--url", b.url + "/v1", "--model", "a", "--model", "b", "--requests", "6", "--concurrency", "1,3",
+                "--prompt", "hi", "--max-tokens", "8", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = {(r["model"], r["concurrency"]): r for r in results(out)["summary"]}
+    assert set(rows) == {("a", 1), ("a", 3), ("b", 1), ("b", 3)}
+    for row in rows.values():
+        assert row["requests"] == 6
+        assert row["ttft_s"]["p50"] <= row["e2e_s"]["p50"] <= row["e2e_s"]["p99"]
+        assert row["ttft_s"]["p50"] <= row["ttft_s"]["p90"] <= row["ttft_s"]["p99"]
+        assert row["output_tokens"] == 5 * row["succeeded"]  # the fake streams 5 tokens and reports them in usage
+        assert row["output_tokens_per_s"] > 0 and row["requests_per_s"] > 0
+        assert row["itl_s"]["p50"] is not None and row["tpot_s"]["p50"] is not None
+    assert rows[("a", 1)]["succeeded"] == 6 and rows[("a", 1)]["errors"] == {}
+    # b fails every third request it sees (its warm-up request included): 2 of 6 in each phase
+    assert rows[("b", 1)]["errors"] == {"fake_overload": 2} and rows[("b", 1)]["succeeded"] == 4
+    assert len(results(out)["requests"]) == 24
+    for name in ("latency.png", "throughput.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "| model | conc | ok | TTFT p50" in summary and "| b | 3 | 4/6 |" in summary
+    assert "fake_overload x2" in summary
+
+
+def test_json_schema_share_is_the_share_that_validates(berth, start_port, tmp_path):
+    b = berth(config(start_port, tmp_path, flags_a="--invalid-json-every 2"))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    out = tmp_path / "out"
+    run = bench("--url", b.url, "--model", "a", "--requests", "4", "--prompt", "answer", "--json-schema", str(schema),
+                "--no-stream", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    [row] = results(out)["summary"]
+    # requests 2..5 after the warm-up: 2 and 4 break the schema
+    assert row["json_valid_share"] == 0.5
+    assert "valid JSON" in (out / "summary.md").read_text()
+
+
+def test_cold_scenario_unloads_before_every_request(berth, start_port, tmp_path):
+    b = berth(config(start_port, tmp_path))
+    out = tmp_path / "out"
+    run = bench("--url", b.url, "--model", "a", "--requests", "3", "--prompt", "hi", "--scenario", "cold",
+                "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[0] for line in start_log_lines(tmp_path / "starts.log")] == ["a", "a", "a"]
+    [row] = results(out)["summary"]
+    assert row["scenario"] == "cold" and row["succeeded"] == 3
+
+
+def test_swap_scenario_alternates_models(berth, start_port, tmp_path):
+    b = berth(config(start_port, tmp_path, extra="memory: {scheduling: false}"))
+    out = tmp_path / "out"
+    run = bench("--url", b.url, "--model", "a", "--model", "b", "--requests", "2", "--prompt", "hi",
+                "--scenario", "swap", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[0] for line in start_log_lines(tmp_path / "starts.log")] == ["a", "b", "a", "b"]
+    assert [r["model"] for r in results(out)["requests"]] == ["a", "b", "a", "b"]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+def test_bench_works_against_a_server_that_is_not_berth(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(fake_cmd("bare").replace("${PORT}", str(port)).split(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 20, "fake server")
+        out = tmp_path / "out"
+        run = bench("--url", f"http://127.0.0.1:{port}", "--model", "anything", "--requests", "3", "--prompt", "hi",
+                    "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        assert results(out)["summary"][0]["succeeded"] == 3
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_bad_bench_input_names_the_problem(berth, start_port, tmp_path):
+    b = berth(config(start_port, tmp_path))
+    out = str(tmp_path / "out")
+    cases = [
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--scenario", "swap"], "at least twice"),
+        (["--url", b.url, "--model", "nope", "--prompt", "x"], "not served"),
+        (["--url", "http://127.0.0.1:9", "--model", "a", "--prompt", "x"], "check --url"),
+        (["--url", b.url, "--model", "a"], "exactly one of --prompt"),
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--concurrency", "0"], "positive numbers"),
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--scenario", "cold", "--concurrency", "4"],
+         "drop --concurrency"),
+    ]
+    bad_schema = tmp_path / "bad.json"
+    bad_schema.write_text('{"type": "no-such-type"}')
+    cases.append((["--url", b.url, "--model", "a", "--prompt", "x", "--json-schema", str(bad_schema)],
+                  "not a valid JSON Schema"))
+    for args, message in cases:
+        run = bench(*args, "--out", out)
+        assert run.returncode == 2, (args, run.stderr)
+        assert message in run.stderr, (args, run.stderr)
+    assert start_log_lines(tmp_path / "starts.log") == []  # nothing was sent
