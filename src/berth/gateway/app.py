@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 
 from aiohttp import web
 
@@ -76,6 +77,18 @@ class Gateway:
         r.add_get("/logs/stream", self.logs_stream)
         r.add_get("/logs/stream/{model}", self.logs_stream)
         r.add_route("*", "/upstream/{model}/{path:.*}", self.upstream)
+        # The dashboard, and the same admin calls under /ui/api/ so that a browser that logged in
+        # with HTTP basic auth on /ui/ sends its credentials with every call it makes.
+        r.add_get("/ui", self.ui_redirect)
+        r.add_get("/ui/", self.ui_page)
+        r.add_get("/ui/api/models", self.openai_models)
+        r.add_get("/ui/api/running", self.running)
+        r.add_get("/ui/api/requests", self.recent_requests)
+        r.add_post("/ui/api/models/load", self.router_load)
+        r.add_post("/ui/api/models/unload", self.router_unload)
+        r.add_get("/ui/api/logs/stream/{model}", self.logs_stream)
+        r.add_post("/ui/api/chat/completions", self.ui_chat)
+        r.add_get("/api/requests", self.recent_requests)
         for path in INFERENCE_PATHS:
             r.add_post(path, self.inference)
         r.add_route("*", "/{path:.*}", self.by_query_model)
@@ -107,12 +120,22 @@ class Gateway:
             for key in keys:
                 matched |= presented is not None and hmac.compare_digest(presented.encode(), key.encode())
             if not matched:
+                if request.path == "/ui" or request.path.startswith("/ui/"):
+                    # a browser asks for credentials: any user name, the API key as password
+                    return web.Response(status=401, text="berth: log in with any user name and an API key "
+                                        "as the password", headers={"WWW-Authenticate": 'Basic realm="berth"'})
                 raise Unauthorized("missing or invalid API key; send it as `Authorization: Bearer <key>`")
         return await handler(request)
 
     # -- inference ----------------------------------------------------------------------
 
     async def inference(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, request.path)
+
+    async def ui_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, "/v1/chat/completions")
+
+    async def _inference(self, request: web.Request, path: str) -> web.StreamResponse:
         body = await request.read()
         try:
             payload = json.loads(body) if body else {}
@@ -130,7 +153,7 @@ class Gateway:
         else:
             model_id = self.pool.resolve(name)
         body = self._apply_filters(model_id, payload, body)
-        return await self._serve(request, model_id, request.path, body)
+        return await self._serve(request, model_id, path, body)
 
     def _apply_filters(self, model_id: str, payload: dict, body: bytes) -> bytes:
         spec = self.config.models[model_id]
@@ -148,7 +171,12 @@ class Gateway:
         return json.dumps(payload).encode() if changed else body
 
     async def _serve(self, request: web.Request, model_id: str, path: str, body: bytes | None) -> web.StreamResponse:
-        lease = await self.pool.acquire(model_id)
+        began = time.perf_counter()
+        try:
+            lease = await self.pool.acquire(model_id)
+        except BerthError as exc:
+            self.metrics.record_request(model_id, path, exc.status, time.perf_counter() - began)
+            raise
         try:
             return await forward(request, lease, path, body, self.pool.proxy_session, self.metrics,
                                  drop_auth=bool(self.config.api_keys))
@@ -198,6 +226,7 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def running(self, request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
         running = []
         for model_id in self.config.models:
             view = self.pool.view(model_id)
@@ -205,8 +234,10 @@ class Gateway:
                 continue
             process = self.pool.process(model_id)
             spec = self.config.models[model_id]
+            remaining = None if view.ttl_deadline is None else max(view.ttl_deadline - loop.time(), 0.0)
             running.append({
                 "model": model_id, "state": view.state.value, "proxy": spec.proxy, "ttl": spec.ttl,
+                "ttl_remaining_s": remaining,
                 "pid": process.pid if process else None, "in_flight": view.in_flight, "queued": view.queued,
                 "cmd": " ".join(redact_argv(process.argv if process else list(spec.argv))),
                 "kv_slots": _slot_summary(process),
@@ -222,6 +253,17 @@ class Gateway:
         if model_id in self.pool.measured:
             entry["measured_bytes"] = self.pool.measured[model_id]
         return entry
+
+    async def recent_requests(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": list(self.metrics.recent)})
+
+    async def ui_redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ui/")
+
+    async def ui_page(self, request: web.Request) -> web.Response:
+        page = resources.files("berth.ui").joinpath("index.html").read_bytes()
+        return web.Response(body=page, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
 
     async def unload_all(self, request: web.Request) -> web.Response:
         await self.pool.unload(None, force=request.query.get("force") in ("1", "true"))

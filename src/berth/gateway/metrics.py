@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -11,10 +13,12 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
 _TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
+RECENT_REQUESTS = 200
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.recent: deque[dict] = deque(maxlen=RECENT_REQUESTS)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("berth_requests", "Requests by model and HTTP status", ["model", "status"], registry=r)
@@ -64,13 +68,23 @@ class Metrics:
             for kind, amount in figures.items():
                 self.device_memory.labels(device, kind.removesuffix("_bytes")).set(amount)
 
-    def record_usage(self, model: str, tail: bytes) -> None:
-        """Count tokens from the last `usage` object in the end of a response body or stream."""
+    def record_usage(self, model: str, tail: bytes) -> dict:
+        """Count tokens from the last `usage` object in the end of a response body or stream; return it."""
         usage = _last_object(tail, _USAGE_KEY)
         for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
             value = usage.get(kind)
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(model, kind.replace("_tokens", "")).inc(value)
+        return usage
+
+    def record_request(self, model: str, path: str, status: int, seconds: float, usage: dict | None = None) -> None:
+        """Keep the request for the dashboard's recent list (the newest RECENT_REQUESTS)."""
+        usage = usage or {}
+        self.recent.appendleft({
+            "at": time.time(), "model": model, "path": path, "status": status, "duration_s": round(seconds, 4),
+            "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
+            "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
+        })
 
     def record_restore_hit(self, model: str, tail: bytes) -> None:
         """Count the prompt tokens served from cache (llama.cpp's `timings.cache_n`) by one response."""

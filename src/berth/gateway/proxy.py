@@ -48,6 +48,7 @@ async def forward(
         url += "?" + request.query_string
     began = time.perf_counter()
     status = 502
+    usage: dict = {}
     try:
         async with session.request(request.method, url, data=body, headers=_request_headers(request, drop_auth),
                                    timeout=_NO_TIMEOUT, allow_redirects=False) as upstream:
@@ -78,7 +79,7 @@ async def forward(
                 else:  # the status line is gone; a cut connection is the only honest signal left
                     request.transport and request.transport.close()
                     return response
-            metrics.record_usage(model, tail)
+            usage = metrics.record_usage(model, tail)
             if restore_hit:
                 metrics.record_restore_hit(model, tail)
             await response.write_eof()
@@ -86,5 +87,7 @@ async def forward(
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
         raise UpstreamError(f"model {model!r} is not reachable at {spec.proxy}: {exc}") from None
     finally:
+        elapsed = time.perf_counter() - began
         metrics.requests.labels(model, str(status)).inc()
-        metrics.latency.labels(model).observe(time.perf_counter() - began)
+        metrics.latency.labels(model).observe(elapsed)
+        metrics.record_request(model, path, status, elapsed, usage)

@@ -94,6 +94,7 @@ class ModelView:
     state: ModelState
     in_flight: int
     queued: int
+    ttl_deadline: float | None = None  # when an idle model will be stopped (the scheduler's clock)
 
 
 @dataclass
@@ -261,6 +262,7 @@ class Scheduler:
             state=m.state,
             in_flight=m.in_flight,
             queued=sum(1 for q in self._queue.values() if q == model),
+            ttl_deadline=self._ttl_deadline(model),
         )
 
     def queue_depth(self) -> int:
