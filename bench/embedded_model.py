@@ -29,11 +29,12 @@ from berth.engine.embedded import embedded_model_path
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
-def stream_timings(url: str, max_tokens: int) -> tuple[float, float, int]:
-    """(time to first token, decode seconds from first to last token, tokens) for one streamed chat."""
+def stream_timings(url: str, max_tokens: int) -> tuple[float, float, int, list[float]]:
+    """(time to first token, decode seconds from first to last token, tokens, inter-token gaps)."""
     began = time.perf_counter()
     first = last = None
     tokens = 0
+    gaps: list[float] = []
     body = {"model": "gemma", "messages": PROMPT, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0}
     with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=300) as resp:
@@ -45,10 +46,12 @@ def stream_timings(url: str, max_tokens: int) -> tuple[float, float, int]:
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 now = time.perf_counter()
                 first = first or now
+                if last is not None:
+                    gaps.append(now - last)
                 last = now
                 tokens += 1
     assert first is not None, "no token arrived"
-    return first - began, last - first, tokens
+    return first - began, last - first, tokens, gaps
 
 
 def bench_engine(name: str, program: str, model: Path, runs: int, max_tokens: int) -> dict:
@@ -63,19 +66,23 @@ def bench_engine(name: str, program: str, model: Path, runs: int, max_tokens: in
             requests.post(url + "/unload", timeout=60)
             cold.append(stream_timings(url, 8)[0])
         direct_url = requests.get(url + "/running", timeout=5).json()["running"][0]["proxy"]
-        warm, via_berth, direct = [], [], []
+        warm, via_berth, direct, gaps_berth, gaps_direct = [], [], [], [], []
         for _ in range(runs):
-            ttft, decode, tokens = stream_timings(url, max_tokens)
+            ttft, decode, tokens, gaps = stream_timings(url, max_tokens)
             warm.append(ttft)
             via_berth.append(tokens / decode)
-            _, decode, tokens = stream_timings(direct_url, max_tokens)
+            gaps_berth += gaps
+            _, decode, tokens, gaps = stream_timings(direct_url, max_tokens)
             direct.append(tokens / decode)
+            gaps_direct += gaps
     return {
         "engine": name,
         "cold_start_to_first_token_s": statistics.median(cold),
         "warm_time_to_first_token_s": statistics.median(warm),
         "direct_tokens_per_s": statistics.median(direct),
         "through_berth_tokens_per_s": statistics.median(via_berth),
+        "direct_inter_token_p50_s": statistics.median(gaps_direct),
+        "through_berth_inter_token_p50_s": statistics.median(gaps_berth),
     }
 
 
@@ -94,12 +101,13 @@ def main() -> None:
           f"{args.runs} runs, {args.tokens} tokens, medians")
     results = [bench_engine(name, program, model, args.runs, args.tokens) for name, program in engines]
     print(f"{'engine':22} {'cold→1st tok':>13} {'warm TTFT':>10} {'direct tok/s':>13} "
-          f"{'via berth tok/s':>16} {'ratio':>6}")
+          f"{'via berth tok/s':>16} {'ratio':>6} {'ITL p50 direct':>15} {'ITL p50 berth':>14}")
     for r in results:
         ratio = r["through_berth_tokens_per_s"] / r["direct_tokens_per_s"]
         r["berth_over_direct"] = ratio
         print(f"{r['engine']:22} {r['cold_start_to_first_token_s']:12.3f}s {r['warm_time_to_first_token_s']:9.3f}s "
-              f"{r['direct_tokens_per_s']:13.1f} {r['through_berth_tokens_per_s']:16.1f} {ratio:6.3f}")
+              f"{r['direct_tokens_per_s']:13.1f} {r['through_berth_tokens_per_s']:16.1f} {ratio:6.3f} "
+              f"{r['direct_inter_token_p50_s'] * 1000:13.2f}ms {r['through_berth_inter_token_p50_s'] * 1000:12.2f}ms")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
