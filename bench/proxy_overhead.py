@@ -31,7 +31,8 @@ from pathlib import Path
 import aiohttp
 from _berth import free_port, running_berth
 
-HEADERS = {"Authorization": "Bearer sk-bench"}  # LiteLLM wants a key; the others ignore it
+BENCH_KEY = "sk-berth-bench-" + "0123456789abcdef" * 2  # LiteLLM's master key; the others ignore it
+HEADERS = {"Authorization": f"Bearer {BENCH_KEY}"}
 FAKE = Path(__file__).resolve().parent.parent / "tests" / "support" / "fake_model_server.py"
 BODY = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
@@ -94,7 +95,8 @@ def running_litellm(binary: str | None, upstream: str, workdir: Path) -> Iterato
     config.write_text("model_list:\n  - model_name: fast\n    litellm_params:\n      model: openai/fast\n"
                       f"      api_base: {upstream}/v1\n      api_key: none\n")
     port = free_port()
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
+           "LITELLM_MASTER_KEY": BENCH_KEY}
     proxy = subprocess.Popen([binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
                               "--num_workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

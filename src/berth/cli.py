@@ -90,8 +90,15 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def check(config_path: str) -> None:
     """Validate a config without starting anything; print what each model would run."""
+    from berth.errors import format_bytes
+    from berth.memory.devices import inventory
+    from berth.memory.planner import MemoryLedger, MemoryPlanner
+    from berth.store.store import berth_home
+
     config = _load(config_path)
     store = _store(config)
+    planner = MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"),
+                            lambda spec: build_launch(spec, store))
     for spec in config.models.values():
         click.echo(spec.id)
         launch = build_launch(spec, store)
@@ -104,6 +111,12 @@ def check(config_path: str) -> None:
             note = " (--swa-full added: sliding-window model, restored slots need it)" \
                 if launch.slots.swa_full_added else ""
             click.echo(f"  kv:      slots saved in {launch.slots.directory}{note}")
+        plan = planner.plan(spec)
+        usage = ", ".join(f"{d} {format_bytes(b)}" for d, b in (plan.planned or {}).items()) or "unknown"
+        click.echo(f"  memory:  {usage} ({plan.source}{': ' + plan.detail if plan.detail else ''})")
+    budgets = planner.budgets(config)
+    click.echo("budget:  " + ", ".join(f"{d} {format_bytes(b)}" for d, b in budgets.items())
+               + ("" if config.memory.scheduled else " (scheduling: groups / swap)"))
     click.echo(f"config OK: {len(config.models)} models, {len(config.warnings)} warnings")
 
 

@@ -146,3 +146,21 @@ def test_bad_memory_settings_name_the_key_and_the_fix(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 2
     assert "models.a.memory.ram" in result.stderr and "24GiB" in result.stderr
+
+
+def test_check_prints_each_plan_and_the_budget(tmp_path, gemma_gguf):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"""
+memory: {{budget: {{ram: 8GiB}}, headroom: 1GiB}}
+models:
+  declared: {{cmd: "python -m http.server ${{PORT}}", memory: {{ram: 4GiB}}}}
+  mystery: {{cmd: "python -m http.server ${{PORT}}"}}
+  gemma: {{cmd: "llama-server -m {gemma_gguf} --port ${{PORT}} -c 2048"}}
+""")
+    result = subprocess.run([sys.executable, "-m", "berth.cli", "check", "-c", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "memory:  host 4.0 GiB (declared)" in result.stdout
+    assert "memory:  unknown (unknown: not a llama.cpp server" in result.stdout
+    assert "(estimated: from the GGUF header and its flags)" in result.stdout
+    assert "budget:  host 7.0 GiB" in result.stdout

@@ -142,6 +142,8 @@ class MemoryPlanner:
             argv = self._plan_launch(spec).argv
         except BerthError as exc:
             return ModelMemory(None, "unknown", exc.message)
+        except OSError as exc:  # e.g. an unreadable model file while planning slots
+            return ModelMemory(None, "unknown", f"cannot plan its launch: {exc}")
         key = measurement_key(argv)
         measured = self.ledger.get(key) if key else None
         result = self._estimate(argv)
