@@ -21,6 +21,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    """Poll `url` until it answers 200; exit naming `what` if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start (exit code {process.poll()})")
+        time.sleep(0.05)
+
+
 @contextmanager
 def running_berth(config: Path, env: dict[str, str] | None = None, *extra: str) -> Iterator[str]:
     """Run `berth serve -c config` on a free port until the block ends; yields its URL."""
@@ -30,16 +44,7 @@ def running_berth(config: Path, env: dict[str, str] | None = None, *extra: str) 
                               f"127.0.0.1:{port}", *extra], env={**os.environ, **(env or {})},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if berth.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"berth did not start (exit code {berth.poll()})")
-            time.sleep(0.05)
+        wait_healthy(url + "/health", berth, "berth", 30)
         yield url
     finally:
         berth.send_signal(signal.SIGTERM)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import requests
-from _berth import free_port, running_berth
+from _berth import running_berth
 
 from berth.engine.binary import find_llama_server
 from berth.engine.embedded import embedded_model_path
@@ -58,7 +58,7 @@ def bench_engine(name: str, program: str, model: Path, runs: int, max_tokens: in
     workdir = Path(tempfile.mkdtemp(prefix="berth-bench-"))
     config = workdir / "config.yaml"
     config.write_text(
-        f"startPort: {free_port()}\nmodels:\n  gemma:\n    cmd: {program} -m {model} --host 127.0.0.1 "
+        f"models:\n  gemma:\n    cmd: {program} -m {model} --host 127.0.0.1 "
         f"--port ${{PORT}} -c 2048 --no-jinja --chat-template gemma\n")
     with running_berth(config) as url:
         cold = []

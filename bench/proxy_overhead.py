@@ -23,13 +23,12 @@ import sys
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
-from _berth import free_port, running_berth
+from _berth import free_port, running_berth, wait_healthy
 
 BENCH_KEY = "sk-berth-bench-" + "0123456789abcdef" * 2  # LiteLLM's master key; the others ignore it
 HEADERS = {"Authorization": f"Bearer {BENCH_KEY}"}
@@ -101,16 +100,7 @@ def running_litellm(binary: str | None, upstream: str, workdir: Path) -> Iterato
                               "--num_workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(url + "/health/liveliness", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            if proxy.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"LiteLLM did not start (exit code {proxy.poll()})")
-            time.sleep(0.2)
+        wait_healthy(url + "/health/liveliness", proxy, "LiteLLM", 120)
         yield url
     finally:
         proxy.terminate()

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import requests
-from _berth import free_port, running_berth
+from _berth import free_port, running_berth, wait_healthy
 
 from berth.engine.binary import find_llama_server
 from berth.engine.embedded import embedded_model_path
@@ -66,16 +66,7 @@ def router(binary: str, files: list[Path], rounds: int, workdir: Path) -> list[f
                                "--models-max", "1", *SERVER_FLAGS], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"router mode did not start (exit code {server.poll()})")
-            time.sleep(0.05)
+        wait_healthy(url + "/health", server, "router mode")
         return alternate(url, [f.stem for f in files], rounds)
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -35,7 +35,7 @@ from berth.runtime.slots import SlotKeeper
 log = logging.getLogger("berth.runtime")
 
 HEALTH_FIRST_DELAY = 0.05
-HEALTH_MAX_DELAY = 1.0
+HEALTH_MAX_DELAY = 0.1  # a load that ends between two polls waits at most this long; polls are cheap
 GROUP_GONE_TIMEOUT = 5.0
 
 
