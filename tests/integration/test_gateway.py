@@ -30,6 +30,7 @@ def two_models(start_port: int, tmp_path, flags_a=(), flags_b=(), extra: str = "
 startPort: {start_port}
 healthCheckTimeout: 20
 {extra}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     concurrencyLimit: {limit}
@@ -75,6 +76,7 @@ def test_twenty_concurrent_requests_join_one_load(berth, start_port, tmp_path):
 def test_swap_waits_for_in_flight_request_and_queue_keeps_arrival_order(berth, start_port, tmp_path):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a: {{cmd: "{fake_cmd('a')}"}}
   b: {{cmd: "{fake_cmd('b')}"}}
@@ -119,6 +121,7 @@ groups:
 def test_ttl_unloads_idle_model_and_requests_reset_it(berth, start_port, tmp_path):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     ttl: 2
@@ -169,6 +172,7 @@ def test_health_timeout_kills_the_process(berth, start_port, tmp_path):
     config = f"""
 startPort: {start_port}
 healthCheckTimeout: 1
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     cmd: {fake_cmd('a', '--never-healthy', '--pid-file', str(pid_file))}
@@ -185,6 +189,7 @@ def test_sigterm_ignoring_server_gets_sigkill_and_grandchild_is_reaped(berth, st
     grandchild_file = tmp_path / "grandchild"
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     unloadTimeout: 0.5
@@ -208,6 +213,7 @@ def test_cmd_stop_is_used_with_pid(berth, start_port, tmp_path):
     stopper = f'{sys.executable} -c "{script}"'
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     cmd: {fake_cmd('a')}
@@ -224,6 +230,7 @@ models:
 def test_env_is_passed(berth, start_port):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     cmd: {fake_cmd('a')}
@@ -237,6 +244,7 @@ models:
 def test_concurrency_limit_answers_429_with_retry_after(berth, start_port):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     concurrencyLimit: 2
@@ -272,6 +280,7 @@ def test_request_errors_use_openai_shape(berth, start_port, tmp_path):
 def test_request_without_model_goes_to_default_alias(berth, start_port, tmp_path):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a: {{cmd: "{fake_cmd('a')}", aliases: [default]}}
   b: {{cmd: "{fake_cmd('b')}"}}
@@ -342,6 +351,7 @@ def test_client_disconnect_cancels_upstream(berth, start_port, tmp_path):
 def test_use_model_name_filters_upstream_and_query_routing(berth, start_port):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     cmd: {fake_cmd('a')}
@@ -383,6 +393,7 @@ def test_v1_models_lists_states_hides_unlisted_and_shows_aliases(berth, start_po
     config = f"""
 startPort: {start_port}
 includeAliasesInList: true
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a: {{cmd: "{fake_cmd('a')}", aliases: [alpha], name: Alpha, description: first}}
   hidden: {{cmd: "{fake_cmd('h')}", unlisted: true}}
@@ -419,6 +430,7 @@ def test_config_reload_restarts_only_changed_models(berth, start_port, tmp_path)
 startPort: {start_port}
 groups:
   all: {{swap: false, exclusive: false, members: [a, b]}}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a: {{cmd: "{fake_cmd('a')}"}}
   b: {{cmd: "{fake_cmd('b', b_flag)}"}}
@@ -458,6 +470,7 @@ def test_berth_killed_with_sigkill_leaves_no_children(berth, start_port, tmp_pat
     grandchild_file = tmp_path / "grandchild"
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   a:
     cmd: {fake_cmd('a', '--grandchild-pid-file', str(grandchild_file))}
@@ -496,6 +509,7 @@ def test_missing_binary_is_a_clear_start_failure(berth, start_port):
 def test_warmup_gates_readiness_and_an_empty_answer_fails_the_start(berth, start_port):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   good: {{warmup: true, cmd: "{fake_cmd('good')}"}}
   mute: {{warmup: true, cmd: "{fake_cmd('mute', '--empty-chat')}"}}
@@ -511,6 +525,7 @@ models:
 def test_client_that_leaves_while_waiting_holds_nothing(berth, start_port, tmp_path):
     config = f"""
 startPort: {start_port}
+memory: {{scheduling: false}}  # these tests pin llama-swap's swap semantics
 models:
   slow:
     concurrencyLimit: 1

@@ -20,6 +20,7 @@ from berth.errors import BadRequest, BerthError, BodyTooLarge, RouteNotFound, To
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import forward
+from berth.memory.devices import inventory
 from berth.scheduler import ModelState
 
 log = logging.getLogger("berth.gateway")
@@ -243,7 +244,7 @@ class Gateway:
                 "kv_slots": _slot_summary(process),
                 "memory": self._memory_entry(model_id),
             })
-        devices = await asyncio.to_thread(self.pool.devices)
+        devices = self.pool.devices(await asyncio.to_thread(inventory))
         return web.json_response({"running": running, "devices": devices})
 
     def _memory_entry(self, model_id: str) -> dict:
@@ -301,7 +302,7 @@ class Gateway:
         return web.json_response({"success": True})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        devices = await asyncio.to_thread(self.pool.devices)
+        devices = self.pool.devices(await asyncio.to_thread(inventory))
         planned = {m: (p.source, p.planned) for m, p in self.pool.memory.items() if p.planned}
         self.metrics.set_memory(planned, dict(self.pool.measured), devices)
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")

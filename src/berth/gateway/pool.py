@@ -18,7 +18,7 @@ from berth.config.loader import DEFAULT_GROUP
 from berth.engine.launch import Launch
 from berth.errors import BerthError, UnknownModel
 from berth.gateway.metrics import Metrics
-from berth.memory.devices import inventory, measure_group
+from berth.memory.devices import Device, inventory, measure_group
 from berth.memory.planner import MemoryLedger, MemoryPlanner, ModelMemory
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
@@ -223,9 +223,9 @@ class ModelPool:
         self.memory[model_id] = plan
         self._apply(self._scheduler.set_memory(model_id, plan.planned, self._now()))
 
-    def devices(self) -> dict[str, dict[str, int]]:
-        """Per device: total and free now, berth's budget, and what running models are planned to hold."""
-        live = inventory()
+    def devices(self, live: dict[str, Device]) -> dict[str, dict[str, int]]:
+        """Per device: total and free now (`live`, from `inventory()`), berth's budget, and what running
+        models are planned to hold."""
         budgets = self.planner.budgets(self.config)
         result = {}
         for name in sorted(set(live) | set(budgets)):
