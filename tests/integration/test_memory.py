@@ -164,3 +164,13 @@ models:
     assert "memory:  unknown (unknown: not a llama.cpp server" in result.stdout
     assert "(estimated: from the GGUF header and its flags)" in result.stdout
     assert "budget:  host 7.0 GiB" in result.stdout
+
+
+def test_gpu_buffers_from_the_load_log_are_measured_when_nvml_sees_none(berth, start_port, tmp_path):
+    text = config(start_port, tmp_path, {"gpu": "|--gpu-log-mib 512"}, budget="10GiB, gpu0: 4GiB")
+    b = berth(text)
+    assert chat(b.url, "gpu").status_code == 200
+    wait_until(lambda: "measured_bytes" in b.running()["gpu"]["memory"], 10, "a measurement")
+    memory = b.running()["gpu"]["memory"]
+    assert memory["measured_bytes"]["gpu0"] == 512 * 1024**2
+    assert memory["planned_bytes"]["gpu0"] == 512 * 1024**2

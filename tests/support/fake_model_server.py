@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--error-every", type=int, default=0, help="answer every Nth chat request with a 500")
     p.add_argument("--invalid-json-every", type=int, default=0,
                    help="with response_format: every Nth answer is JSON that breaks the usual schema")
+    p.add_argument("--gpu-log-mib", type=int, default=0,
+                   help="print llama.cpp's log line for a CUDA0 model buffer of this size")
     p.add_argument("--alloc-mib", type=int, default=0, help="hold this much touched memory (for measurement)")
     p.add_argument("--oom-once", default=None,
                    help="at the first start (this marker file absent): create it, print an allocation failure, exit 1")
@@ -51,6 +53,8 @@ def main() -> None:
         print("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
               "cudaMalloc failed: out of memory", flush=True)
         sys.exit(1)
+    if args.gpu_log_mib:
+        print(f"load_tensors:        CUDA0 model buffer size = {args.gpu_log_mib:8.2f} MiB", flush=True)
     held = bytearray(args.alloc_mib * 1024 * 1024)
     for offset in range(0, len(held), 4096):  # touch every page so it is resident
         held[offset] = 1

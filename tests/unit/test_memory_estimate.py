@@ -175,3 +175,25 @@ def test_llama_fit_params_breakdown_is_read_per_device():
         (7000 * mib, 1500 * mib, 500 * mib)
     assert (devices["host"].weights_bytes, devices["host"].kv_bytes, devices["host"].compute_bytes) == \
         (234 * mib, 42 * mib, 522 * mib)
+
+
+def test_llama_cpp_buffer_log_lines_are_summed_per_device():
+    from berth.memory.devices import parse_buffer_log
+
+    lines = [  # llama-server -lv 4 on Gemma 3 270M, plus the lines a CUDA and a Vulkan build print
+        "0.01.418.328 I load_tensors:   CPU_Mapped model buffer size =   235.16 MiB",
+        "0.01.418.329 I load_tensors:   CPU_REPACK model buffer size =    12.66 MiB",
+        "0.01.441.157 I llama_context:        CPU  output buffer size =     2.00 MiB",
+        "0.01.441.266 I llama_kv_cache:        CPU KV buffer size =    12.00 MiB",
+        "0.01.472.703 I sched_reserve:        CPU compute buffer size =    21.28 MiB",
+        "load_tensors:        CUDA0 model buffer size =  4000.00 MiB",
+        "llama_kv_cache:      CUDA0 KV buffer size =   512.00 MiB",
+        "sched_reserve:  CUDA_Host compute buffer size =    16.00 MiB",
+        "load_tensors:      Vulkan1 model buffer size =   100.00 MiB",
+        "srv  load_model: initializing, n_slots = 2",
+    ]
+    usage = parse_buffer_log(lines)
+    mib = 1024**2
+    assert usage["gpu0"] == 4512 * mib
+    assert usage["gpu1"] == 100 * mib
+    assert abs(usage["host"] - int((235.16 + 12.66 + 2 + 12 + 21.28 + 16) * mib)) <= 8

@@ -18,7 +18,7 @@ from berth.config.loader import DEFAULT_GROUP
 from berth.engine.launch import Launch
 from berth.errors import BerthError, UnknownModel
 from berth.gateway.metrics import Metrics
-from berth.memory.devices import Device, inventory, measure_group
+from berth.memory.devices import Device, inventory, measure_group, parse_buffer_log
 from berth.memory.planner import MemoryLedger, MemoryPlanner, ModelMemory
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
@@ -213,6 +213,8 @@ class ModelPool:
         usage = await asyncio.to_thread(measure_group, process.pid)
         if self._processes.get(model_id) is not process or not usage.get("host"):
             return  # stopped meanwhile
+        for device, amount in parse_buffer_log(self._lines_of_this_run(model_id)).items():
+            usage.setdefault(device, amount)  # GPUs NVML does not see; the host's RSS is the fuller figure
         self.measured[model_id] = usage
         spec = self.config.models.get(model_id)
         if spec is None or spec.argv != process.spec.argv:
@@ -222,6 +224,11 @@ class ModelPool:
             log.info(f"{model_id}: planned memory now {plan.planned} ({plan.source})")
         self.memory[model_id] = plan
         self._apply(self._scheduler.set_memory(model_id, plan.planned, self._now()))
+
+    def _lines_of_this_run(self, model_id: str) -> list[str]:
+        lines = [line.text for line in self.logs.tail(model_id)]
+        starts = [i for i, text in enumerate(lines) if text.startswith("[berth] launching:")]
+        return lines[starts[-1]:] if starts else lines
 
     def devices(self, live: dict[str, Device]) -> dict[str, dict[str, int]]:
         """Per device: total and free now (`live`, from `inventory()`), berth's budget, and what running

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,28 @@ def group_pids(pgid: int) -> list[int]:
         if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
             pids.append(int(entry))
     return pids
+
+
+# llama.cpp's load log at `-lv 4` or above: "<buffer type> (model|KV|compute|output) buffer size = N MiB".
+_BUFFER_LINE = re.compile(r"(\S+)\s+(?:model|KV|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
+_GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN|Metal|MTL|OpenCL)(\d*)$", re.IGNORECASE)
+
+
+def parse_buffer_log(lines: list[str]) -> dict[str, int]:
+    """Bytes per device from llama.cpp's buffer-size log lines (pinned host buffers count as host).
+
+    The only per-device figure for GPUs that NVML does not see (ROCm, Vulkan, Metal...).
+    """
+    usage: dict[str, int] = {}
+    for line in lines:
+        match = _BUFFER_LINE.search(line)
+        if match is None:
+            continue
+        buffer_type = match.group(1).split("_")[0] if not match.group(1).endswith("_Host") else "Host"
+        gpu = _GPU_BUFFER.match(buffer_type)
+        device = f"gpu{gpu.group(1) or 0}" if gpu else HOST
+        usage[device] = usage.get(device, 0) + int(float(match.group(2)) * 1024 * 1024)
+    return usage
 
 
 def _peak_resident_bytes(pid: int) -> int:
