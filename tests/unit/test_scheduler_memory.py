@@ -154,8 +154,9 @@ def test_later_request_cannot_take_the_room_an_earlier_one_waits_for():
 
 @pytest.mark.parametrize("seed", range(30))
 def test_random_event_sequences_never_plan_beyond_the_budget(seed):
+    """Also: the model of unknown size `u` is never live beside another unpinned model."""
     rng = random.Random(seed)
-    sizes = {"a": 3, "b": 4, "c": 5, "d": 2}
+    sizes = {"a": 3, "b": 4, "c": 5, "d": 2, "u": None}
     s = shared(sizes, budget=9, pinned=("d",))
     now, next_id = 0.0, 0
     admitted: dict[int, str] = {}
@@ -166,7 +167,7 @@ def test_random_event_sequences_never_plan_beyond_the_budget(seed):
         choice = rng.random()
         if choice < 0.4:
             next_id += 1
-            actions = s.request(next_id, rng.choice("abcd"), now)
+            actions = s.request(next_id, rng.choice("abcdu"), now)
         elif choice < 0.6 and admitted:
             actions = s.finished(admitted.pop(rng.choice(list(admitted))), now)
         elif choice < 0.75 and starting:
@@ -186,4 +187,16 @@ def test_random_event_sequences_never_plan_beyond_the_budget(seed):
             elif isinstance(action, Admit):
                 admitted[action.request_id] = action.model
         live = [m for m in sizes if s.state(m) in (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)]
-        assert sum(sizes[m] for m in live) <= 9, f"planned beyond the budget: {live}"
+        assert sum(sizes[m] or 0 for m in live) <= 9, f"planned beyond the budget: {live}"
+        assert "u" not in live or set(live) <= {"u", "d"}, f"the unknown-size model shares: {live}"
+
+
+def test_a_model_of_unknown_size_is_evicted_before_a_known_one_starts_beside_it():
+    s = shared({"mystery": None, "a": 2, "b": 2})
+    ready(s, "a", 1, 0)
+    assert s.request(2, "mystery", 1) == [Stop("a", "memory")]  # it runs alone
+    assert s.stopped("a", 2) == [Start("mystery")]
+    s.started("mystery", 2)
+    s.finished(2, 2)
+    assert s.request(3, "b", 3) == [Stop("mystery", "memory")]  # 2 GiB would fit, but not beside the unknown
+    assert s.stopped("mystery", 4) == [Start("b")]

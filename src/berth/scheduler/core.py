@@ -355,25 +355,26 @@ class Scheduler:
                            actions: list[Action]) -> bool:
         """Make room for `model` by planned memory. True when it can start now."""
         need = self._need(model)
-        evictable = [o for o in self._running() if o != model and self._memory_scheduled(o)
-                     and not self.models[o].policy.pinned and self.models[o].state is ModelState.READY
-                     and o not in draining]
+        others = [o for o in self._running() if o != model and self._memory_scheduled(o)
+                  and not self.models[o].policy.pinned]
+        evictable = [o for o in others if self.models[o].state is ModelState.READY and o not in draining]
+        # A model of unknown size (or retrying after an out-of-memory start) never shares: it runs alone
+        # beside pinned models, and whatever starts next waits for it to go.
+        alone = [o for o in evictable if self._need(o) is None]
         if need is None:
-            # Unknown need (or a retry after an out-of-memory start): run alone beside pinned models.
             victims = evictable
-            room = not any(o != model and self._memory_scheduled(o) and not self.models[o].policy.pinned
-                           for o in self._running())
-        elif ledger.fits_now(need):
+            room = not others
+        elif not any(self._need(o) is None for o in others) and ledger.fits_now(need):
             ledger.take(need)
             return True
         else:
-            victims = []
-            for other in self._eviction_order(evictable):
+            victims = list(alone)
+            for other in self._eviction_order([o for o in evictable if o not in alone]):
                 if ledger.fits_later(need, victims):
                     break
                 victims.append(other)
             if not ledger.fits_later(need, victims):
-                victims = []  # starts under way hold the rest: evict nothing until they are ready
+                victims = alone  # starts under way hold the rest: evict nothing else until they are ready
             room = False
             ledger.reserve(need, victims)
         for other in victims:
