@@ -417,6 +417,8 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
             records = asyncio.run(run(settings, advance))
     except BenchSetupError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
     results = report.write(settings, records, Path(out_dir))
     click.echo(report.markdown(settings, results["summary"]))
     click.echo(f"wrote {out_dir}/results.json, summary.md, latency.png, throughput.png")
