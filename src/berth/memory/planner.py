@@ -37,9 +37,7 @@ _PLACEMENT_FLAGS = ("--port", "--host", "--slot-save-path", "--api-key", "--alia
 class ModelMemory:
     planned: dict[str, int] | None  # bytes per device the scheduler counts; None = unknown
     source: str  # "declared", "measured", "estimated" or "unknown"
-    detail: str = ""  # why unknown, or what was estimated
-    estimate: MemoryEstimate | None = None
-    key: str | None = None  # the measurement ledger's key (argv + model file), when known
+    detail: str = ""  # why unknown, or where the figure comes from
 
 
 def budgets(devices: dict[str, Device], explicit: dict[str, int], headroom: int) -> dict[str, int]:
@@ -152,11 +150,10 @@ class MemoryPlanner:
             usage = {name: d.total_bytes for name, d in result.devices.items() if d.total_bytes}
             estimated = _spread_over_gpus(usage, self.devices)
         if measured is not None:
-            return ModelMemory(_combine(measured, estimated), "measured", "from its last run with these settings",
-                               result if estimated else None, key)
+            return ModelMemory(_combine(measured, estimated), "measured", "from its last run with these settings")
         if estimated is None:
-            return ModelMemory(None, "unknown", str(result), key=key)
-        return ModelMemory(estimated, "estimated", "from the GGUF header and its flags", result, key)
+            return ModelMemory(None, "unknown", str(result))
+        return ModelMemory(estimated, "estimated", "from the GGUF header and its flags")
 
     def learn(self, spec: ModelSpec, argv: list[str], usage: dict[str, int]) -> ModelMemory:
         """Keep a measurement of `spec` run as `argv` (the peak per device so far); return the new plan."""
