@@ -554,3 +554,11 @@ def test_compressed_responses_pass_through_untouched(berth, start_port, tmp_path
     body = raw.raw.read(decode_content=False)
     assert body[:2] == b"\x1f\x8b"  # still gzip bytes, as the model server sent them
     assert json.loads(gzip.decompress(body))["path"] == "/echo"
+
+
+def test_a_connection_closed_before_any_answer_is_retried_once(berth, start_port, tmp_path):
+    b = berth(two_models(start_port, tmp_path, flags_a=("--drop-first-chat",)))
+    r = chat(b.url, "a")
+    assert r.status_code == 200 and r.json()["server"] == "a"
+    logs = requests.get(b.url + "/logs", timeout=5).text
+    assert "dropping the first chat request's connection" in logs  # the first attempt really was cut

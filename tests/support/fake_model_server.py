@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--error-every", type=int, default=0, help="answer every Nth chat request with a 500")
     p.add_argument("--invalid-json-every", type=int, default=0,
                    help="with response_format: every Nth answer is JSON that breaks the usual schema")
+    p.add_argument("--drop-first-chat", action="store_true",
+                   help="close the connection of the first chat request without answering")
     p.add_argument("--gpu-log-mib", type=int, default=0,
                    help="print llama.cpp's log line for a CUDA0 model buffer of this size")
     p.add_argument("--alloc-mib", type=int, default=0, help="hold this much touched memory (for measurement)")
@@ -104,6 +106,10 @@ def main() -> None:
         nonlocal chat_count
         payload = await request.json()
         chat_count += 1
+        if args.drop_first_chat and chat_count == 1:
+            print("dropping the first chat request's connection", flush=True)
+            request.transport.close()
+            return web.Response()
         if args.error_every and chat_count % args.error_every == 0:
             return web.json_response({"error": {"message": "fake overload", "type": "server_error",
                                                 "code": "fake_overload"}}, status=500)

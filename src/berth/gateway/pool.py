@@ -33,6 +33,7 @@ log = logging.getLogger("berth.pool")
 LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event) -> Launch
 
 
+KEEPALIVE_SECONDS = 4.0
 MEASURE_INTERVAL = 30.0  # seconds between measurements of running models (peak usage grows with use)
 
 
@@ -94,7 +95,10 @@ class ModelPool:
         self._janitor.start()
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         # The proxy passes bodies through as sent (a gzip body stays gzip, with its header).
-        self._proxy_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        # Idle connections are dropped before llama-server's (cpp-httplib's) 5 s keep-alive timeout closes
+        # them from its side, so a request rarely meets a connection that is already gone.
+        self._proxy_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS), auto_decompress=False)
         for model_id in self.config.preload:
             asyncio.create_task(self._preload(model_id))
         self._measuring = asyncio.create_task(self._measure_periodically())

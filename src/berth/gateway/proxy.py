@@ -30,6 +30,22 @@ def _request_headers(request: web.Request, drop_auth: bool) -> dict[str, str]:
     return headers
 
 
+async def _open(session: aiohttp.ClientSession, method: str, url: str, body: bytes | None,
+                headers: dict[str, str]) -> aiohttp.ClientResponse:
+    """Send the request; once more if the connection closes before any response byte.
+
+    That is what a pooled keep-alive connection the model server has just closed looks like:
+    the server answered nothing, so sending again (aiohttp has dropped that connection; the
+    retry takes another or opens one) is what HTTP clients do for idle pooled connections.
+    """
+    try:
+        return await session.request(method, url, data=body, headers=headers, timeout=_NO_TIMEOUT,
+                                     allow_redirects=False)
+    except aiohttp.ServerDisconnectedError:
+        return await session.request(method, url, data=body, headers=headers, timeout=_NO_TIMEOUT,
+                                     allow_redirects=False)
+
+
 async def forward(
     request: web.Request,
     lease: Lease,
@@ -50,8 +66,7 @@ async def forward(
     status = 502
     usage: dict = {}
     try:
-        async with session.request(request.method, url, data=body, headers=_request_headers(request, drop_auth),
-                                   timeout=_NO_TIMEOUT, allow_redirects=False) as upstream:
+        async with await _open(session, request.method, url, body, _request_headers(request, drop_auth)) as upstream:
             status = upstream.status
             metrics.ttfb.labels(model).observe(time.perf_counter() - began)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
