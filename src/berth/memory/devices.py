@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from berth.memory.units import HOST
 
@@ -73,37 +76,41 @@ def host_device() -> Device:
     return Device(HOST, description, total, free)
 
 
-def _nvml():
-    """The initialised pynvml module, or None without an NVIDIA driver."""
+@contextmanager
+def _nvml() -> Iterator[Any]:
+    """The initialised pynvml module for the block (shut down after it), or None without an NVIDIA driver."""
     try:
         import pynvml
     except ImportError:
-        return None
+        yield None
+        return
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        return None
-    return pynvml
+        yield None
+        return
+    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def gpu_devices() -> list[Device]:
-    nvml = _nvml()
-    if nvml is None:
-        return []
-    devices = []
-    try:
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            name = nvml.nvmlDeviceGetName(handle)
-            devices.append(Device(f"gpu{index}", name.decode() if isinstance(name, bytes) else str(name),
-                                  int(memory.total), int(memory.free)))
-    except nvml.NVMLError as exc:
-        log.warning(f"NVML failed while listing GPUs ({exc}); planning without GPUs")
-        return []
-    finally:
-        nvml.nvmlShutdown()
-    return devices
+    with _nvml() as nvml:
+        if nvml is None:
+            return []
+        devices = []
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = nvml.nvmlDeviceGetName(handle)
+                devices.append(Device(f"gpu{index}", name.decode() if isinstance(name, bytes) else str(name),
+                                      int(memory.total), int(memory.free)))
+        except nvml.NVMLError as exc:
+            log.warning(f"NVML failed while listing GPUs ({exc}); planning without GPUs")
+            return []
+        return devices
 
 
 def inventory() -> dict[str, Device]:
@@ -132,6 +139,16 @@ _BUFFER_LINE = re.compile(r"(\S+)\s+(?:model|KV|compute|output)\s+buffer size\s*
 _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN|Metal|MTL|OpenCL)(\d*)$", re.IGNORECASE)
 
 
+def buffer_device(buffer_type: str) -> str:
+    """The device of a llama.cpp buffer type or backend name: `CUDA0` -> gpu0, `Vulkan1 (name)` -> gpu1;
+    `CPU`, `CPU_REPACK`, `Host` and pinned `CUDA_Host` buffers -> host."""
+    token = buffer_type.split()[0] if buffer_type.split() else ""
+    if token.endswith("_Host"):
+        return HOST
+    gpu = _GPU_BUFFER.match(token.split("_")[0])
+    return f"gpu{gpu.group(1) or 0}" if gpu else HOST
+
+
 def parse_buffer_log(lines: list[str]) -> dict[str, int]:
     """Bytes per device from llama.cpp's buffer-size log lines (pinned host buffers count as host).
 
@@ -142,9 +159,7 @@ def parse_buffer_log(lines: list[str]) -> dict[str, int]:
         match = _BUFFER_LINE.search(line)
         if match is None:
             continue
-        buffer_type = match.group(1).split("_")[0] if not match.group(1).endswith("_Host") else "Host"
-        gpu = _GPU_BUFFER.match(buffer_type)
-        device = f"gpu{gpu.group(1) or 0}" if gpu else HOST
+        device = buffer_device(match.group(1))
         usage[device] = usage.get(device, 0) + int(float(match.group(2)) * 1024 * 1024)
     return usage
 
@@ -165,18 +180,18 @@ def measure_group(pgid: int) -> dict[str, int]:
     reports for its pids (allocations there are committed at load, so current is peak)."""
     pids = group_pids(pgid)
     usage = {HOST: sum(_peak_resident_bytes(pid) for pid in pids)}
-    nvml = _nvml() if pids else None
-    if nvml is None:
+    if not pids:
         return usage
-    try:
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            used = sum(p.usedGpuMemory or 0 for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                       if p.pid in pids)
-            if used:
-                usage[f"gpu{index}"] = int(used)
-    except nvml.NVMLError as exc:
-        log.debug(f"NVML could not measure pids {pids}: {exc}")
-    finally:
-        nvml.nvmlShutdown()
+    with _nvml() as nvml:
+        if nvml is None:
+            return usage
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                used = sum(p.usedGpuMemory or 0 for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                           if p.pid in pids)
+                if used:
+                    usage[f"gpu{index}"] = int(used)
+        except nvml.NVMLError as exc:
+            log.debug(f"NVML could not measure pids {pids}: {exc}")
     return usage

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 
 from berth.engine.binary import find_llama_server
 from berth.engine.llama_args import LlamaServerArgs
+from berth.memory.devices import buffer_device
 from berth.memory.estimate import DeviceEstimate
-from berth.memory.units import HOST
 
 # Flags that change what llama.cpp allocates; the server-only rest is not accepted by the tool.
 _MEMORY_FLAGS = ("model", "ctx_size", "parallel", "n_gpu_layers", "batch_size", "ubatch_size", "cache_type_k",
                  "cache_type_v", "flash_attn", "swa_full", "kv_unified", "override_tensor", "n_cpu_moe", "cpu_moe")
 _MIB = 1024 * 1024
 _ROW = re.compile(r"\|\s+-\s+(?P<name>[^|]+?)\s+\|(?P<numbers>[^|]*)\|")
-_GPU_NAME = re.compile(r"^[A-Za-z]+(\d+)\b")
 
 
 class ExactUnavailable(RuntimeError):
@@ -68,9 +67,7 @@ def parse_breakdown(text: str) -> dict[str, DeviceEstimate]:
             continue
         if len(numbers) >= 7:  # a GPU row: total, free, self, model, context, compute, unaccounted
             numbers = numbers[2:6]
-        gpu = _GPU_NAME.match(match.group("name"))
-        name = f"gpu{gpu.group(1)}" if gpu and not match.group("name").startswith("CPU") else HOST
-        device = devices.setdefault(name, DeviceEstimate())
+        device = devices.setdefault(buffer_device(match.group("name")), DeviceEstimate())
         device.weights_bytes += numbers[1] * _MIB
         device.kv_bytes += numbers[2] * _MIB
         device.compute_bytes += numbers[3] * _MIB
