@@ -13,7 +13,9 @@ def berth(tmp_path):
     servers: list[BerthServer] = []
 
     def start(config: str, *extra_args: str) -> BerthServer:
-        server = BerthServer(tmp_path, config, extra_args)
+        home = tmp_path if not servers else tmp_path / f"berth-{len(servers)}"  # the second one gets its own
+        home.mkdir(exist_ok=True)
+        server = BerthServer(home, config, extra_args)
         servers.append(server)
         return server.start()
 

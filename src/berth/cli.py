@@ -93,7 +93,7 @@ def check(config_path: str) -> None:
     from berth.errors import format_bytes
     from berth.memory.devices import inventory
     from berth.memory.planner import MemoryLedger, MemoryPlanner
-    from berth.store.store import berth_home
+    from berth.core.paths import berth_home
 
     config = _load(config_path)
     store = _store(config)
@@ -103,7 +103,7 @@ def check(config_path: str) -> None:
         click.echo(spec.id)
         launch = build_launch(spec, store)
         click.echo(f"  argv:    {' '.join(redact_argv(launch.argv))}")
-        click.echo(f"  port:    {spec.port or '-'}")
+        click.echo(f"  port:    {f'first free from {config.start_port}, chosen at each start' if spec.uses_port else '-'}")
         click.echo(f"  aliases: {', '.join(spec.aliases) or '-'}")
         click.echo(f"  group:   {spec.group}")
         click.echo(f"  ttl:     {f'{spec.ttl}s' if spec.ttl else 'never'}")

@@ -27,10 +27,11 @@ models:
     result = berth_cli("check", "-c", str(config))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "/opt/llama-server --port 9100 -m /m/x.gguf --api-key <redacted>" in out
+    assert "/opt/llama-server --port ${PORT} -m /m/x.gguf --api-key <redacted> --alias chat" in out
     assert "--api-key=<redacted>" in out
     assert "hunter" not in out + result.stderr
-    assert "9101" in out and "60s" in out and "default" in out
+    assert out.count("first free from 9100, chosen at each start") == 2
+    assert "60s" in out and "default" in out
     assert f"{config}:9: models.embed.matrix: not supported by berth; ignored" in result.stderr
 
 

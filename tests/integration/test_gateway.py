@@ -485,7 +485,7 @@ models:
     wait_until(lambda: not any(pid_alive(p) for p in descendants), 10, "orphans to die")
 
 
-def test_port_already_taken_is_a_clear_start_failure(berth, tmp_path):
+def test_a_port_another_program_holds_is_skipped(berth, tmp_path):
     import socket
 
     blocker = socket.socket()
@@ -495,9 +495,22 @@ def test_port_already_taken_is_a_clear_start_failure(berth, tmp_path):
     try:
         b = berth(f"startPort: {taken}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
         r = chat(b.url, "a")
-        assert r.status_code == 503 and f"port {taken}" in r.json()["error"]["message"]
+        assert r.status_code == 200, r.text
+        port = b.running()["a"]["port"]
+        assert port > taken and b.running()["a"]["proxy"] == f"http://127.0.0.1:{port}"
     finally:
         blocker.close()
+
+
+def test_two_berths_with_one_start_port_both_serve(berth, start_port, tmp_path):
+    config = f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n  b: {{cmd: \"{fake_cmd('b')}\"}}\n"
+    first, second = berth(config), berth(config)
+    for server in (first, second):
+        for model in ("a", "b"):
+            r = chat(server.url, model)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == f"hello from {model}"
+    ports = [s.running()[m]["port"] for s in (first, second) for m in ("a", "b")]
+    assert len(set(ports)) == 4 and min(ports) >= start_port
 
 
 def test_missing_binary_is_a_clear_start_failure(berth, start_port):

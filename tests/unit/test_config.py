@@ -85,9 +85,11 @@ def test_seed_000_resolves_macros_ports_and_aliases():
     config = parse_config(SEED_000, "seed000.yaml")
     gemma = config.models["gemma-4"]
     assert gemma.argv[:4] == ("/app/llama-server", "--host", "127.0.0.1", "--port")
-    assert gemma.port == 5800 and gemma.argv[4] == "5800"
-    assert gemma.proxy == "http://127.0.0.1:5800"
-    assert config.models["qwen-3.5"].port == 5801
+    # ${PORT} is bound when a start picks a free port, not by the model's place in the file
+    assert gemma.uses_port and gemma.argv[4] == "${PORT}" and gemma.proxy == "http://127.0.0.1:${PORT}"
+    bound = gemma.with_port(5807)
+    assert bound.port == 5807 and bound.argv[4] == "5807" and bound.proxy == "http://127.0.0.1:5807"
+    assert config.start_port == 5800
     assert "token_embd\\.weight=CUDA0" in config.models["qwen-3.5"].argv
     assert config.resolve("self-hosted") == "gemma-4"
     assert gemma.ttl == 900 and gemma.health_check_timeout == 900
@@ -100,7 +102,7 @@ def test_seed_001_comments_continuations_and_start_port():
     mini = config.models["minicpm-v-4-5"]
     assert mini.argv[-4:] == ("-m", "/models/minicpm-v-4-5/model.gguf", "--mmproj", "/models/minicpm-v-4-5/mmproj.gguf")
     assert "#" not in " ".join(mini.argv)
-    assert [m.port for m in config.models.values()] == [10001, 10002, 10003]
+    assert config.start_port == 10001 and all(m.uses_port for m in config.models.values())
     assert config.models["qwen3vl-8b"].check_endpoint == "/health"
 
 
@@ -115,13 +117,13 @@ def test_nested_macros_env_model_id_and_model_level_macros():
             macros:
               tag: local
             cmd: srv ${full} --key ${env.MY_KEY}
-            env: ["A=${MODEL_ID}", "B=x=y"]
-            cmdStop: kill -TERM ${PID}
+            env: ["A=${MODEL_ID}", "B=x=y", "P=${PORT}"]
+            cmdStop: kill -TERM ${PID} ${PORT}
         """), "c.yaml", environ={"MY_KEY": "s3"})
-    m = config.models["m1"]
+    m = config.models["m1"].with_port(5800)
     assert m.argv == ("srv", "--port", "5800", "--alias", "m1", "--tag", "local", "--key", "s3")
-    assert m.env == (("A", "m1"), ("B", "x=y"))
-    assert m.stop_argv == ("kill", "-TERM", "${PID}")
+    assert m.env == (("A", "m1"), ("B", "x=y"), ("P", "5800"))
+    assert m.stop_argv == ("kill", "-TERM", "${PID}", "5800")
 
 
 def test_windows_paths_and_quotes_survive():

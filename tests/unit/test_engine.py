@@ -52,6 +52,14 @@ def test_absolute_paths_and_other_programs_run_as_written():
     assert build_launch(_spec("berth worker -m a")).argv[:4] == [sys.executable, "-m", "berth.cli", "worker"]
 
 
+def test_llama_cpp_engines_answer_with_the_model_id_unless_the_cmd_names_an_alias():
+    """llama-server names responses after --alias, else after the model file's path."""
+    assert build_launch(_spec("/opt/llama-server -m a.gguf")).argv[-2:] == ["--alias", "m"]
+    assert build_launch(_spec("berth worker -m a.gguf")).argv[-2:] == ["--alias", "m"]
+    assert build_launch(_spec("/opt/llama-server -m a.gguf -a mine")).argv.count("--alias") == 0
+    assert "--alias" not in build_launch(_spec("/opt/other-server -m a.gguf")).argv
+
+
 def test_redaction_of_secrets():
     argv = ["x", "--api-key", "k1", "--api-key=k2", "-hft", "tok", "--port", "1"]
     assert redact_argv(argv) == ["x", "--api-key", "<redacted>", "--api-key=<redacted>", "-hft", "<redacted>",
@@ -109,8 +117,8 @@ def test_hf_and_model_refs_launch_from_the_store_path(tmp_path, monkeypatch):
     store = ModelStore(tmp_path / "models")
     hf = parse_config("models:\n  m:\n"
                       "    cmd: llama-server -hf unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL --port ${PORT} -c 4096\n")
-    argv = build_launch(hf.models["m"], store).argv  # fetch=False: planned paths, nothing downloaded
-    assert argv == ["/opt/llama-server", "--port", "5800", "-c", "4096", "--model",
+    argv = build_launch(hf.models["m"].with_port(5800), store).argv  # fetch=False: nothing downloaded
+    assert argv == ["/opt/llama-server", "--port", "5800", "-c", "4096", "--alias", "m", "--model",
                     str(tmp_path / "models" / "qwen3-8b-ud-q4_k_xl" / "model.gguf")]
     by_key = parse_config("models:\n  m:\n    model: acme/tiny-GGUF/sub/tiny-F16.gguf\n"
                           "    cmd: /opt/llama-server --port ${PORT}\n")

@@ -25,7 +25,7 @@ def test_seed_commands_round_trip(config_text):
 
 def test_seed_000_typed_values():
     config = parse_config(SEED_000)
-    gemma = LlamaServerArgs.parse(config.models["gemma-4"].argv)
+    gemma = LlamaServerArgs.parse(config.models["gemma-4"].with_port(5800).argv)
     assert gemma.get("hf_repo") == "unsloth/gemma-4-26B-A4B-it-GGUF:UD-Q3_K_XL"
     assert gemma.get("parallel") == 2 and gemma.get("swa_full") and gemma.get("no_mmap")
     assert gemma.get("cache_type_k") == "q8_0" and gemma.get("temp") == 0.6 and gemma.get("top_k") == 20

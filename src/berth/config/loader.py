@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,23 @@ _RESERVED_MACROS = {"PORT", "MODEL_ID", "PID"}
 _MAX_MACRO_DEPTH = 10
 
 
+PORT_MACRO = "${PORT}"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model as berth will run it: macros expanded, argv split, port assigned."""
+    """One model as berth will run it: macros expanded and argv split.
+
+    `${PORT}` stays in argv, proxy, env and stop_argv until a start binds a free
+    port (`with_port`), so a spec does not depend on which ports are free or on
+    the order of models in the file.
+    """
 
     id: str
     argv: tuple[str, ...]
     stop_argv: tuple[str, ...]  # may still contain ${PID}; filled in at stop time
     proxy: str
-    port: int | None
+    uses_port: bool  # argv/proxy contain ${PORT}: a free port is chosen at each start
     env: tuple[tuple[str, str], ...]
     check_endpoint: str | None  # None: no health check ("none")
     ttl: int  # seconds idle before unload; 0 = never
@@ -60,6 +68,16 @@ class ModelSpec:
     kv_persistence_total_max_bytes: int = 8 * 1024**3
     declared_memory: tuple[tuple[str, int], ...] = ()  # `memory:` per device, bytes; overrides the estimate
     persistent: bool = False  # never evicted to make room by memory
+    port: int | None = None  # the bound port, set by `with_port` only
+
+    def with_port(self, port: int) -> "ModelSpec":
+        """This spec with `${PORT}` replaced by `port` everywhere it may appear."""
+
+        def bind(text: str) -> str:
+            return text.replace(PORT_MACRO, str(port))
+
+        return replace(self, argv=tuple(map(bind, self.argv)), stop_argv=tuple(map(bind, self.stop_argv)),
+                       proxy=bind(self.proxy), env=tuple((k, bind(v)) for k, v in self.env), port=port)
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,7 @@ class BerthConfig:
     include_aliases_in_list: bool = False
     log_level: str = "info"
     health_check_timeout: float = 120.0
+    start_port: int = 5800  # free ports for ${PORT} are searched from here at each start
     max_body_bytes: int = 64 * 1024 * 1024
     store_dir: Path | None = None  # None: $BERTH_HOME/models
     memory: MemorySettings = field(default_factory=lambda: MemorySettings())
@@ -215,13 +234,8 @@ class _Resolver:
         p = self.parsed
         self.check_macro_names(p.macros, ("macros",))
         group_of = self.resolve_group_membership()
-        models: dict[str, ModelSpec] = {}
-        next_port = p.start_port
-        for model_id, model in p.models.items():
-            spec, uses_port = self.resolve_model(model_id, model, next_port, group_of[model_id])
-            if uses_port:
-                next_port += 1
-            models[model_id] = spec
+        models = {model_id: self.resolve_model(model_id, model, group_of[model_id])
+                  for model_id, model in p.models.items()}
         self.check_aliases(models)
         config = BerthConfig(
             path=self.path,
@@ -231,6 +245,7 @@ class _Resolver:
             include_aliases_in_list=p.include_aliases_in_list,
             log_level=p.log_level,
             health_check_timeout=p.health_check_timeout,
+            start_port=p.start_port,
             max_body_bytes=p.max_body_bytes,
             store_dir=Path(os.path.expanduser(self.expand_env(p.model_store, ("modelStore",)))) if p.model_store
             else None,
@@ -282,22 +297,19 @@ class _Resolver:
                 raise self.error(loc, f"unknown macro ${{{ref}}}; define it under macros:")
         return text
 
-    def resolve_model(self, model_id: str, model: schema.ModelConfig, port: int,
-                      group: str) -> tuple[ModelSpec, bool]:
+    def resolve_model(self, model_id: str, model: schema.ModelConfig, group: str) -> ModelSpec:
         loc = ("models", model_id)
         self.check_macro_names(model.macros, loc + ("macros",))
         macros = {k: _macro_text(v) for k, v in {**self.parsed.macros, **model.macros}.items()}
         macros["MODEL_ID"] = model_id
         cmd = self.expand(model.cmd, macros, loc + ("cmd",), {"PORT", "MODEL_ID"})
         proxy = self.expand(model.proxy, macros, loc + ("proxy",), {"PORT", "MODEL_ID"})
-        uses_port = "${PORT}" in cmd or "${PORT}" in proxy
-        if "${PORT}" in proxy and "${PORT}" not in cmd:
+        uses_port = PORT_MACRO in cmd or PORT_MACRO in proxy
+        if PORT_MACRO in proxy and PORT_MACRO not in cmd:
             raise self.error(loc + ("cmd",),
                              "proxy uses ${PORT} but cmd does not; add `--port ${PORT}` to cmd or set proxy")
-        cmd = cmd.replace("${PORT}", str(port))
-        proxy = proxy.replace("${PORT}", str(port)).rstrip("/")
+        proxy = proxy.rstrip("/")
         cmd_stop = self.expand(model.cmd_stop, macros, loc + ("cmdStop",), {"PORT", "MODEL_ID", "PID"})
-        cmd_stop = cmd_stop.replace("${PORT}", str(port))
         if not proxy.startswith(("http://", "https://")):
             raise self.error(loc + ("proxy",), f"proxy {proxy!r} must be an http:// or https:// URL")
         try:
@@ -318,7 +330,7 @@ class _Resolver:
         env = []
         for i, item in enumerate(model.env):
             key, _, value = self.expand(item, macros, loc + ("env", str(i)), {"PORT", "MODEL_ID"}).partition("=")
-            env.append((key.strip(), value.replace("${PORT}", str(port))))
+            env.append((key.strip(), value))
         strip = model.filters.strip_params
         strip_list = [s.strip() for s in (strip.split(",") if isinstance(strip, str) else strip) if s.strip()]
         spec = ModelSpec(
@@ -326,7 +338,7 @@ class _Resolver:
             argv=tuple(argv),
             stop_argv=tuple(stop_argv),
             proxy=proxy,
-            port=port if uses_port else None,
+            uses_port=uses_port,
             env=tuple(env),
             check_endpoint=None if check.lower() == "none" else ("/" + check.lstrip("/")),
             ttl=self.parsed.global_ttl if model.ttl is None else model.ttl,
@@ -351,7 +363,7 @@ class _Resolver:
             declared_memory=self.sizes(model.memory, loc + ("memory",)),
             persistent=model.persistent,
         )
-        return spec, uses_port
+        return spec
 
     def sizes(self, values: dict[str, str | int], loc: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
         parsed = []

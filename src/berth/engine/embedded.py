@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from berth.config import BerthConfig, parse_config
-from berth.store.store import berth_home
+from berth.core.paths import berth_home
 
 EMBEDDED_MODEL_ID = "gemma-3-270m"
 EMBEDDED_TTL = 900

@@ -92,20 +92,25 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     else, absolute paths included, runs as written. A model from the store
     (`model:` or `-hf` in cmd) is pulled first when `fetch` (else its stable
     path is shown as planned) and passed as a local `--model` path, so the
-    model server never downloads at run time. With KV persistence (default for
-    llama.cpp engines) the slot flags are added.
+    model server never downloads at run time. llama.cpp engines get
+    `--alias <id>` unless the cmd names one, so responses carry the model id
+    rather than the file path; with KV persistence (default for llama.cpp
+    engines) the slot flags are added.
     """
     from berth.store import ModelStore
 
     prefix, rest = _program(spec)
     wanted = store_reference(spec)
-    persist = spec.kv_persistence if spec.kv_persistence is not None else is_llama_cpp(prefix)
-    if wanted is None and not persist:
+    llama_cpp = is_llama_cpp(prefix)
+    persist = spec.kv_persistence if spec.kv_persistence is not None else llama_cpp
+    if wanted is None and not persist and not llama_cpp:
         return Launch([*prefix, *rest])
     try:
         args = LlamaServerArgs.parse(["program", *rest])
     except ArgvError as exc:
         raise BadRequest(f"cannot read the cmd of {spec.id}: {exc}") from None
+    if llama_cpp and not args.get("alias"):
+        args.set("alias", spec.id)
     store = store or ModelStore.default()
     if wanted is not None:
         _use_store_model(args, store, *wanted, fetch, cancel)

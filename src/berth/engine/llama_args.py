@@ -230,6 +230,8 @@ class LlamaServerArgs:
         for item in self.items:
             if item.spec is None or item.value is None or item.spec.kind in (str, bool):
                 continue
+            if item.value.startswith("${") and item.value.endswith("}"):
+                continue  # a macro bound at launch (`--port ${PORT}`); checked once it has its value
             try:
                 item.spec.kind(item.value)
             except ValueError:

@@ -17,10 +17,14 @@ from berth.config import BerthConfig
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
 from berth.errors import BadRequest, BerthError, BodyTooLarge, RouteNotFound, TooManyRequests, Unauthorized
+from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import forward
+from berth.gateway.sessions import UpstreamSessions
 from berth.memory.devices import inventory
+from berth.runtime.logs import LogHub
+from berth.runtime.process import ModelProcess
 from berth.scheduler import ModelState
 
 log = logging.getLogger("berth.gateway")
@@ -59,12 +63,17 @@ def _presented_key(request: web.Request) -> str | None:
 
 
 class Gateway:
-    def __init__(self, pool: ModelPool, metrics: Metrics) -> None:
+    def __init__(self, pool: ModelPool, memory: MemoryService, logs: LogHub, metrics: Metrics,
+                 sessions: UpstreamSessions) -> None:
         self.pool = pool
+        self.memory = memory
+        self.logs = logs
         self.metrics = metrics
+        self.sessions = sessions
         self.started_at = int(time.time())
         self.app = web.Application(middlewares=[self._errors, self._auth],
                                    client_max_size=pool.config.max_body_bytes)
+        self.app.cleanup_ctx.append(sessions.context)
         r = self.app.router
         r.add_get("/health", self.health)
         r.add_get("/v1/models", self.openai_models)
@@ -179,7 +188,7 @@ class Gateway:
             self.metrics.record_request(model_id, path, exc.status, time.perf_counter() - began)
             raise
         try:
-            return await forward(request, lease, path, body, self.pool.proxy_session, self.metrics,
+            return await forward(request, lease, path, body, self.sessions.proxy, self.metrics,
                                  drop_auth=bool(self.config.api_keys))
         finally:
             lease.release()
@@ -237,22 +246,26 @@ class Gateway:
             spec = self.config.models[model_id]
             remaining = None if view.ttl_deadline is None else max(view.ttl_deadline - loop.time(), 0.0)
             running.append({
-                "model": model_id, "state": view.state.value, "proxy": spec.proxy, "ttl": spec.ttl,
+                "model": model_id, "state": view.state.value, "proxy": process.spec.proxy if process else spec.proxy,
+                "port": process.spec.port if process else None, "ttl": spec.ttl,
                 "ttl_remaining_s": remaining,
                 "pid": process.pid if process else None, "in_flight": view.in_flight, "queued": view.queued,
                 "cmd": " ".join(redact_argv(process.argv if process else list(spec.argv))),
-                "kv_slots": _slot_summary(process),
+                "kv_slots": await asyncio.to_thread(_slot_summary, process),
                 "memory": self._memory_entry(model_id),
             })
-        devices = self.pool.devices(await asyncio.to_thread(inventory))
-        return web.json_response({"running": running, "devices": devices})
+        return web.json_response({"running": running, "devices": await self._devices()})
+
+    async def _devices(self) -> dict[str, dict[str, int]]:
+        live = await asyncio.to_thread(inventory)
+        return self.memory.devices(live, self.config, self.pool.active_models())
 
     def _memory_entry(self, model_id: str) -> dict:
-        plan = self.pool.memory.get(model_id)
+        plan = self.memory.plans.get(model_id)
         entry: dict = {"planned_bytes": plan.planned if plan else None, "source": plan.source if plan else "unknown",
                        "detail": plan.detail if plan else ""}
-        if model_id in self.pool.measured:
-            entry["measured_bytes"] = self.pool.measured[model_id]
+        if model_id in self.memory.measured:
+            entry["measured_bytes"] = self.memory.measured[model_id]
         return entry
 
     async def recent_requests(self, request: web.Request) -> web.Response:
@@ -302,13 +315,12 @@ class Gateway:
         return web.json_response({"success": True})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        devices = self.pool.devices(await asyncio.to_thread(inventory))
-        planned = {m: (p.source, p.planned) for m, p in self.pool.memory.items() if p.planned}
-        self.metrics.set_memory(planned, dict(self.pool.measured), devices)
+        planned = {m: (p.source, p.planned) for m, p in self.memory.plans.items() if p.planned}
+        self.metrics.set_memory(planned, dict(self.memory.measured), await self._devices())
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def logs_text(self, request: web.Request) -> web.Response:
-        lines = self.pool.logs.tail(request.query.get("model"))
+        lines = self.logs.tail(request.query.get("model"))
         return web.Response(text="".join(f"[{line.source}] {line.text}\n" for line in lines))
 
     async def logs_stream(self, request: web.Request) -> web.StreamResponse:
@@ -317,10 +329,10 @@ class Gateway:
             source = self.pool.resolve(source)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        queue = self.pool.logs.subscribe(source)
+        queue = self.logs.subscribe(source)
         try:
             if "no-history" not in request.query:
-                for line in self.pool.logs.tail(source):
+                for line in self.logs.tail(source):
                     await response.write(_sse_line(line.source, line.text))
             while True:
                 line = await queue.get()
@@ -328,10 +340,10 @@ class Gateway:
         except (ConnectionResetError, asyncio.CancelledError):
             return response
         finally:
-            self.pool.logs.unsubscribe(queue)
+            self.logs.unsubscribe(queue)
 
 
-def _slot_summary(process) -> dict | None:
+def _slot_summary(process: ModelProcess | None) -> dict | None:
     if process is None or process.slots is None:
         return None
     files, size = slot_usage(process.slots.model_root)

@@ -6,8 +6,11 @@ import json
 import re
 import time
 from collections import deque
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from berth.scheduler import ModelState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
@@ -52,6 +55,11 @@ class Metrics:
                                      ["model", "device"], registry=r)
         self.device_memory = Gauge("berth_device_memory_bytes", "Memory per device: total, free, budget, planned",
                                    ["device", "kind"], registry=r)
+
+    def set_states(self, states: Mapping[str, ModelState]) -> None:
+        for model, current in states.items():
+            for state in ModelState:
+                self.model_state.labels(model, state.value).set(1 if state is current else 0)
 
     def set_memory(self, planned: dict[str, tuple[str, dict[str, int]]], measured: dict[str, dict[str, int]],
                    devices: dict[str, dict[str, int]]) -> None:

@@ -11,12 +11,19 @@ from collections.abc import Callable
 from aiohttp import web
 
 from berth.config import BerthConfig, load_config
+from berth.core.paths import berth_home
 from berth.errors import ConfigError
 from berth.gateway.app import Gateway
+from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
-from berth.gateway.pool import LaunchBuilder, ModelPool
+from berth.gateway.pool import ModelPool
+from berth.gateway.sessions import UpstreamSessions
+from berth.memory.devices import inventory
+from berth.memory.planner import MemoryLedger, MemoryPlanner
+from berth.runtime.factory import ProcessFactory
+from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
-from berth.runtime.process import Warmup
+from berth.runtime.process import LaunchBuilder, ProcessDeps, Warmup
 
 log = logging.getLogger("berth")
 WATCH_INTERVAL = 1.0
@@ -24,14 +31,18 @@ SETTLE_INTERVAL = 0.25
 
 
 class _HubHandler(logging.Handler):
-    """Copies berth's own log records into the log hub, so /logs shows them."""
+    """Copies berth's own log records into the log hub, so /logs shows them: a record about one
+    model process (it carries `model`) into that model's log, the rest into berth's."""
 
     def __init__(self, hub: LogHub) -> None:
         super().__init__()
         self.hub = hub
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not record.name.startswith("berth.runtime"):  # those are already in the model's own log
+        model = getattr(record, "model", None)
+        if model is not None:
+            self.hub.write(model, f"[berth] {getattr(record, 'text', record.getMessage())}")
+        else:
             self.hub.write("berth", self.format(record))
 
 
@@ -50,28 +61,32 @@ async def run_gateway(
     handler = _HubHandler(logs)
     logging.getLogger("berth").addHandler(handler)
     metrics = Metrics()
-    pool = ModelPool(config, logs, metrics, launch_builder, warmup)
-    await pool.open()
-    gateway = Gateway(pool, metrics)
+    sessions = UpstreamSessions()
+    factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics),
+                             config.start_port)
+    planner = await asyncio.to_thread(
+        MemoryPlanner, inventory(), MemoryLedger(berth_home() / "memory.json"),
+        lambda spec: launch_builder(spec, fetch=False))
+    memory = MemoryService(planner)
+    pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
+    gateway = Gateway(pool, memory, logs, metrics, sessions)
     runner = web.AppRunner(gateway.app, handler_cancellation=True, access_log=None)
-    await runner.setup()
+    await runner.setup()  # opens the sessions
+    factory.open()
+    await pool.open()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:
         await web.TCPSite(runner, host, port).start()
 
+        reloading = asyncio.Lock()  # reloads run one at a time, in the order they were asked for
+
+        async def reload_now() -> None:
+            async with reloading:
+                await _reload(config_path, pool, factory)
+
         def reload() -> None:
-            if config_path is None:
-                log.warning("reload asked for, but berth runs without a config file")
-                return
-            try:
-                new = load_config(config_path)
-            except ConfigError as exc:
-                log.error("config reload failed, keeping the running config: %s", exc.message)
-                return
-            for warning in new.warnings:
-                log.warning(warning)
-            pool.reload(new)
+            asyncio.ensure_future(reload_now())
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -88,8 +103,24 @@ async def run_gateway(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await pool.close()
+        factory.close()
         await runner.cleanup()
         logging.getLogger("berth").removeHandler(handler)
+
+
+async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFactory) -> None:
+    if config_path is None:
+        log.warning("reload asked for, but berth runs without a config file")
+        return
+    try:
+        new = await asyncio.to_thread(load_config, config_path)
+    except ConfigError as exc:
+        log.error("config reload failed, keeping the running config: %s", exc.message)
+        return
+    for warning in new.warnings:
+        log.warning(warning)
+    factory.ports.start = new.start_port
+    await pool.reload(new)
 
 
 async def _watch(path: str, reload: Callable[[], None]) -> None:

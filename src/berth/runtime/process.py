@@ -2,23 +2,24 @@
 
 A `ModelProcess` is owned by exactly one asyncio task (`_run`). Other code only
 calls `request_stop()` and receives events through the `on_event` callback:
-`("started",)`, `("start_failed", StartFailed)`, `("stopped", crashed: bool)`.
+`Started`, then exactly one of `StartFailedEvent` or `Stopped`. The output of
+this run (the child's lines only) is kept on the process itself, so facts
+taken from it (out-of-memory evidence, buffer sizes) never depend on how
+berth words its own log lines.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import re
 import signal
-import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -37,6 +38,7 @@ log = logging.getLogger("berth.runtime")
 HEALTH_FIRST_DELAY = 0.05
 HEALTH_MAX_DELAY = 0.1  # a load that ends between two polls waits at most this long; polls are cheap
 GROUP_GONE_TIMEOUT = 5.0
+RUN_OUTPUT_LINES = 2000  # the child's last lines kept per run (buffer sizes come early, failures late)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,19 @@ class Stopped:
 
 ProcessEvent = Started | StartFailedEvent | Stopped
 Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
+LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event) -> Launch
+
+
+@dataclass(frozen=True)
+class ProcessDeps:
+    """What every model process of one gateway shares."""
+
+    build_launch: LaunchBuilder
+    logs: LogHub
+    janitor: Janitor
+    session: Callable[[], aiohttp.ClientSession]  # for health, warmup and slots; opened with the app
+    warmup: Warmup | None = None
+    metrics: object | None = None
 
 
 # What llama.cpp (CPU, CUDA, HIP, Vulkan) and C++ print when an allocation fails.
@@ -80,38 +95,19 @@ def group_alive(pgid: int) -> bool:
     return bool(group_pids(pgid))
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
-
-
 class ModelProcess:
-    def __init__(
-        self,
-        spec: ModelSpec,
-        build_launch: Callable[..., Launch],  # (spec, cancel=threading.Event) -> Launch
-        logs: LogHub,
-        janitor: Janitor,
-        session: aiohttp.ClientSession,
-        on_event: Callable[[ProcessEvent], None],
-        warmup: Warmup | None = None,
-        metrics=None,
-    ) -> None:
-        self.spec = spec
-        self._build_launch = build_launch
+    def __init__(self, spec: ModelSpec, deps: ProcessDeps, on_event: Callable[[ProcessEvent], None]) -> None:
+        self.spec = spec  # with its port bound: where this run listens
         self.slots: SlotPlan | None = None
         self.argv: list[str] = list(spec.argv)  # replaced by the resolved argv at spawn
-        self._logs = logs
-        self._janitor = janitor
-        self._session = session
+        self.output: deque[str] = deque(maxlen=RUN_OUTPUT_LINES)  # this run's child output
+        self._build_launch = deps.build_launch
+        self._logs = deps.logs
+        self._janitor = deps.janitor
+        self._session = deps.session()
         self._on_event = on_event
-        self._warmup = warmup
-        self._metrics = metrics
+        self._warmup = deps.warmup
+        self._metrics = deps.metrics
         self._slot_keeper: SlotKeeper | None = None
         self._restore_hit_pending = False
         self._stop_requested = asyncio.Event()
@@ -141,11 +137,11 @@ class ModelProcess:
             await asyncio.shield(self._task)
 
     def _log(self, text: str) -> None:
-        self._logs.write(self.spec.id, f"[berth] {text}")
-        log.info("%s: %s", self.spec.id, text)
+        # `model` routes the record to this model's log in the hub (gateway/server.py)
+        log.info("%s: %s", self.spec.id, text, extra={"model": self.spec.id, "text": text})
 
-    def _last_lines(self) -> list[str]:
-        return [line.text for line in self._logs.tail(self.spec.id, 30) if not line.text.startswith("[berth]")]
+    def last_lines(self, count: int = 30) -> list[str]:
+        return list(self.output)[-count:]
 
     # -- the owner task ---------------------------------------------------------------
 
@@ -223,11 +219,6 @@ class ModelProcess:
         if self.slots is not None:
             self._slot_keeper = SlotKeeper(spec.id, self.slots, spec.proxy, self._session, self._log, self._metrics)
             self._slot_keeper.prepare()
-        if spec.port is not None:
-            host = urlsplit(spec.proxy).hostname or "127.0.0.1"
-            if port_in_use(host, spec.port):
-                raise StartFailed(spec.id, f"port {spec.port} on {host} is already in use by another program; "
-                                           "stop it or change startPort in the config")
         env = dict(os.environ)
         env.update(dict(spec.env))
         try:
@@ -259,7 +250,9 @@ class ModelProcess:
                 line = await proc.stdout.read(65536)
             if not line:
                 return
-            self._logs.write(self.spec.id, line.decode("utf-8", errors="replace"))
+            text = line.decode("utf-8", errors="replace").rstrip("\n")
+            self.output.append(text)
+            self._logs.write(self.spec.id, text)
 
     async def _become_ready(self, exited: asyncio.Task, stop_wanted: asyncio.Task) -> StartFailed | str | None:
         """None when ready; "stopped" when a stop was asked for first; else the failure."""
@@ -275,7 +268,7 @@ class ModelProcess:
             return "stopped"
         if exited in done:
             await asyncio.sleep(0)  # let the drain task take the last lines
-            lines = self._last_lines()
+            lines = self.last_lines()
             return StartFailed(self.spec.id, f"process exited with code {self._proc.returncode} before it was ready",
                                lines, out_of_memory=looks_out_of_memory(self._proc.returncode, lines))
         if health in done:
@@ -284,9 +277,9 @@ class ModelProcess:
                 return None
             if isinstance(failure, StartFailed):
                 return failure
-            return StartFailed(self.spec.id, f"readiness check failed: {failure!r}", self._last_lines())
+            return StartFailed(self.spec.id, f"readiness check failed: {failure!r}", self.last_lines())
         return StartFailed(self.spec.id, f"not healthy after healthCheckTimeout ({self.spec.health_check_timeout:g}s) "
-                                         f"at {self.spec.proxy}{self.spec.check_endpoint}", self._last_lines())
+                                         f"at {self.spec.proxy}{self.spec.check_endpoint}", self.last_lines())
 
     async def _wait_healthy(self) -> None:
         if self.spec.check_endpoint is not None:

@@ -21,6 +21,17 @@ class ModelState(str, enum.Enum):
     FAILED = "failed"
 
 
+class StopReason(str, enum.Enum):
+    """Why a model is stopped (a str, so it compares and formats as its value)."""
+
+    SWAP = "swap"  # a group swap or an exclusive group needs it gone
+    MEMORY = "memory"  # evicted to make room for another model
+    TTL = "ttl"  # idle for its TTL
+    UNLOAD = "unload"  # asked for through the API
+    RELOAD = "reload"  # its definition changed or it was removed from the config
+    SHUTDOWN = "shutdown"  # berth is stopping
+
+
 @dataclass(frozen=True)
 class ModelPolicy:
     """What the scheduler needs to know about one model."""
@@ -56,7 +67,7 @@ class Start:
 @dataclass(frozen=True)
 class Stop:
     model: str
-    reason: str  # "swap", "ttl", "unload", "reload", "shutdown"
+    reason: StopReason
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,8 @@ class _Model:
     state: ModelState = ModelState.STOPPED
     in_flight: int = 0
     idle_since: float = 0.0
-    unload_reason: str | None = None  # a stop asked for by the API, waiting for in-flight requests
-    stop_reason: str | None = None
+    unload_reason: StopReason | None = None  # a stop asked for by the API, waiting for in-flight requests
+    stop_reason: StopReason | None = None
     last_error: BerthError | None = None
     oom_retry: bool = False  # the last start died of out-of-memory: retry once with everything else evicted
 
@@ -213,16 +224,16 @@ class Scheduler:
         m.unload_reason = None
         reason, m.stop_reason = m.stop_reason, None
         actions: list[Action] = []
-        if reason in ("unload", "shutdown"):
+        if reason in (StopReason.UNLOAD, StopReason.SHUTDOWN):
             # Requests that waited for this model must not silently start it again.
-            error = ModelUnloaded(model, reason)
+            error = ModelUnloaded(model, reason.value)
             actions = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
             for action in actions:
                 del self._queue[action.request_id]
         self._forget_if_removed(model)
         return actions + self._plan(now)
 
-    def unload(self, model: str | None, now: float, reason: str = "unload", force: bool = False) -> list[Action]:
+    def unload(self, model: str | None, now: float, reason: StopReason = StopReason.UNLOAD, force: bool = False) -> list[Action]:
         """Stop `model` (or every model). Waits for in-flight requests unless `force`."""
         targets = [model] if model is not None else list(self.models)
         actions: list[Action] = []
@@ -244,7 +255,7 @@ class Scheduler:
         self._queue.clear()
         for model_id, m in self.models.items():
             if m.state in (ModelState.STARTING, ModelState.READY):
-                actions.append(self._begin_stop(model_id, "shutdown"))
+                actions.append(self._begin_stop(model_id, StopReason.SHUTDOWN))
         return actions
 
     def tick(self, now: float) -> list[Action]:
@@ -283,7 +294,7 @@ class Scheduler:
             return None
         return m.idle_since + m.policy.ttl
 
-    def _begin_stop(self, model: str, reason: str) -> Stop:
+    def _begin_stop(self, model: str, reason: StopReason) -> Stop:
         m = self.models[model]
         m.state = ModelState.STOPPING
         m.unload_reason = None
@@ -380,7 +391,7 @@ class Scheduler:
         for other in victims:
             draining.add(other)
             if self.models[other].in_flight == 0:
-                actions.append(self._begin_stop(other, "memory"))
+                actions.append(self._begin_stop(other, StopReason.MEMORY))
         return room
 
     def _plan(self, now: float) -> list[Action]:
@@ -416,7 +427,7 @@ class Scheduler:
                 if o.state is ModelState.READY:
                     draining.add(other)
                     if o.in_flight == 0:
-                        actions.append(self._begin_stop(other, "swap"))
+                        actions.append(self._begin_stop(other, StopReason.SWAP))
             room = not self._memory_scheduled(model) or self._plan_memory_start(model, ledger, draining, actions)
             if not blockers and room:
                 m.state = ModelState.STARTING
@@ -427,11 +438,11 @@ class Scheduler:
             if m.unload_reason is not None:
                 actions.append(self._begin_stop(model_id, m.unload_reason))
             elif model_id in self._removed:
-                actions.append(self._begin_stop(model_id, "reload"))
+                actions.append(self._begin_stop(model_id, StopReason.RELOAD))
             else:
                 deadline = self._ttl_deadline(model_id)
                 if deadline is not None and now >= deadline:
-                    actions.append(self._begin_stop(model_id, "ttl"))
+                    actions.append(self._begin_stop(model_id, StopReason.TTL))
         return actions
 
 

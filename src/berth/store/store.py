@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from berth.core.paths import berth_home
 from berth.errors import BerthError
 from berth.store.gguf_check import GGUFInvalid, check_gguf
 from berth.store.refs import SPLIT_SUFFIX, ModelRef
@@ -97,11 +98,6 @@ class StoreEntry:
     def last_used(self) -> float | None:
         stamp = self.directory / "last-used"
         return stamp.stat().st_mtime if stamp.exists() else None
-
-
-def berth_home() -> Path:
-    """berth's data directory: `$BERTH_HOME`, default `~/.cache/berth`."""
-    return Path(os.environ.get("BERTH_HOME") or Path.home() / ".cache" / "berth")
 
 
 def sha256_of(path: Path) -> str:

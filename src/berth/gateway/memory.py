@@ -1,0 +1,99 @@
+"""Each model's memory plan, and what running models really use.
+
+The pool asks for plans when the config changes and hears of a better plan
+after a model is measured; the gateway reads plans, measurements and devices
+for `/running`, `/v1/models` and `/metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from berth.config import BerthConfig, ModelSpec
+from berth.memory.devices import Device, measure_group, parse_buffer_log
+from berth.memory.planner import MemoryPlanner, ModelMemory
+from berth.runtime.process import ModelProcess
+
+log = logging.getLogger("berth.memory")
+
+MEASURE_INTERVAL = 30.0  # seconds between measurements of running models (peak usage grows with use)
+
+PlanChanged = Callable[[str, ModelMemory], None]
+ReadyProcesses = Callable[[], Iterable[tuple[str, ModelProcess]]]
+
+
+class MemoryService:
+    def __init__(self, planner: MemoryPlanner) -> None:
+        self.planner = planner
+        self.plans: dict[str, ModelMemory] = {}
+        self.measured: dict[str, dict[str, int]] = {}  # peak usage per running model
+        self._task: asyncio.Task[None] | None = None
+
+    def plan_all(self, config: BerthConfig) -> dict[str, ModelMemory]:
+        self.plans = {spec.id: self.planner.plan(spec) for spec in config.models.values()}
+        for model_id, plan in self.plans.items():
+            log.debug(f"{model_id}: memory {plan.source} {plan.planned} {plan.detail}")
+        return self.plans
+
+    def budgets(self, config: BerthConfig) -> dict[str, int]:
+        return self.planner.budgets(config)
+
+    def forget(self, model_id: str) -> None:
+        """The model's process is gone: its measurement no longer describes anything running."""
+        self.measured.pop(model_id, None)
+
+    async def measure(self, spec: ModelSpec | None, process: ModelProcess,
+                      still_running: Callable[[], bool]) -> ModelMemory | None:
+        """Read what a running model uses; return its new plan when `spec` (the config's current
+        definition) is what runs, so later starts with the same settings plan with it."""
+        if process.pid is None:
+            return None
+        usage = await asyncio.to_thread(measure_group, process.pid)
+        if not still_running() or not usage.get("host"):
+            return None
+        for device, amount in parse_buffer_log(list(process.output)).items():
+            usage.setdefault(device, amount)  # GPUs NVML does not see; the host's RSS is the fuller figure
+        self.measured[process.spec.id] = usage
+        running = process.spec
+        current = spec.with_port(running.port) if spec and spec.uses_port and running.port else spec
+        if current is None or current.argv != running.argv:
+            return None  # reloaded with other settings meanwhile
+        plan = await asyncio.to_thread(self.planner.learn, spec, process.argv, usage)
+        if plan.planned != self.plans.get(spec.id, ModelMemory(None, "unknown")).planned:
+            log.info(f"{spec.id}: planned memory now {plan.planned} ({plan.source})")
+        self.plans[spec.id] = plan
+        return plan
+
+    def start_measuring(self, ready: ReadyProcesses, specs: Callable[[], dict[str, ModelSpec]],
+                        on_plan: PlanChanged) -> None:
+        self._task = asyncio.create_task(self._measure_periodically(ready, specs, on_plan))
+
+    async def _measure_periodically(self, ready: ReadyProcesses, specs: Callable[[], dict[str, ModelSpec]],
+                                    on_plan: PlanChanged) -> None:
+        while True:
+            await asyncio.sleep(MEASURE_INTERVAL)
+            for model_id, process in list(ready()):
+                plan = await self.measure(specs().get(model_id), process,
+                                          lambda: any(p is process for _, p in ready()))
+                if plan is not None:
+                    on_plan(model_id, plan)
+
+    def stop_measuring(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def devices(self, live: dict[str, Device], config: BerthConfig, active: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Per device: total and free now (`live`, from `inventory()`), berth's budget, and what the
+        `active` models (starting, ready or stopping) are planned to hold."""
+        budgets = self.budgets(config)
+        active = list(active)
+        result = {}
+        for name in sorted(set(live) | set(budgets)):
+            planned = sum((self.plans[m].planned or {}).get(name, 0) for m in active if m in self.plans)
+            device = live.get(name)
+            result[name] = {"total_bytes": device.total_bytes if device else 0,
+                            "free_bytes": device.free_bytes if device else 0,
+                            "budget_bytes": budgets.get(name, 0), "planned_in_use_bytes": planned}
+        return result
