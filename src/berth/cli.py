@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NoReturn
 
 import click
 from rich.console import Console
@@ -26,7 +27,7 @@ USAGE_ERROR = 2
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str, code: int = USAGE_ERROR) -> None:
+def _fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
 
@@ -43,9 +44,13 @@ def _load(path: str) -> BerthConfig:
         config = load_config(path)
     except ConfigError as exc:
         _fail(exc.message)
+    _print_warnings(config)
+    return config
+
+
+def _print_warnings(config: BerthConfig) -> None:
     for warning in config.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    return config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,6 +77,7 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
             config = embedded_config()
         except EmbeddedModelError as exc:
             _fail(str(exc), 1)
+        _print_warnings(config)
     else:
         config = _load(config_path)
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
@@ -198,6 +204,7 @@ def models(config_path: str | None) -> None:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "never"
         click.echo(f"{e.name:40} {e.size / 2**20:>7.1f}MiB {e.quant or '-':12} {'yes' if e.verified else 'no':8} "
                    f"{used}")
+    _print_embedded_models(store)
     slots_root = store.root / SLOTS_DIR
     models_with_slots = sorted(d for d in slots_root.iterdir() if d.is_dir()) if slots_root.is_dir() else []
     if models_with_slots:
@@ -205,6 +212,23 @@ def models(config_path: str | None) -> None:
         for directory in models_with_slots:
             files, size = slot_usage(directory)
             click.echo(f"{directory.name:40} {files:>6} {size / 2**20:>7.1f}MiB")
+
+
+def _print_embedded_models(store: ModelStore) -> None:
+    from berth.engine.embedded import (
+        DEFAULT_MODEL_ID, EMBEDDED_MODEL_ID, SMOLLM2_FILE, SMOLLM2_REQUIREMENT, SMOLLM2_STORE_NAME,
+        embedded_model_path,
+    )
+
+    smollm2 = store.entry(SMOLLM2_STORE_NAME)
+    click.echo(f"\n{'EMBEDDED (berth serve without -c)':40} {'SIZE':>10} STATUS")
+    click.echo(f"{DEFAULT_MODEL_ID + ' (default)':40} {(SMOLLM2_FILE.size or 0) / 2**20:>7.1f}MiB "
+               + (f"ready: {smollm2.model_path}" if smollm2 else f"fetched at first serve ({SMOLLM2_REQUIREMENT})"))
+    try:
+        gemma = embedded_model_path()
+        click.echo(f"{EMBEDDED_MODEL_ID:40} {gemma.stat().st_size / 2**20:>7.1f}MiB ready: {gemma}")
+    except (RuntimeError, OSError) as exc:
+        click.echo(f"{EMBEDDED_MODEL_ID:40} {'-':>10} unavailable: {exc}")
 
 
 @main.command()
@@ -259,7 +283,8 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
     if config is None and store.entry(model) is None and not os.path.exists(model):
         from berth.engine.embedded import embedded_config
 
-        config = embedded_config() if embedded_config().resolve(model) else None
+        embedded = embedded_config()
+        config = embedded if embedded.resolve(model) else None
     if config is not None:
         model_id = config.resolve(model)
         if model_id is None:
@@ -333,6 +358,167 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
 
 
 
+_url_option = click.option("--url", default="http://127.0.0.1:8080", show_default=True, envvar="BERTH_URL",
+                           help="The berth to talk to ($BERTH_URL).")
+_key_option = click.option("--api-key", envvar="BERTH_API_KEY", help="An API key of that berth ($BERTH_API_KEY).")
+
+
+def _client(url: str, api_key: str | None):
+    from berth.client import BerthClient
+
+    if not url.startswith(("http://", "https://")):
+        _fail(f"--url {url!r} must start with http:// or https://")
+    return BerthClient(url, api_key)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@_url_option
+@_key_option
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config for the berth started here when none answers at --url (default: the embedded models).")
+def run(model: str, prompt: str | None, url: str, api_key: str | None, config_path: str | None) -> None:
+    """Chat with MODEL: print the answer to PROMPT and exit, or talk interactively (Ctrl-D ends).
+
+    Talks to the berth at --url; when none answers there, starts one in this process for as long as the
+    command runs (and stops its models on exit).
+    """
+    from berth.client import ClientError
+
+    client = _client(url, api_key)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip() or _fail("no prompt: stdin was empty")
+    local = None
+    if not client.alive():
+        local = _start_local_berth(config_path)
+        client = _client(local.url, None)
+    try:
+        messages: list[dict[str, str]] = []
+        for line in [prompt] if prompt is not None else _interactive_lines(model):
+            messages.append({"role": "user", "content": line})
+            try:
+                answer = "".join(_echo_stream(client.stream_chat(model, messages)))
+            except ClientError as exc:
+                messages.pop()
+                if prompt is not None:
+                    _fail(exc.message, USAGE_ERROR if exc.status in (400, 404) else 1)
+                err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+                continue
+            except KeyboardInterrupt:  # stop this answer, keep the conversation
+                click.echo()
+                messages.pop()
+                continue
+            messages.append({"role": "assistant", "content": answer})
+    finally:
+        if local is not None:
+            local.stop()
+
+
+def _interactive_lines(model: str):
+    click.echo(f"chatting with {model}; Ctrl-D to end, Ctrl-C stops an answer", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo(err=True)
+            return
+        if line.strip():
+            yield line
+
+
+def _echo_stream(pieces):
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        yield piece
+    sys.stdout.write("\n")
+
+
+def _start_local_berth(config_path: str | None):
+    from berth.engine.embedded import EmbeddedModelError, embedded_config
+    from berth.engine.warmup import chat_warmup
+    from berth.gateway.server import InProcessGateway
+
+    if config_path:
+        config = _load(config_path)
+    else:
+        try:
+            config = embedded_config()
+        except EmbeddedModelError as exc:
+            _fail(str(exc), 1)
+        _print_warnings(config)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch_builder = functools.partial(build_launch, store=_store(config), fetch=True)
+    err_console.print(f"no berth answers; starting one here on 127.0.0.1:{port} until this command ends",
+                      highlight=False)
+    return InProcessGateway(config, "127.0.0.1", port, launch_builder, chat_warmup).start()
+
+
+@main.command()
+@_url_option
+@_key_option
+@click.option("--json", "as_json", is_flag=True, help="Print /running as JSON.")
+def ps(url: str, api_key: str | None, as_json: bool) -> None:
+    """Show the models a running berth has loaded: state, memory, TTL left, requests in flight."""
+    import json
+
+    from berth.client import ClientError
+
+    try:
+        running = _client(url, api_key).get("/running")
+    except ClientError as exc:
+        _fail(exc.message + ("" if exc.status else "; start one with `berth serve`"), 1)
+    if as_json:
+        click.echo(json.dumps(running, indent=2))
+        return
+    models = running.get("running", [])
+    if not models:
+        click.echo("no models loaded")
+        return
+    mib = 2**20
+    click.echo(f"{'MODEL':28} {'STATE':9} {'PID':>7} {'PORT':>6} {'PLANNED':>10} {'MEASURED':>10} {'TTL LEFT':>9} "
+               f"{'IN FLIGHT':>9} {'QUEUED':>6}")
+    for m in models:
+        memory = m.get("memory") or {}
+        planned = sum((memory.get("planned_bytes") or {}).values())
+        measured = sum((memory.get("measured_bytes") or {}).values())
+        ttl = m.get("ttl_remaining_s")
+        click.echo(f"{m['model']:28} {m['state']:9} {m.get('pid') or '-':>7} {m.get('port') or '-':>6} "
+                   f"{f'{planned / mib:.0f} MiB' if planned else '?':>10} "
+                   f"{f'{measured / mib:.0f} MiB' if measured else '-':>10} "
+                   f"{'never' if ttl is None else f'{ttl:.0f}s':>9} {m.get('in_flight', 0):>9} "
+                   f"{m.get('queued', 0):>6}")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Unload every model.")
+@_url_option
+@_key_option
+def stop(model: str | None, stop_all: bool, url: str, api_key: str | None) -> None:
+    """Unload MODEL (or every model with --all) from a running berth, once its requests finish."""
+    from berth.client import ClientError
+
+    if bool(model) == stop_all:
+        _fail("name one model, or give --all: berth stop MODEL | berth stop --all")
+    client = _client(url, api_key)
+    try:
+        if stop_all:
+            client.post("/unload")
+        else:
+            client.post("/models/unload", {"model": model})
+    except ClientError as exc:
+        _fail(exc.message + ("" if exc.status else "; is `berth serve` running?"),
+              USAGE_ERROR if exc.status in (400, 404) else 1)
+    click.echo(f"stopped {'every model' if stop_all else model}")
+
+
 def _concurrency_list(ctx, param, value: str) -> list[int]:
     try:
         levels = [int(v) for v in value.split(",") if v.strip()]
@@ -350,7 +536,7 @@ def _concurrency_list(ctx, param, value: str) -> list[int]:
               help="Requests per model and concurrency level (swap: per model).")
 @click.option("--concurrency", default="1", show_default=True, callback=_concurrency_list,
               help="Requests in flight at once; a list such as 1,4,16 sweeps.")
-@click.option("--prompt", help="The user message.")
+@click.option("--prompt", help="The user message (default: a built-in set of short and long prompts).")
 @click.option("--prompt-file", type=click.Path(dir_okay=False),
               help="A file with the user message; .jsonl: one prompt per line (a string or {\"prompt\": ...}).")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
@@ -379,7 +565,7 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
     base = url.rstrip("/").removesuffix("/v1")
     if not base.startswith(("http://", "https://")):
         _fail(f"--url {url!r} must start with http:// or https://")
-    prompts = _bench_prompts(prompt, prompt_file)
+    prompts, prompt_source = _bench_prompts(prompt, prompt_file)
     schema = None
     if schema_path:
         try:
@@ -398,7 +584,7 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
     if scenario in ("cold", "swap") and concurrency != [1]:
         _fail(f"--scenario {scenario} sends one request at a time; drop --concurrency")
     settings = BenchSettings(base, list(models), n_requests, concurrency, prompts, max_tokens, stream, scenario,
-                             schema, api_key, timeout)
+                             schema, api_key, timeout, prompt_source)
     phases = 1 if scenario == "swap" else len(models) * len(concurrency)
     total = n_requests * (len(models) if scenario == "swap" else phases)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -424,20 +610,28 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
     click.echo(f"wrote {out_dir}/results.json, summary.md, latency.png, throughput.png")
 
 
-def _bench_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
+def _bench_prompts(prompt: str | None, prompt_file: str | None) -> tuple[list[str], str]:
+    """The prompts to send and where they come from (recorded in results.json)."""
     import json
 
-    if bool(prompt) == bool(prompt_file):
-        _fail("give exactly one of --prompt TEXT or --prompt-file FILE")
+    from berth.bench.prompts import BUILT_IN
+
+    if prompt and prompt_file:
+        _fail("give one of --prompt TEXT or --prompt-file FILE, not both")
     if prompt:
-        return [prompt]
+        return [prompt], "--prompt"
+    if not prompt_file:
+        return list(BUILT_IN), "built-in"
     try:
         with open(prompt_file, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"cannot read --prompt-file {prompt_file}: {exc}")
+    source = f"--prompt-file {prompt_file}"
     if not prompt_file.endswith(".jsonl"):
-        return [text] if text.strip() else _fail(f"--prompt-file {prompt_file} is empty")
+        if not text.strip():
+            _fail(f"--prompt-file {prompt_file} is empty")
+        return [text], source
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -450,7 +644,10 @@ def _bench_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
         if not isinstance(value, str) or not value:
             _fail(f"{prompt_file}:{number}: no prompt; each line is a string or {{\"prompt\": \"...\"}}")
         prompts.append(value)
-    return prompts or _fail(f"--prompt-file {prompt_file} has no prompts")
+    if not prompts:
+        _fail(f"--prompt-file {prompt_file} has no prompts")
+    return prompts, source
+
 
 if __name__ == "__main__":
     main()

@@ -184,23 +184,3 @@ def test_sigterm_to_berth_leaves_no_process(berth, start_port, model_cmd):
     assert b.pid_of("gemma") in descendants
     assert b.stop(signal.SIGTERM) == 0
     assert not any(pid_alive(p) for p in descendants)
-
-
-def test_embedded_default_serves_without_a_config(tmp_path, berth_home, gemma_gguf):
-    """`berth serve` with no config: gemma-3-270m, alias default, warmup, --parallel 2, metrics."""
-    b = BerthServer(tmp_path, None, env={"BERTH_HOME": berth_home}).start()
-    try:
-        models = requests.get(b.url + "/v1/models", timeout=10).json()["data"]
-        assert [m["id"] for m in models] == ["gemma-3-270m"]
-        r = requests.post(b.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 8}, timeout=120)
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip()
-        running = b.running()["gemma-3-270m"]
-        assert "--parallel 2" in running["cmd"] and "--metrics" in running["cmd"] and running["ttl"] > 0
-        reply = client(b).chat.completions.create(model="default", messages=MESSAGES, max_tokens=4)
-        assert reply.choices[0].message.content.strip()
-        upstream_metrics = requests.get(b.url + "/upstream/default/metrics", timeout=10)
-        assert upstream_metrics.status_code == 200 and "llamacpp:" in upstream_metrics.text
-    finally:
-        descendants = children_of(b.proc.pid)
-        assert b.stop() == 0
-        assert not any(pid_alive(p) for p in descendants)

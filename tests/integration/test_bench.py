@@ -122,6 +122,28 @@ def test_bench_works_against_a_server_that_is_not_berth(tmp_path):
         server.wait(10)
 
 
+def test_bench_without_prompt_flags_sends_the_built_in_prompts_and_records_them(tmp_path):
+    from berth.bench.prompts import BUILT_IN
+
+    port = free_port()
+    server = subprocess.Popen(fake_cmd("bare").replace("${PORT}", str(port)).split(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 20, "fake server")
+        out = tmp_path / "out"
+        run = bench("--url", f"http://127.0.0.1:{port}", "--model", "m", "--requests", str(len(BUILT_IN)),
+                    "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        found = results(out)
+        assert found["built_in_prompts"] == BUILT_IN and found["settings"]["prompt_source"] == "built-in"
+        sent = sorted(r["prompt_tokens"] for r in found["requests"])
+        assert sent == sorted(len(p.split()) for p in BUILT_IN)  # each prompt once: short and long
+        assert max(sent) > 100 > min(sent)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def test_bad_bench_input_names_the_problem(berth, start_port, tmp_path):
     b = berth(config(start_port, tmp_path))
     out = str(tmp_path / "out")
@@ -129,7 +151,7 @@ def test_bad_bench_input_names_the_problem(berth, start_port, tmp_path):
         (["--url", b.url, "--model", "a", "--prompt", "x", "--scenario", "swap"], "at least twice"),
         (["--url", b.url, "--model", "nope", "--prompt", "x"], "not served"),
         (["--url", "http://127.0.0.1:9", "--model", "a", "--prompt", "x"], "check --url"),
-        (["--url", b.url, "--model", "a"], "exactly one of --prompt"),
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--prompt-file", str(tmp_path / "p.txt")], "not both"),
         (["--url", b.url, "--model", "a", "--prompt", "x", "--concurrency", "0"], "positive numbers"),
         (["--url", b.url, "--model", "a", "--prompt", "x", "--scenario", "cold", "--concurrency", "4"],
          "drop --concurrency"),

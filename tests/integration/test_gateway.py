@@ -575,3 +575,30 @@ def test_a_connection_closed_before_any_answer_is_retried_once(berth, start_port
     assert r.status_code == 200 and r.json()["server"] == "a"
     logs = requests.get(b.url + "/logs", timeout=5).text
     assert "dropping the first chat request's connection" in logs  # the first attempt really was cut
+
+
+def test_model_server_errors_reach_clients_in_openai_shape(berth, start_port):
+    """llama.cpp answers errors with an integer code; clients get one dialect with string type and code."""
+    import openai
+
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    r = chat(b.url, "a", llama_error=True)
+    error = r.json()["error"]
+    assert r.status_code == 501
+    assert error["message"] == "tools param requires --jinja flag"
+    assert error["type"] == "not_supported_error" and isinstance(error["code"], str)
+    assert error["upstream"]["error"]["code"] == 501  # the original, kept
+    r = chat(b.url, "a", text_error=True)
+    assert r.status_code == 500 and r.json()["error"] == {
+        "message": "upstream exploded", "type": "server_error", "code": "upstream_http_500",
+        "upstream": "upstream exploded"}
+    client = openai.OpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+    try:
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"llama_error": True})
+        raise AssertionError("expected an error")
+    except openai.APIStatusError as exc:
+        assert exc.status_code == 501 and exc.code == "not_supported_error"
+    # /upstream/ is the model server's own surface: passed through as sent
+    raw = requests.post(b.url + "/upstream/a/v1/chat/completions", json={"llama_error": True}, timeout=10)
+    assert raw.status_code == 501 and raw.json()["error"]["code"] == 501

@@ -113,8 +113,15 @@ def main() -> None:
         if args.error_every and chat_count % args.error_every == 0:
             return web.json_response({"error": {"message": "fake overload", "type": "server_error",
                                                 "code": "fake_overload"}}, status=500)
+        if payload.get("llama_error"):  # llama.cpp's own error shape: an integer code
+            return web.json_response({"error": {"code": 501, "message": "tools param requires --jinja flag",
+                                                "type": "not_supported_error"}}, status=501)
+        if payload.get("text_error"):
+            return web.Response(text="upstream exploded", status=500)
         sleep = float(payload.get("sleep", 0))
         chunks = int(payload.get("chunks", 5))
+        # one "token" per word of the messages, so a client can tell prompts apart by their usage
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in payload.get("messages") or []) or 1
         delay = float(payload.get("chunk_delay", 0.0))
         crash_after = payload.get("crash_after_chunks")
         if not payload.get("stream"):
@@ -124,7 +131,8 @@ def main() -> None:
                 "server": args.name, "pid": os.getpid(),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content_for(payload)},
                              "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
+                          "total_tokens": prompt_tokens + 3},
             })
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -142,7 +150,8 @@ def main() -> None:
         except (ConnectionResetError, asyncio.CancelledError):
             print(f"stream aborted by client after {i} chunks", flush=True)
             raise
-        await response.write(b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d}}\n\n' % chunks)
+        await response.write(b'data: {"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d}}\n\n'
+                             % (prompt_tokens, chunks))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -87,6 +87,7 @@ def test_worker_flags_map_onto_xllamacpp_params(tmp_path):
         "-b", "1024", "-ub", "256", "-t", "2", "-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on", "--no-mmap",
         "--alias", "a,b", "--api-key", "k", "--metrics", "--no-slots", "--slot-save-path", str(tmp_path),
         "--swa-full", "--embeddings", "--temp", "0.5", "--top-k", "7", "--top-p", "0.9", "--min-p", "0.1",
+        "--repeat-penalty", "1.1", "--presence-penalty", "0.3", "--frequency-penalty", "0.2",
         "-ot", "token_embd\\.weight=CPU", "--n-cpu-moe", "2", "--chat-template", "gemma", "--no-warmup",
         "--pooling", "mean",
     ])
@@ -103,6 +104,8 @@ def test_worker_flags_map_onto_xllamacpp_params(tmp_path):
     assert p.swa_full and p.embedding and not p.warmup and p.chat_template == "gemma"
     assert p.pooling_type == xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     assert abs(p.sampling.temp - 0.5) < 1e-6 and p.sampling.top_k == 7
+    assert abs(p.sampling.penalty_repeat - 1.1) < 1e-6 and abs(p.sampling.penalty_present - 0.3) < 1e-6
+    assert abs(p.sampling.penalty_freq - 0.2) < 1e-6
     assert p.tensor_buft_overrides.split(",") == [
         "token_embd\\.weight=CPU", "blk\\.0\\.ffn_(up|down|gate|gate_up)_exps=CPU",
         "blk\\.1\\.ffn_(up|down|gate|gate_up)_exps=CPU"]

@@ -134,6 +134,8 @@ def write(settings: BenchSettings, records: list[RequestRecord], out: Path) -> d
     rows = summarize(records)
     results = {"settings": {k: v for k, v in asdict(settings).items() if k not in ("api_key", "prompts")},
                "prompts": len(settings.prompts), "summary": rows, "requests": [r.as_dict() for r in records]}
+    if settings.prompt_source == "built-in":  # a user's own prompts stay theirs; berth's set is recorded
+        results["built_in_prompts"] = list(settings.prompts)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(markdown(settings, rows))
     plots(records, rows, out)

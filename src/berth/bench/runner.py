@@ -33,6 +33,7 @@ class BenchSettings:
     json_schema: dict | None = None
     api_key: str | None = None
     timeout: float = 300.0
+    prompt_source: str = "--prompt"  # "built-in", "--prompt" or "--prompt-file PATH"
 
 
 @dataclass

@@ -124,6 +124,10 @@ def build_params(args: LlamaServerArgs):
     for dest in ("temp", "top_k", "top_p", "min_p"):
         if args.get(dest) is not None:
             setattr(p.sampling, dest, args.get(dest))
+    for dest, field in (("repeat_penalty", "penalty_repeat"), ("presence_penalty", "penalty_present"),
+                        ("frequency_penalty", "penalty_freq")):
+        if args.get(dest) is not None:
+            setattr(p.sampling, field, args.get(dest))
     overrides = _tensor_overrides(args)
     if overrides:
         p.tensor_buft_overrides = overrides

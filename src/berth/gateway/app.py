@@ -180,7 +180,8 @@ class Gateway:
             changed = True
         return json.dumps(payload).encode() if changed else body
 
-    async def _serve(self, request: web.Request, model_id: str, path: str, body: bytes | None) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, model_id: str, path: str, body: bytes | None,
+                     rewrite_errors: bool = True) -> web.StreamResponse:
         began = time.perf_counter()
         try:
             lease = await self.pool.acquire(model_id)
@@ -189,14 +190,16 @@ class Gateway:
             raise
         try:
             return await forward(request, lease, path, body, self.sessions.proxy, self.metrics,
-                                 drop_auth=bool(self.config.api_keys))
+                                 drop_auth=bool(self.config.api_keys), rewrite_errors=rewrite_errors)
         finally:
             lease.release()
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         model_id = self.pool.resolve(request.match_info["model"])
         body = await request.read()
-        return await self._serve(request, model_id, "/" + request.match_info["path"], body or None)
+        # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
+        return await self._serve(request, model_id, "/" + request.match_info["path"], body or None,
+                                 rewrite_errors=False)
 
     async def by_query_model(self, request: web.Request) -> web.StreamResponse:
         name = request.query.get("model")

@@ -20,6 +20,41 @@ _HOP_BY_HOP = {
 }
 _TAIL_BYTES = 8192  # enough of the end of a response to find its `usage` object
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+_ERROR_BODY_LIMIT = 256 * 1024  # error bodies are small; a larger one is cut before it is rewritten
+_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                   429: "rate_limit_error"}
+
+
+def openai_error(status: int, body: bytes) -> dict | None:
+    """A model server's error body in OpenAI's shape (string `type` and `code`), the original kept under
+    `upstream`; None when it is in that shape already. llama.cpp, for one, sends an integer `code`."""
+    try:
+        parsed = json.loads(body) if body else None
+    except ValueError:
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict) and all(isinstance(error.get(k), str) for k in ("message", "type", "code")):
+        return None
+    message = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
+    elif isinstance(error, str):
+        message = error
+    elif isinstance(parsed, dict) and "detail" in parsed:  # FastAPI-style servers (vLLM and others)
+        detail = parsed["detail"]
+        message = detail if isinstance(detail, str) else json.dumps(detail)
+    text = body.decode("utf-8", errors="replace").strip()
+    if not message:
+        message = text[:2000] or f"the model server answered HTTP {status} with an empty body"
+    kind = error.get("type") if isinstance(error, dict) else None
+    if not isinstance(kind, str):
+        kind = _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if not isinstance(code, str):
+        code = kind if isinstance(error, dict) and isinstance(error.get("type"), str) else f"upstream_http_{status}"
+    return {"error": {"message": message, "type": kind, "code": code,
+                      "upstream": parsed if parsed is not None else text}}
 
 
 def _request_headers(request: web.Request, drop_auth: bool) -> dict[str, str]:
@@ -46,6 +81,12 @@ async def _open(session: aiohttp.ClientSession, method: str, url: str, body: byt
                                      allow_redirects=False)
 
 
+def _rewritable(upstream: aiohttp.ClientResponse) -> bool:
+    """Only whole, uncompressed bodies are read and rewritten; streams and encoded bodies pass as sent."""
+    encoding = upstream.headers.get("Content-Encoding", "identity").lower()
+    return encoding == "identity" and not upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
 async def forward(
     request: web.Request,
     lease: Lease,
@@ -54,8 +95,12 @@ async def forward(
     session: aiohttp.ClientSession,
     metrics: Metrics,
     drop_auth: bool,
+    rewrite_errors: bool = True,
 ) -> web.StreamResponse:
-    """Send `body` to the leased model at `path` and stream its answer to the client."""
+    """Send `body` to the leased model at `path` and stream its answer to the client.
+
+    With `rewrite_errors`, an error answer (4xx/5xx, not a stream) is returned in OpenAI's error shape.
+    """
     spec = lease.process.spec
     model = spec.id
     restore_hit = lease.process.take_restore_hit()
@@ -69,6 +114,12 @@ async def forward(
         async with await _open(session, request.method, url, body, _request_headers(request, drop_auth)) as upstream:
             status = upstream.status
             metrics.ttfb.labels(model).observe(time.perf_counter() - began)
+            if rewrite_errors and status >= 400 and _rewritable(upstream):
+                raw = await upstream.content.read(_ERROR_BODY_LIMIT)
+                rewritten = openai_error(status, raw)
+                if rewritten is not None:
+                    return web.json_response(rewritten, status=status)
+                return web.Response(body=raw, status=status, content_type="application/json")
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
                 if name.lower() not in _HOP_BY_HOP or name.lower() == "content-length":

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 from aiohttp import web
@@ -55,8 +56,9 @@ async def run_gateway(
     config_path: str | None = None,
     watch_config: bool = False,
     on_ready: Callable[[], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then stop every model and return."""
+    """Serve until SIGTERM/SIGINT (or, when given, until `stop` is set), then stop every model and return."""
     logs = LogHub()
     handler = _HubHandler(logs)
     logging.getLogger("berth").addHandler(handler)
@@ -75,7 +77,8 @@ async def run_gateway(
     factory.open()
     await pool.open()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    handle_signals = stop is None  # an embedded gateway leaves the process's signals to its owner
+    stop = stop or asyncio.Event()
     try:
         await web.TCPSite(runner, host, port).start()
 
@@ -88,9 +91,10 @@ async def run_gateway(
         def reload() -> None:
             asyncio.ensure_future(reload_now())
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, reload)
         watcher = asyncio.create_task(_watch(config_path, reload)) if watch_config and config_path else None
         log.info("berth listening on http://%s:%d (%d models)", host, port, len(config.models))
         if on_ready:
@@ -100,8 +104,9 @@ async def run_gateway(
         if watcher:
             watcher.cancel()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
         await pool.close()
         factory.close()
         await runner.cleanup()
@@ -150,3 +155,44 @@ async def _watch(path: str, reload: Callable[[], None]) -> None:
         if current is not None:
             last = current
             reload()
+
+
+class InProcessGateway:
+    """A gateway on its own thread and event loop, for a command that needs one only while it runs
+    (`berth run` with no berth to talk to). `stop()` stops every model it started."""
+
+    def __init__(self, config: BerthConfig, host: str, port: int, launch_builder: LaunchBuilder,
+                 warmup: Warmup | None = None) -> None:
+        self.url = f"http://{host}:{port}"
+        self._args = (config, host, port, launch_builder, warmup)
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, name="berth-gateway", daemon=True)
+
+    def _serve(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            config, host, port, launch_builder, warmup = self._args
+            await run_gateway(config, host, port, launch_builder, warmup, on_ready=self._ready.set, stop=self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported to the caller of start()
+            self._failure = exc
+        finally:
+            self._ready.set()
+
+    def start(self, timeout: float = 60.0) -> "InProcessGateway":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"the in-process berth did not start listening within {timeout:g}s")
+        if self._failure is not None:
+            raise self._failure
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join()
