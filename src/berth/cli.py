@@ -19,8 +19,9 @@ from berth.config import BerthConfig, load_config
 from berth.engine.launch import build_launch, store_reference
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SLOTS_DIR, slot_usage
-from berth.errors import BadRequest, BerthError, ConfigError
-from berth.store import ModelStore, parse_ref
+from berth.core.errors import BadRequest, BerthError, ConfigError
+from berth.core.refs import parse_ref
+from berth.store import ModelStore
 from berth.store.store import BadSelection, NotInStore
 
 USAGE_ERROR = 2
@@ -96,7 +97,7 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def check(config_path: str) -> None:
     """Validate a config without starting anything; print what each model would run."""
-    from berth.errors import format_bytes
+    from berth.core.units import format_bytes
     from berth.memory.devices import inventory
     from berth.memory.planner import MemoryLedger, MemoryPlanner
     from berth.core.paths import berth_home
@@ -276,7 +277,7 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
     from berth.engine.llama_args import ArgvError, LlamaServerArgs
     from berth.memory.estimate import EstimateError, MemoryEstimate, estimate
     from berth.memory.fit import BudgetError, find_fit, parse_budget
-    from berth.store.gguf_check import GGUFInvalid, read_gguf_header
+    from berth.core.gguf import GGUFInvalid, read_gguf_header
 
     config = _load(config_path) if config_path else None
     store = _store(config)
@@ -557,7 +558,7 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
     import json
     from pathlib import Path
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from berth.bench import report
     from berth.bench.runner import BenchSettings, BenchSetupError, check_target, run
@@ -592,7 +593,7 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
         asyncio.run(check_target(settings))
         with Progress(*columns, console=err_console, transient=False) as bar:
             overall = bar.add_task("all requests", total=total)
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def advance(label: str, done: int) -> None:
                 if label not in tasks:

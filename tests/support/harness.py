@@ -14,6 +14,12 @@ from pathlib import Path
 
 import requests
 
+from berth.core.procfs import descendants as children_of
+from berth.core.procfs import pid_alive
+
+__all__ = ["BerthServer", "children_of", "fake_cmd", "free_port", "free_port_block", "kill_quietly", "pid_alive",
+           "start_log_lines", "wait_until"]
+
 FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
 
 
@@ -48,15 +54,6 @@ def _bindable(port: int) -> bool:
 
 def fake_cmd(name: str, *flags: str) -> str:
     return " ".join([sys.executable, str(FAKE_SERVER), "--port", "${PORT}", "--name", name, *flags])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
@@ -132,27 +129,6 @@ class BerthServer:
 
 def start_log_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
-
-
-def children_of(pid: int) -> list[int]:
-    """Every live descendant of pid (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                if fields[0] != "Z":
-                    parents[int(entry)] = int(fields[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == current]
-        found += kids
-        frontier += kids
-    return found
 
 
 def kill_quietly(pid: int) -> None:

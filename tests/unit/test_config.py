@@ -8,7 +8,7 @@ import pytest
 
 from berth.config import parse_config
 from berth.config.cmdline import split_command
-from berth.errors import ConfigError
+from berth.core.errors import ConfigError
 
 # The shape of seed 000 (a Kubernetes ConfigMap for llama-swap), macros restored.
 SEED_000 = """\

@@ -131,7 +131,7 @@ def test_hf_and_model_refs_launch_from_the_store_path(tmp_path, monkeypatch):
 
 
 def test_bad_model_reference_is_a_config_error():
-    from berth.errors import ConfigError
+    from berth.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         parse_config("models:\n  m:\n    model: not-a-ref\n    cmd: x --port ${PORT}\n", "c.yaml")

@@ -10,7 +10,7 @@ from gguf import GGUFWriter
 
 from berth.engine.llama_args import LlamaServerArgs
 from berth.memory.estimate import EstimateError, estimate
-from berth.store.gguf_check import read_gguf_header
+from berth.core.gguf import read_gguf_header
 
 N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF, N_VOCAB = 4, 64, 8, 2, 8, 128, 100
 

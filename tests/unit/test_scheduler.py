@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from berth.errors import ModelUnloaded, ShuttingDown, StartFailed, TooManyRequests
+from berth.core.errors import ModelUnloaded, ShuttingDown, StartFailed, TooManyRequests
 from berth.scheduler import Admit, GroupPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from berth.errors import InsufficientMemory, StartFailed
+from berth.core.errors import InsufficientMemory, StartFailed
 from berth.scheduler import (
     Admit, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop,
 )

@@ -54,7 +54,7 @@ def summarize(records: list[RequestRecord]) -> list[dict]:
         }
         checked = [r for r in ok if r.json_valid is not None]
         if checked:
-            row["json_valid_share"] = sum(r.json_valid for r in checked) / len(checked)
+            row["json_valid_share"] = sum(1 for r in checked if r.json_valid) / len(checked)
         rows.append(row)
     return rows
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ValidationError
 from berth.config import schema
 from berth.config.cmdline import CommandSyntaxError, split_command
 from berth.config.yamlines import LineDict, load_yaml
-from berth.errors import ConfigError
-from berth.memory.units import SizeError, device_key, parse_size
-from berth.store.refs import BadModelRef, parse_ref
+from berth.core.errors import ConfigError
+from berth.core.units import SizeError, device_key, parse_size
+from berth.core.refs import BadModelRef, parse_ref
 
 DEFAULT_GROUP = "(default)"
 _MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")

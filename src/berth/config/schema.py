@@ -32,7 +32,7 @@ class ModelConfig(_Section):
     unlisted: bool = False
     use_model_name: str = Field("", alias="useModelName")
     concurrency_limit: int = Field(10, alias="concurrencyLimit", ge=1)
-    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    filters: FiltersConfig = Field(default_factory=lambda: FiltersConfig.model_validate({}))
     name: str = ""
     description: str = ""
     metadata: dict[str, Any] = Field(default_factory=dict)

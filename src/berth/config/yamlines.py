@@ -10,10 +10,10 @@ from typing import Any
 
 import yaml
 
-from berth.errors import ConfigError
+from berth.core.errors import ConfigError
 
 
-class LineDict(dict):
+class LineDict(dict[str, Any]):
     """A dict that also knows the line of each of its keys (`key_lines`) and its own `line`."""
 
     key_lines: dict[str, int]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from berth.config import BerthConfig, parse_config
 from berth.core.paths import berth_home
-from berth.store.refs import ModelRef
+from berth.core.refs import ModelRef
 from berth.store.store import ModelStore, RemoteFile, StoreEntry
 
 EMBEDDED_MODEL_ID = "gemma-3-270m"  # installed with berth

@@ -11,8 +11,8 @@ from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
 from berth.engine.llama_args import ArgvError, LlamaServerArgs
 from berth.engine.slots import SLOTS_DIR, SlotPlan, plan_slot_persistence
-from berth.errors import BadRequest
-from berth.store.refs import ModelRef, parse_ref
+from berth.core.errors import BadRequest
+from berth.core.refs import ModelRef, parse_ref
 
 BARE_LLAMA_SERVER = "llama-server"
 HF_DEFAULT_QUANT = "Q4_K_M"  # what llama-server picks for `-hf owner/repo` without a tag

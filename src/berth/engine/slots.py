@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from berth.engine.llama_args import LlamaServerArgs
-from berth.store.gguf_check import GGUFInvalid, read_model_header
+from berth.core.gguf import GGUFInvalid, read_model_header
 
 SLOTS_DIR = ".slots"  # under the store root
 

@@ -8,7 +8,7 @@ import aiohttp
 
 from berth.config import ModelSpec
 from berth.engine.llama_args import ArgvError, LlamaServerArgs
-from berth.errors import StartFailed
+from berth.core.errors import StartFailed
 
 WARMUP_TIMEOUT = 120.0
 WARMUP_BODY = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}

@@ -16,7 +16,7 @@ from aiohttp import web
 from berth.config import BerthConfig
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
-from berth.errors import BadRequest, BerthError, BodyTooLarge, RouteNotFound, TooManyRequests, Unauthorized
+from berth.core.errors import BadRequest, BerthError, BodyTooLarge, RouteNotFound, TooManyRequests, Unauthorized
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool

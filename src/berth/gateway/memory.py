@@ -57,8 +57,10 @@ class MemoryService:
             usage.setdefault(device, amount)  # GPUs NVML does not see; the host's RSS is the fuller figure
         self.measured[process.spec.id] = usage
         running = process.spec
-        current = spec.with_port(running.port) if spec and spec.uses_port and running.port else spec
-        if current is None or current.argv != running.argv:
+        if spec is None:
+            return None  # removed from the config meanwhile
+        current = spec.with_port(running.port) if spec.uses_port and running.port else spec
+        if current.argv != running.argv:
             return None  # reloaded with other settings meanwhile
         plan = await asyncio.to_thread(self.planner.learn, spec, process.argv, usage)
         if plan.planned != self.plans.get(spec.id, ModelMemory(None, "unknown")).planned:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from berth.config import BerthConfig
 from berth.config.loader import DEFAULT_GROUP
-from berth.errors import BerthError, StartFailed, UnknownModel
+from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.memory.planner import ModelMemory

@@ -9,7 +9,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from berth.errors import UpstreamError
+from berth.core.errors import UpstreamError
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import Lease
 
@@ -143,7 +143,8 @@ async def forward(
                     error = UpstreamError(f"model {model!r} stopped answering mid-stream: {exc or type(exc).__name__}")
                     await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
                 else:  # the status line is gone; a cut connection is the only honest signal left
-                    request.transport and request.transport.close()
+                    if request.transport is not None:
+                        request.transport.close()
                     return response
             usage = metrics.record_usage(model, tail)
             if restore_hit:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from berth.config import BerthConfig, load_config
 from berth.core.paths import berth_home
-from berth.errors import ConfigError
+from berth.core.errors import ConfigError
 from berth.gateway.app import Gateway
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics

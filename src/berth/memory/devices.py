@@ -10,15 +10,17 @@ build would place it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import psutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from berth.memory.units import HOST
+from berth.core.procfs import group_pids, peak_resident_bytes
+from berth.core.units import HOST
 
 log = logging.getLogger("berth.memory")
 
@@ -33,17 +35,6 @@ class Device:
     description: str
     total_bytes: int
     free_bytes: int
-
-
-def _meminfo() -> dict[str, int]:
-    values = {}
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts:
-                values[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    return values
 
 
 def _read_int(path: Path) -> int | None:
@@ -65,8 +56,8 @@ def _cgroup_limit() -> tuple[int, int] | None:
 
 
 def host_device() -> Device:
-    info = _meminfo()
-    total, free = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
+    memory = psutil.virtual_memory()  # `available` is MemAvailable on Linux
+    total, free = memory.total, memory.available
     description = "host RAM"
     cgroup = _cgroup_limit()
     if cgroup is not None and cgroup[0] < total:
@@ -117,23 +108,6 @@ def inventory() -> dict[str, Device]:
     return {d.name: d for d in (host_device(), *gpu_devices())}
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) members of a process group."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
-            pids.append(int(entry))
-    return pids
-
-
 # llama.cpp's load log at `-lv 4` or above: "<buffer type> (model|KV|compute|output) buffer size = N MiB".
 _BUFFER_LINE = re.compile(r"(\S+)\s+(?:model|KV|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
 _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN|Metal|MTL|OpenCL)(\d*)$", re.IGNORECASE)
@@ -164,22 +138,11 @@ def parse_buffer_log(lines: list[str]) -> dict[str, int]:
     return usage
 
 
-def _peak_resident_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def measure_group(pgid: int) -> dict[str, int]:
     """Bytes a process group uses: its members' peak resident host memory, and per GPU what NVML
     reports for its pids (allocations there are committed at load, so current is peak)."""
     pids = group_pids(pgid)
-    usage = {HOST: sum(_peak_resident_bytes(pid) for pid in pids)}
+    usage = {HOST: sum(peak_resident_bytes(pid) for pid in pids)}
     if not pids:
         return usage
     with _nvml() as nvml:

@@ -33,8 +33,8 @@ import re
 from dataclasses import dataclass, field
 
 from berth.engine.llama_args import LlamaServerArgs
-from berth.memory.units import HOST
-from berth.store.gguf_check import GGUFHeader
+from berth.core.units import HOST
+from berth.core.gguf import GGUFHeader
 
 GPU = "gpu0"
 CTX_PAD = 256
@@ -101,7 +101,7 @@ def swa_layers(header: GGUFHeader, n_layer: int) -> list[bool]:
     pattern = header.arch_value("attention.sliding_window_pattern")
     if isinstance(pattern, list):
         return [bool(p) for p in pattern]
-    period = int(pattern) if isinstance(pattern, int) and pattern > 0 else _SWA_PATTERN.get(header.architecture, 0)
+    period = int(pattern) if isinstance(pattern, int) and pattern > 0 else _SWA_PATTERN.get(header.architecture or "", 0)
     if not period:
         return [True] * n_layer  # unknown pattern: every layer windowed (llama.cpp's default for such archs)
     return [(layer + 1) % period != 0 for layer in range(n_layer)]

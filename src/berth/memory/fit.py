@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from berth.engine.llama_args import LlamaServerArgs
 from berth.memory.estimate import CTX_PAD, GPU, MemoryEstimate, estimate
-from berth.memory.units import SizeError, device_key, parse_size
-from berth.store.gguf_check import GGUFHeader
+from berth.core.units import SizeError, device_key, parse_size
+from berth.core.gguf import GGUFHeader
 
 
 class BudgetError(ValueError):
@@ -77,9 +77,10 @@ def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], 
         flags += ["-ngl", str(ngl)] + (["--n-cpu-moe", str(n_cpu_moe)] if n_cpu_moe else [])
     else:
         top = n_layer + 1 if has_gpu else 0
-        ngl = next((n for n in range(top, -1, -1) if fits(trial(n, 0, search_ctx), budget, headroom)), None)
-        if ngl is None:
+        found = next((n for n in range(top, -1, -1) if fits(trial(n, 0, search_ctx), budget, headroom)), None)
+        if found is None:
             return None
+        ngl = found
         n_cpu_moe = 0
         flags += ["-ngl", str(ngl)]
     if max_context:

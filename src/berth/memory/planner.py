@@ -21,11 +21,11 @@ from pathlib import Path
 
 from berth.config import BerthConfig, ModelSpec
 from berth.engine.launch import Launch, server_args
-from berth.errors import BerthError
+from berth.core.errors import BerthError
 from berth.memory.devices import Device
 from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
-from berth.memory.units import HOST
-from berth.store.gguf_check import GGUFInvalid, read_model_header
+from berth.core.units import HOST
+from berth.core.gguf import GGUFInvalid, read_model_header
 
 log = logging.getLogger("berth.memory")
 

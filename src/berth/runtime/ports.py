@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from berth.errors import BerthError
+from berth.core.errors import BerthError
 
 MAX_PORT = 65535
 

@@ -27,8 +27,8 @@ from berth.config import ModelSpec
 from berth.engine.launch import Launch
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SlotPlan
-from berth.errors import BerthError, StartFailed
-from berth.memory.devices import group_pids
+from berth.core.errors import BerthError, StartFailed
+from berth.core.procfs import group_alive
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
 from berth.runtime.slots import SlotKeeper
@@ -82,17 +82,6 @@ _OUT_OF_MEMORY = re.compile(r"out of memory|failed to allocate|unable to allocat
 def looks_out_of_memory(returncode: int | None, lines: list[str]) -> bool:
     """An exit before ready that an allocation failure (or the kernel's OOM killer's SIGKILL) explains."""
     return returncode == -signal.SIGKILL or any(_OUT_OF_MEMORY.search(line) for line in lines)
-
-
-def group_alive(pgid: int) -> bool:
-    """True while any non-zombie process is in the process group."""
-    if not os.path.isdir("/proc"):  # not Linux: fall back to the signal probe
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    return bool(group_pids(pgid))
 
 
 class ModelProcess:
@@ -197,12 +186,12 @@ class ModelProcess:
                     await self._slot_keeper.save()  # a planned stop: in-flight requests have finished
                 await self._terminate()
                 report(Stopped(crashed=crashed, exit_code=self._proc.returncode))
-            elif outcome == "stopped":
-                await self._terminate()
-                report(Stopped(crashed=False, exit_code=self._proc.returncode))
-            else:
+            elif isinstance(outcome, StartFailed):
                 await self._terminate()
                 report(StartFailedEvent(outcome))
+            else:  # a stop was asked for before it was ready
+                await self._terminate()
+                report(Stopped(crashed=False, exit_code=self._proc.returncode))
         finally:
             stop_wanted.cancel()
             exited.cancel()
@@ -269,8 +258,9 @@ class ModelProcess:
         if exited in done:
             await asyncio.sleep(0)  # let the drain task take the last lines
             lines = self.last_lines()
-            return StartFailed(self.spec.id, f"process exited with code {self._proc.returncode} before it was ready",
-                               lines, out_of_memory=looks_out_of_memory(self._proc.returncode, lines))
+            code = exited.result()
+            return StartFailed(self.spec.id, f"process exited with code {code} before it was ready",
+                               lines, out_of_memory=looks_out_of_memory(code, lines))
         if health in done:
             failure = health.exception()
             if failure is None:
@@ -303,7 +293,7 @@ class ModelProcess:
         proc = self._proc
         assert proc is not None
         pgid = proc.pid
-        if proc.returncode is None or group_alive(pgid):
+        if proc.returncode is None or await asyncio.to_thread(group_alive, pgid):
             if self.spec.stop_argv and proc.returncode is None:
                 await self._run_stop_command(proc.pid)
             else:
@@ -339,7 +329,7 @@ class ModelProcess:
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
-            if proc.returncode is not None and not group_alive(proc.pid):
+            if proc.returncode is not None and not await asyncio.to_thread(group_alive, proc.pid):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -348,6 +338,6 @@ class ModelProcess:
             except asyncio.TimeoutError:
                 pass
             else:
-                if group_alive(proc.pid):
+                if await asyncio.to_thread(group_alive, proc.pid):
                     await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)

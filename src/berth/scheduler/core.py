@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Mapping
 from typing import Union
 
-from berth.errors import BerthError, InsufficientMemory, ModelUnloaded, ShuttingDown, TooManyRequests
+from berth.core.errors import BerthError, InsufficientMemory, ModelUnloaded, ShuttingDown, TooManyRequests
 
 
 class ModelState(str, enum.Enum):
@@ -211,11 +211,11 @@ class Scheduler:
         m.oom_retry = False
         m.state = ModelState.FAILED
         m.last_error = error
-        actions: list[Action] = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
-        for action in actions:
-            del self._queue[action.request_id]
+        rejected = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
+        for reject in rejected:
+            del self._queue[reject.request_id]
         self._forget_if_removed(model)
-        return actions + self._plan(now)
+        return [*rejected, *self._plan(now)]
 
     def stopped(self, model: str, now: float) -> list[Action]:
         """The model's process is gone (a planned stop finished, or it crashed)."""
@@ -223,15 +223,15 @@ class Scheduler:
         m.state = ModelState.STOPPED
         m.unload_reason = None
         reason, m.stop_reason = m.stop_reason, None
-        actions: list[Action] = []
+        rejected: list[Reject] = []
         if reason in (StopReason.UNLOAD, StopReason.SHUTDOWN):
             # Requests that waited for this model must not silently start it again.
             error = ModelUnloaded(model, reason.value)
-            actions = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
-            for action in actions:
-                del self._queue[action.request_id]
+            rejected = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
+            for reject in rejected:
+                del self._queue[reject.request_id]
         self._forget_if_removed(model)
-        return actions + self._plan(now)
+        return [*rejected, *self._plan(now)]
 
     def unload(self, model: str | None, now: float, reason: StopReason = StopReason.UNLOAD, force: bool = False) -> list[Action]:
         """Stop `model` (or every model). Waits for in-flight requests unless `force`."""
@@ -354,7 +354,7 @@ class Scheduler:
         def size(model: str) -> int:
             return sum((self.models[model].policy.memory or {}).values())
 
-        def key(model: str):
+        def key(model: str) -> tuple[bool, float, float]:
             m = self.models[model]
             busy = m.in_flight > 0 or any(q == model for q in self._queue.values())
             if self.memory is not None and self.memory.eviction == "largest":

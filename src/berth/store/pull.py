@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from berth.store.refs import ModelRef
+from berth.core.refs import ModelRef
 from berth.store.store import BadSelection, ModelStore, NotInStore, RemoteFile, StoreEntry, StoreError
 from berth.store.store import select_mmproj, select_model_files
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth.core.paths import berth_home
-from berth.errors import BerthError
-from berth.store.gguf_check import GGUFInvalid, check_gguf
-from berth.store.refs import SPLIT_SUFFIX, ModelRef
+from berth.core.errors import BerthError
+from berth.core.gguf import GGUFInvalid, check_gguf
+from berth.core.refs import SPLIT_SUFFIX, ModelRef
 
 MARKER = "berth-model.json"
 _MMPROJ_PREFERENCE = ("f16", "f32", "bf16")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from berth.core.units import format_bytes
+
 
 class BerthError(Exception):
     """Base error: carries the HTTP status and OpenAI error type it renders as."""
@@ -14,7 +18,7 @@ class BerthError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_openai(self) -> dict:
+    def to_openai(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "code": self.code or self.error_type}}
 
 
@@ -84,14 +88,6 @@ class StartFailed(BerthError):
         self.last_log_lines = list(last_log_lines or [])
         tail = "\n".join(self.last_log_lines[-15:])
         super().__init__(f"model {model!r} failed to start: {reason}" + (f"\nlast log lines:\n{tail}" if tail else ""))
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 class InsufficientMemory(BerthError):

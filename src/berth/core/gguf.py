@@ -13,8 +13,9 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from berth.store.refs import SPLIT_SUFFIX
+from berth.core.refs import SPLIT_SUFFIX
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
@@ -29,16 +30,16 @@ class GGUFInvalid(ValueError):
 
 
 class _Reader:
-    def __init__(self, fh, size: int) -> None:
+    def __init__(self, fh: BinaryIO, size: int) -> None:
         self.fh, self.size = fh, size
 
     def take(self, n: int) -> bytes:
-        data = self.fh.read(n)
+        data: bytes = self.fh.read(n)
         if len(data) != n:
             raise GGUFInvalid(f"file ends inside the header at byte {self.fh.tell()} (truncated?)")
         return data
 
-    def unpack(self, fmt: str):
+    def unpack(self, fmt: str) -> Any:
         return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
 
     def skip(self, n: int) -> None:
@@ -62,7 +63,7 @@ class _Reader:
                 offset += 8 + struct.unpack_from("<Q", view, offset)[0]
         self.skip(offset - self.fh.tell())
 
-    def value(self, kind: int):
+    def value(self, kind: int) -> Any:
         if kind in _SCALAR:
             return self.unpack(_SCALAR[kind])
         if kind == _STRING:
@@ -97,16 +98,17 @@ class TensorInfo:
 @dataclass(frozen=True)
 class GGUFHeader:
     version: int
-    metadata: dict  # scalars and short arrays; long arrays (token lists) map to None
+    metadata: dict[str, Any]  # scalars and short arrays; long arrays (token lists) map to None
     tensors: tuple[TensorInfo, ...]
     data_start: int
     file_size: int
 
     @property
     def architecture(self) -> str | None:
-        return self.metadata.get("general.architecture")
+        name = self.metadata.get("general.architecture")
+        return name if isinstance(name, str) else None
 
-    def arch_value(self, key: str, default=None):
+    def arch_value(self, key: str, default: Any = None) -> Any:
         """A `<architecture>.<key>` metadata value."""
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
@@ -122,7 +124,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         if version not in (2, 3):
             raise GGUFInvalid(f"unsupported GGUF version {version}")
         n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
-        metadata: dict = {}
+        metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
             metadata[key] = r.value(r.unpack("I"))

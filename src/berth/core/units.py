@@ -1,4 +1,4 @@
-"""Memory sizes and device names as users write them (`20GiB`, `ram`, `gpu1`)."""
+"""Memory sizes and device names as users write them (`20GiB`, `ram`, `gpu1`), and as berth prints them."""
 
 from __future__ import annotations
 
@@ -39,3 +39,11 @@ def device_key(name: str) -> str:
     if re.fullmatch(r"gpu\d+", key):
         return key
     raise SizeError(f"unknown device {name!r}; use ram (the host) or gpu0, gpu1, ...")
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")

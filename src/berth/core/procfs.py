@@ -1,0 +1,59 @@
+"""Process-tree facts: who is in a process group, whether it is gone, what it used at peak."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+
+def _live(process: psutil.Process) -> bool:
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) members of a process group."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and _live(process):
+                found.append(process.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is in the process group."""
+    return bool(group_pids(pgid))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return _live(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True) if _live(p)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def peak_resident_bytes(pid: int) -> int:
+    """The process's peak resident memory (VmHWM): the figure a model's plan must cover. psutil reports
+    only the current resident size, so this one field is read from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
