@@ -6,6 +6,16 @@ import pytest
 
 from tests.support.harness import BerthServer, children_of, free_port_block, kill_quietly
 
+_LAYERS = ("unit", "integration", "e2e", "lint")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder, so `pytest -m unit` (seconds) or `-m "not e2e"` pick a layer."""
+    for item in items:
+        for layer in _LAYERS:
+            if f"/tests/{layer}/" in str(item.path):
+                item.add_marker(getattr(pytest.mark, layer))
+
 
 @pytest.fixture
 def berth(tmp_path):

@@ -17,6 +17,14 @@ from tests.support.harness import (
 )
 
 
+def queue_depth(b) -> float:
+    """Requests waiting for a model, from berth's own /metrics."""
+    for line in requests.get(b.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("berth_queue_depth "):
+            return float(line.split()[1])
+    raise AssertionError("no berth_queue_depth in /metrics")
+
+
 def chat(url: str, model: str | None, timeout: float = 30, **extra) -> requests.Response:
     body = {"messages": [{"role": "user", "content": "hi"}], **extra}
     if model is not None:
@@ -86,16 +94,18 @@ models:
     chat(b.url, "a")
     finished: dict[str, float] = {}
 
-    def run(model: str, delay: float, sleep: float) -> requests.Response:
-        time.sleep(delay)
+    def run(model: str, sleep: float) -> requests.Response:
         r = chat(b.url, model, sleep=sleep)
         finished[model] = time.monotonic()
         return r
 
     with ThreadPoolExecutor(3) as pool:
-        slow_a = pool.submit(run, "a", 0, 1.5)
-        then_b = pool.submit(run, "b", 0.3, 0)
-        then_c = pool.submit(run, "c", 0.6, 0)
+        slow_a = pool.submit(run, "a", 1.5)
+        wait_until(lambda: b.running()["a"]["in_flight"] == 1, 10, "a's request to be in flight")
+        then_b = pool.submit(run, "b", 0)
+        wait_until(lambda: queue_depth(b) == 1, 10, "b's request to wait")
+        then_c = pool.submit(run, "c", 0)
+        wait_until(lambda: queue_depth(b) == 2, 10, "c's request to wait behind b's")
         results = [slow_a.result(), then_b.result(), then_c.result()]
     assert [r.json()["server"] for r in results] == ["a", "b", "c"]
     assert finished["a"] < finished["b"] < finished["c"]
@@ -111,7 +121,7 @@ groups:
     chat(b.url, "a")
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(chat, b.url, "b")
-        time.sleep(0.3)
+        wait_until(lambda: b.running().get("b", {}).get("state") == "starting", 10, "b to be loading")
         assert chat(b.url, "a").status_code == 200
         assert not loading.done()  # a was answered while b was still loading
         assert loading.result().status_code == 200
@@ -130,9 +140,10 @@ models:
     b = berth(config)
     chat(b.url, "a")
     pid = b.pid_of("a")
-    for _ in range(6):  # requests every 0.5 s keep it loaded well past its TTL
-        time.sleep(0.5)
+    for _ in range(3):  # each request, sent when the TTL has half run out, starts it over
+        wait_until(lambda: b.running()["a"]["ttl_remaining_s"] < 1.0, 5, "the TTL to run down")
         assert chat(b.url, "a").json()["pid"] == pid
+        assert b.running()["a"]["ttl_remaining_s"] > 1.5
     r = chat(b.url, "a", sleep=2.5)  # a request longer than the TTL never gets cut
     assert r.status_code == 200 and r.json()["pid"] == pid
     wait_until(lambda: b.running() == {}, 5, "TTL unload")
@@ -254,7 +265,7 @@ models:
     chat(b.url, "a")
     with ThreadPoolExecutor(2) as pool:
         slow = [pool.submit(chat, b.url, "a", 30, sleep=1.0) for _ in range(2)]
-        time.sleep(0.4)
+        wait_until(lambda: b.running()["a"]["in_flight"] == 2, 10, "both requests to be in flight")
         r = chat(b.url, "a")
         assert [f.result().status_code for f in slow] == [200, 200]
     assert r.status_code == 429

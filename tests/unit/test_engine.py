@@ -136,3 +136,28 @@ def test_bad_model_reference_is_a_config_error():
     with pytest.raises(ConfigError) as info:
         parse_config("models:\n  m:\n    model: not-a-ref\n    cmd: x --port ${PORT}\n", "c.yaml")
     assert (info.value.line, info.value.key) == (3, "models.m.model")
+
+
+def test_one_launch_identity_ignores_where_a_server_listens_and_what_it_is_called(tmp_path):
+    from berth.engine.identity import launch_identity
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 10)
+    base = ["/opt/llama-server", "-m", str(model), "-c", "4096"]
+    same = {launch_identity(base + extra) for extra in (
+        [], ["--port", "5800"], ["--port=5801", "-a", "m"], ["--host", "0.0.0.0", "--alias", "x", "--api-key", "k"],
+        ["--slot-save-path", "/tmp/s"])}
+    assert len(same) == 1
+    assert launch_identity(base[:-1] + ["8192"]) not in same  # the context decides the KV cache
+    assert launch_identity(["/opt/other-build"] + base[1:]) not in same
+    model.write_bytes(b"y" * 11)  # another file at the same path
+    assert launch_identity(base) not in same
+    model.unlink()
+    assert launch_identity(base) is None
+    assert launch_identity(["/opt/vllm", "serve", "--port", "1"]) == launch_identity(["/opt/vllm", "serve", "--port", "2"])
+
+
+def test_secret_flags_come_from_the_flag_table():
+    argv = ["x", "--hf-token=t", "--ssl-key-file", "/k.pem", "--api-key", "a", "--alias", "visible"]
+    assert redact_argv(argv) == ["x", "--hf-token=<redacted>", "--ssl-key-file", "<redacted>", "--api-key",
+                                 "<redacted>", "--alias", "visible"]

@@ -131,7 +131,7 @@ def _use_store_model(args: LlamaServerArgs, store, ref: ModelRef, mmproj: bool |
         store.touch(entry)
     else:
         entry = store.entry(ref.default_name) or StoreEntry(ref.default_name, store.root / ref.default_name)
-    args.items = [item for item in args.items if item.spec is None or item.spec.dest not in ("hf_repo", "hf_file")]
+    args.items = args.without("hf_repo", "hf_file").items
     args.set("model", str(entry.launch_model_path))
     if entry.mmproj_path is not None and mmproj is not False:
         args.set("mmproj", str(entry.mmproj_path))

@@ -10,7 +10,7 @@ read settings through `get`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 FLASH_ATTN_VALUES = {"on", "off", "auto", "true", "false", "1", "0", "enabled", "disabled"}
@@ -25,6 +25,8 @@ class FlagSpec:
     optional_value: bool = False  # `-fa` alone or `-fa on`
     repeatable: bool = False  # `-ot a=CPU -ot b=CPU`
     negates: str | None = None  # for `--no-x` switches: the dest they turn off
+    placement: bool = False  # where the server listens or saves, what it is called: not what it holds
+    secret: bool = False  # its value is never logged or printed
 
     @property
     def takes_value(self) -> bool:
@@ -38,8 +40,8 @@ def _f(names: str, dest: str, kind: type = str, **kw: Any) -> FlagSpec:
 FLAGS: tuple[FlagSpec, ...] = (
     # implemented by the built-in worker
     _f("-m --model", "model", worker=True),
-    _f("--host", "host", worker=True),
-    _f("--port", "port", int, worker=True),
+    _f("--host", "host", worker=True, placement=True),
+    _f("--port", "port", int, worker=True, placement=True),
     _f("-c --ctx-size", "ctx_size", int, worker=True),
     _f("-np --parallel", "parallel", int, worker=True),
     _f("-ngl --n-gpu-layers --gpu-layers", "n_gpu_layers", str, worker=True),  # a number, "auto" or "all"
@@ -55,12 +57,12 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("-mm --mmproj", "mmproj", worker=True),
     _f("--no-mmap", "no_mmap", bool, worker=True),
     _f("--mlock", "mlock", bool, worker=True),
-    _f("-a --alias", "alias", worker=True),
-    _f("--api-key", "api_key", worker=True),
+    _f("-a --alias", "alias", worker=True, placement=True),
+    _f("--api-key", "api_key", worker=True, placement=True, secret=True),
     _f("--metrics", "metrics", bool, worker=True),
     _f("--slots", "slots", bool, worker=True),
     _f("--no-slots", "no_slots", bool, worker=True, negates="slots"),
-    _f("--slot-save-path", "slot_save_path", worker=True),
+    _f("--slot-save-path", "slot_save_path", worker=True, placement=True),
     _f("--swa-full", "swa_full", bool, worker=True),
     _f("--embedding --embeddings", "embeddings", bool, worker=True),
     _f("--temp", "temp", float, worker=True),
@@ -80,13 +82,15 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("-mu --model-url", "model_url"),
     _f("-hf -hfr --hf-repo", "hf_repo"),
     _f("-hff --hf-file", "hf_file"),
-    _f("-hft --hf-token", "hf_token"),
+    _f("-hft --hf-token", "hf_token", secret=True),
     _f("-n --predict --n-predict", "n_predict", int),
     _f("-sm --split-mode", "split_mode"),
     _f("-ts --tensor-split", "tensor_split"),
     _f("-mg --main-gpu", "main_gpu", int),
     _f("-dev --device", "device"),
-    _f("--api-key-file", "api_key_file"),
+    _f("--api-key-file", "api_key_file", placement=True),
+    _f("--ssl-key-file", "ssl_key_file", placement=True, secret=True),
+    _f("--ssl-cert-file", "ssl_cert_file", placement=True),
     _f("-s --seed", "seed", int),
     _f("--fit", "fit"),
     _f("--fit-ctx", "fit_ctx", int),
@@ -270,6 +274,15 @@ class LlamaServerArgs:
         if last.value is None:  # an optional-value flag given alone
             return "on"
         return spec.kind(last.value)
+
+    def without(self, *dests: str) -> "LlamaServerArgs":
+        """A copy without the flags of these dests (every occurrence, however spelled)."""
+        return LlamaServerArgs(self.program, [replace(i) for i in self.items
+                                              if i.spec is None or i.spec.dest not in dests])
+
+    def placement_free(self) -> list[str]:
+        """The argv without placement flags: what decides how much memory the server holds."""
+        return self.without(*(s.dest for s in FLAGS if s.placement)).to_argv()
 
     def set(self, dest: str, value: Any) -> None:
         """Give a flag this value (replacing earlier occurrences), or add it at the end."""

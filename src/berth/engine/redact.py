@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from berth.engine.llama_args import FLAGS
+
 REDACTED = "<redacted>"
-_SECRET_FLAGS = {"--api-key", "--hf-token", "-hft", "--ssl-key-file"}
+_SECRET_FLAGS = {name for spec in FLAGS if spec.secret for name in spec.names}
 
 
 def redact_argv(argv: list[str] | tuple[str, ...]) -> list[str]:

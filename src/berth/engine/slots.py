@@ -9,12 +9,11 @@ are discarded when the model starts.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from berth.engine.identity import KV_LAYOUT, launch_settings, settings_digest
 from berth.engine.llama_args import LlamaServerArgs
 from berth.core.gguf import GGUFInvalid, read_model_header
 
@@ -44,7 +43,6 @@ def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path
     model = args.get("model")
     if not model or not os.path.isfile(model):
         return None
-    stat = os.stat(model)
     try:
         sliding = bool(read_model_header(os.path.realpath(model)).arch_value("attention.sliding_window"))
     except (GGUFInvalid, OSError):
@@ -52,16 +50,12 @@ def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path
     swa_full_added = sliding and not args.get("swa_full")
     if swa_full_added:
         args.set("swa_full", True)
-    args.items = [item for item in args.items if item.spec is None or item.spec.dest != "no_slots"]
+    args.items = args.without("no_slots").items
     args.set("slots", True)
-    settings = {
-        "model": os.path.realpath(model), "model_size": stat.st_size, "model_mtime_ns": stat.st_mtime_ns,
-        "ctx_size": args.get("ctx_size", 0), "parallel": args.get("parallel", 1),
-        "cache_type_k": args.get("cache_type_k", "f16"), "cache_type_v": args.get("cache_type_v", "f16"),
-        "swa_full": args.get("swa_full"),
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    directory = slots_root / model_id / digest
+    settings = launch_settings(args, KV_LAYOUT)
+    if settings is None:
+        return None
+    directory = slots_root / model_id / settings_digest(settings)
     args.set("slot_save_path", str(directory))
     return SlotPlan(directory, settings, swa_full_added, per_model_max_bytes, total_max_bytes)
 

@@ -45,6 +45,32 @@ def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[s
     return models, groups, MemoryPolicy(budgets, scheduled, config.memory.eviction)
 
 
+class DeadlineTimer:
+    """Calls back at the scheduler's next deadline (a TTL); re-armed after every step."""
+
+    def __init__(self, on_deadline: Callable[[], None]) -> None:
+        self._on_deadline = on_deadline
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, deadline: float | None) -> None:
+        if self._handle is not None and self._handle.when() == deadline:
+            return  # most requests leave the next TTL deadline as it was
+        self.cancel()
+        if deadline is not None:
+            self._handle = asyncio.get_running_loop().call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        # asyncio may run this a clock tick before the deadline; with the handle cleared first,
+        # `arm` sets a fresh one for the same deadline instead of keeping this spent one.
+        self._handle = None
+        self._on_deadline()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Lease:
     """Permission to send one request to a ready model; release it when the response ends."""
 
@@ -69,7 +95,7 @@ class ModelPool:
         self._waiters: dict[int, asyncio.Future[str]] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = DeadlineTimer(lambda: self._apply(self._scheduler.tick(self._now())))
 
     async def open(self) -> None:
         for model_id in self.config.preload:
@@ -89,8 +115,7 @@ class ModelPool:
         self._apply(self._scheduler.shutdown(self._now()))
         self.memory.stop_measuring()
         await asyncio.gather(*(p.wait_closed() for p in list(self._processes.values())), return_exceptions=True)
-        if self._timer:
-            self._timer.cancel()
+        self._timer.cancel()
 
     # -- requests ---------------------------------------------------------------------
 
@@ -200,7 +225,7 @@ class ModelPool:
         self.metrics.queue_depth.set(self._scheduler.queue_depth())
         if any(isinstance(a, (Start, Stop)) for a in actions):
             self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
-        self._arm_timer()
+        self._timer.arm(self._scheduler.next_deadline())
 
     def _start(self, model_id: str) -> None:
         log.info(f"starting {model_id}")
@@ -250,19 +275,3 @@ class ModelPool:
         self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
         async with self._changed:
             self._changed.notify_all()
-
-    def _arm_timer(self) -> None:
-        deadline = self._scheduler.next_deadline()
-        if self._timer is not None and self._timer.when() == deadline:
-            return  # most requests leave the next TTL deadline as it was
-        if self._timer:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        # asyncio may run this a clock tick before the deadline; with the handle cleared first,
-        # _arm_timer sets a fresh one for the same deadline instead of keeping this spent one.
-        self._timer = None
-        self._apply(self._scheduler.tick(self._now()))

@@ -55,9 +55,7 @@ def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], 
     moe = any("_exps." in t.name for t in header.tensors)
 
     def trial(ngl: int, n_cpu_moe: int, ctx: int | None = None) -> MemoryEstimate:
-        trial_args = LlamaServerArgs(args.program, list(args.items))
-        trial_args.items = [i for i in trial_args.items if i.spec is None or i.spec.dest not in
-                            ("n_gpu_layers", "n_cpu_moe", "cpu_moe")]
+        trial_args = args.without("n_gpu_layers", "n_cpu_moe", "cpu_moe")
         trial_args.set("n_gpu_layers", ngl)
         if n_cpu_moe:
             trial_args.set("n_cpu_moe", n_cpu_moe)

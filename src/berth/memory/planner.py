@@ -10,16 +10,15 @@ Anything else is unknown, and the scheduler runs it alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from berth.config import BerthConfig, ModelSpec
+from berth.engine.identity import launch_identity
 from berth.engine.launch import Launch, server_args
 from berth.core.errors import BerthError
 from berth.memory.devices import Device
@@ -29,8 +28,6 @@ from berth.core.gguf import GGUFInvalid, read_model_header
 
 log = logging.getLogger("berth.memory")
 
-# Flags that change where a server listens or saves, not what it holds in memory.
-_PLACEMENT_FLAGS = ("--port", "--host", "--slot-save-path", "--api-key", "--alias")
 
 
 @dataclass(frozen=True)
@@ -101,28 +98,6 @@ class MemoryLedger:
             log.warning(f"cannot save measured memory to {self.path}: {exc}")
 
 
-def measurement_key(argv: list[str]) -> str | None:
-    """Identity of a launch for the ledger: its argv minus placement flags, plus the model file's identity."""
-    args = server_args(argv)
-    model = args.get("model") if args else None
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in _PLACEMENT_FLAGS:
-            skip = True
-        else:
-            kept.append(arg)
-    identity: list = [kept]
-    if model:
-        try:
-            stat = os.stat(model)
-        except OSError:
-            return None
-        identity.append([os.path.realpath(model), stat.st_size, stat.st_mtime_ns])
-    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
-
-
 class MemoryPlanner:
     def __init__(self, devices: dict[str, Device], ledger: MemoryLedger,
                  plan_launch: Callable[[ModelSpec], Launch]) -> None:
@@ -142,7 +117,7 @@ class MemoryPlanner:
             return ModelMemory(None, "unknown", exc.message)
         except OSError as exc:  # e.g. an unreadable model file while planning slots
             return ModelMemory(None, "unknown", f"cannot plan its launch: {exc}")
-        key = measurement_key(argv)
+        key = launch_identity(argv)
         measured = self.ledger.get(key) if key else None
         result = self._estimate(argv)
         estimated = None
@@ -157,7 +132,7 @@ class MemoryPlanner:
 
     def learn(self, spec: ModelSpec, argv: list[str], usage: dict[str, int]) -> ModelMemory:
         """Keep a measurement of `spec` run as `argv` (the peak per device so far); return the new plan."""
-        key = measurement_key(argv)
+        key = launch_identity(argv)
         if key is not None and not spec.declared_memory:
             previous = self.ledger.get(key) or {}
             peak = {d: max(usage.get(d, 0), previous.get(d, 0)) for d in set(usage) | set(previous)}

@@ -207,7 +207,7 @@ class ModelProcess:
         self._log(f"launching: {' '.join(redact_argv(self.argv))}")
         if self.slots is not None:
             self._slot_keeper = SlotKeeper(spec.id, self.slots, spec.proxy, self._session, self._log, self._metrics)
-            self._slot_keeper.prepare()
+            await asyncio.to_thread(self._slot_keeper.prepare)  # may delete other settings' saves
         env = dict(os.environ)
         env.update(dict(spec.env))
         try:

@@ -88,7 +88,7 @@ class SlotKeeper:
             self._log(f"saving slots failed: {exc!r}")
             self._count("saves", "failed")
         (self.plan.directory / _RUNNING_MARKER).unlink(missing_ok=True)
-        self.enforce_disk_caps()
+        await asyncio.to_thread(self.enforce_disk_caps)  # walks every model's saves
 
     async def _save_all(self) -> None:
         async with self._session.get(self.base_url + "/slots", timeout=aiohttp.ClientTimeout(total=5)) as resp:
