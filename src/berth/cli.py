@@ -508,16 +508,20 @@ def stop(model: str | None, stop_all: bool, url: str, api_key: str | None) -> No
 
     if bool(model) == stop_all:
         _fail("name one model, or give --all: berth stop MODEL | berth stop --all")
+    import json
+
     client = _client(url, api_key)
     try:
         if stop_all:
             client.post("/unload")
-        else:
-            client.post("/models/unload", {"model": model})
+            click.echo("stopped every model")
+            return
+        answer = json.loads(client.post("/models/unload", {"model": model}))
     except ClientError as exc:
         _fail(exc.message + ("" if exc.status else "; is `berth serve` running?"),
               USAGE_ERROR if exc.status in (400, 404) else 1)
-    click.echo(f"stopped {'every model' if stop_all else model}")
+    for model_id, outcome in (answer.get("unloaded") or {model: "stopped"}).items():
+        click.echo(f"{model_id}: {outcome}")
 
 
 def _concurrency_list(ctx, param, value: str) -> list[int]:

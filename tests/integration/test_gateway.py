@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from tests.support.harness import (
@@ -613,3 +615,95 @@ def test_model_server_errors_reach_clients_in_openai_shape(berth, start_port):
     # /upstream/ is the model server's own surface: passed through as sent
     raw = requests.post(b.url + "/upstream/a/v1/chat/completions", json={"llama_error": True}, timeout=10)
     assert raw.status_code == 501 and raw.json()["error"]["code"] == 501
+
+
+def test_a_crash_is_noticed_when_a_child_of_the_model_keeps_its_output_open(berth, start_port):
+    """A wrapper's background job holds the model's stdout; the server's own death must still count."""
+    server = fake_cmd("a").replace("--port ${PORT}", "--port $0")
+    b = berth(f"startPort: {start_port}\nmodels:\n  a:\n    cmd: sh -c 'sleep 600 & exec {server}' ${{PORT}}\n")
+    assert chat(b.url, "a").status_code == 200
+    pid = b.pid_of("a")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: "a" not in b.running(), 10, "the crash to be noticed")
+    r = chat(b.url, "a")
+    assert r.status_code == 200 and b.pid_of("a") != pid
+
+
+def test_absurdly_nested_json_is_a_400_in_openai_shape(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/v1/chat/completions", "/models/load"):
+        r = requests.post(b.url + path, data=deep, timeout=10)
+        assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/json")
+        assert "nests too deeply" in r.json()["error"]["message"]
+    assert chat(b.url, "a").status_code == 200  # and berth goes on serving
+
+
+def test_unload_answers_under_continuous_traffic_and_says_what_happened(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\", concurrencyLimit: 64}}\n")
+    assert chat(b.url, "a").status_code == 200
+    first_pid = b.pid_of("a")
+    stop = time.monotonic() + 20
+    statuses: list[int] = []
+
+    def hammer() -> None:
+        while time.monotonic() < stop:
+            statuses.append(chat(b.url, "a", sleep=0.05).status_code)
+
+    with ThreadPoolExecutor(16) as pool:
+        workers = [pool.submit(hammer) for _ in range(16)]
+        wait_until(lambda: len(statuses) > 50, 10, "traffic")
+        answers = []
+        for path in ("/models/unload", "/models/unload", "/unload"):
+            began = time.monotonic()
+            r = requests.post(b.url + path, json={"model": "a"}, timeout=10)
+            answers.append((r, time.monotonic() - began))
+        stop = time.monotonic()  # let the clients finish
+        for worker in workers:
+            worker.result()
+    for r, seconds in answers:
+        assert r.status_code == 200 and seconds < 10, (r.text, seconds)
+    outcome = answers[0][0].json()["unloaded"]["a"]
+    assert outcome in ("stopped", "stopped, then restarted by new requests")
+    assert b.pid_of("a") != first_pid
+    assert set(statuses) <= {200, 503}  # a request caught by the unload may be told to retry; nothing else
+
+
+def test_sigterm_drains_in_flight_requests_and_ready_turns_503(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    assert requests.get(b.url + "/ready", timeout=5).status_code == 200
+    assert chat(b.url, "a").status_code == 200
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(chat, b.url, "a", 30, sleep=3)
+        wait_until(lambda: b.running()["a"]["in_flight"] == 1, 10, "the slow request")
+        b.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: requests.get(b.url + "/ready", timeout=5).status_code == 503, 5, "/ready to say draining")
+        assert requests.get(b.url + "/health", timeout=5).status_code == 200
+        refused = chat(b.url, "a")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        finished = slow.result()
+    assert finished.status_code == 200 and finished.json()["server"] == "a"  # not cut
+    assert b.proc.wait(20) == 0
+
+
+def test_shutdown_timeout_bounds_the_drain_and_a_second_signal_forces(berth, start_port):
+    for extra, signals in (("shutdownTimeout: 1\n", 1), ("", 2)):
+        b = berth(f"startPort: {start_port}\n{extra}models:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+        with ThreadPoolExecutor(1) as pool:
+            endless = pool.submit(chat, b.url, "a", 60, sleep=40)
+            wait_until(lambda: b.running().get("a", {}).get("in_flight") == 1, 10, "the long request")
+            for _ in range(signals):
+                b.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.2)  # the two signals must arrive as two
+            assert b.proc.wait(30) == 0  # within shutdownTimeout + the model's unloadTimeout (10 s)
+            with pytest.raises(requests.ConnectionError):  # cut, not answered after its 40 s
+                endless.result()
+
+
+def test_ready_waits_for_the_preloads(berth, start_port):
+    b = berth(f"startPort: {start_port}\nhooks: {{on_startup: {{preload: [a]}}}}\n"
+              f"models:\n  a: {{cmd: \"{fake_cmd('a', '--load-delay', '2')}\"}}\n")
+    first = requests.get(b.url + "/ready", timeout=5)
+    assert first.status_code == 503 and first.json() == {"status": "preloading", "models": ["a"]}
+    wait_until(lambda: requests.get(b.url + "/ready", timeout=5).status_code == 200, 20, "preload")
+    assert b.running()["a"]["state"] == "ready"

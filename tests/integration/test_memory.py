@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -174,3 +177,36 @@ def test_gpu_buffers_from_the_load_log_are_measured_when_nvml_sees_none(berth, s
     memory = b.running()["gpu"]["memory"]
     assert memory["measured_bytes"]["gpu0"] == 512 * 1024**2
     assert memory["planned_bytes"]["gpu0"] == 512 * 1024**2
+
+
+def test_a_kill_during_a_start_is_not_taken_for_out_of_memory(berth, start_port, tmp_path):
+    """kill -9 of a starting model: no evidence of the OOM killer, so nothing else is evicted for a retry."""
+    b = berth(config(start_port, tmp_path, {"a": declared(2), "b": declared(2), "slow": declared(2) + "|--load-delay 30"}))
+    for model in ("a", "b"):
+        assert chat(b.url, model).status_code == 200
+    pids = {m: b.pid_of(m) for m in ("a", "b")}
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(chat, b.url, "slow")
+        wait_until(lambda: b.running().get("slow", {}).get("pid") is not None, 10, "slow to be spawned")
+        os.kill(b.pid_of("slow"), signal.SIGKILL)
+        r = loading.result()
+    assert r.status_code == 503 and "failed to start" in r.json()["error"]["message"]
+    assert {m: b.pid_of(m) for m in ("a", "b")} == pids  # not evicted, not restarted
+    assert "slow" not in b.running()  # and no retry under way
+
+
+def test_a_model_that_keeps_failing_to_start_backs_off_visibly(berth, start_port, tmp_path):
+    b = berth(config(start_port, tmp_path, {"a": declared(2), "broken": declared(2) + "|--exit-at-start 3"}))
+    assert chat(b.url, "a").status_code == 200
+    first, second = chat(b.url, "broken"), chat(b.url, "broken")
+    assert first.json()["error"]["code"] == second.json()["error"]["code"] == "model_start_failed"
+    third = chat(b.url, "broken")
+    assert third.status_code == 503 and third.json()["error"]["code"] == "model_start_backoff"
+    assert int(third.headers["Retry-After"]) >= 1 and "failed to start 2 times" in third.json()["error"]["message"]
+    starts = [line.split()[0] for line in start_log_lines(tmp_path / "starts.log")]
+    assert starts.count("broken") == 2  # the third request started nothing
+    entry = b.running()["broken"]
+    assert entry["state"] == "failed" and entry["start_failures"] == 2 and entry["retry_in_s"] > 0
+    metrics = samples(requests.get(b.url + "/metrics", timeout=5).text)
+    assert metrics[("berth_model_start_backoff_seconds", (("model", "broken"),))] > 0
+    assert b.pid_of("a") is not None  # the healthy model was never disturbed

@@ -55,7 +55,7 @@ def test_ps_shows_what_runs_and_stop_unloads_it(berth, start_port):
     assert fields[0] == "a" and fields[1] == "ready" and int(fields[2]) == b.pid_of("a")
     assert int(fields[3]) >= start_port and fields[-3].endswith("s")  # TTL left, counting down from 300
     stopped = cli("stop", "a", "--url", b.url)
-    assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped a", stopped.stderr
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "a: stopped", stopped.stderr
     assert "a" not in b.running()
     requests.post(b.url + "/v1/chat/completions", json={"model": "b", "messages": []}, timeout=30)
     assert cli("stop", "--all", "--url", b.url).returncode == 0

@@ -161,3 +161,15 @@ def test_secret_flags_come_from_the_flag_table():
     argv = ["x", "--hf-token=t", "--ssl-key-file", "/k.pem", "--api-key", "a", "--alias", "visible"]
     assert redact_argv(argv) == ["x", "--hf-token=<redacted>", "--ssl-key-file", "<redacted>", "--api-key",
                                  "<redacted>", "--alias", "visible"]
+
+
+def test_a_sigkill_counts_as_out_of_memory_only_when_the_oom_killer_acted():
+    import signal
+
+    from berth.runtime.process import looks_out_of_memory
+
+    assert not looks_out_of_memory(-signal.SIGKILL, ["loading model"], oom_kills_meanwhile=0)  # kill -9 by someone
+    assert looks_out_of_memory(-signal.SIGKILL, ["loading model"], oom_kills_meanwhile=1)
+    assert looks_out_of_memory(1, ["ggml_backend_cuda_buffer_type_alloc_buffer: cudaMalloc failed: out of memory"],
+                               oom_kills_meanwhile=0)
+    assert not looks_out_of_memory(1, ["error: unknown argument --frobnicate"], oom_kills_meanwhile=0)

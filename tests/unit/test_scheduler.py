@@ -38,6 +38,42 @@ def test_start_failure_rejects_every_waiter_with_the_same_error_and_next_request
     assert s.request(3, "a", 2) == [Start("a")]
 
 
+def test_a_model_that_fails_twice_in_a_row_backs_off_exponentially_and_success_resets_it():
+    from berth.core.errors import StartBackedOff
+    from berth.scheduler.core import BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS
+
+    s = one_swap_group("a")
+    error = StartFailed("a", "boom")
+    s.request(1, "a", 0)
+    s.start_failed("a", error, 1)
+    assert s.request(2, "a", 1) == [Start("a")]  # one failure: the next request tries at once
+    s.start_failed("a", error, 2)
+    refused = s.request(3, "a", 2.5)  # two in a row: refused without a start
+    assert len(refused) == 1 and isinstance(refused[0], Reject) and isinstance(refused[0].error, StartBackedOff)
+    assert refused[0].error.retry_after == 2 and "failed to start 2 times" in refused[0].error.message
+    assert s.view("a").start_failures == 2 and s.view("a").retry_at == 2 + BACKOFF_FIRST_SECONDS
+    assert s.request(4, "a", 2 + BACKOFF_FIRST_SECONDS) == [Start("a")]  # the back-off is over
+    s.start_failed("a", error, 10)
+    assert s.view("a").retry_at == 10 + 2 * BACKOFF_FIRST_SECONDS  # doubled
+    for attempt in range(10):
+        s.request(100 + attempt, "a", 1000 * (attempt + 1))
+        s.start_failed("a", error, 1000 * (attempt + 1))
+    assert s.view("a").retry_at == 10_000 + BACKOFF_MAX_SECONDS  # capped
+    s.request(200, "a", 20_000)
+    assert s.started("a", 20_001) == [Admit(200, "a")]
+    assert s.view("a").start_failures == 0 and s.view("a").retry_at is None
+
+
+def test_a_changed_definition_may_start_at_once_despite_a_back_off():
+    s = one_swap_group("a")
+    for t in (0, 1):
+        s.request(t, "a", t)
+        s.start_failed("a", StartFailed("a", "boom"), t)
+    assert isinstance(s.request(5, "a", 1.5)[0], Reject)
+    s.forgive("a")
+    assert s.request(6, "a", 1.5) == [Start("a")]
+
+
 def test_swap_waits_for_in_flight_requests_then_stops_then_starts():
     s = one_swap_group("a", "b")
     s.request(1, "a", 0)

@@ -108,6 +108,7 @@ class BerthConfig:
     log_level: str = "info"
     health_check_timeout: float = 120.0
     start_port: int = 5800  # free ports for ${PORT} are searched from here at each start
+    shutdown_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests may take to finish
     max_body_bytes: int = 64 * 1024 * 1024
     store_dir: Path | None = None  # None: $BERTH_HOME/models
     memory: MemorySettings = field(default_factory=lambda: MemorySettings())
@@ -246,6 +247,7 @@ class _Resolver:
             log_level=p.log_level,
             health_check_timeout=p.health_check_timeout,
             start_port=p.start_port,
+            shutdown_timeout=p.shutdown_timeout,
             max_body_bytes=p.max_body_bytes,
             store_dir=Path(os.path.expanduser(self.expand_env(p.model_store, ("modelStore",)))) if p.model_store
             else None,

@@ -80,6 +80,7 @@ class HooksConfig(_Section):
 
 class BerthConfigFile(_Section):
     health_check_timeout: float = Field(120.0, alias="healthCheckTimeout", gt=0)
+    shutdown_timeout: float = Field(30.0, alias="shutdownTimeout", ge=0)  # seconds in-flight requests may finish
     global_ttl: int = Field(0, alias="globalTTL", ge=0)
     start_port: int = Field(5800, alias="startPort", ge=1, le=65535)
     log_level: str = Field("info", alias="logLevel")

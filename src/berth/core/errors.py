@@ -117,6 +117,22 @@ class ModelUnloaded(BerthError):
         super().__init__(f"model {model!r} was stopped before it could serve this request ({reason}); retry")
 
 
+class StartBackedOff(BerthError):
+    """Refused without a start: the model failed to start several times in a row and berth waits."""
+
+    status = 503
+    error_type = "server_error"
+    code = "model_start_backoff"
+
+    def __init__(self, model: str, failures: int, retry_in: float, last_error: BerthError | None) -> None:
+        last = last_error.message.splitlines()[0] if last_error is not None else "unknown"
+        super().__init__(
+            f"model {model!r} failed to start {failures} times in a row; berth tries again in {retry_in:.0f}s "
+            f"(last failure: {last}). Fix the cause (its log: /logs?model={model}) or change its config, "
+            "which allows a new try at once")
+        self.retry_after = max(1, int(retry_in + 0.999))
+
+
 class UpstreamError(BerthError):
     status = 502
     error_type = "server_error"

@@ -57,3 +57,20 @@ def peak_resident_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def oom_kill_count() -> int:
+    """OOM kills the kernel has made so far: in this process's memory cgroup (memory.events) plus the
+    whole system's (/proc/vmstat). Only a change means anything: a SIGKILL with no change was not the
+    OOM killer. Counters that cannot be read count as 0."""
+    total = 0
+    for path, key in (("/sys/fs/cgroup/memory.events", "oom_kill"), ("/proc/vmstat", "oom_kill")):
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    name, _, value = line.partition(" ")
+                    if name == key and value.strip().isdigit():
+                        total += int(value)
+        except OSError:
+            continue
+    return total

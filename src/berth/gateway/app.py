@@ -16,7 +16,9 @@ from aiohttp import web
 from berth.config import BerthConfig
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
-from berth.core.errors import BadRequest, BerthError, BodyTooLarge, RouteNotFound, TooManyRequests, Unauthorized
+from berth.core.errors import (
+    BadRequest, BerthError, BodyTooLarge, RouteNotFound, StartBackedOff, TooManyRequests, Unauthorized,
+)
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
@@ -44,7 +46,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(error: BerthError) -> web.Response:
     response = web.json_response(error.to_openai(), status=error.status)
-    if isinstance(error, TooManyRequests):
+    if isinstance(error, (TooManyRequests, StartBackedOff)):
         response.headers["Retry-After"] = str(error.retry_after)
     return response
 
@@ -71,11 +73,13 @@ class Gateway:
         self.metrics = metrics
         self.sessions = sessions
         self.started_at = int(time.time())
+        self.draining = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
         self.app = web.Application(middlewares=[self._errors, self._auth],
                                    client_max_size=pool.config.max_body_bytes)
         self.app.cleanup_ctx.append(sessions.context)
         r = self.app.router
         r.add_get("/health", self.health)
+        r.add_get("/ready", self.ready)
         r.add_get("/v1/models", self.openai_models)
         r.add_get("/running", self.running)
         r.add_route("*", "/unload", self.unload_all)
@@ -123,7 +127,7 @@ class Gateway:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         keys = self.config.api_keys
-        if keys and request.path != "/health":
+        if keys and request.path not in ("/health", "/ready"):  # probes carry no key
             presented = _presented_key(request)
             # compare against every key so the time taken does not reveal which one nearly matched
             matched = False
@@ -147,10 +151,7 @@ class Gateway:
 
     async def _inference(self, request: web.Request, path: str) -> web.StreamResponse:
         body = await request.read()
-        try:
-            payload = json.loads(body) if body else {}
-        except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
+        payload = _parse_json(body) if body else {}
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object with a `model` field")
         name = payload.get("model")
@@ -213,6 +214,14 @@ class Gateway:
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
 
+    async def ready(self, request: web.Request) -> web.Response:
+        """For readiness probes: 200 once berth routes (its preloads have run), 503 from the first SIGTERM."""
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        if not self.pool.preloaded.is_set():
+            return web.json_response({"status": "preloading", "models": list(self.config.preload)}, status=503)
+        return web.json_response({"status": "ready"})
+
     def _model_entry(self, model_id: str, listed_as: str) -> dict:
         spec = self.config.models[model_id]
         entry = {"id": listed_as, "object": "model", "created": self.started_at, "owned_by": "berth",
@@ -243,7 +252,7 @@ class Gateway:
         running = []
         for model_id in self.config.models:
             view = self.pool.view(model_id)
-            if view.state in (ModelState.STOPPED, ModelState.FAILED):
+            if view.state is ModelState.STOPPED or (view.state is ModelState.FAILED and view.retry_at is None):
                 continue
             process = self.pool.process(model_id)
             spec = self.config.models[model_id]
@@ -254,6 +263,8 @@ class Gateway:
                 "ttl_remaining_s": remaining,
                 "pid": process.pid if process else None, "in_flight": view.in_flight, "queued": view.queued,
                 "cmd": " ".join(redact_argv(process.argv if process else list(spec.argv))),
+                "start_failures": view.start_failures,
+                "retry_in_s": None if view.retry_at is None else max(view.retry_at - loop.time(), 0.0),
                 "kv_slots": await asyncio.to_thread(_slot_summary, process),
                 "memory": self._memory_entry(model_id),
             })
@@ -300,10 +311,7 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def _model_from_body(self, request: web.Request) -> str:
-        try:
-            payload = await request.json()
-        except ValueError:
-            raise BadRequest('body must be JSON like {"model": "<id>"}') from None
+        payload = _parse_json(await request.read())
         name = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(name, str) or not name:
             raise BadRequest('body must name the model: {"model": "<id>"}')
@@ -314,10 +322,13 @@ class Gateway:
         return web.json_response({"success": True})
 
     async def router_unload(self, request: web.Request) -> web.Response:
-        await self.pool.unload(await self._model_from_body(request))
-        return web.json_response({"success": True})
+        outcome = await self.pool.unload(await self._model_from_body(request))
+        return web.json_response({"success": True, "unloaded": outcome})
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        now = asyncio.get_running_loop().time()
+        self.metrics.set_backoff({m: max(v.retry_at - now, 0.0) if (v := self.pool.view(m)).retry_at else 0.0
+                                  for m in self.config.models})
         planned = {m: (p.source, p.planned) for m, p in self.memory.plans.items() if p.planned}
         self.metrics.set_memory(planned, dict(self.memory.measured), await self._devices())
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -344,6 +355,15 @@ class Gateway:
             return response
         finally:
             self.logs.unsubscribe(queue)
+
+
+def _parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise BadRequest("request body nests too deeply to parse; send a JSON object of ordinary depth") from None
 
 
 def _slot_summary(process: ModelProcess | None) -> dict | None:

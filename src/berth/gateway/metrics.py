@@ -38,6 +38,9 @@ class Metrics:
         self.model_state = Gauge("berth_model_state", "1 for the state each model is in", ["model", "state"],
                                  registry=r)
         self.queue_depth = Gauge("berth_queue_depth", "Requests waiting for a model", registry=r)
+        self.start_backoff = Gauge("berth_model_start_backoff_seconds",
+                                   "Seconds before a model that failed to start repeatedly is tried again",
+                                   ["model"], registry=r)
         self.tokens = Counter("berth_tokens", "Tokens reported by upstream usage", ["model", "kind"], registry=r)
         self.kv_saves = Counter("berth_kv_slot_saves", "KV slot saves before planned stops", ["model", "outcome"],
                                 registry=r)
@@ -60,6 +63,10 @@ class Metrics:
         for model, current in states.items():
             for state in ModelState:
                 self.model_state.labels(model, state.value).set(1 if state is current else 0)
+
+    def set_backoff(self, seconds: Mapping[str, float]) -> None:
+        for model, left in seconds.items():
+            self.start_backoff.labels(model).set(left)
 
     def set_memory(self, planned: dict[str, tuple[str, dict[str, int]]], measured: dict[str, dict[str, int]],
                    devices: dict[str, dict[str, int]]) -> None:

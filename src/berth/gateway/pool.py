@@ -94,12 +94,12 @@ class ModelPool:
         self._processes: dict[str, ModelProcess] = {}
         self._waiters: dict[int, asyncio.Future[str]] = {}
         self._ids = itertools.count(1)
-        self._changed = asyncio.Condition()
         self._timer = DeadlineTimer(lambda: self._apply(self._scheduler.tick(self._now())))
+        self.preloaded = asyncio.Event()  # hooks.on_startup.preload has run (each load done or failed)
 
     async def open(self) -> None:
-        for model_id in self.config.preload:
-            asyncio.create_task(self._preload(model_id))
+        preloads = [asyncio.create_task(self._preload(model_id)) for model_id in self.config.preload]
+        asyncio.gather(*preloads).add_done_callback(lambda _: self.preloaded.set())
         self.memory.start_measuring(
             lambda: [(m, p) for m, p in self._processes.items() if self.state(m) is ModelState.READY],
             lambda: self.config.models, self._set_plan)
@@ -109,6 +109,15 @@ class ModelPool:
             await self.load(model_id)
         except BerthError as exc:
             log.info(f"preload of {model_id} failed: {exc.message}")
+
+    async def drain(self, timeout: float, force: asyncio.Event) -> int:
+        """Refuse new and waiting requests and let in-flight ones finish, for at most `timeout` seconds or
+        until `force` is set. Returns how many were still in flight."""
+        self._apply(self._scheduler.drain(self._now()))
+        deadline = self._now() + timeout
+        while self._scheduler.in_flight() and self._now() < deadline and not force.is_set():
+            await asyncio.sleep(0.05)
+        return self._scheduler.in_flight()
 
     async def close(self) -> None:
         """Stop every model (in-flight requests are cut) and wait until all are gone."""
@@ -151,14 +160,17 @@ class ModelPool:
     async def load(self, model_id: str) -> None:
         (await self.acquire(model_id)).release()
 
-    async def unload(self, model_id: str | None = None, force: bool = False) -> None:
-        """Stop one model (or all) once idle and wait until stopped."""
+    async def unload(self, model_id: str | None = None, force: bool = False) -> dict[str, str]:
+        """Stop one model (or all) once its requests are done; wait until the processes that ran when
+        this was asked are gone, not for a quiet moment (traffic may start a model again at once).
+        Returns per model: "stopped", "not running", or "stopped, then restarted by new requests"."""
         targets = [model_id] if model_id else list(self._scheduler.models)
+        ran = {m: p for m in targets if (p := self._processes.get(m)) is not None}
         self._apply(self._scheduler.unload(model_id, self._now(), force=force))
-        async with self._changed:
-            await self._changed.wait_for(lambda: all(
-                m not in self._scheduler.models or self.state(m) in (ModelState.STOPPED, ModelState.FAILED)
-                for m in targets))
+        await asyncio.gather(*(p.wait_closed() for p in ran.values()))
+        return {m: "not running" if m not in ran else
+                "stopped, then restarted by new requests" if self._processes.get(m) is not None else "stopped"
+                for m in targets}
 
     async def reload(self, new: BerthConfig) -> list[str]:
         """Adopt a new config; restart only models whose definition changed. Returns those ids."""
@@ -169,6 +181,7 @@ class ModelPool:
         self.config = new
         self._scheduler.configure(*planned)
         for model_id in changed:
+            self._scheduler.forgive(model_id)
             if self.state(model_id) in (ModelState.READY, ModelState.STARTING):
                 self._apply(self._scheduler.unload(model_id, self._now(), reason=StopReason.RELOAD))
         self._apply(self._scheduler.tick(self._now()))
@@ -248,7 +261,7 @@ class ModelPool:
         if isinstance(event, Started):
             self.metrics.load_seconds.labels(model_id).observe(process.load_seconds or 0.0)
             self._apply(self._scheduler.started(model_id, now))
-            loop.create_task(self._notify_state_change())
+            self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
             loop.create_task(self._measure(model_id, process))
             return
         if self._processes.get(model_id) is process:
@@ -263,15 +276,10 @@ class ModelPool:
                 self.metrics.crashes.labels(model_id).inc()
                 log.info(f"{model_id} crashed (exit code {event.exit_code}); the next request starts it again")
             self._apply(self._scheduler.stopped(model_id, now))
-        loop.create_task(self._notify_state_change())
+        self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
 
     async def _measure(self, model_id: str, process: ModelProcess) -> None:
         plan = await self.memory.measure(self.config.models.get(model_id), process,
                                          lambda: self._processes.get(model_id) is process)
         if plan is not None:
             self._set_plan(model_id, plan)
-
-    async def _notify_state_change(self) -> None:
-        self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
-        async with self._changed:
-            self._changed.notify_all()

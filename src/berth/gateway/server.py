@@ -79,6 +79,11 @@ async def run_gateway(
     loop = asyncio.get_running_loop()
     handle_signals = stop is None  # an embedded gateway leaves the process's signals to its owner
     stop = stop or asyncio.Event()
+    force = asyncio.Event()  # a second signal: stop without waiting for in-flight requests
+
+    def on_signal() -> None:
+        (force if stop.is_set() else stop).set()
+
     try:
         await web.TCPSite(runner, host, port).start()
 
@@ -93,24 +98,45 @@ async def run_gateway(
 
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
             loop.add_signal_handler(signal.SIGHUP, reload)
         watcher = asyncio.create_task(_watch(config_path, reload)) if watch_config and config_path else None
         log.info("berth listening on http://%s:%d (%d models)", host, port, len(config.models))
         if on_ready:
             on_ready()
         await stop.wait()
-        log.info("shutting down: stopping all models")
         if watcher:
             watcher.cancel()
+        gateway.draining = True
+        log.info("draining: no new requests; in-flight ones may take up to shutdownTimeout "
+                 f"({config.shutdown_timeout:g}s); a second signal stops at once")
+        left = await pool.drain(pool.config.shutdown_timeout, force)
+        if left:
+            log.warning(f"shutting down with {left} requests still in flight; they are cut")
+        log.info("shutting down: stopping all models")
     finally:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        await _stop_serving(runner)
         await pool.close()
         factory.close()
-        await runner.cleanup()
+        await runner.cleanup()  # closes the client sessions last: stopping models saves their slots
         logging.getLogger("berth").removeHandler(handler)
+
+
+CUT_GRACE_SECONDS = 0.5
+
+
+async def _stop_serving(runner: web.AppRunner) -> None:
+    """Close the listening sockets and every client connection; requests still running after the drain
+    are cancelled, which cancels their upstream requests too, so models are not kept busy while they
+    are asked to stop."""
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+        await runner.server.shutdown(CUT_GRACE_SECONDS)
 
 
 async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFactory) -> None:

@@ -28,7 +28,7 @@ from berth.engine.launch import Launch
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SlotPlan
 from berth.core.errors import BerthError, StartFailed
-from berth.core.procfs import group_alive
+from berth.core.procfs import group_alive, oom_kill_count
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
 from berth.runtime.slots import SlotKeeper
@@ -79,9 +79,34 @@ _OUT_OF_MEMORY = re.compile(r"out of memory|failed to allocate|unable to allocat
                             r"std::bad_alloc|ErrorOutOfDeviceMemory", re.IGNORECASE)
 
 
-def looks_out_of_memory(returncode: int | None, lines: list[str]) -> bool:
-    """An exit before ready that an allocation failure (or the kernel's OOM killer's SIGKILL) explains."""
-    return returncode == -signal.SIGKILL or any(_OUT_OF_MEMORY.search(line) for line in lines)
+def looks_out_of_memory(returncode: int | None, lines: list[str], oom_kills_meanwhile: int) -> bool:
+    """An exit before ready that an allocation failure explains, or a SIGKILL while the kernel's OOM
+    killer killed something (its counters moved). A SIGKILL alone is not evidence: anyone may send one."""
+    killed_by_oom = returncode == -signal.SIGKILL and oom_kills_meanwhile > 0
+    return killed_by_oom or any(_OUT_OF_MEMORY.search(line) for line in lines)
+
+
+async def wait_exit(proc: asyncio.subprocess.Process) -> int:
+    """The child's exit code, as soon as it exits. `Process.wait()` (Python 3.11) also waits until every
+    holder of the child's pipes has closed them, so a grandchild that keeps stdout open (a wrapper
+    script's background job, a multi-process engine) would hide a crash; a pidfd does not."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): the reaper's exit code, polled
+        while proc.returncode is None:
+            await asyncio.sleep(0.1)
+        return proc.returncode
+    gone: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    while proc.returncode is None:  # asyncio's child watcher reaps it a moment later
+        await asyncio.sleep(0.005)
+    return proc.returncode
 
 
 class ModelProcess:
@@ -104,6 +129,7 @@ class ModelProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self.load_seconds: float | None = None
+        self._oom_kills_at_spawn = 0
 
     @property
     def pid(self) -> int | None:
@@ -167,7 +193,7 @@ class ModelProcess:
             return
         assert self._proc is not None
         drain = asyncio.create_task(self._drain(self._proc))
-        exited = asyncio.create_task(self._proc.wait())
+        exited = asyncio.create_task(wait_exit(self._proc))
         stop_wanted = asyncio.create_task(self._stop_requested.wait())
         try:
             outcome = await self._become_ready(exited, stop_wanted)
@@ -226,6 +252,7 @@ class ModelProcess:
                                        "fix `cmd` in the config") from None
         except OSError as exc:
             raise StartFailed(spec.id, f"cannot run {self.argv[0]!r}: {exc}") from None
+        self._oom_kills_at_spawn = await asyncio.to_thread(oom_kill_count)
         self._janitor.register(self._proc.pid)
         self._log(f"started pid {self._proc.pid}")
 
@@ -259,8 +286,9 @@ class ModelProcess:
             await asyncio.sleep(0)  # let the drain task take the last lines
             lines = self.last_lines()
             code = exited.result()
+            oom_kills = await asyncio.to_thread(oom_kill_count) - self._oom_kills_at_spawn
             return StartFailed(self.spec.id, f"process exited with code {code} before it was ready",
-                               lines, out_of_memory=looks_out_of_memory(code, lines))
+                               lines, out_of_memory=looks_out_of_memory(code, lines, oom_kills))
         if health in done:
             failure = health.exception()
             if failure is None:

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Mapping
 from typing import Union
 
-from berth.core.errors import BerthError, InsufficientMemory, ModelUnloaded, ShuttingDown, TooManyRequests
+from berth.core.errors import (
+    BerthError, InsufficientMemory, ModelUnloaded, ShuttingDown, StartBackedOff, TooManyRequests,
+)
+
+# A model whose start failed twice in a row waits before the next try: 2 s, 4 s, ... at most a minute.
+# Each try of a broken model can evict others for memory and reload gigabytes; retrying at the pace
+# of incoming requests turns one broken model into constant reloading of every other.
+BACKOFF_FIRST_SECONDS = 2.0
+BACKOFF_MAX_SECONDS = 60.0
 
 
 class ModelState(str, enum.Enum):
@@ -96,6 +104,8 @@ class _Model:
     stop_reason: StopReason | None = None
     last_error: BerthError | None = None
     oom_retry: bool = False  # the last start died of out-of-memory: retry once with everything else evicted
+    failures: int = 0  # starts that failed in a row
+    retry_at: float | None = None  # no start before this (back-off after repeated failures)
 
 
 @dataclass
@@ -106,6 +116,8 @@ class ModelView:
     in_flight: int
     queued: int
     ttl_deadline: float | None = None  # when an idle model will be stopped (the scheduler's clock)
+    start_failures: int = 0  # starts that failed in a row
+    retry_at: float | None = None  # when the next start may be tried, while backing off
 
 
 @dataclass
@@ -167,6 +179,8 @@ class Scheduler:
         if self._closing:
             return [Reject(request_id, model, ShuttingDown())]
         m = self.models[model]
+        if m.state is ModelState.FAILED and m.retry_at is not None and now < m.retry_at:
+            return [Reject(request_id, model, StartBackedOff(model, m.failures, m.retry_at - now, m.last_error))]
         waiting = sum(1 for q in self._queue.values() if q == model)
         if m.in_flight + waiting >= m.policy.concurrency_limit:
             return [Reject(request_id, model, TooManyRequests(model, m.policy.concurrency_limit))]
@@ -196,6 +210,7 @@ class Scheduler:
         m.idle_since = now
         m.last_error = None
         m.oom_retry = False
+        m.failures, m.retry_at = 0, None
         return self._plan(now)
 
     def start_failed(self, model: str, error: BerthError, now: float) -> list[Action]:
@@ -211,6 +226,9 @@ class Scheduler:
         m.oom_retry = False
         m.state = ModelState.FAILED
         m.last_error = error
+        m.failures += 1
+        if m.failures >= 2:
+            m.retry_at = now + min(BACKOFF_FIRST_SECONDS * 2 ** (m.failures - 2), BACKOFF_MAX_SECONDS)
         rejected = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
         for reject in rejected:
             del self._queue[reject.request_id]
@@ -248,6 +266,22 @@ class Scheduler:
                     m.unload_reason = reason
         return actions + self._plan(now)
 
+    def forgive(self, model: str) -> None:
+        """Its definition changed: the next request may try a start at once."""
+        if model in self.models:
+            self.models[model].failures, self.models[model].retry_at = 0, None
+
+    def drain(self, now: float) -> list[Action]:
+        """berth stops taking work: refuse waiting and new requests; in-flight ones go on, models stay."""
+        self._closing = True
+        rejected: list[Action] = [Reject(r, q, ShuttingDown()) for r, q in self._queue.items()]
+        self._queue.clear()
+        return rejected
+
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished, over all models."""
+        return len(self._in_flight)
+
     def shutdown(self, now: float) -> list[Action]:
         """berth is exiting: refuse waiting and new requests, stop everything now."""
         self._closing = True
@@ -274,6 +308,8 @@ class Scheduler:
             in_flight=m.in_flight,
             queued=sum(1 for q in self._queue.values() if q == model),
             ttl_deadline=self._ttl_deadline(model),
+            start_failures=m.failures,
+            retry_at=m.retry_at if m.state is ModelState.FAILED else None,
         )
 
     def queue_depth(self) -> int:
