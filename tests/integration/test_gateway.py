@@ -707,3 +707,56 @@ def test_ready_waits_for_the_preloads(berth, start_port):
     assert first.status_code == 503 and first.json() == {"status": "preloading", "models": ["a"]}
     wait_until(lambda: requests.get(b.url + "/ready", timeout=5).status_code == 200, 20, "preload")
     assert b.running()["a"]["state"] == "ready"
+
+
+def test_host_names_berth_is_not_known_by_are_refused_on_localhost(berth, start_port):
+    """DNS rebinding: a page on evil.example resolves its name to 127.0.0.1 and calls berth."""
+    config = f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n"
+    b = berth(config)
+    port = b.url.rsplit(":", 1)[1]
+    rebound = requests.post(b.url + "/v1/chat/completions", json={"model": "a", "messages": []},
+                            headers={"Host": f"evil.example:{port}"}, timeout=10)
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert "allowedHosts" in rebound.json()["error"]["message"]
+    assert requests.get(b.url + "/running", headers={"Host": "evil.example"}, timeout=5).status_code == 403
+    assert b.running() == {}  # nothing was started for it
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST"):
+        assert requests.get(b.url + "/v1/models", headers={"Host": host}, timeout=5).status_code == 200
+    named = berth(f"allowedHosts: [berth.lan]\n{config}")
+    assert requests.get(named.url + "/v1/models", headers={"Host": "berth.lan:80"}, timeout=5).status_code == 200
+    assert requests.get(named.url + "/v1/models", headers={"Host": "evil.example"}, timeout=5).status_code == 403
+
+
+def test_a_hung_model_is_restarted_and_its_requests_end_with_an_error(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n  a:\n    healthCheckInterval: 0.3\n    unloadTimeout: 2\n"
+              f"    cmd: {fake_cmd('a')}\n")
+    assert chat(b.url, "a").status_code == 200
+    pid = b.pid_of("a")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(chat, b.url, "a", 60, sleep=3)  # in flight when the model hangs
+        wait_until(lambda: b.running()["a"]["in_flight"] == 1, 10, "the request")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            answer = waiting.result()
+            assert answer.status_code in (502, 504) and answer.json()["error"]["type"] == "server_error"
+        finally:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: b.pid_of("a") != pid, 15, "the hung model to be replaced")
+    assert not pid_alive(pid)
+    assert chat(b.url, "a").status_code == 200
+    assert "missed 3 health checks in a row" in requests.get(b.url + "/logs", timeout=5).text
+
+
+def test_upstream_timeouts_end_requests_with_a_504(berth, start_port):
+    b = berth(f"startPort: {start_port}\ntimeouts: {{idle: 1}}\nmodels:\n"
+              f"  a: {{cmd: \"{fake_cmd('a')}\", timeouts: {{responseHeader: 1}}}}\n"
+              f"  b: {{cmd: \"{fake_cmd('b')}\"}}\n")
+    slow = chat(b.url, "a", sleep=5)
+    assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout"
+    assert "timeouts.responseHeader 1s" in slow.json()["error"]["message"]
+    stalled = requests.post(b.url + "/v1/chat/completions", timeout=30, stream=True,
+                            json={"model": "b", "messages": [], "stream": True, "chunks": 3, "chunk_delay": 3})
+    body = b"".join(stalled.iter_content(None)).decode()
+    assert body.startswith("data: ") and "timeouts.idle (1s)" in body  # an error event ends the stream
+    assert chat(b.url, "b").status_code == 200 and chat(b.url, "a").status_code == 200  # both still serve

@@ -32,6 +32,15 @@ PORT_MACRO = "${PORT}"
 
 
 @dataclass(frozen=True)
+class UpstreamTimeouts:
+    """Seconds; 0 means no limit. Defaults as llama-swap's (connect 30, responseHeader none)."""
+
+    connect: float = 30.0
+    response_header: float = 0.0
+    idle: float = 0.0  # between chunks of an answer (berth's own key)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model as berth will run it: macros expanded and argv split.
 
@@ -68,6 +77,8 @@ class ModelSpec:
     kv_persistence_total_max_bytes: int = 8 * 1024**3
     declared_memory: tuple[tuple[str, int], ...] = ()  # `memory:` per device, bytes; overrides the estimate
     persistent: bool = False  # never evicted to make room by memory
+    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
+    health_check_interval: float = 10.0  # liveness checks of a ready model; 0: none
     port: int | None = None  # the bound port, set by `with_port` only
 
     def with_port(self, port: int) -> "ModelSpec":
@@ -104,6 +115,7 @@ class BerthConfig:
     groups: dict[str, GroupSpec]
     preload: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)  # "*" turns the Host check off
     include_aliases_in_list: bool = False
     log_level: str = "info"
     health_check_timeout: float = 120.0
@@ -187,6 +199,7 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
             check(model, schema.ModelConfig, f"models.{model_id}")
             if isinstance(model, LineDict):
                 check(model.get("filters"), schema.FiltersConfig, f"models.{model_id}.filters")
+                check(model.get("timeouts"), schema.TimeoutsConfig, f"models.{model_id}.timeouts")
     groups = raw.get("groups")
     if isinstance(groups, LineDict):
         for name, group in groups.items():
@@ -196,6 +209,7 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
     if isinstance(hooks, LineDict):
         check(hooks.get("on_startup"), schema.StartupHooks, "hooks.on_startup")
     check(raw.get("memory"), schema.MemoryConfig, "memory")
+    check(raw.get("timeouts"), schema.TimeoutsConfig, "timeouts")
     warnings.extend(text for _, text in sorted(found))
 
 
@@ -243,6 +257,7 @@ class _Resolver:
             models=models,
             groups=self.resolve_groups(group_of),
             api_keys=[self.expand_env(k, ("apiKeys", str(i))) for i, k in enumerate(p.api_keys)],
+            allowed_hosts=[h.strip().lower() for h in p.allowed_hosts],
             include_aliases_in_list=p.include_aliases_in_list,
             log_level=p.log_level,
             health_check_timeout=p.health_check_timeout,
@@ -364,8 +379,24 @@ class _Resolver:
             kv_persistence_total_max_bytes=self.parsed.kv_persistence_total_max_bytes,
             declared_memory=self.sizes(model.memory, loc + ("memory",)),
             persistent=model.persistent,
+            timeouts=self.timeouts(model.timeouts),
+            health_check_interval=(self.parsed.health_check_interval if model.health_check_interval is None
+                                   else model.health_check_interval),
         )
         return spec
+
+    def timeouts(self, own: schema.TimeoutsConfig) -> UpstreamTimeouts:
+        """A model's timeouts: its own, else the top-level ones, else the defaults."""
+        default, top = UpstreamTimeouts(), self.parsed.timeouts
+
+        def pick(name: str) -> float:
+            for source in (own, top):
+                value = getattr(source, name)
+                if value is not None:
+                    return float(value)
+            return float(getattr(default, name))
+
+        return UpstreamTimeouts(pick("connect"), pick("response_header"), pick("idle"))
 
     def sizes(self, values: dict[str, str | int], loc: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
         parsed = []

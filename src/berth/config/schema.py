@@ -21,6 +21,14 @@ class FiltersConfig(_Section):
     set_params: dict[str, Any] = Field(default_factory=dict, alias="setParams")
 
 
+class TimeoutsConfig(_Section):
+    """llama-swap's `timeouts` keys that berth implements (seconds; 0 = no limit), plus its own `idle`."""
+
+    connect: float | None = Field(None, ge=0)  # TCP connect to the model server (default 30)
+    response_header: float | None = Field(None, alias="responseHeader", ge=0)  # until the status line (default 0)
+    idle: float | None = Field(None, ge=0)  # longest silence between chunks of an answer (default 0)
+
+
 class ModelConfig(_Section):
     cmd: str
     cmd_stop: str = Field("", alias="cmdStop")
@@ -45,6 +53,8 @@ class ModelConfig(_Section):
     kv_persistence_max_bytes: int = Field(2 * 1024**3, alias="kvPersistenceMaxBytes", ge=0)
     memory: dict[str, str | int] = Field(default_factory=dict)  # declared need per device: {ram: 2GiB, gpu0: 6GiB}
     persistent: bool = False  # never evicted to make room by memory
+    timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig.model_validate({}))
+    health_check_interval: float | None = Field(None, alias="healthCheckInterval", ge=0)
 
     @field_validator("env")
     @classmethod
@@ -81,6 +91,9 @@ class HooksConfig(_Section):
 class BerthConfigFile(_Section):
     health_check_timeout: float = Field(120.0, alias="healthCheckTimeout", gt=0)
     shutdown_timeout: float = Field(30.0, alias="shutdownTimeout", ge=0)  # seconds in-flight requests may finish
+    timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig.model_validate({}))
+    # seconds between liveness checks of ready models (0: none); three missed in a row restart the model
+    health_check_interval: float = Field(10.0, alias="healthCheckInterval", ge=0)
     global_ttl: int = Field(0, alias="globalTTL", ge=0)
     start_port: int = Field(5800, alias="startPort", ge=1, le=65535)
     log_level: str = Field("info", alias="logLevel")
@@ -89,6 +102,7 @@ class BerthConfigFile(_Section):
     groups: dict[str, GroupConfig] = Field(default_factory=dict)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
+    allowed_hosts: list[str] = Field(default_factory=list, alias="allowedHosts")  # Host names besides localhost
     include_aliases_in_list: bool = Field(False, alias="includeAliasesInList")
     max_body_bytes: int = Field(64 * 1024 * 1024, alias="maxBodyBytes", gt=0)
     model_store: str = Field("", alias="modelStore")  # default: $BERTH_HOME/models

@@ -55,6 +55,18 @@ class UnknownModel(BerthError):
         self.model = model
 
 
+class HostNotAllowed(BerthError):
+    status = 403
+    error_type = "permission_error"
+    code = "host_not_allowed"
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"berth does not answer to the Host {host!r}: a web page can reach a server on localhost through "
+            "a domain name of its own (DNS rebinding), so only localhost names and the listen address are "
+            "accepted. If you reach berth under this name, add it to allowedHosts in the config")
+
+
 class BodyTooLarge(BerthError):
     status = 413
     error_type = "invalid_request_error"
@@ -137,6 +149,12 @@ class UpstreamError(BerthError):
     status = 502
     error_type = "server_error"
     code = "upstream_error"
+
+
+class UpstreamTimeout(BerthError):
+    status = 504
+    error_type = "server_error"
+    code = "upstream_timeout"
 
 
 class ShuttingDown(BerthError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -17,7 +18,8 @@ from berth.config import BerthConfig
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
 from berth.core.errors import (
-    BadRequest, BerthError, BodyTooLarge, RouteNotFound, StartBackedOff, TooManyRequests, Unauthorized,
+    BadRequest, BerthError, BodyTooLarge, HostNotAllowed, RouteNotFound, StartBackedOff, TooManyRequests,
+    Unauthorized,
 )
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -66,7 +68,7 @@ def _presented_key(request: web.Request) -> str | None:
 
 class Gateway:
     def __init__(self, pool: ModelPool, memory: MemoryService, logs: LogHub, metrics: Metrics,
-                 sessions: UpstreamSessions) -> None:
+                 sessions: UpstreamSessions, listen_host: str = "127.0.0.1") -> None:
         self.pool = pool
         self.memory = memory
         self.logs = logs
@@ -74,7 +76,8 @@ class Gateway:
         self.sessions = sessions
         self.started_at = int(time.time())
         self.draining = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
-        self.app = web.Application(middlewares=[self._errors, self._auth],
+        self.listen_host = listen_host.strip("[]").lower()
+        self.app = web.Application(middlewares=[self._errors, self._host, self._auth],
                                    client_max_size=pool.config.max_body_bytes)
         self.app.cleanup_ctx.append(sessions.context)
         r = self.app.router
@@ -123,6 +126,17 @@ class Gateway:
             return error_response(BodyTooLarge(
                 f"request body is larger than the limit of {self.config.max_body_bytes} bytes; "
                 "send less or raise maxBodyBytes in the config"))
+
+    @web.middleware
+    async def _host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Against DNS rebinding: on a loopback listen address (or with allowedHosts set) only the Host
+        names berth is known by get an answer."""
+        allowed = self.config.allowed_hosts
+        if "*" not in allowed and (allowed or _is_loopback(self.listen_host)):
+            host = _host_name(request.headers.get("Host", ""))
+            if host and host not in _LOCAL_NAMES and host != self.listen_host and host not in allowed:
+                raise HostNotAllowed(host)
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -355,6 +369,24 @@ class Gateway:
             return response
         finally:
             self.logs.unsubscribe(queue)
+
+
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def _parse_json(body: bytes) -> object:

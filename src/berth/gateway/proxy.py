@@ -9,7 +9,8 @@ import time
 import aiohttp
 from aiohttp import web
 
-from berth.core.errors import UpstreamError
+from berth.config.loader import UpstreamTimeouts
+from berth.core.errors import UpstreamError, UpstreamTimeout
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import Lease
 
@@ -19,7 +20,6 @@ _HOP_BY_HOP = {
     "transfer-encoding", "upgrade", "host", "content-length",
 }
 _TAIL_BYTES = 8192  # enough of the end of a response to find its `usage` object
-_NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 _ERROR_BODY_LIMIT = 256 * 1024  # error bodies are small; a larger one is cut before it is rewritten
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -65,8 +65,13 @@ def _request_headers(request: web.Request, drop_auth: bool) -> dict[str, str]:
     return headers
 
 
+def _client_timeout(timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
+    # sock_read bounds every wait for data, the status line included; 0 means no limit
+    return aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect or None, sock_read=timeouts.idle or None)
+
+
 async def _open(session: aiohttp.ClientSession, method: str, url: str, body: bytes | None,
-                headers: dict[str, str]) -> aiohttp.ClientResponse:
+                headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
     """Send the request; once more if the connection closes before any response byte.
 
     That is what a pooled keep-alive connection the model server has just closed looks like:
@@ -74,11 +79,18 @@ async def _open(session: aiohttp.ClientSession, method: str, url: str, body: byt
     retry takes another or opens one) is what HTTP clients do for idle pooled connections.
     """
     try:
-        return await session.request(method, url, data=body, headers=headers, timeout=_NO_TIMEOUT,
+        return await session.request(method, url, data=body, headers=headers, timeout=timeout,
                                      allow_redirects=False)
     except aiohttp.ServerDisconnectedError:
-        return await session.request(method, url, data=body, headers=headers, timeout=_NO_TIMEOUT,
+        return await session.request(method, url, data=body, headers=headers, timeout=timeout,
                                      allow_redirects=False)
+
+
+def _limit(timeouts: UpstreamTimeouts) -> str:
+    limits = [f"{name} {value:g}s" for name, value in (("timeouts.responseHeader", timeouts.response_header),
+                                                         ("timeouts.idle", timeouts.idle),
+                                                         ("timeouts.connect", timeouts.connect)) if value]
+    return " / ".join(limits) or "its timeouts"
 
 
 def _rewritable(upstream: aiohttp.ClientResponse) -> bool:
@@ -110,8 +122,13 @@ async def forward(
     began = time.perf_counter()
     status = 502
     usage: dict = {}
+    timeouts = spec.timeouts
+    opening = _open(session, request.method, url, body, _request_headers(request, drop_auth),
+                    _client_timeout(timeouts))
     try:
-        async with await _open(session, request.method, url, body, _request_headers(request, drop_auth)) as upstream:
+        upstream_response = await (asyncio.wait_for(opening, timeouts.response_header)
+                                   if timeouts.response_header else opening)
+        async with upstream_response as upstream:
             status = upstream.status
             metrics.ttfb.labels(model).observe(time.perf_counter() - began)
             if rewrite_errors and status >= 400 and _rewritable(upstream):
@@ -138,9 +155,11 @@ async def forward(
                 status = 499  # aiohttp cancels the handler when the client disconnects
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                status = 502
+                status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
                 if is_sse:
-                    error = UpstreamError(f"model {model!r} stopped answering mid-stream: {exc or type(exc).__name__}")
+                    why = (f"sent nothing for timeouts.idle ({timeouts.idle:g}s)" if status == 504
+                           else f"stopped answering mid-stream: {exc or type(exc).__name__}")
+                    error = UpstreamError(f"model {model!r} {why}")
                     await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
                 else:  # the status line is gone; a cut connection is the only honest signal left
                     if request.transport is not None:
@@ -151,7 +170,12 @@ async def forward(
                 metrics.record_restore_hit(model, tail)
             await response.write_eof()
             return response
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+    except asyncio.TimeoutError:  # a limit ran out before the status line
+        status = 504
+        raise UpstreamTimeout(
+            f"model {model!r} sent no answer within {_limit(timeouts)}; it may be hung or overloaded (raise "
+            "its `timeouts` in the config if it is just slow)") from None
+    except aiohttp.ClientConnectionError as exc:
         raise UpstreamError(f"model {model!r} is not reachable at {spec.proxy}: {exc}") from None
     finally:
         elapsed = time.perf_counter() - began

@@ -71,7 +71,7 @@ async def run_gateway(
         lambda spec: launch_builder(spec, fetch=False))
     memory = MemoryService(planner)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
-    gateway = Gateway(pool, memory, logs, metrics, sessions)
+    gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host)
     runner = web.AppRunner(gateway.app, handler_cancellation=True, access_log=None)
     await runner.setup()  # opens the sessions
     factory.open()

@@ -38,6 +38,7 @@ log = logging.getLogger("berth.runtime")
 HEALTH_FIRST_DELAY = 0.05
 HEALTH_MAX_DELAY = 0.1  # a load that ends between two polls waits at most this long; polls are cheap
 GROUP_GONE_TIMEOUT = 5.0
+LIVENESS_MISSES = 3  # health checks missed in a row before a ready model counts as hung
 RUN_OUTPUT_LINES = 2000  # the child's last lines kept per run (buffer sizes come early, failures late)
 
 
@@ -204,13 +205,16 @@ class ModelProcess:
                 self.load_seconds = time.monotonic() - begun
                 self._log(f"ready after {self.load_seconds:.2f}s")
                 report(Started())
-                await asyncio.wait({exited, stop_wanted}, return_when=asyncio.FIRST_COMPLETED)
-                crashed = exited.done() and not stop_wanted.done()
-                if crashed:
+                unresponsive = asyncio.create_task(self._until_unresponsive())
+                await asyncio.wait({exited, stop_wanted, unresponsive}, return_when=asyncio.FIRST_COMPLETED)
+                hung = unresponsive.done() and not exited.done()
+                unresponsive.cancel()
+                crashed = (exited.done() or hung) and not stop_wanted.done()
+                if exited.done() and crashed:
                     self._log(f"exited unexpectedly with code {self._proc.returncode}")
-                elif self._slot_keeper is not None and self._proc.returncode is None:
+                elif not crashed and self._slot_keeper is not None and self._proc.returncode is None:
                     await self._slot_keeper.save()  # a planned stop: in-flight requests have finished
-                await self._terminate()
+                await self._terminate(hung=hung)
                 report(Stopped(crashed=crashed, exit_code=self._proc.returncode))
             elif isinstance(outcome, StartFailed):
                 await self._terminate()
@@ -316,16 +320,40 @@ class ModelProcess:
         if self._warmup is not None and self.spec.warmup:
             await self._warmup(self.spec, self.argv, self._session)
 
-    async def _terminate(self) -> None:
-        """Stop the whole process group: cmdStop or SIGTERM, then SIGKILL after unloadTimeout."""
+    async def _until_unresponsive(self) -> None:
+        """Return once the ready server has missed LIVENESS_MISSES health checks in a row (a deadlock, a
+        SIGSTOP, a wedged GPU): its requests would otherwise wait forever. Never returns without checks."""
+        interval = self.spec.health_check_interval
+        if not interval or self.spec.check_endpoint is None:
+            await asyncio.Event().wait()
+        url = self.spec.proxy + self.spec.check_endpoint
+        timeout = aiohttp.ClientTimeout(total=min(interval, 5.0))
+        misses = 0
+        while misses < LIVENESS_MISSES:
+            await asyncio.sleep(interval)
+            try:
+                async with self._session.get(url, timeout=timeout) as resp:
+                    healthy = resp.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                healthy = False
+            misses = 0 if healthy else misses + 1
+        self._log(f"missed {LIVENESS_MISSES} health checks in a row ({interval:g}s apart); stopping it as hung "
+                  "(the next request starts it again)")
+
+    async def _terminate(self, hung: bool = False) -> None:
+        """Stop the whole process group: cmdStop or SIGTERM, then SIGKILL after unloadTimeout; a hung
+        server, which would not act on a polite request, gets SIGKILL at once."""
         proc = self._proc
         assert proc is not None
         pgid = proc.pid
+        if hung:
+            self._signal_group(pgid, signal.SIGKILL)
         if proc.returncode is None or await asyncio.to_thread(group_alive, pgid):
             if self.spec.stop_argv and proc.returncode is None:
                 await self._run_stop_command(proc.pid)
             else:
                 self._signal_group(pgid, signal.SIGTERM)
+                self._signal_group(pgid, signal.SIGCONT)  # a stopped (hung) process acts on SIGTERM only then
             if not await self._wait_group_gone(proc, self.spec.unload_timeout):
                 self._log(f"still running {self.spec.unload_timeout:g}s after the stop request; sending SIGKILL")
                 self._signal_group(pgid, signal.SIGKILL)
