@@ -34,12 +34,13 @@ models:
 """
 
 
-def start(tmp_path: Path, config: str) -> BerthServer:
-    return BerthServer(tmp_path, config, env={"BERTH_HOME": str(tmp_path / "home")}).start()
+def start(berth, tmp_path: Path, config: str) -> BerthServer:
+    """Through the `berth` fixture, so the server is stopped whatever happens; the store is per test."""
+    return berth(config, env={"BERTH_HOME": str(tmp_path / "home")})
 
 
-def test_prefix_is_reused_after_a_swap(tmp_path, engine, gemma_gguf):
-    b = start(tmp_path, two_ids(engine, gemma_gguf))
+def test_prefix_is_reused_after_a_swap(berth, tmp_path, engine, gemma_gguf):
+    b = start(berth, tmp_path, two_ids(engine, gemma_gguf))
     try:
         first = ask(b, "a")
         prompt_tokens = first["usage"]["prompt_tokens"]
@@ -67,15 +68,15 @@ def test_prefix_is_reused_after_a_swap(tmp_path, engine, gemma_gguf):
     assert not (tmp_path / "home" / "models" / ".slots" / "a").exists()
 
 
-def test_incompatible_save_is_discarded_not_restored(tmp_path, engine, gemma_gguf):
-    b = start(tmp_path, two_ids(engine, gemma_gguf, ctx_a=2048))
+def test_incompatible_save_is_discarded_not_restored(berth, tmp_path, engine, gemma_gguf):
+    b = start(berth, tmp_path, two_ids(engine, gemma_gguf, ctx_a=2048))
     ask(b, "a")
     ask(b, "b", "hi")
     b.stop()
     slots = tmp_path / "home" / "models" / ".slots" / "a"
     [old_dir] = list(slots.iterdir())
     assert list(old_dir.glob("slot-*.bin"))
-    b = start(tmp_path, two_ids(engine, gemma_gguf, ctx_a=3072))  # another context size: another layout
+    b = start(berth, tmp_path, two_ids(engine, gemma_gguf, ctx_a=3072))  # another context size: another layout
     try:
         fresh = ask(b, "a")
         assert fresh["timings"]["cache_n"] == 0
@@ -85,9 +86,9 @@ def test_incompatible_save_is_discarded_not_restored(tmp_path, engine, gemma_ggu
         b.stop()
 
 
-def test_disk_cap_deletes_least_recently_used(tmp_path, engine, gemma_gguf):
+def test_disk_cap_deletes_least_recently_used(berth, tmp_path, engine, gemma_gguf):
     config = two_ids(engine, gemma_gguf).replace("models:", "kvPersistenceTotalMaxBytes: 1000\nmodels:", 1)
-    b = start(tmp_path, config)
+    b = start(berth, tmp_path, config)
     try:
         ask(b, "a")
         ask(b, "b", "hi")
@@ -97,7 +98,7 @@ def test_disk_cap_deletes_least_recently_used(tmp_path, engine, gemma_gguf):
         b.stop()
 
 
-def test_failed_save_never_blocks_a_stop(tmp_path, start_port):
+def test_failed_save_never_blocks_a_stop(berth, tmp_path, start_port):
     """A server whose slot API fails (here a fake one) still stops promptly, and the failure is counted."""
     gguf = write_gguf(tmp_path / "fake.gguf")
     config = f"""
@@ -107,7 +108,7 @@ models:
     kvPersistence: true
     cmd: {fake_cmd('a', '-m', str(gguf))}
 """
-    b = start(tmp_path, config)
+    b = start(berth, tmp_path, config)
     try:
         ask(b, "a", "x")
         pid = b.pid_of("a")
@@ -119,8 +120,8 @@ models:
         b.stop()
 
 
-def test_crash_restores_the_last_good_save_and_says_so(tmp_path, engine, gemma_gguf):
-    b = start(tmp_path, two_ids(engine, gemma_gguf))
+def test_crash_restores_the_last_good_save_and_says_so(berth, tmp_path, engine, gemma_gguf):
+    b = start(berth, tmp_path, two_ids(engine, gemma_gguf))
     try:
         first = ask(b, "a")
         ask(b, "b", "hi")

@@ -7,12 +7,11 @@ from pathlib import Path
 import requests
 
 from tests.support.fake_hub import FakeHub
-from tests.support.harness import BerthServer
 
 REPO = "google/gemma-3-270m-GGUF"
 
 
-def test_config_model_is_pulled_then_served(tmp_path, gemma_gguf, engine, start_port):
+def test_config_model_is_pulled_then_served(berth, tmp_path, gemma_gguf, engine, start_port):
     hub = FakeHub().start()
     try:
         hub.add(REPO, "gemma-3-270m-Q4_K_M.gguf", Path(gemma_gguf))
@@ -26,7 +25,7 @@ models:
     cmd: {engine} -hf {REPO}:Q4_K_M --port ${{PORT}} -c 1024 --no-jinja --chat-template gemma
 """
         env = {"BERTH_HOME": str(tmp_path / "home"), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
-        b = BerthServer(tmp_path, config, env=env).start()
+        b = berth(config, env=env)
         try:
             body = {"model": "gemma", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
             r = requests.post(b.url + "/v1/chat/completions", json=body, timeout=300)
@@ -44,7 +43,7 @@ models:
         hub.stop()
 
 
-def test_offline_model_missing_from_store_fails_at_once(tmp_path, engine, start_port):
+def test_offline_model_missing_from_store_fails_at_once(berth, tmp_path, engine, start_port):
     config = f"""
 startPort: {start_port}
 models:
@@ -53,7 +52,7 @@ models:
     cmd: {engine} --port ${{PORT}}
 """
     env = {"BERTH_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    b = BerthServer(tmp_path, config, env=env).start()
+    b = berth(config, env=env)
     try:
         r = requests.post(b.url + "/v1/chat/completions", json={"model": "gemma", "messages": []}, timeout=60)
         assert r.status_code == 503  # before any process was spawned: the store said no

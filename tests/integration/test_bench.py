@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.support.harness import fake_cmd, free_port, start_log_lines, wait_until
@@ -106,42 +107,38 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def test_bench_works_against_a_server_that_is_not_berth(tmp_path):
+@pytest.fixture
+def bare_server():
+    """A model server that is not berth (the fake one, alone on a free port): yields its URL."""
     port = free_port()
     server = subprocess.Popen(fake_cmd("bare").replace("${PORT}", str(port)).split(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 20, "fake server")
-        out = tmp_path / "out"
-        run = bench("--url", f"http://127.0.0.1:{port}", "--model", "anything", "--requests", "3", "--prompt", "hi",
-                    "--out", str(out))
-        assert run.returncode == 0, run.stderr
-        assert results(out)["summary"][0]["succeeded"] == 3
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(10)
 
 
-def test_bench_without_prompt_flags_sends_the_built_in_prompts_and_records_them(tmp_path):
+def test_bench_works_against_a_server_that_is_not_berth(bare_server, tmp_path):
+    out = tmp_path / "out"
+    run = bench("--url", bare_server, "--model", "anything", "--requests", "3", "--prompt", "hi", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert results(out)["summary"][0]["succeeded"] == 3
+
+
+def test_bench_without_prompt_flags_sends_the_built_in_prompts_and_records_them(bare_server, tmp_path):
     from berth.bench.prompts import BUILT_IN
 
-    port = free_port()
-    server = subprocess.Popen(fake_cmd("bare").replace("${PORT}", str(port)).split(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 20, "fake server")
-        out = tmp_path / "out"
-        run = bench("--url", f"http://127.0.0.1:{port}", "--model", "m", "--requests", str(len(BUILT_IN)),
-                    "--out", str(out))
-        assert run.returncode == 0, run.stderr
-        found = results(out)
-        assert found["built_in_prompts"] == BUILT_IN and found["settings"]["prompt_source"] == "built-in"
-        sent = sorted(r["prompt_tokens"] for r in found["requests"])
-        assert sent == sorted(len(p.split()) for p in BUILT_IN)  # each prompt once: short and long
-        assert max(sent) > 100 > min(sent)
-    finally:
-        server.terminate()
-        server.wait(10)
+    out = tmp_path / "out"
+    run = bench("--url", bare_server, "--model", "m", "--requests", str(len(BUILT_IN)), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    found = results(out)
+    assert found["built_in_prompts"] == BUILT_IN and found["settings"]["prompt_source"] == "built-in"
+    sent = sorted(r["prompt_tokens"] for r in found["requests"])
+    assert sent == sorted(len(p.split()) for p in BUILT_IN)  # each prompt once: short and long
+    assert max(sent) > 100 > min(sent)
 
 
 def test_bad_bench_input_names_the_problem(berth, start_port, tmp_path):

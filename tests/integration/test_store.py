@@ -193,8 +193,9 @@ models:
     assert f"-hf {REPO}" not in check.stdout
 
 
-def test_shutdown_during_a_start_time_pull_cancels_it_and_keeps_the_partial_file(hub, home, tmp_path, start_port):
-    from tests.support.harness import BerthServer, wait_until
+def test_shutdown_during_a_start_time_pull_cancels_it_and_keeps_the_partial_file(berth, hub, home, tmp_path,
+                                                                                 start_port):
+    from tests.support.harness import wait_until
 
     publish(hub, tmp_path, "tiny-Q4_K_M.gguf", elements=1 << 19)  # 8 MiB: 128 blocks
     hub.seconds_per_block = 0.5  # about a minute to download in full
@@ -205,8 +206,7 @@ models:
     model: {REPO}:Q4_K_M
     cmd: /bin/false --port ${{PORT}}
 """
-    b = BerthServer(tmp_path, config, env={"BERTH_HOME": str(home), "HF_ENDPOINT": hub.url,
-                                           "HF_HOME": str(home / "hf")}).start()
+    b = berth(config, env={"BERTH_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_HOME": str(home / "hf")})
     waiter = threading.Thread(target=lambda: _post_quietly(b.url))
     waiter.start()
     wait_until(lambda: hub.bytes_sent["tiny-Q4_K_M.gguf"] > 256 * 1024, 20, "the pull to be under way")

@@ -11,7 +11,7 @@ import time
 
 import requests
 
-from tests.support.harness import fake_cmd, free_port, pid_alive, wait_until
+from tests.support.harness import fake_cmd, free_port, pid_alive
 
 
 def cli(*args: str, stdin: str | None = None, timeout: float = 60, env: dict | None = None,

@@ -94,6 +94,16 @@ async def pool(tmp_path):
         await asyncio.wait_for(created.close(), 5)
 
 
+async def serve_once(p: ModelPool, factory: FakeFactory, model: str) -> FakeProcess:
+    """Start `model` through one request, which ends at once; returns its process, now ready and idle."""
+    first = asyncio.create_task(p.acquire(model))
+    await settle()
+    process = factory.of(model)[-1]
+    process.ready()
+    (await first).release()
+    return process
+
+
 async def settle() -> None:
     """Let every task that is ready to run take its turn (no clock involved)."""
     for _ in range(5):
@@ -160,10 +170,7 @@ async def test_a_busy_model_is_not_stopped_by_a_swap_until_its_request_ends(pool
 
 async def test_a_request_for_a_ready_model_is_not_held_up_by_another_models_start(pool):
     p, factory = await pool()
-    first = asyncio.create_task(p.acquire("a"))
-    await settle()
-    factory.of("a")[0].ready()
-    (await first).release()
+    await serve_once(p, factory, "a")
     loading_b = asyncio.create_task(p.acquire("b"))
     await settle()
     lease = await asyncio.wait_for(p.acquire("a"), 1)  # b is still starting
@@ -206,11 +213,7 @@ async def test_unload_waits_for_in_flight_requests_then_for_the_process(pool):
 
 async def test_a_crash_after_ready_is_noticed_and_the_next_request_starts_it_again(pool):
     p, factory = await pool()
-    first = asyncio.create_task(p.acquire("a"))
-    await settle()
-    factory.of("a")[0].ready()
-    (await first).release()
-    factory.of("a")[0].exit(crashed=True)
+    (await serve_once(p, factory, "a")).exit(crashed=True)
     await settle()
     assert p.state("a") is ModelState.STOPPED and p.process("a") is None
     again = asyncio.create_task(p.acquire("a"))
@@ -223,10 +226,7 @@ async def test_a_crash_after_ready_is_noticed_and_the_next_request_starts_it_aga
 async def test_reload_restarts_only_the_models_whose_definition_changed(pool):
     p, factory = await pool()
     for model in ("a", "b"):
-        task = asyncio.create_task(p.acquire(model))
-        await settle()
-        factory.of(model)[0].ready()
-        (await task).release()
+        await serve_once(p, factory, model)
     changed = await p.reload(parse_config(config_text(extra_b=", ttl: 60")))
     assert changed == ["b"]
     await settle()
