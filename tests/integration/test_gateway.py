@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 import os
 import signal
 import sys
@@ -760,3 +761,24 @@ def test_upstream_timeouts_end_requests_with_a_504(berth, start_port):
     body = b"".join(stalled.iter_content(None)).decode()
     assert body.startswith("data: ") and "timeouts.idle (1s)" in body  # an error event ends the stream
     assert chat(b.url, "b").status_code == 200 and chat(b.url, "a").status_code == 200  # both still serve
+
+
+def test_requests_http_cannot_read_get_openai_shaped_errors(berth, start_port):
+    import socket
+
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    port = int(b.url.rsplit(":", 1)[1])
+    broken = (b"NOT HTTP AT ALL\r\n\r\n",
+              b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"x" * 20_000 + b"\r\n\r\n",
+              b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n")
+    for raw in broken:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert re.match(rb"HTTP/1\.[01] 4\d\d ", head) and b"application/json" in head, answer[:300]
+        error = json.loads(body)["error"]
+        assert error["code"] == "bad_http_request" and error["type"] == "invalid_request_error"
+    assert chat(b.url, "a").status_code == 200

@@ -15,6 +15,7 @@ from berth.config import BerthConfig, load_config
 from berth.core.paths import berth_home
 from berth.core.errors import ConfigError
 from berth.gateway.app import Gateway
+from berth.gateway.http_errors import GatewayRunner
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
@@ -72,7 +73,7 @@ async def run_gateway(
     memory = MemoryService(planner)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
     gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host)
-    runner = web.AppRunner(gateway.app, handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(gateway.app, handler_cancellation=True, access_log=None)
     await runner.setup()  # opens the sessions
     factory.open()
     await pool.open()
@@ -128,7 +129,7 @@ async def run_gateway(
 CUT_GRACE_SECONDS = 0.5
 
 
-async def _stop_serving(runner: web.AppRunner) -> None:
+async def _stop_serving(runner: GatewayRunner) -> None:
     """Close the listening sockets and every client connection; requests still running after the drain
     are cancelled, which cancels their upstream requests too, so models are not kept busy while they
     are asked to stop."""

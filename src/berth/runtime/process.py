@@ -99,7 +99,12 @@ async def wait_exit(proc: asyncio.subprocess.Process) -> int:
             await asyncio.sleep(0.1)
         return proc.returncode
     gone: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+
+    def exited() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, exited)
     try:
         await gone
     finally:
@@ -323,10 +328,11 @@ class ModelProcess:
     async def _until_unresponsive(self) -> None:
         """Return once the ready server has missed LIVENESS_MISSES health checks in a row (a deadlock, a
         SIGSTOP, a wedged GPU): its requests would otherwise wait forever. Never returns without checks."""
-        interval = self.spec.health_check_interval
-        if not interval or self.spec.check_endpoint is None:
+        interval, endpoint = self.spec.health_check_interval, self.spec.check_endpoint
+        if not interval or endpoint is None:
             await asyncio.Event().wait()
-        url = self.spec.proxy + self.spec.check_endpoint
+            return
+        url = self.spec.proxy + endpoint
         timeout = aiohttp.ClientTimeout(total=min(interval, 5.0))
         misses = 0
         while misses < LIVENESS_MISSES:
