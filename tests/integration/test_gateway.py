@@ -782,3 +782,62 @@ def test_requests_http_cannot_read_get_openai_shaped_errors(berth, start_port):
         error = json.loads(body)["error"]
         assert error["code"] == "bad_http_request" and error["type"] == "invalid_request_error"
     assert chat(b.url, "a").status_code == 200
+
+
+def _slowloris(port: int, count: int) -> list:
+    """`count` connections that start a request's headers and never finish them."""
+    import socket
+
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        held.append(sock)
+    return held
+
+
+def _closed_by_server(sock, wait: float) -> bool:
+    import socket
+
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_slow_clients_are_dropped_and_bodies_must_arrive(berth, start_port):
+    import socket
+
+    b = berth(f"startPort: {start_port}\nclientHeaderTimeout: 1\nclientBodyTimeout: 1\n"
+              f"models:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    port = int(b.url.rsplit(":", 1)[1])
+    slow = _slowloris(port, 20)
+    try:
+        assert all(_closed_by_server(sock, 10) for sock in slow)  # dropped, not held forever
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as trickled:
+            trickled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
+                             b"\r\n{\"model\": ")
+            answer = trickled.recv(65536)
+        assert b" 408 " in answer.split(b"\r\n")[0] and b"clientBodyTimeout" in answer
+        assert chat(b.url, "a").status_code == 200  # served as ever
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_connections_over_max_connections_are_closed_at_once(berth, start_port):
+    b = berth(f"startPort: {start_port}\nclientHeaderTimeout: 60\nmaxConnections: 10\n"
+              f"models:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    slow = _slowloris(int(b.url.rsplit(":", 1)[1]), 15)
+    try:
+        closed = [_closed_by_server(sock, 1) for sock in slow]
+        # ten places: at most ten are held (for 60 s), at least nine (another client may hold one), the rest
+        # refused at once
+        assert 9 <= closed.count(False) <= 10
+    finally:
+        for sock in slow:
+            sock.close()
+    wait_until(lambda: chat(b.url, "a").status_code == 200, 10, "room for a new connection")

@@ -121,6 +121,9 @@ class BerthConfig:
     health_check_timeout: float = 120.0
     start_port: int = 5800  # free ports for ${PORT} are searched from here at each start
     shutdown_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests may take to finish
+    client_header_timeout: float = 15.0  # seconds a client may take to send a request's headers (or stay idle)
+    client_body_timeout: float = 60.0  # seconds a client may take to send a request's body
+    max_connections: int = 1024  # client connections at once; more are closed at once
     max_body_bytes: int = 64 * 1024 * 1024
     store_dir: Path | None = None  # None: $BERTH_HOME/models
     memory: MemorySettings = field(default_factory=lambda: MemorySettings())
@@ -263,6 +266,9 @@ class _Resolver:
             health_check_timeout=p.health_check_timeout,
             start_port=p.start_port,
             shutdown_timeout=p.shutdown_timeout,
+            client_header_timeout=p.client_header_timeout,
+            client_body_timeout=p.client_body_timeout,
+            max_connections=p.max_connections,
             max_body_bytes=p.max_body_bytes,
             store_dir=Path(os.path.expanduser(self.expand_env(p.model_store, ("modelStore",)))) if p.model_store
             else None,

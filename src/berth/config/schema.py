@@ -92,6 +92,9 @@ class BerthConfigFile(_Section):
     health_check_timeout: float = Field(120.0, alias="healthCheckTimeout", gt=0)
     shutdown_timeout: float = Field(30.0, alias="shutdownTimeout", ge=0)  # seconds in-flight requests may finish
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig.model_validate({}))
+    client_header_timeout: float = Field(15.0, alias="clientHeaderTimeout", gt=0)  # a request's headers, and idle
+    client_body_timeout: float = Field(60.0, alias="clientBodyTimeout", gt=0)  # a request's whole body
+    max_connections: int = Field(1024, alias="maxConnections", ge=1)  # client connections open at once
     # seconds between liveness checks of ready models (0: none); three missed in a row restart the model
     health_check_interval: float = Field(10.0, alias="healthCheckInterval", ge=0)
     global_ttl: int = Field(0, alias="globalTTL", ge=0)

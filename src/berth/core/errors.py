@@ -67,6 +67,12 @@ class HostNotAllowed(BerthError):
             "accepted. If you reach berth under this name, add it to allowedHosts in the config")
 
 
+class RequestTimeout(BerthError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class BodyTooLarge(BerthError):
     status = 413
     error_type = "invalid_request_error"

@@ -18,8 +18,8 @@ from berth.config import BerthConfig
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
 from berth.core.errors import (
-    BadRequest, BerthError, BodyTooLarge, HostNotAllowed, RouteNotFound, StartBackedOff, TooManyRequests,
-    Unauthorized,
+    BadRequest, BerthError, BodyTooLarge, HostNotAllowed, RequestTimeout, RouteNotFound, StartBackedOff,
+    TooManyRequests, Unauthorized,
 )
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -164,7 +164,7 @@ class Gateway:
         return await self._inference(request, "/v1/chat/completions")
 
     async def _inference(self, request: web.Request, path: str) -> web.StreamResponse:
-        body = await request.read()
+        body = await self._read_body(request)
         payload = _parse_json(body) if body else {}
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object with a `model` field")
@@ -179,6 +179,14 @@ class Gateway:
             model_id = self.pool.resolve(name)
         body = self._apply_filters(model_id, payload, body)
         return await self._serve(request, model_id, path, body)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, within clientBodyTimeout: a client that trickles it in holds nothing forever."""
+        try:
+            return await asyncio.wait_for(request.read(), self.config.client_body_timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within clientBodyTimeout "
+                                 f"({self.config.client_body_timeout:g}s); send it faster or raise the limit") from None
 
     def _apply_filters(self, model_id: str, payload: dict, body: bytes) -> bytes:
         spec = self.config.models[model_id]
@@ -211,7 +219,7 @@ class Gateway:
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         model_id = self.pool.resolve(request.match_info["model"])
-        body = await request.read()
+        body = await self._read_body(request)
         # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
         return await self._serve(request, model_id, "/" + request.match_info["path"], body or None,
                                  rewrite_errors=False)
@@ -220,7 +228,7 @@ class Gateway:
         name = request.query.get("model")
         if not name:
             raise RouteNotFound(request.path)
-        body = await request.read()
+        body = await self._read_body(request)
         return await self._serve(request, self.pool.resolve(name), request.path, body or None)
 
     # -- lists and admin ----------------------------------------------------------------
@@ -325,7 +333,7 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def _model_from_body(self, request: web.Request) -> str:
-        payload = _parse_json(await request.read())
+        payload = _parse_json(await self._read_body(request))
         name = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(name, str) or not name:
             raise BadRequest('body must name the model: {"model": "<id>"}')

@@ -15,7 +15,7 @@ from berth.config import BerthConfig, load_config
 from berth.core.paths import berth_home
 from berth.core.errors import ConfigError
 from berth.gateway.app import Gateway
-from berth.gateway.http_errors import GatewayRunner
+from berth.gateway.connections import GatewayRunner
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
@@ -73,7 +73,8 @@ async def run_gateway(
     memory = MemoryService(planner)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
     gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host)
-    runner = GatewayRunner(gateway.app, handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
+                           handler_cancellation=True, access_log=None)
     await runner.setup()  # opens the sessions
     factory.open()
     await pool.open()
