@@ -8,7 +8,7 @@ import pytest
 
 from berth.core.errors import InsufficientMemory, StartFailed
 from berth.scheduler import (
-    Admit, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop,
+    Admit, Eviction, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop,
 )
 
 GiB = 1024**3
@@ -25,7 +25,7 @@ def shared(sizes: dict[str, int | None], budget: int = 10, pinned: tuple[str, ..
         models[name] = ModelPolicy(GROUP, concurrency_limit=100, memory=memory, pinned=name in pinned)
     budgets = {"host": budget * GiB, "gpu0": 8 * GiB}
     return Scheduler.build(models, {GROUP: GroupPolicy(swap=False, exclusive=False)},
-                           MemoryPolicy(budgets, GROUP, eviction))
+                           MemoryPolicy(budgets, GROUP, Eviction(eviction)))
 
 
 def ready(s: Scheduler, model: str, request_id: int, now: float, finish: bool = True) -> None:

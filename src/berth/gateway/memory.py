@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from berth.config import BerthConfig, ModelSpec
 from berth.memory.devices import Device, measure_group, parse_buffer_log
-from berth.memory.planner import MemoryPlanner, ModelMemory
+from berth.memory.planner import MemoryPlanner, ModelMemory, PlanSource
 from berth.runtime.process import ModelProcess
 
 log = logging.getLogger("berth.memory")
@@ -63,7 +63,7 @@ class MemoryService:
         if current.argv != running.argv:
             return None  # reloaded with other settings meanwhile
         plan = await asyncio.to_thread(self.planner.learn, spec, process.argv, usage)
-        if plan.planned != self.plans.get(spec.id, ModelMemory(None, "unknown")).planned:
+        if plan.planned != self.plans.get(spec.id, ModelMemory(None, PlanSource.UNKNOWN)).planned:
             log.info(f"{spec.id}: planned memory now {plan.planned} ({plan.source})")
         self.plans[spec.id] = plan
         return plan

@@ -68,7 +68,7 @@ class Metrics:
         for model, left in seconds.items():
             self.start_backoff.labels(model).set(left)
 
-    def set_memory(self, planned: dict[str, tuple[str, dict[str, int]]], measured: dict[str, dict[str, int]],
+    def set_memory(self, planned: Mapping[str, tuple[str, dict[str, int]]], measured: dict[str, dict[str, int]],
                    devices: dict[str, dict[str, int]]) -> None:
         """Replace the memory gauges with the current figures (models come and go)."""
         for gauge in (self.memory_planned, self.memory_measured, self.device_memory):

@@ -21,7 +21,7 @@ from berth.memory.planner import ModelMemory
 from berth.runtime.factory import SpawnProcess
 from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent, Stopped
 from berth.scheduler import (
-    Action, Admit, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
+    Action, Admit, Eviction, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
     StopReason,
 )
 
@@ -42,7 +42,7 @@ def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[s
     scheduled = DEFAULT_GROUP if config.memory.scheduled else None
     if scheduled in groups:  # without groups, memory decides who runs together instead of swapping
         groups[scheduled] = GroupPolicy(swap=False, exclusive=False)
-    return models, groups, MemoryPolicy(budgets, scheduled, config.memory.eviction)
+    return models, groups, MemoryPolicy(budgets, scheduled, Eviction(config.memory.eviction))
 
 
 class DeadlineTimer:

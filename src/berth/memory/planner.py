@@ -10,6 +10,7 @@ Anything else is unknown, and the scheduler runs it alone.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -30,10 +31,19 @@ log = logging.getLogger("berth.memory")
 
 
 
+class PlanSource(enum.StrEnum):
+    """Where a model's planned memory comes from, best first."""
+
+    DECLARED = "declared"  # `memory:` in the config
+    MEASURED = "measured"  # its last run with the same launch
+    ESTIMATED = "estimated"  # the GGUF header and the flags
+    UNKNOWN = "unknown"  # none of these: it runs alone
+
+
 @dataclass(frozen=True)
 class ModelMemory:
     planned: dict[str, int] | None  # bytes per device the scheduler counts; None = unknown
-    source: str  # "declared", "measured", "estimated" or "unknown"
+    source: PlanSource
     detail: str = ""  # why unknown, or where the figure comes from
 
 
@@ -110,13 +120,13 @@ class MemoryPlanner:
 
     def plan(self, spec: ModelSpec) -> ModelMemory:
         if spec.declared_memory:
-            return ModelMemory(dict(spec.declared_memory), "declared")
+            return ModelMemory(dict(spec.declared_memory), PlanSource.DECLARED)
         try:
             argv = self._plan_launch(spec).argv
         except BerthError as exc:
-            return ModelMemory(None, "unknown", exc.message)
+            return ModelMemory(None, PlanSource.UNKNOWN, exc.message)
         except OSError as exc:  # e.g. an unreadable model file while planning slots
-            return ModelMemory(None, "unknown", f"cannot plan its launch: {exc}")
+            return ModelMemory(None, PlanSource.UNKNOWN, f"cannot plan its launch: {exc}")
         key = launch_identity(argv)
         measured = self.ledger.get(key) if key else None
         result = self._estimate(argv)
@@ -125,10 +135,10 @@ class MemoryPlanner:
             usage = {name: d.total_bytes for name, d in result.devices.items() if d.total_bytes}
             estimated = _spread_over_gpus(usage, self.devices)
         if measured is not None:
-            return ModelMemory(_combine(measured, estimated), "measured", "from its last run with these settings")
+            return ModelMemory(_combine(measured, estimated), PlanSource.MEASURED, "from its last run with these settings")
         if estimated is None:
-            return ModelMemory(None, "unknown", str(result))
-        return ModelMemory(estimated, "estimated", "from the GGUF header and its flags")
+            return ModelMemory(None, PlanSource.UNKNOWN, str(result))
+        return ModelMemory(estimated, PlanSource.ESTIMATED, "from the GGUF header and its flags")
 
     def learn(self, spec: ModelSpec, argv: list[str], usage: dict[str, int]) -> ModelMemory:
         """Keep a measurement of `spec` run as `argv` (the peak per device so far); return the new plan."""

@@ -29,7 +29,7 @@ class ModelState(str, enum.Enum):
     FAILED = "failed"
 
 
-class StopReason(str, enum.Enum):
+class StopReason(enum.StrEnum):
     """Why a model is stopped (a str, so it compares and formats as its value)."""
 
     SWAP = "swap"  # a group swap or an exclusive group needs it gone
@@ -38,6 +38,13 @@ class StopReason(str, enum.Enum):
     UNLOAD = "unload"  # asked for through the API
     RELOAD = "reload"  # its definition changed or it was removed from the config
     SHUTDOWN = "shutdown"  # berth is stopping
+
+
+class Eviction(enum.StrEnum):
+    """Which idle models go first when memory must be freed."""
+
+    LRU = "lru"  # least recently used first, larger on ties
+    LARGEST = "largest"  # larger first, least recently used on ties
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class MemoryPolicy:
 
     budgets: Mapping[str, int]  # usable bytes per device (headroom already taken off)
     scheduled_group: str | None = None  # the group whose members share memory (None: only refuse the too-big)
-    eviction: str = "lru"  # "lru": least recently used first, larger on ties; "largest": larger first
+    eviction: Eviction = Eviction.LRU
 
 
 @dataclass(frozen=True)
@@ -393,7 +400,7 @@ class Scheduler:
         def key(model: str) -> tuple[bool, float, float]:
             m = self.models[model]
             busy = m.in_flight > 0 or any(q == model for q in self._queue.values())
-            if self.memory is not None and self.memory.eviction == "largest":
+            if self.memory is not None and self.memory.eviction is Eviction.LARGEST:
                 return (busy, -size(model), m.idle_since)
             return (busy, m.idle_since, -size(model))
         return sorted(candidates, key=key)
