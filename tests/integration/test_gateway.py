@@ -841,3 +841,25 @@ def test_connections_over_max_connections_are_closed_at_once(berth, start_port):
         for sock in slow:
             sock.close()
     wait_until(lambda: chat(b.url, "a").status_code == 200, 10, "room for a new connection")
+
+
+def test_a_reload_that_removes_a_streaming_model_moves_no_other_models_port(berth, start_port):
+    """Ports used to follow the order of models in the file: removing `a` gave `b` the port `a` was still
+    draining on. Now each start takes a free port, and a draining model keeps its own."""
+    both = (f"startPort: {start_port}\nmemory: {{scheduling: false}}\nmodels:\n"
+            f"  a: {{cmd: \"{fake_cmd('a')}\"}}\n  b: {{cmd: \"{fake_cmd('b')}\"}}\n")
+    only_b = f"startPort: {start_port}\nmodels:\n  b: {{cmd: \"{fake_cmd('b')}\"}}\n"
+    b = berth(both)
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(requests.post, b.url + "/v1/chat/completions", timeout=60,
+                                json={"model": "a", "messages": [], "stream": True, "chunks": 20, "chunk_delay": 0.2})
+        wait_until(lambda: b.running().get("a", {}).get("in_flight") == 1, 10, "a's stream")
+        a_port = b.running()["a"]["port"]
+        b.config_path.write_text(only_b)
+        b.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: chat(b.url, "b").status_code == 200, 20, "b to serve after the reload")
+        assert b.running()["b"]["port"] != a_port
+        assert streaming.result().text.rstrip().endswith("data: [DONE]")  # a's stream was not cut
+    b.config_path.write_text(both)  # and a comes back
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: chat(b.url, "a").status_code == 200, 20, "a to serve again")
