@@ -397,7 +397,8 @@ def test_router_mode_model_api(berth, start_port, tmp_path):
         wait_until(lambda: status("a") == "loading", 5, "loading status")
         assert loading.result().json() == {"success": True}
     assert status("a") == "loaded"
-    assert requests.post(b.url + "/models/unload", json={"model": "a"}, timeout=30).json() == {"success": True}
+    assert requests.post(b.url + "/models/unload", json={"model": "a"}, timeout=30).json() == {
+        "success": True, "unloaded": {"a": "stopped"}}
     assert status("a") == "unloaded"
     r = requests.post(b.url + "/models/load", json={"model": "zzz"}, timeout=30)
     assert r.status_code == 404
@@ -863,3 +864,37 @@ def test_a_reload_that_removes_a_streaming_model_moves_no_other_models_port(bert
     b.config_path.write_text(both)  # and a comes back
     b.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: chat(b.url, "a").status_code == 200, 20, "a to serve again")
+
+
+def test_clients_of_one_llama_server_and_of_llama_swap_find_their_routes(berth, start_port):
+    one = berth(f"startPort: {start_port}\nmodels:\n  org/sub: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    # llama-server's own routes without /v1, and its GETs without ?model=: the only model answers
+    r = requests.post(one.url + "/chat/completions", json={"messages": []}, timeout=30)
+    assert r.status_code == 200 and r.json()["server"] == "a"
+    for path in ("/props", "/slots"):
+        assert requests.get(one.url + path, timeout=30).status_code == 200, path
+    assert requests.get(one.url + "/props", timeout=30).json()["path"] == "/props"
+    # /upstream with a slashed id, with and without a path after it
+    assert requests.get(one.url + "/upstream/org/sub/health", timeout=30).status_code == 200
+    assert requests.get(one.url + "/upstream/org/sub", timeout=30).json()["path"] == "/"
+    missing = requests.get(one.url + "/upstream/nope/health", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    # llama-swap's unload routes (Open WebUI's eject button)
+    assert one.running()["org/sub"]["state"] == "ready"
+    r = requests.post(one.url + "/api/models/unload/org/sub", timeout=30)
+    assert r.status_code == 200 and r.json()["unloaded"] == {"org/sub": "stopped"} and one.running() == {}
+    requests.post(one.url + "/chat/completions", json={"messages": []}, timeout=30)
+    assert requests.post(one.url + "/api/models/unload", timeout=30).json()["unloaded"] == {"org/sub": "stopped"}
+    two = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n"
+                f"  b: {{cmd: \"{fake_cmd('b')}\"}}\n")
+    ambiguous = requests.get(two.url + "/props", timeout=30)
+    assert ambiguous.status_code == 400 and "needs ?model=" in ambiguous.json()["error"]["message"]
+
+
+def test_llama_swap_defaults_that_mean_use_the_default(tmp_path):
+    from berth.config import parse_config
+
+    config = parse_config("globalTTL: 300\nmodels:\n  a: {cmd: 'x --port ${PORT}', ttl: -1, concurrencyLimit: 0}\n"
+                          "  b: {cmd: 'y --port ${PORT}', ttl: 0, concurrencyLimit: 3}\n")
+    assert (config.models["a"].ttl, config.models["a"].concurrency_limit) == (300, 10)
+    assert (config.models["b"].ttl, config.models["b"].concurrency_limit) == (0, 3)

@@ -22,6 +22,7 @@ from berth.core.units import SizeError, device_key, parse_size
 from berth.core.refs import BadModelRef, parse_ref
 
 DEFAULT_GROUP = "(default)"
+DEFAULT_CONCURRENCY_LIMIT = 10  # requests in flight or waiting per model, as llama-swap
 _MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _MACRO_REF = re.compile(r"\$\{([^}]*)\}")
 _RESERVED_MACROS = {"PORT", "MODEL_ID", "PID"}
@@ -364,12 +365,12 @@ class _Resolver:
             uses_port=uses_port,
             env=tuple(env),
             check_endpoint=None if check.lower() == "none" else ("/" + check.lstrip("/")),
-            ttl=self.parsed.global_ttl if model.ttl is None else model.ttl,
+            ttl=self.parsed.global_ttl if model.ttl is None or model.ttl == -1 else model.ttl,
             aliases=tuple(model.aliases),
             group=group,
             unlisted=model.unlisted,
             use_model_name=model.use_model_name,
-            concurrency_limit=model.concurrency_limit,
+            concurrency_limit=model.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT,
             strip_params=tuple(p for p in strip_list if p != "model"),
             set_params=tuple(model.filters.set_params.items()),
             name=model.name,

@@ -33,13 +33,13 @@ class ModelConfig(_Section):
     cmd: str
     cmd_stop: str = Field("", alias="cmdStop")
     proxy: str = "http://127.0.0.1:${PORT}"
-    ttl: int | None = Field(None, ge=0)
+    ttl: int | None = Field(None, ge=-1)  # as llama-swap: -1 (or absent) takes globalTTL, 0 never unloads
     aliases: list[str] = Field(default_factory=list)
     env: list[str] = Field(default_factory=list)
     check_endpoint: str = Field("/health", alias="checkEndpoint")
     unlisted: bool = False
     use_model_name: str = Field("", alias="useModelName")
-    concurrency_limit: int = Field(10, alias="concurrencyLimit", ge=1)
+    concurrency_limit: int = Field(0, alias="concurrencyLimit", ge=0)  # as llama-swap: 0 is the default, 10
     filters: FiltersConfig = Field(default_factory=lambda: FiltersConfig.model_validate({}))
     name: str = ""
     description: str = ""

@@ -19,7 +19,7 @@ from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
 from berth.core.errors import (
     BadRequest, BerthError, BodyTooLarge, HostNotAllowed, RequestTimeout, RouteNotFound, StartBackedOff,
-    TooManyRequests, Unauthorized,
+    TooManyRequests, Unauthorized, UnknownModel,
 )
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -34,10 +34,13 @@ from berth.scheduler import ModelState
 log = logging.getLogger("berth.gateway")
 
 INFERENCE_PATHS = (
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking", "/v1/responses",
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking", "/v1/responses",
     "/v1/messages", "/v1/messages/count_tokens", "/completion", "/completions", "/infill", "/embedding",
     "/embeddings", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
 )
+# GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
+# clients written for one llama-server work unchanged.
+SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
 _ROUTER_STATUS = {
     ModelState.STOPPED: "unloaded", ModelState.FAILED: "unloaded", ModelState.STARTING: "loading",
     ModelState.READY: "loaded", ModelState.STOPPING: "loaded",
@@ -93,7 +96,9 @@ class Gateway:
         r.add_get("/logs", self.logs_text)
         r.add_get("/logs/stream", self.logs_stream)
         r.add_get("/logs/stream/{model}", self.logs_stream)
-        r.add_route("*", "/upstream/{model}/{path:.*}", self.upstream)
+        r.add_route("*", "/upstream/{target:.+}", self.upstream)
+        r.add_post("/api/models/unload", self.unload_models)  # llama-swap's (Open WebUI's eject button)
+        r.add_post("/api/models/unload/{model:.+}", self.unload_models)
         # The dashboard, and the same admin calls under /ui/api/ so that a browser that logged in
         # with HTTP basic auth on /ui/ sends its credentials with every call it makes.
         r.add_get("/ui", self.ui_redirect)
@@ -218,14 +223,26 @@ class Gateway:
             lease.release()
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
-        model_id = self.pool.resolve(request.match_info["model"])
+        """`/upstream/{model}[/{path}]`: the longest leading part of the path that names a model (ids may
+        contain slashes) is the model; the rest, or `/`, is the path on its server."""
+        parts = request.match_info["target"].split("/")
+        for cut in range(len(parts), 0, -1):
+            model_id = self.config.resolve("/".join(parts[:cut]))
+            if model_id is not None:
+                break
+        else:
+            raise UnknownModel(parts[0], self.pool.listed_ids())
         body = await self._read_body(request)
         # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
-        return await self._serve(request, model_id, "/" + request.match_info["path"], body or None,
-                                 rewrite_errors=False)
+        return await self._serve(request, model_id, "/" + "/".join(parts[cut:]), body or None, rewrite_errors=False)
 
     async def by_query_model(self, request: web.Request) -> web.StreamResponse:
         name = request.query.get("model")
+        if not name and request.method == "GET" and request.path in SINGLE_SERVER_GETS:
+            name = self.config.default_model()
+            if name is None:
+                raise BadRequest(f"{request.path} needs ?model=<id> when several models are configured; "
+                                 f"name one of: {', '.join(self.pool.listed_ids())}")
         if not name:
             raise RouteNotFound(request.path)
         body = await self._read_body(request)
@@ -314,6 +331,11 @@ class Gateway:
         page = resources.files("berth.ui").joinpath("index.html").read_bytes()
         return web.Response(body=page, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
+
+    async def unload_models(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("model")
+        outcome = await self.pool.unload(self.pool.resolve(name) if name else None)
+        return web.json_response({"success": True, "unloaded": outcome})
 
     async def unload_all(self, request: web.Request) -> web.Response:
         await self.pool.unload(None, force=request.query.get("force") in ("1", "true"))

@@ -67,9 +67,9 @@ async def run_gateway(
     sessions = UpstreamSessions()
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics),
                              config.start_port)
-    planner = await asyncio.to_thread(
-        MemoryPlanner, inventory(), MemoryLedger(berth_home() / "memory.json"),
-        lambda spec: launch_builder(spec, fetch=False))
+    planner = await asyncio.to_thread(  # reads /proc, NVML and the ledger file
+        lambda: MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"),
+                              lambda spec: launch_builder(spec, fetch=False)))
     memory = MemoryService(planner)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
     gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host)
@@ -110,9 +110,10 @@ async def run_gateway(
         if watcher:
             watcher.cancel()
         gateway.draining = True
-        log.info("draining: no new requests; in-flight ones may take up to shutdownTimeout "
-                 f"({config.shutdown_timeout:g}s); a second signal stops at once")
-        left = await pool.drain(pool.config.shutdown_timeout, force)
+        grace = pool.config.shutdown_timeout  # the config in force now, reloads included
+        log.info(f"draining: no new requests; in-flight ones may take up to shutdownTimeout ({grace:g}s); "
+                 "a second signal stops at once")
+        left = await pool.drain(grace, force)
         if left:
             log.warning(f"shutting down with {left} requests still in flight; they are cut")
         log.info("shutting down: stopping all models")
