@@ -144,8 +144,8 @@ def embedded_config_text(gemma_path: Path, smollm2_path: Path | None) -> str:
     text = "models:\n"
     if smollm2_path is not None:
         # Sampling as SmolLM2's model card recommends, plus Ollama's default repeat penalty: without it
-        # this small model loops until the context is full on some prompts (4 of 24 answers measured
-        # here; 0 of 50 with it). A request's own settings still win.
+        # this small model loops until the token limit on some prompts (7 of 50 answers, 0 of 50 with it:
+        # bench/default_model_endings.py). A request's own settings still win.
         text += _model_entry(DEFAULT_MODEL_ID, smollm2_path,
                              f"{common} --jinja --temp 0.2 --top-p 0.9 --repeat-penalty 1.1",
                              "SmolLM2-135M-Instruct (Q4_1), a small chat model; fetched once from PyPI",
