@@ -6,6 +6,7 @@ import base64
 import gzip
 import json
 import re
+import select
 import os
 import signal
 import sys
@@ -834,10 +835,18 @@ def test_connections_over_max_connections_are_closed_at_once(berth, start_port):
               f"models:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
     slow = _slowloris(int(b.url.rsplit(":", 1)[1]), 15)
     try:
-        closed = [_closed_by_server(sock, 1) for sock in slow]
-        # ten places: at most ten are held (for 60 s), at least nine (another client may hold one), the rest
-        # refused at once
-        assert 9 <= closed.count(False) <= 10
+        # Watch all of them at once until the refusals are in (however loaded the machine), then a moment
+        # longer for any further close; held ones stay open for their 60 s.
+        closed: set = set()
+        deadline = time.monotonic() + 20
+        while len(closed) < 5 and time.monotonic() < deadline:
+            readable, _, _ = select.select([s for s in slow if s not in closed], [], [], 0.5)
+            closed.update(sock for sock in readable if _closed_by_server(sock, 1))
+        readable, _, _ = select.select([s for s in slow if s not in closed], [], [], 1)
+        closed.update(sock for sock in readable if _closed_by_server(sock, 1))
+        held = len(slow) - len(closed)
+        # ten places: at most ten are held, at least nine (another client may hold one), the rest refused
+        assert 9 <= held <= 10
     finally:
         for sock in slow:
             sock.close()
