@@ -11,7 +11,7 @@ from berth.config import ModelSpec, parse_config
 from berth.core.errors import StartFailed
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
-from berth.gateway.pool import ModelPool
+from berth.gateway.pool import Lease, ModelPool
 from berth.memory.devices import Device
 from berth.memory.planner import MemoryLedger, MemoryPlanner
 from berth.runtime.ports import NoFreePort
@@ -94,14 +94,18 @@ async def pool(tmp_path):
         await asyncio.wait_for(created.close(), 5)
 
 
-async def serve_once(p: ModelPool, factory: FakeFactory, model: str) -> FakeProcess:
-    """Start `model` through one request, which ends at once; returns its process, now ready and idle."""
+async def start_with_lease(p: ModelPool, factory: FakeFactory, model: str) -> Lease:
+    """Start `model` through one request and return that request's lease (the model is ready and busy)."""
     first = asyncio.create_task(p.acquire(model))
     await settle()
-    process = factory.of(model)[-1]
-    process.ready()
-    (await first).release()
-    return process
+    factory.of(model)[-1].ready()
+    return await first
+
+
+async def serve_once(p: ModelPool, factory: FakeFactory, model: str) -> FakeProcess:
+    """Start `model` through one request, which ends at once; returns its process, now ready and idle."""
+    (await start_with_lease(p, factory, model)).release()
+    return factory.of(model)[-1]
 
 
 async def settle() -> None:
@@ -151,10 +155,7 @@ async def test_a_spawn_that_cannot_happen_fails_the_start_instead_of_hanging(poo
 
 async def test_a_busy_model_is_not_stopped_by_a_swap_until_its_request_ends(pool):
     p, factory = await pool(config_text(scheduling=False))  # llama-swap's one-at-a-time swap
-    first = asyncio.create_task(p.acquire("a"))
-    await settle()
-    factory.of("a")[0].ready()
-    lease_a = await first
+    lease_a = await start_with_lease(p, factory, "a")
     for_b = asyncio.create_task(p.acquire("b"))
     await settle()
     assert not factory.of("a")[0].stop_requested and factory.of("b") == []
@@ -196,10 +197,7 @@ async def test_a_client_that_leaves_while_waiting_holds_nothing(pool):
 
 async def test_unload_waits_for_in_flight_requests_then_for_the_process(pool):
     p, factory = await pool()
-    first = asyncio.create_task(p.acquire("a"))
-    await settle()
-    factory.of("a")[0].ready()
-    lease = await first
+    lease = await start_with_lease(p, factory, "a")
     unloading = asyncio.create_task(p.unload("a"))
     await settle()
     assert not factory.of("a")[0].stop_requested and not unloading.done()
