@@ -18,10 +18,14 @@ import time
 from aiohttp import web
 
 
+SLOT_CONTEXT = 1024
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--name", default="fake")
+    p.add_argument("-np", "--parallel", type=int, default=2, help="slots /slots reports")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds /health answers 503")
     p.add_argument("--exit-at-start", type=int, default=None, help="exit with this code right away")
     p.add_argument("--never-healthy", action="store_true")
@@ -91,6 +95,7 @@ def main() -> None:
         return response
 
     chat_count = 0
+    active: dict[int, list[int]] = {}  # chat number -> [prompt tokens, tokens sent], while it runs
 
     def content_for(payload: dict, i: int | None = None) -> str:
         if payload.get("response_format"):  # one JSON object, as a structured-output server would send
@@ -124,6 +129,14 @@ def main() -> None:
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in payload.get("messages") or []) or 1
         delay = float(payload.get("chunk_delay", 0.0))
         crash_after = payload.get("crash_after_chunks")
+        number = chat_count
+        active[number] = [prompt_tokens, 0]
+        try:
+            return await answer(request, payload, number, prompt_tokens, sleep, chunks, delay, crash_after)
+        finally:
+            active.pop(number, None)
+
+    async def answer(request, payload, number, prompt_tokens, sleep, chunks, delay, crash_after):
         if not payload.get("stream"):
             await asyncio.sleep(sleep)
             return web.json_response({
@@ -145,6 +158,7 @@ def main() -> None:
                          "choices": [{"index": 0, "delta": {"content": content_for(payload, i)},
                                       "finish_reason": None}]}
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                active[number][1] = i + 1
                 if delay:
                     await asyncio.sleep(delay)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -159,7 +173,13 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/health", health)
     async def slots(request: web.Request) -> web.Response:
-        return web.json_response([{"id": 0, "n_ctx": 1024, "is_processing": False, "n_prompt_tokens": 12}])
+        # llama-server's shape: a slot per parallel sequence; busy ones hold their prompt and what they decoded
+        busy = list(active.values())
+        return web.json_response([
+            {"id": i, "n_ctx": SLOT_CONTEXT, "is_processing": i < len(busy),
+             "n_prompt_tokens": busy[i][0] if i < len(busy) else 12,
+             "next_token": [{"n_decoded": busy[i][1] if i < len(busy) else 0}]}
+            for i in range(max(args.parallel, len(busy)))])
 
     async def slot_action(request: web.Request) -> web.Response:  # a server whose slot storage is broken
         return web.json_response({"error": {"code": 500, "message": "failed to open slot file"}}, status=500)

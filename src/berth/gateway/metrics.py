@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from berth.scheduler import ModelState
+from berth.scheduler import ModelState, ModelView
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
@@ -52,6 +52,24 @@ class Metrics:
                                        "Cached tokens reused by the first request after a restore", ["model"],
                                        registry=r)
 
+        # What a load-aware router reads (Kubernetes' Gateway API Inference Extension endpoint picker among them,
+        # README "Scale out"): totals without labels, since such a picker reads one series per metric, and the
+        # same per model.
+        self.requests_running = Gauge("berth_requests_running", "Requests at a model server now", registry=r)
+        self.kv_cache_usage = Gauge("berth_kv_cache_usage_ratio",
+                                    "Share of the loaded models' context slots' tokens in use (0-1)", registry=r)
+        self.model_requests_waiting = Gauge("berth_model_requests_waiting", "Requests waiting for one model",
+                                            ["model"], registry=r)
+        self.model_requests_running = Gauge("berth_model_requests_running", "Requests at one model's server now",
+                                            ["model"], registry=r)
+        self.model_kv_cache_usage = Gauge("berth_model_kv_cache_usage_ratio",
+                                          "Share of one model's context slots' tokens in use (0-1)", ["model"],
+                                          registry=r)
+        # vLLM's `lora_requests_info` shape, which the endpoint picker's affinity scorer reads: here the
+        # "adapters" are whole models, so a picker sends a request to a berth that has its model loaded.
+        self.models_info = Gauge("berth_models_info", "Loaded and starting models; the value is when it was set",
+                                 ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+
         self.memory_planned = Gauge("berth_model_memory_planned_bytes", "Memory the scheduler counts per model",
                                     ["model", "device", "source"], registry=r)
         self.memory_measured = Gauge("berth_model_memory_measured_bytes", "Peak memory a running model used",
@@ -83,6 +101,25 @@ class Metrics:
             for kind, amount in figures.items():
                 self.device_memory.labels(device, kind.removesuffix("_bytes")).set(amount)
 
+    def set_load(self, views: Mapping[str, ModelView], kv_tokens: Mapping[str, tuple[int, int]]) -> None:
+        """Replace the load gauges: `views` per configured model, `kv_tokens` (in use, capacity) per model
+        server that reported its slots."""
+        for gauge in (self.model_requests_waiting, self.model_requests_running, self.model_kv_cache_usage,
+                      self.models_info):
+            gauge.clear()
+        for model, view in views.items():
+            self.model_requests_waiting.labels(model).set(view.queued)
+            self.model_requests_running.labels(model).set(view.in_flight)
+        self.requests_running.set(sum(v.in_flight for v in views.values()))
+        for model, (used, capacity) in kv_tokens.items():
+            self.model_kv_cache_usage.labels(model).set(used / capacity if capacity else 0.0)
+        capacity = sum(c for _, c in kv_tokens.values())
+        self.kv_cache_usage.set(sum(u for u, _ in kv_tokens.values()) / capacity if capacity else 0.0)
+        loaded = sorted(m for m, v in views.items() if v.state is ModelState.READY)
+        starting = sorted(m for m, v in views.items() if v.state is ModelState.STARTING or
+                          (v.queued and v.state is not ModelState.READY))
+        self.models_info.labels(",".join(loaded), ",".join(starting), str(len(views))).set(time.time())
+
     def record_usage(self, model: str, tail: bytes) -> dict:
         """Count tokens from the last `usage` object in the end of a response body or stream; return it."""
         usage = _last_object(tail, _USAGE_KEY)
@@ -109,6 +146,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def kv_tokens_in_use(slots: object) -> tuple[int, int] | None:
+    """(tokens held by requests being processed, tokens all slots can hold) from llama-server's `/slots`,
+    or None when the answer is not that list. An idle slot's cached prompt is not counted: the next
+    request may reuse or overwrite it."""
+    if not isinstance(slots, list) or not slots:
+        return None
+    used = capacity = 0
+    for slot in slots:
+        if not isinstance(slot, dict) or not isinstance(slot.get("n_ctx"), int):
+            return None
+        capacity += slot["n_ctx"]
+        if slot.get("is_processing"):
+            decoded = sum(t.get("n_decoded", 0) for t in slot.get("next_token") or [] if isinstance(t, dict))
+            used += int(slot.get("n_prompt_tokens", 0)) + int(decoded)
+    return min(used, capacity), capacity
 
 
 def _last_object(tail: bytes, key: re.Pattern[str]) -> dict:

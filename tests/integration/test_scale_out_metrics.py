@@ -1,0 +1,69 @@
+"""The load metrics a router in front of several berths reads (README "Scale out": Kubernetes' Gateway API
+Inference Extension endpoint picker), against fake model servers that report llama-server's `/slots`."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.fake_model_server import SLOT_CONTEXT
+from tests.support.harness import fake_cmd, wait_until
+
+
+def samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of berth's /metrics as {(name, sorted labels): value}."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(found: dict, name: str, **labels: str) -> float | None:
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+def models_info(found: dict) -> dict[str, str]:
+    series = [dict(labels) for (name, labels) in found if name == "berth_models_info"]
+    assert len(series) == 1, series  # one series: the picker reads the newest
+    return series[0]
+
+
+def test_waiting_running_kv_use_and_loaded_models_per_model_and_in_total(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a', '--parallel', '2')}\"}}\n"
+              f"  b: {{cmd: \"{fake_cmd('b', '--load-delay', '3')}\"}}\n")  # b's request waits while b loads
+    idle = samples(b.url)
+    assert value(idle, "berth_requests_running") == 0
+    assert value(idle, "berth_kv_cache_usage_ratio") == 0
+    assert models_info(idle) == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "2"}
+    prompt = "one two three four five six seven"  # the fake counts a token per word
+    with ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(requests.post, b.url + "/v1/chat/completions", timeout=60, json={
+            "model": "a", "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "chunks": 60, "chunk_delay": 0.1})
+        wait_until(lambda: (value(samples(b.url), "berth_model_kv_cache_usage_ratio", model="a") or 0) > 0, 10,
+                   "a's slots to show its stream")
+        waiting = pool.submit(requests.post, b.url + "/v1/chat/completions", timeout=60,
+                              json={"model": "b", "messages": []})
+        wait_until(lambda: value(samples(b.url), "berth_model_requests_waiting", model="b") == 1, 10,
+                   "b's request to wait for b")
+        busy = samples(b.url)
+        assert value(busy, "berth_model_requests_running", model="a") == 1
+        assert value(busy, "berth_model_requests_running", model="b") == 0
+        assert value(busy, "berth_requests_running") == 1
+        assert value(busy, "berth_queue_depth") == 1
+        # a's two slots hold 2 x 1024 tokens; its one stream holds the 7 prompt tokens and what it decoded
+        ratio = value(busy, "berth_model_kv_cache_usage_ratio", model="a")
+        decoded = ratio * 2 * SLOT_CONTEXT - 7
+        assert 1 <= round(decoded) <= 60 and abs(decoded - round(decoded)) < 1e-6
+        assert value(busy, "berth_kv_cache_usage_ratio") == ratio  # b is not loaded: it has no slots yet
+        assert value(busy, "berth_model_kv_cache_usage_ratio", model="b") is None
+        info = models_info(busy)
+        assert (info["running_lora_adapters"], info["waiting_lora_adapters"]) == ("a", "b")
+        assert stream.result().status_code == 200
+        assert waiting.result().status_code == 200
+    after = samples(b.url)
+    assert value(after, "berth_requests_running") == 0
+    assert value(after, "berth_model_kv_cache_usage_ratio", model="a") == 0
+    assert value(after, "berth_model_kv_cache_usage_ratio", model="b") == 0
+    assert models_info(after)["running_lora_adapters"] == "a,b"  # both fit in memory: both stay
