@@ -62,23 +62,33 @@ def main() -> None:
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="llama-swap style YAML config.")
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to bind.")
+@click.option("--metrics-listen", default=None,
+              help="HOST:PORT of a second socket that answers /metrics, /health and /ready without an API key "
+                   "(for scrapers and load-aware routers).")
 @click.option("--watch-config", is_flag=True, help="Reload the config when the file changes (SIGHUP also reloads).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
               help="Overrides the config's logLevel.")
-def serve(config_path: str | None, listen: str, watch_config: bool, log_level: str | None) -> None:
+def serve(config_path: str | None, listen: str, metrics_listen: str | None, watch_config: bool,
+          log_level: str | None) -> None:
     """Serve the models of a config (or the embedded default model) on one endpoint."""
     from berth.engine.warmup import chat_warmup
     from berth.gateway.server import run_gateway
 
     host, port = _parse_listen(listen)
+    metrics_address = _parse_listen(metrics_listen) if metrics_listen else None
+    if metrics_address and metrics_address[1] == port:
+        _fail(f"--metrics-listen {metrics_listen} uses the port of --listen {listen}; give it a port of its own")
     config = _config_to_serve(config_path)
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         asyncio.run(run_gateway(config, host, port, _launch_builder(config), warmup=chat_warmup,
-                                config_path=config_path, watch_config=watch_config))
+                                config_path=config_path, watch_config=watch_config,
+                                metrics_address=metrics_address))
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address with --listen")
+        where = f"{host}:{port}" + (f" or {metrics_listen}" if metrics_listen else "")
+        _fail(f"cannot listen on {where}: {exc.strerror or exc}; choose another address with --listen"
+              + (" or --metrics-listen" if metrics_listen else ""))
     except BerthError as exc:
         _fail(exc.message, 1)
 

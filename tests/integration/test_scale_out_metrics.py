@@ -3,13 +3,15 @@ Inference Extension endpoint picker), against fake model servers that report lla
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fake_model_server import SLOT_CONTEXT
-from tests.support.harness import fake_cmd, wait_until
+from tests.support.harness import fake_cmd, free_port, wait_until
 
 
 def samples(url: str) -> dict[tuple[str, tuple], float]:
@@ -68,3 +70,26 @@ def test_waiting_running_kv_use_and_loaded_models_per_model_and_in_total(berth, 
     after = samples(b.url)
     assert value(after, "berth_model_kv_cache_usage_ratio", model="b") == 0
     assert models_info(after)["running_lora_adapters"] == "a,b"  # both fit in memory: both stay
+
+
+def test_a_metrics_socket_answers_scrapers_without_the_api_key_and_nothing_else(berth, start_port):
+    metrics_port = free_port()
+    b = berth(f"startPort: {start_port}\napiKeys: [sekrit]\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n",
+              "--metrics-listen", f"127.0.0.1:{metrics_port}")
+    side = f"http://127.0.0.1:{metrics_port}"
+    assert requests.get(b.url + "/metrics", timeout=10).status_code == 401
+    assert requests.get(b.url + "/metrics", timeout=10, headers={"Authorization": "Bearer sekrit"}).ok
+    scraped = requests.get(side + "/metrics", timeout=10)
+    assert scraped.status_code == 200 and "berth_requests_running 0.0" in scraped.text
+    for path in ("/health", "/ready"):
+        assert requests.get(side + path, timeout=10).status_code == 200
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/running")):
+        refused = requests.request(method, side + path, timeout=10, json={"model": "a", "messages": []})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", path
+
+
+def test_metrics_listen_on_the_main_port_is_refused(tmp_path):
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "berth.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--metrics-listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "give it a port of its own" in result.stderr

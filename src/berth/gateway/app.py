@@ -42,6 +42,7 @@ INFERENCE_PATHS = (
 )
 # GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
 # clients written for one llama-server work unchanged.
+PROBE_PATHS = ("/metrics", "/health", "/ready")
 SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
 _ROUTER_STATUS = {
     ModelState.STOPPED: "unloaded", ModelState.FAILED: "unloaded", ModelState.STARTING: "loading",
@@ -73,7 +74,7 @@ def _presented_key(request: web.Request) -> str | None:
 
 class Gateway:
     def __init__(self, pool: ModelPool, memory: MemoryService, logs: LogHub, metrics: Metrics,
-                 sessions: UpstreamSessions, listen_host: str = "127.0.0.1") -> None:
+                 sessions: UpstreamSessions, listen_host: str = "127.0.0.1", metrics_port: int | None = None) -> None:
         self.pool = pool
         self.memory = memory
         self.logs = logs
@@ -82,7 +83,8 @@ class Gateway:
         self.started_at = int(time.time())
         self.draining = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
         self.listen_host = listen_host.strip("[]").lower()
-        self.app = web.Application(middlewares=[self._errors, self._host, self._auth],
+        self.metrics_port = metrics_port  # `--metrics-listen`: a second socket that answers only PROBE_PATHS
+        self.app = web.Application(middlewares=[self._errors, self._metrics_listener, self._host, self._auth],
                                    client_max_size=pool.config.max_body_bytes)
         self.app.cleanup_ctx.append(sessions.context)
         r = self.app.router
@@ -146,9 +148,19 @@ class Gateway:
         return await handler(request)
 
     @web.middleware
+    async def _metrics_listener(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """On the metrics socket only the probe paths answer, with no key: scrapers and load-aware
+        routers (an endpoint picker) cannot send one. Who may reach that port is the network's to say."""
+        if self.metrics_port is not None and _local_port(request) == self.metrics_port:
+            if request.path not in PROBE_PATHS:
+                raise RouteNotFound(request.path)
+            request["keyless"] = True
+        return await handler(request)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         keys = self.config.api_keys
-        if keys and request.path not in ("/health", "/ready"):  # probes carry no key
+        if keys and request.path not in ("/health", "/ready") and not request.get("keyless"):  # probes carry none
             presented = _presented_key(request)
             # compare against every key so the time taken does not reveal which one nearly matched
             matched = False
@@ -453,6 +465,11 @@ def _parse_json(body: bytes) -> object:
         raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
     except RecursionError:  # the parser recurses once per level of nesting
         raise BadRequest("request body nests too deeply to parse; send a JSON object of ordinary depth") from None
+
+
+def _local_port(request: web.Request) -> int | None:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
 
 
 def _slot_summary(process: ModelProcess | None) -> dict | None:

@@ -58,8 +58,11 @@ async def run_gateway(
     watch_config: bool = False,
     on_ready: Callable[[], None] | None = None,
     stop: asyncio.Event | None = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or, when given, until `stop` is set), then stop every model and return."""
+    """Serve until SIGTERM/SIGINT (or, when given, until `stop` is set), then stop every model and return.
+
+    `metrics_address` opens a second socket answering only /metrics, /health and /ready, without a key."""
     logs = LogHub()
     handler = _HubHandler(logs)
     logging.getLogger("berth").addHandler(handler)
@@ -72,7 +75,8 @@ async def run_gateway(
                               lambda spec: launch_builder(spec, fetch=False)))
     memory = MemoryService(planner)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
-    gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host)
+    gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host,
+                      metrics_port=metrics_address[1] if metrics_address else None)
     runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
                            handler_cancellation=True, access_log=None)
     await runner.setup()  # opens the sessions
@@ -88,6 +92,9 @@ async def run_gateway(
 
     try:
         await web.TCPSite(runner, host, port).start()
+        if metrics_address:
+            await web.TCPSite(runner, *metrics_address).start()
+            log.info("metrics, /health and /ready without a key on http://%s:%d", *metrics_address)
 
         reloading = asyncio.Lock()  # reloads run one at a time, in the order they were asked for
 
