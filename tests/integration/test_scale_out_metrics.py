@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.deploy import pod_spec, render
 from tests.support.fake_model_server import SLOT_CONTEXT
 from tests.support.harness import fake_cmd, free_port, wait_until
 
@@ -93,3 +94,19 @@ def test_metrics_listen_on_the_main_port_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "berth.cli", "serve", "--listen", f"127.0.0.1:{port}",
                              "--metrics-listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "give it a port of its own" in result.stderr
+
+
+def test_the_endpoint_pickers_flags_name_gauges_berth_exports(berth, start_port):
+    """deploy/kubernetes/scale-out points the picker at berth's names; each must exist, as a gauge."""
+    picker = pod_spec(render("scale-out"), "berth-endpoint-picker")["containers"][0]
+    named = {flag: value for flag, _, value in (a.removeprefix("--").partition("=") for a in picker["args"])
+             if flag.endswith("-metric") and value}
+    assert set(named) == {"total-queued-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric"}
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    assert requests.post(b.url + "/v1/chat/completions", json={"model": "a", "messages": []}, timeout=30).ok
+    text = requests.get(b.url + "/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for flag, name in named.items():
+        assert name in families and families[name].type == "gauge", flag
+    (info,) = families[named["lora-info-metric"]].samples
+    assert info.labels["running_lora_adapters"] == "a" and info.value > 1.7e9  # a timestamp: the newest wins

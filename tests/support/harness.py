@@ -70,15 +70,17 @@ class BerthServer:
     """A real `berth serve` subprocess on a free port."""
 
     def __init__(self, tmp_path: Path, config: str | None, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
-        """`config` None runs berth without -c (the embedded default model)."""
+                 env: dict[str, str] | None = None, argv: list[str] | None = None, port: int | None = None) -> None:
+        """`config` None runs berth without -c (the embedded default model). `argv` runs that command
+        instead of `berth serve -c CONFIG --listen 127.0.0.1:PORT`, listening on `port`."""
         self.tmp_path = tmp_path
         self.config_path = tmp_path / "config.yaml"
         if config is not None:
             self.config_path.write_text(textwrap.dedent(config))
         self.config_args = ["-c", str(self.config_path)] if config is not None else []
         self.env = {**os.environ, **(env or {})}
-        self.port = free_port()
+        self.argv = argv
+        self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / "berth.log"
         self.extra_args = extra_args
@@ -86,9 +88,10 @@ class BerthServer:
 
     def start(self, timeout: float = 20.0) -> "BerthServer":
         self._log = open(self.log_path, "ab")
+        argv = self.argv or [sys.executable, "-m", "berth.cli", "serve", *self.config_args,
+                             "--listen", f"127.0.0.1:{self.port}", *self.extra_args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "berth.cli", "serve", *self.config_args,
-             "--listen", f"127.0.0.1:{self.port}", *self.extra_args],
+            argv,
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
         )
 
