@@ -914,3 +914,17 @@ def test_llama_swap_defaults_that_mean_use_the_default(tmp_path):
                           "  b: {cmd: 'y --port ${PORT}', ttl: 0, concurrencyLimit: 3}\n")
     assert (config.models["a"].ttl, config.models["a"].concurrency_limit) == (300, 10)
     assert (config.models["b"].ttl, config.models["b"].concurrency_limit) == (0, 3)
+
+
+def test_a_matrix_decides_which_models_run_together(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n"
+              + "".join(f"  {m}: {{cmd: \"{fake_cmd(m)}\"}}\n" for m in "abc")
+              + "routing:\n  router:\n    use: matrix\n    settings:\n      matrix:\n"
+                "        vars: {x: a}\n        evict_costs: {x: 5}\n        sets: {pair: \"x & b\", solo: c}\n")
+    for model in "ab":
+        assert chat(b.url, model).status_code == 200
+    assert set(b.running()) == {"a", "b"}  # [a,b] is a set: they run together
+    assert chat(b.url, "c").status_code == 200
+    wait_until(lambda: set(b.running()) == {"c"}, 10, "c to run alone")  # c is alone in its set
+    assert chat(b.url, "b").status_code == 200
+    wait_until(lambda: set(b.running()) == {"b"}, 10, "b to replace c")

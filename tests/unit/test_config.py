@@ -162,12 +162,12 @@ def test_unimplemented_keys_warn_with_their_line():
             sendLoadingState: true
         peers:
           other: {proxy: "http://x"}
-        matrix: {}
+        selectors: {}
         """), "w.yaml")
     assert config.warnings == [
         "w.yaml:4: models.a.sendLoadingState: not supported by berth; ignored",
         "w.yaml:5: peers: not supported by berth; ignored",
-        "w.yaml:7: matrix: not supported by berth; ignored",
+        "w.yaml:7: selectors: not supported by berth; ignored",
     ]
 
 

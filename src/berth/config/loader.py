@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from berth.config import schema
 from berth.config.cmdline import CommandSyntaxError, split_command
+from berth.config.matrix import MatrixSyntaxError, expand as expand_sets
 from berth.config.yamlines import LineDict, load_yaml
 from berth.core.errors import ConfigError
 from berth.core.units import SizeError, device_key, parse_size
@@ -27,6 +28,7 @@ _MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _MACRO_REF = re.compile(r"\$\{([^}]*)\}")
 _RESERVED_MACROS = {"PORT", "MODEL_ID", "PID"}
 _MAX_MACRO_DEPTH = 10
+_MATRIX_VAR = re.compile(r"^[A-Za-z0-9.-]{1,32}$")
 
 
 PORT_MACRO = "${PORT}"
@@ -80,6 +82,7 @@ class ModelSpec:
     persistent: bool = False  # never evicted to make room by memory
     timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     health_check_interval: float = 10.0  # liveness checks of a ready model; 0: none
+    priority: int = 0  # its waiting requests go before lower ones' (routing.scheduler...fifo.priority)
     port: int | None = None  # the bound port, set by `with_port` only
 
     def with_port(self, port: int) -> "ModelSpec":
@@ -102,6 +105,14 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class MatrixSpec:
+    """The matrix's sets expanded to model ids, in definition order, and eviction costs by model id."""
+
+    sets: tuple[frozenset[str], ...]
+    evict_costs: dict[str, float]
+
+
+@dataclass(frozen=True)
 class MemorySettings:
     scheduled: bool = True  # models of the (default) group share memory instead of swapping
     budget: tuple[tuple[str, int], ...] = ()  # explicit per-device budgets; others: free at startup
@@ -114,6 +125,7 @@ class BerthConfig:
     path: str
     models: dict[str, ModelSpec]
     groups: dict[str, GroupSpec]
+    matrix: MatrixSpec | None = None  # when given, it decides which models run together (no groups)
     preload: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)  # "*" turns the Host check off
@@ -204,10 +216,30 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
             if isinstance(model, LineDict):
                 check(model.get("filters"), schema.FiltersConfig, f"models.{model_id}.filters")
                 check(model.get("timeouts"), schema.TimeoutsConfig, f"models.{model_id}.timeouts")
-    groups = raw.get("groups")
-    if isinstance(groups, LineDict):
-        for name, group in groups.items():
-            check(group, schema.GroupConfig, f"groups.{name}")
+    def check_groups(groups: Any, where: str) -> None:
+        if isinstance(groups, LineDict):
+            for name, group in groups.items():
+                check(group, schema.GroupConfig, f"{where}.{name}")
+
+    check_groups(raw.get("groups"), "groups")
+    check(raw.get("matrix"), schema.MatrixConfig, "matrix")
+    routing = raw.get("routing")
+    check(routing, schema.RoutingConfig, "routing")
+    if isinstance(routing, LineDict):
+        router, queue = routing.get("router"), routing.get("scheduler")
+        check(router, schema.RouterConfig, "routing.router")
+        check(queue, schema.QueueConfig, "routing.scheduler")
+        if isinstance(router, LineDict):
+            settings = router.get("settings")
+            check(settings, schema.RouterSettings, "routing.router.settings")
+            if isinstance(settings, LineDict):
+                check_groups(settings.get("groups"), "routing.router.settings.groups")
+                check(settings.get("matrix"), schema.MatrixConfig, "routing.router.settings.matrix")
+        if isinstance(queue, LineDict):
+            settings = queue.get("settings")
+            check(settings, schema.QueueSettings, "routing.scheduler.settings")
+            if isinstance(settings, LineDict):
+                check(settings.get("fifo"), schema.FifoSettings, "routing.scheduler.settings.fifo")
     hooks = raw.get("hooks")
     check(hooks, schema.HooksConfig, "hooks")
     if isinstance(hooks, LineDict):
@@ -252,6 +284,11 @@ class _Resolver:
     def resolve(self) -> BerthConfig:
         p = self.parsed
         self.check_macro_names(p.macros, ("macros",))
+        self.groups, self.groups_loc, matrix = self.routing()
+        for name in p.routing.scheduler.settings.fifo.priority:
+            if name not in p.models:
+                raise self.error(("routing", "scheduler", "settings", "fifo", "priority", name),
+                                 f"unknown model {name!r}; priorities name ids under models:")
         group_of = self.resolve_group_membership()
         models = {model_id: self.resolve_model(model_id, model, group_of[model_id])
                   for model_id, model in p.models.items()}
@@ -260,6 +297,7 @@ class _Resolver:
             path=self.path,
             models=models,
             groups=self.resolve_groups(group_of),
+            matrix=self.resolve_matrix(*matrix) if matrix else None,
             api_keys=[self.expand_env(k, ("apiKeys", str(i))) for i, k in enumerate(p.api_keys)],
             allowed_hosts=[h.strip().lower() for h in p.allowed_hosts],
             include_aliases_in_list=p.include_aliases_in_list,
@@ -389,6 +427,7 @@ class _Resolver:
             timeouts=self.timeouts(model.timeouts),
             health_check_interval=(self.parsed.health_check_interval if model.health_check_interval is None
                                    else model.health_check_interval),
+            priority=self.parsed.routing.scheduler.settings.fifo.priority.get(model_id, 0),
         )
         return spec
 
@@ -420,7 +459,7 @@ class _Resolver:
             headroom = parse_size(memory.headroom)
         except SizeError as exc:
             raise self.error(("memory", "headroom"), str(exc)) from None
-        return MemorySettings(scheduled=memory.scheduling and not self.parsed.groups,
+        return MemorySettings(scheduled=memory.scheduling and not self.groups and not self.has_matrix,
                               budget=self.sizes(memory.budget, ("memory", "budget")), headroom_bytes=headroom,
                               eviction=memory.eviction)
 
@@ -435,11 +474,89 @@ class _Resolver:
                     raise self.error(loc, f"alias {alias!r} is already used by model {owner[alias]!r}")
                 owner[alias] = spec.id
 
+    def routing(self) -> tuple[dict[str, schema.GroupConfig], tuple[str, ...],
+                               tuple[schema.MatrixConfig, tuple[str, ...]] | None]:
+        """Groups (and where they are written) and the matrix (and where), from llama-swap's current
+        `routing.router` or its older top-level `groups` / `matrix`: one engine, given once."""
+        p = self.parsed
+        router = p.routing.router
+        router_loc = ("routing", "router", "settings")
+        sources = [(name, loc) for name, given, loc in (
+            ("groups", bool(p.groups), ("groups",)),
+            ("routing.router.settings.groups", bool(router.settings.groups), router_loc + ("groups",)),
+            ("matrix", p.matrix is not None, ("matrix",)),
+            ("routing.router.settings.matrix", router.settings.matrix is not None, router_loc + ("matrix",)),
+        ) if given]
+        if len(sources) > 1:
+            (first, _), (second, loc) = sources[:2]
+            raise self.error(loc, f"both {first} and {second} are given; a config uses one routing engine, "
+                                  "given once (llama-swap's rule): keep one")
+        if router.use == "matrix" and router.settings.matrix is None and p.matrix is None:
+            raise self.error(("routing", "router", "use"),
+                             "use: matrix needs routing.router.settings.matrix (vars, evict_costs, sets)")
+        if router.use == "group" and router.settings.matrix is not None:
+            raise self.error(router_loc + ("matrix",), "a matrix is given but routing.router.use is group; "
+                                                       "set use: matrix, or remove the matrix")
+        matrix = None
+        if router.settings.matrix is not None:
+            matrix = (router.settings.matrix, router_loc + ("matrix",))
+        elif p.matrix is not None:
+            matrix = (p.matrix, ("matrix",))
+        self.has_matrix = matrix is not None
+        if router.settings.groups:
+            return router.settings.groups, router_loc + ("groups",), matrix
+        return p.groups, ("groups",), matrix
+
+    def resolve_matrix(self, matrix: schema.MatrixConfig, loc: tuple[str, ...]) -> MatrixSpec:
+        models = self.parsed.models
+        for var, model_id in matrix.vars.items():
+            if not _MATRIX_VAR.match(var):
+                raise self.error(loc + ("vars", var), "var names are 1-32 letters, digits, '-' or '.'")
+            if model_id not in models:
+                raise self.error(loc + ("vars", var), f"unknown model {model_id!r}; vars name ids under models: "
+                                                      "(not aliases)")
+
+        def model_of(name: str, where: tuple[str, ...]) -> str:
+            if name in matrix.vars:
+                return matrix.vars[name]
+            if name in models:
+                return name
+            raise MatrixSyntaxError(f"{name!r} is neither a var nor a model id")
+
+        expanded: dict[str, list[frozenset[str]]] = {}
+
+        def set_named(name: str, trail: tuple[str, ...]) -> list[frozenset[str]]:
+            if name in trail:
+                raise MatrixSyntaxError(f"sets refer to each other in a cycle: {' -> '.join(trail + (name,))}")
+            if name not in matrix.sets:
+                raise MatrixSyntaxError(f"+{name} names no set under sets:")
+            if name not in expanded:
+                expanded[name] = expand_sets(matrix.sets[name], lambda n: model_of(n, ()),
+                                             lambda ref: set_named(ref, trail + (name,)))
+            return expanded[name]
+
+        ordered: list[frozenset[str]] = []
+        for name in matrix.sets:
+            try:
+                found = set_named(name, ())
+            except MatrixSyntaxError as exc:
+                raise self.error(loc + ("sets", name), str(exc)) from None
+            ordered.extend(s for s in found if s not in ordered)
+        costs: dict[str, float] = {}
+        for name, cost in matrix.evict_costs.items():
+            try:
+                costs[model_of(name, ())] = cost
+            except MatrixSyntaxError as exc:
+                raise self.error(loc + ("evict_costs", name), str(exc)) from None
+            if cost < 0:
+                raise self.error(loc + ("evict_costs", name), "an eviction cost cannot be negative")
+        return MatrixSpec(tuple(ordered), costs)
+
     def resolve_group_membership(self) -> dict[str, str]:
         group_of: dict[str, str] = {}
-        for name, group in self.parsed.groups.items():
+        for name, group in self.groups.items():
             for i, member in enumerate(group.members):
-                loc = ("groups", name, "members", str(i))
+                loc = self.groups_loc + (name, "members", str(i))
                 if member not in self.parsed.models:
                     raise self.error(loc, f"unknown model {member!r}; members must be ids under models:")
                 if member in group_of:
@@ -452,7 +569,7 @@ class _Resolver:
     def resolve_groups(self, group_of: dict[str, str]) -> dict[str, GroupSpec]:
         groups = {
             name: GroupSpec(name, g.swap, g.exclusive, g.persistent, tuple(g.members))
-            for name, g in self.parsed.groups.items()
+            for name, g in self.groups.items()
         }
         default_members = tuple(m for m, g in group_of.items() if g == DEFAULT_GROUP)
         if default_members:

@@ -73,6 +73,42 @@ class GroupConfig(_Section):
     members: list[str] = Field(default_factory=list)
 
 
+class MatrixConfig(_Section):
+    """llama-swap's matrix (routing.router.settings.matrix, or the older top-level `matrix`)."""
+
+    vars: dict[str, str] = Field(default_factory=dict)  # short name -> model id
+    evict_costs: dict[str, float] = Field(default_factory=dict)  # var or model id -> cost (default 1)
+    sets: dict[str, str] = Field(default_factory=dict)  # name -> expression
+
+
+class RouterSettings(_Section):
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    matrix: MatrixConfig | None = None
+
+
+class RouterConfig(_Section):
+    use: Literal["group", "matrix"] = "group"
+    settings: RouterSettings = Field(default_factory=RouterSettings)
+
+
+class FifoSettings(_Section):
+    priority: dict[str, int] = Field(default_factory=dict)  # model id -> priority (default 0; higher first)
+
+
+class QueueSettings(_Section):
+    fifo: FifoSettings = Field(default_factory=FifoSettings)
+
+
+class QueueConfig(_Section):
+    use: Literal["fifo"] = "fifo"
+    settings: QueueSettings = Field(default_factory=QueueSettings)
+
+
+class RoutingConfig(_Section):
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    scheduler: QueueConfig = Field(default_factory=QueueConfig)
+
+
 class MemoryConfig(_Section):
     scheduling: bool = True  # without groups, run models together while they fit (False: llama-swap's swap)
     budget: dict[str, str | int] = Field(default_factory=dict)  # per device; default: free at startup
@@ -102,7 +138,9 @@ class BerthConfigFile(_Section):
     log_level: str = Field("info", alias="logLevel")
     macros: dict[str, MacroValue] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
-    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)  # llama-swap's legacy place for groups
+    matrix: MatrixConfig | None = None  # llama-swap's earlier place for the matrix
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
     allowed_hosts: list[str] = Field(default_factory=list, alias="allowedHosts")  # Host names besides localhost

@@ -21,25 +21,27 @@ from berth.memory.planner import ModelMemory
 from berth.runtime.factory import SpawnProcess
 from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent
 from berth.scheduler import (
-    Action, Admit, Eviction, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
+    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
     StopReason,
 )
 
 log = logging.getLogger("berth.pool")
 
 def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[str, int],
-             ) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy]:
+             ) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy, MatrixPolicy | None]:
     """What the scheduler needs to know of a config and its memory plans."""
     persistent_groups = {g.name for g in config.groups.values() if g.persistent}
     models = {m.id: ModelPolicy(group=m.group, ttl=m.ttl, concurrency_limit=m.concurrency_limit,
-                                memory=plans[m.id].planned, pinned=m.persistent or m.group in persistent_groups)
+                                memory=plans[m.id].planned, pinned=m.persistent or m.group in persistent_groups,
+                                priority=m.priority)
               for m in config.models.values()}
+    matrix = MatrixPolicy(config.matrix.sets, config.matrix.evict_costs) if config.matrix else None
     groups = {g.name: GroupPolicy(swap=g.swap, exclusive=g.exclusive, persistent=g.persistent)
               for g in config.groups.values()}
     scheduled = DEFAULT_GROUP if config.memory.scheduled else None
     if scheduled in groups:  # without groups, memory decides who runs together instead of swapping
         groups[scheduled] = GroupPolicy(swap=False, exclusive=False)
-    return models, groups, MemoryPolicy(budgets, scheduled, Eviction(config.memory.eviction))
+    return models, groups, MemoryPolicy(budgets, scheduled, Eviction(config.memory.eviction)), matrix
 
 
 class DeadlineTimer:
@@ -201,7 +203,8 @@ class ModelPool:
 
     # -- the shell --------------------------------------------------------------------
 
-    def _policies(self, config: BerthConfig) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy]:
+    def _policies(self, config: BerthConfig) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy,
+                                                      MatrixPolicy | None]:
         return policies(config, self.memory.plan_all(config), self.memory.budgets(config))
 
     def _set_plan(self, model_id: str, plan: ModelMemory) -> None:

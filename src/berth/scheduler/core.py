@@ -56,6 +56,7 @@ class ModelPolicy:
     concurrency_limit: int = 10
     memory: Mapping[str, int] | None = None  # planned bytes per device; None = unknown (runs alone)
     pinned: bool = False  # never stopped to make room by memory
+    priority: int = 0  # waiting requests for higher-priority models are served first (llama-swap's fifo.priority)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,33 @@ class GroupPolicy:
     swap: bool = True  # only one member runs at a time
     exclusive: bool = True  # starting a member stops models of other groups
     persistent: bool = False  # never stopped to make room for another group
+
+
+@dataclass(frozen=True)
+class MatrixPolicy:
+    """llama-swap's matrix: the combinations of models that may run together, instead of groups.
+
+    Any subset of a set may run. To start a model, the set containing it that costs least to reach
+    wins: the sum of the eviction costs of the running models outside it (ties: the earlier set).
+    A model in no set runs alone."""
+
+    sets: tuple[frozenset[str], ...]
+    evict_costs: Mapping[str, float] = field(default_factory=dict)  # default 1 per model
+
+    def together(self, a: str, b: str) -> bool:
+        return any(a in s and b in s for s in self.sets)
+
+    def evictions(self, model: str, running: list[str]) -> list[str]:
+        """The running models (besides `model`) to stop so that `model` may start."""
+        candidates = [s for s in self.sets if model in s]
+        if not candidates:
+            return [o for o in running if o != model]
+
+        def cost(allowed: frozenset[str]) -> float:
+            return sum(self.evict_costs.get(o, 1) for o in running if o not in allowed)
+
+        best = min(candidates, key=cost)  # min keeps the first of equal costs: definition order
+        return [o for o in running if o != model and o not in best]
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,7 @@ class Scheduler:
     models: dict[str, _Model] = field(default_factory=dict)
     groups: dict[str, GroupPolicy] = field(default_factory=dict)
     memory: MemoryPolicy | None = None
+    matrix: MatrixPolicy | None = None  # when set, it decides which models run together (groups do not)
     _queue: dict[int, str] = field(default_factory=dict)  # request id -> model, in arrival order
     _in_flight: dict[int, str] = field(default_factory=dict)
     _removed: set[str] = field(default_factory=set)
@@ -145,15 +174,15 @@ class Scheduler:
 
     @classmethod
     def build(cls, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy],
-              memory: MemoryPolicy | None = None) -> "Scheduler":
+              memory: MemoryPolicy | None = None, matrix: MatrixPolicy | None = None) -> "Scheduler":
         scheduler = cls()
-        scheduler.configure(models, groups, memory)
+        scheduler.configure(models, groups, memory, matrix)
         return scheduler
 
     # -- configuration --------------------------------------------------------------
 
     def configure(self, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy],
-                  memory: MemoryPolicy | None = None) -> None:
+                  memory: MemoryPolicy | None = None, matrix: MatrixPolicy | None = None) -> None:
         """Replace policies, keeping the runtime state of models that still exist.
 
         A model that is gone but still running stays known until it has stopped.
@@ -170,6 +199,7 @@ class Scheduler:
                 self._removed.discard(model_id)
         self.groups = dict(groups)
         self.memory = memory
+        self.matrix = matrix
 
     def set_memory(self, model: str, memory: Mapping[str, int] | None, now: float) -> list[Action]:
         """A better figure for a model's memory (measured after a start): later decisions use it."""
@@ -359,11 +389,23 @@ class Scheduler:
         """Would starting `model` require `other` to be stopped?"""
         if model == other:
             return False
+        if self.matrix is not None:
+            return not self.matrix.together(model, other)
         mine = self.models[model].policy.group
         theirs = self.models[other].policy.group
         if mine == theirs:
             return self.groups[mine].swap
         return self.groups[mine].exclusive and not self.groups[theirs].persistent
+
+    def _blockers(self, model: str) -> list[str]:
+        """Running models that must stop before `model` may start, by its groups or the matrix."""
+        if self.matrix is not None:
+            return self.matrix.evictions(model, self.running())
+        return [o for o in self.running() if self._conflicts(model, o)]
+
+    def _queue_in_order(self) -> list[tuple[int, str]]:
+        """Waiting requests, higher-priority models first, then in arrival order (a stable sort)."""
+        return sorted(self._queue.items(), key=lambda item: -self.models[item[1]].policy.priority)
 
     def _clash(self, a: str, b: str) -> bool:
         return self._conflicts(a, b) or self._conflicts(b, a)
@@ -443,7 +485,7 @@ class Scheduler:
         draining: set[str] = set()  # ready models that must stop so an earlier request's model can start
         claimed: list[str] = []  # stopped models that earlier requests are waiting to start
         ledger = _MemoryLedger.of(self)
-        for request_id, model in list(self._queue.items()):
+        for request_id, model in self._queue_in_order():
             if model in self._removed:
                 self._queue.pop(request_id)
                 actions.append(Reject(request_id, model, ModelUnloaded(model, "removed from the config")))
@@ -465,7 +507,7 @@ class Scheduler:
             if any(self._clash(model, other) for other in claimed):
                 continue  # an earlier request's swap goes first
             claimed.append(model)
-            blockers = [o for o in self.running() if self._conflicts(model, o)]
+            blockers = self._blockers(model)
             for other in blockers:
                 o = self.models[other]
                 if o.state is ModelState.READY:
