@@ -497,7 +497,7 @@ class _Resolver:
         if router.use == "group" and router.settings.matrix is not None:
             raise self.error(router_loc + ("matrix",), "a matrix is given but routing.router.use is group; "
                                                        "set use: matrix, or remove the matrix")
-        matrix = None
+        matrix: tuple[schema.MatrixConfig, tuple[str, ...]] | None = None
         if router.settings.matrix is not None:
             matrix = (router.settings.matrix, router_loc + ("matrix",))
         elif p.matrix is not None:
