@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import logging
 import os
@@ -52,6 +53,46 @@ def _load(path: str) -> BerthConfig:
 def _print_warnings(config: BerthConfig) -> None:
     for warning in config.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    for note in config.notes:
+        err_console.print(f"note: {escape(note)}", highlight=False)
+
+
+# llama-swap's logTimeFormat names (Go's time layouts) as strftime patterns; "{frac}" is the fraction.
+_TIME_LAYOUTS = {
+    "ansic": "%a %b %e %H:%M:%S %Y", "unixdate": "%a %b %e %H:%M:%S %Z %Y", "rubydate": "%a %b %d %H:%M:%S %z %Y",
+    "rfc822": "%d %b %y %H:%M %Z", "rfc822z": "%d %b %y %H:%M %z", "rfc850": "%A, %d-%b-%y %H:%M:%S %Z",
+    "rfc1123": "%a, %d %b %Y %H:%M:%S %Z", "rfc1123z": "%a, %d %b %Y %H:%M:%S %z",
+    "rfc3339": "%Y-%m-%dT%H:%M:%S{zone}", "rfc3339nano": "%Y-%m-%dT%H:%M:%S.{frac9}{zone}",
+    "kitchen": "%-I:%M%p", "stamp": "%b %e %H:%M:%S", "stampmilli": "%b %e %H:%M:%S.{frac3}",
+    "stampmicro": "%b %e %H:%M:%S.{frac6}", "stampnano": "%b %e %H:%M:%S.{frac9}",
+}
+
+
+class _LayoutFormatter(logging.Formatter):
+    """Timestamps in one of llama-swap's logTimeFormat layouts, in local time."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.layout = _TIME_LAYOUTS[layout]
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created).astimezone()
+        offset = moment.strftime("%z")
+        nanos = f"{moment.microsecond:06d}000"
+        return moment.strftime(self.layout).format(
+            zone="Z" if offset == "+0000" else f"{offset[:3]}:{offset[3:]}",
+            frac3=nanos[:3], frac6=nanos[:6], frac9=nanos)
+
+
+def _configure_logging(config: BerthConfig, level: str) -> None:
+    """berth's own lines on stdout as llama-swap's logToStdout says (proxy or both), else nowhere."""
+    if config.log_to_stdout in ("upstream", "none"):
+        logging.basicConfig(level=level, handlers=[logging.NullHandler()])
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_LayoutFormatter(config.log_time_format) if config.log_time_format else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +121,7 @@ def serve(config_path: str | None, listen: str, metrics_listen: str | None, watc
         _fail(f"--metrics-listen {metrics_listen} uses the port of --listen {listen}; give it a port of its own")
     config = _config_to_serve(config_path)
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _configure_logging(config, level)
     try:
         asyncio.run(run_gateway(config, host, port, _launch_builder(config), warmup=chat_warmup,
                                 config_path=config_path, watch_config=watch_config,

@@ -928,3 +928,49 @@ def test_a_matrix_decides_which_models_run_together(berth, start_port):
     wait_until(lambda: set(b.running()) == {"c"}, 10, "c to run alone")  # c is alone in its set
     assert chat(b.url, "b").status_code == 200
     wait_until(lambda: set(b.running()) == {"b"}, 10, "b to replace c")
+
+
+def test_send_loading_state_streams_progress_while_the_model_starts(berth, start_port):
+    from openai import OpenAI
+
+    b = berth(f"startPort: {start_port}\nsendLoadingState: true\nmodels:\n"
+              f"  slow: {{cmd: \"{fake_cmd('slow', '--load-delay', '2.5')}\"}}\n"
+              f"  quiet: {{cmd: \"{fake_cmd('quiet', '--load-delay', '1')}\", sendLoadingState: false}}\n")
+    client = OpenAI(base_url=b.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    chunks = iter(stream)
+    first = next(chunks)  # arrives at once, while the model still loads
+    assert b.running()["slow"]["state"] == "starting"
+    reasoning = [first.choices[0].delta.model_extra["reasoning_content"]]
+    content = []
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if (delta.model_extra or {}).get("reasoning_content"):
+            assert not content, "loading notes come before the answer"
+            reasoning.append(delta.model_extra["reasoning_content"])
+        elif delta.content:
+            content.append(delta.content)
+    assert len(reasoning) >= 3 and "loading slow" in reasoning[0] and "slow is ready" in reasoning[-1]
+    assert "".join(content) == "tok0 tok1 tok2 tok3 tok4 "  # the model's own stream, whole
+    # a ready model, and a model that turns it off: no loading notes
+    again = client.chat.completions.create(model="slow", messages=[], stream=True)
+    assert not any((c.choices[0].delta.model_extra or {}).get("reasoning_content") for c in again if c.choices)
+    quiet = client.chat.completions.create(model="quiet", messages=[], stream=True)
+    assert not any((c.choices[0].delta.model_extra or {}).get("reasoning_content") for c in quiet if c.choices)
+
+
+def test_a_start_that_fails_under_send_loading_state_ends_the_stream_with_the_error(berth, start_port):
+    b = berth(f"startPort: {start_port}\nsendLoadingState: true\nmodels:\n"
+              f"  broken: {{cmd: \"{fake_cmd('broken', '--exit-at-start', '3')}\"}}\n")
+    r = requests.post(b.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "broken", "messages": [], "stream": True})
+    assert r.status_code == 200  # the stream began before the start failed
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "loading broken" in events[0]["choices"][0]["delta"]["reasoning_content"]
+    assert events[-1]["error"]["code"] == "model_start_failed" and "could not load model" in \
+        events[-1]["error"]["message"]
+    assert r.text.rstrip().endswith("data: [DONE]")

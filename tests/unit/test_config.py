@@ -160,14 +160,15 @@ def test_unimplemented_keys_warn_with_their_line():
           a:
             cmd: x --port ${PORT}
             sendLoadingState: true
+            timeouts: {tlsHandshake: 10}
         peers:
           other: {proxy: "http://x"}
         selectors: {}
         """), "w.yaml")
     assert config.warnings == [
-        "w.yaml:4: models.a.sendLoadingState: not supported by berth; ignored",
-        "w.yaml:5: peers: not supported by berth; ignored",
-        "w.yaml:7: selectors: not supported by berth; ignored",
+        "w.yaml:5: models.a.timeouts.tlsHandshake: not supported by berth; ignored",
+        "w.yaml:6: peers: not supported by berth; ignored",
+        "w.yaml:8: selectors: not supported by berth; ignored",
     ]
 
 
@@ -219,3 +220,52 @@ def test_default_model_is_alias_default_or_the_only_model():
     assert two.default_model() == "a"
     none = parse_config("models:\n  a: {cmd: 'x --port ${PORT}'}\n  b: {cmd: 'y --port ${PORT}'}\n")
     assert none.default_model() is None
+
+
+def test_llama_swaps_remaining_keys_and_their_defaults():
+    config = parse_config(textwrap.dedent("""\
+        unloadTimeout: 7
+        logToStdout: both
+        logTimeFormat: rfc3339
+        metricsMaxInMemory: 50
+        captureBuffer: 15
+        ui: {activity: {session_id: [X-Session-ID]}}
+        performance: {every: 15s}
+        upstream: {ignorePaths: ['^/ws$']}
+        models:
+          a:
+            cmd: x --port ${PORT}
+            unloadTimeout: 0
+            healthCheckTimeout: 900
+            capabilities: {in: [text, image], out: [text], tools: true, context: 32000}
+            compat: {ignoreWebsockets: true}
+            filters: {strip_params: "temperature, top_p"}
+          b:
+            cmd: x --port ${PORT}
+            unloadTimeout: 3
+        """), "k.yaml")
+    assert config.warnings == []
+    assert len(config.notes) == 1 and config.notes[0].startswith("k.yaml:5: captureBuffer, ui, performance: "
+                                                                 "settings of llama-swap's web UI")
+    a, b = config.models["a"], config.models["b"]
+    assert (a.unload_timeout, b.unload_timeout) == (7, 3)  # 0 takes the top-level value
+    assert (a.health_check_timeout, b.health_check_timeout) == (900, 120)
+    assert a.capabilities.inputs == ("text", "image") and a.capabilities.tools and a.capabilities.context == 32000
+    assert a.strip_params == ("temperature", "top_p")  # the legacy spelling
+    assert (config.log_to_stdout, config.log_time_format, config.metrics_max_in_memory) == ("both", "rfc3339", 50)
+    assert [p.pattern for p in config.upstream_ignore_paths] == ["^/ws$"]
+    defaults = parse_config("models:\n  a: {cmd: 'x --port ${PORT}'}\n")
+    assert defaults.notes == [] and defaults.log_to_stdout == "proxy" and defaults.metrics_max_in_memory == 1000
+    assert defaults.upstream_ignore_paths[0].match("/static/app.js")  # llama-swap's default pattern
+
+
+@pytest.mark.parametrize(("text", "where", "message"), [
+    ("logTimeFormat: iso\n", "logTimeFormat", "ansic"),
+    ("logToStdout: everything\n", "logToStdout", "proxy"),
+    ("upstream: {ignorePaths: ['(']}\n", "upstream.ignorePaths.0", "not a regular expression"),
+    ("metricsMaxInMemory: 0\n", "metricsMaxInMemory", "greater than or equal to 1"),
+])
+def test_bad_values_of_those_keys_name_key_and_fix(text, where, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text + "models:\n  a: {cmd: 'x --port ${PORT}'}\n", "v.yaml")
+    assert where in str(caught.value) and message in str(caught.value)

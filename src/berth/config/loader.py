@@ -44,6 +44,20 @@ class UpstreamTimeouts:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a model accepts and produces, as declared (llama-swap's `capabilities`), for /v1/models."""
+
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    tools: bool = False
+    reranker: bool = False
+    context: int = 0
+
+    def empty(self) -> bool:
+        return self == Capabilities()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model as berth will run it: macros expanded and argv split.
 
@@ -83,6 +97,8 @@ class ModelSpec:
     timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     health_check_interval: float = 10.0  # liveness checks of a ready model; 0: none
     priority: int = 0  # its waiting requests go before lower ones' (routing.scheduler...fifo.priority)
+    send_loading_state: bool = False  # stream progress while a streamed chat waits for this model's start
+    capabilities: Capabilities = field(default_factory=lambda: Capabilities())
     port: int | None = None  # the bound port, set by `with_port` only
 
     def with_port(self, port: int) -> "ModelSpec":
@@ -138,6 +154,13 @@ class BerthConfig:
     client_body_timeout: float = 60.0  # seconds a client may take to send a request's body
     max_connections: int = 1024  # client connections at once; more are closed at once
     max_body_bytes: int = 64 * 1024 * 1024
+    unload_timeout: float = 10.0  # the models' default: SIGTERM to SIGKILL
+    log_to_stdout: str = "proxy"  # proxy (berth's lines) | upstream (models' output) | both | none
+    log_time_format: str | None = None  # a Go time layout name (llama-swap's); None: berth's timestamps
+    log_requests: bool = False
+    metrics_max_in_memory: int = 1000  # recent requests kept for the dashboard and /api/requests
+    upstream_ignore_paths: tuple[re.Pattern[str], ...] = ()  # /upstream paths that never load a model
+    notes: list[str] = field(default_factory=list)  # informational lines for `berth check` and the log
     store_dir: Path | None = None  # None: $BERTH_HOME/models
     memory: MemorySettings = field(default_factory=lambda: MemorySettings())
     warnings: list[str] = field(default_factory=list)
@@ -216,6 +239,8 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
             if isinstance(model, LineDict):
                 check(model.get("filters"), schema.FiltersConfig, f"models.{model_id}.filters")
                 check(model.get("timeouts"), schema.TimeoutsConfig, f"models.{model_id}.timeouts")
+                check(model.get("capabilities"), schema.CapabilitiesConfig, f"models.{model_id}.capabilities")
+                check(model.get("compat"), schema.CompatConfig, f"models.{model_id}.compat")
     def check_groups(groups: Any, where: str) -> None:
         if isinstance(groups, LineDict):
             for name, group in groups.items():
@@ -245,6 +270,7 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
     if isinstance(hooks, LineDict):
         check(hooks.get("on_startup"), schema.StartupHooks, "hooks.on_startup")
     check(raw.get("memory"), schema.MemoryConfig, "memory")
+    check(raw.get("upstream"), schema.UpstreamConfig, "upstream")
     check(raw.get("timeouts"), schema.TimeoutsConfig, "timeouts")
     warnings.extend(text for _, text in sorted(found))
 
@@ -313,6 +339,13 @@ class _Resolver:
             else None,
             memory=self.memory_settings(),
             warnings=self.warnings,
+            unload_timeout=p.unload_timeout,
+            log_to_stdout=p.log_to_stdout,
+            log_time_format=p.log_time_format or None,
+            log_requests=p.log_requests,
+            metrics_max_in_memory=p.metrics_max_in_memory,
+            upstream_ignore_paths=self.ignore_paths(p.upstream.ignore_paths),
+            notes=self.web_ui_notes(),
         )
         for i, key in enumerate(config.api_keys):
             if not key.strip():
@@ -324,6 +357,25 @@ class _Resolver:
                                  f"unknown model {name!r}; preload names must be ids under models:")
             config.preload.append(model_id)
         return config
+
+    def ignore_paths(self, patterns: list[str]) -> tuple[re.Pattern[str], ...]:
+        compiled = []
+        for i, pattern in enumerate(patterns):
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as exc:
+                raise self.error(("upstream", "ignorePaths", str(i)), f"not a regular expression: {exc}") from None
+        return tuple(compiled)
+
+    def web_ui_notes(self) -> list[str]:
+        """llama-swap's own web UI keys are accepted; say once what berth offers in their place."""
+        given = sorted((key for key in ("ui", "performance", "captureBuffer") if key in self.raw),
+                       key=self.raw.line_of)
+        if not given:
+            return []
+        return [f"{self.path}:{self.raw.line_of(given[0])}: {', '.join(given)}: settings of llama-swap's web UI; "
+                "berth's dashboard is /ui/ (models, memory, logs, recent requests; "
+                "metricsMaxInMemory sets how many requests it keeps)"]
 
     def check_macro_names(self, macros: dict[str, schema.MacroValue], loc: tuple[str, ...]) -> None:
         for name in macros:
@@ -393,7 +445,7 @@ class _Resolver:
         for i, item in enumerate(model.env):
             key, _, value = self.expand(item, macros, loc + ("env", str(i)), {"PORT", "MODEL_ID"}).partition("=")
             env.append((key.strip(), value))
-        strip = model.filters.strip_params
+        strip = model.filters.strip_params or model.filters.legacy_strip_params
         strip_list = [s.strip() for s in (strip.split(",") if isinstance(strip, str) else strip) if s.strip()]
         spec = ModelSpec(
             id=model_id,
@@ -414,8 +466,8 @@ class _Resolver:
             name=model.name,
             description=model.description,
             metadata=tuple(model.metadata.items()),
-            unload_timeout=model.unload_timeout,
-            health_check_timeout=self.parsed.health_check_timeout,
+            unload_timeout=model.unload_timeout or self.parsed.unload_timeout,
+            health_check_timeout=model.health_check_timeout or self.parsed.health_check_timeout,
             warmup=model.warmup,
             model_ref=model.model,
             mmproj=model.mmproj,
@@ -428,6 +480,11 @@ class _Resolver:
             health_check_interval=(self.parsed.health_check_interval if model.health_check_interval is None
                                    else model.health_check_interval),
             priority=self.parsed.routing.scheduler.settings.fifo.priority.get(model_id, 0),
+            send_loading_state=(self.parsed.send_loading_state if model.send_loading_state is None
+                                else model.send_loading_state),
+            capabilities=Capabilities(tuple(model.capabilities.in_), tuple(model.capabilities.out),
+                                      model.capabilities.tools, model.capabilities.reranker,
+                                      model.capabilities.context),
         )
         return spec
 

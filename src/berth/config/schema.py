@@ -18,7 +18,29 @@ class _Section(BaseModel):
 
 class FiltersConfig(_Section):
     strip_params: str | list[str] = Field("", alias="stripParams")
+    legacy_strip_params: str | list[str] = Field("", alias="strip_params")  # llama-swap's earlier spelling
     set_params: dict[str, Any] = Field(default_factory=dict, alias="setParams")
+
+
+class CapabilitiesConfig(_Section):
+    """What a model accepts and produces, shown in /v1/models (llama-swap's `capabilities`)."""
+
+    in_: list[Literal["text", "audio", "image"]] = Field(default_factory=list, alias="in")
+    out: list[Literal["text", "audio", "image"]] = Field(default_factory=list)
+    tools: bool = False
+    reranker: bool = False
+    context: int = Field(0, ge=0)
+
+
+class CompatConfig(_Section):
+    # berth proxies no WebSocket upgrades, so none can load a model or count as activity: accepted as is
+    ignore_websockets: bool = Field(False, alias="ignoreWebsockets")
+
+
+class UpstreamConfig(_Section):
+    # /upstream paths that must not load a model (409 unless it runs); llama-swap's default below
+    ignore_paths: list[str] = Field(default_factory=lambda: [r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$"],
+                                    alias="ignorePaths")
 
 
 class TimeoutsConfig(_Section):
@@ -44,7 +66,11 @@ class ModelConfig(_Section):
     name: str = ""
     description: str = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
-    unload_timeout: float = Field(10.0, alias="unloadTimeout", gt=0)
+    unload_timeout: float = Field(0.0, alias="unloadTimeout", ge=0)  # 0: the top-level unloadTimeout
+    health_check_timeout: float | None = Field(None, alias="healthCheckTimeout", gt=0)  # default: top level's
+    send_loading_state: bool | None = Field(None, alias="sendLoadingState")  # default: top level's
+    capabilities: CapabilitiesConfig = Field(default_factory=lambda: CapabilitiesConfig.model_validate({}))
+    compat: CompatConfig = Field(default_factory=lambda: CompatConfig.model_validate({}))
     macros: dict[str, MacroValue] = Field(default_factory=dict)
     warmup: bool = False
     model: str = ""  # a store reference (owner/repo:QUANT ...) pulled before the first start
@@ -124,8 +150,23 @@ class HooksConfig(_Section):
     on_startup: StartupHooks = Field(default_factory=StartupHooks)
 
 
+LogTimeFormat = Literal["", "ansic", "unixdate", "rubydate", "rfc822", "rfc822z", "rfc850", "rfc1123", "rfc1123z",
+                        "rfc3339", "rfc3339nano", "kitchen", "stamp", "stampmilli", "stampmicro", "stampnano"]
+
+
 class BerthConfigFile(_Section):
     health_check_timeout: float = Field(120.0, alias="healthCheckTimeout", gt=0)
+    unload_timeout: float = Field(10.0, alias="unloadTimeout", gt=0)  # SIGTERM to SIGKILL when a model stops
+    send_loading_state: bool = Field(False, alias="sendLoadingState")
+    log_to_stdout: Literal["proxy", "upstream", "both", "none"] = Field("proxy", alias="logToStdout")
+    log_time_format: LogTimeFormat | None = Field(None, alias="logTimeFormat")  # None: berth's own timestamps
+    log_requests: bool = Field(False, alias="logRequests")  # llama-swap's earlier key: a line per request
+    metrics_max_in_memory: int = Field(1000, alias="metricsMaxInMemory", ge=1)  # recent requests kept
+    # llama-swap's own web UI settings: accepted, with a note on what berth offers instead
+    capture_buffer: int = Field(10, alias="captureBuffer", ge=0)
+    ui: dict[str, Any] = Field(default_factory=dict)
+    performance: dict[str, Any] = Field(default_factory=dict)
+    upstream: UpstreamConfig = Field(default_factory=lambda: UpstreamConfig.model_validate({}))
     shutdown_timeout: float = Field(30.0, alias="shutdownTimeout", ge=0)  # seconds in-flight requests may finish
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig.model_validate({}))
     client_header_timeout: float = Field(15.0, alias="clientHeaderTimeout", gt=0)  # a request's headers, and idle

@@ -43,6 +43,7 @@ INFERENCE_PATHS = (
 # GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
 # clients written for one llama-server work unchanged.
 PROBE_PATHS = ("/metrics", "/health", "/ready")
+LOADING_STATE_INTERVAL = 1.0  # seconds between progress deltas while a model loads (sendLoadingState)
 SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
 _ROUTER_STATUS = {
     ModelState.STOPPED: "unloaded", ModelState.FAILED: "unloaded", ModelState.STARTING: "loading",
@@ -197,7 +198,49 @@ class Gateway:
         else:
             model_id = self.pool.resolve(name)
         body = self._apply_filters(model_id, payload, body)
+        if (payload.get("stream") is True and path.endswith("/chat/completions")
+                and self.config.models[model_id].send_loading_state
+                and self.pool.state(model_id) is not ModelState.READY):
+            return await self._serve_while_loading(request, model_id, path, body)
         return await self._serve(request, model_id, path, body)
+
+    async def _serve_while_loading(self, request: web.Request, model_id: str, path: str,
+                                   body: bytes) -> web.StreamResponse:
+        """llama-swap's sendLoadingState: answer a streamed chat at once, report the model's start in
+        `reasoning_content` deltas (which chat UIs show as thinking) until it is ready, then stream the
+        model's own answer in the same response."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        began = time.perf_counter()
+        acquiring = asyncio.ensure_future(self.pool.acquire(model_id))
+        lease = None
+        try:
+            note = f"berth: loading {model_id}"
+            while True:
+                await response.write(_loading_chunk(model_id, note))
+                done, _ = await asyncio.wait({acquiring}, timeout=LOADING_STATE_INTERVAL)
+                if done:
+                    break
+                note = f" … {time.perf_counter() - began:.0f}s"
+            lease = acquiring.result()
+        except BerthError as exc:
+            self.metrics.record_request(model_id, path, exc.status, time.perf_counter() - began)
+            await response.write(b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\ndata: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        finally:
+            if lease is None:  # the client left while it loaded
+                if not acquiring.done():
+                    acquiring.cancel()  # gives up its place in the queue
+                elif not acquiring.cancelled() and acquiring.exception() is None:
+                    acquiring.result().release()  # admitted in the same instant: give the slot back
+        try:
+            await response.write(_loading_chunk(model_id, f"\nberth: {model_id} is ready "
+                                                           f"({time.perf_counter() - began:.1f}s)\n\n"))
+            return await forward(request, lease, path, body, self.sessions.proxy, self.metrics,
+                                 drop_auth=bool(self.config.api_keys), into=response)
+        finally:
+            lease.release()
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within clientBodyTimeout: a client that trickles it in holds nothing forever."""
@@ -465,6 +508,13 @@ def _parse_json(body: bytes) -> object:
         raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
     except RecursionError:  # the parser recurses once per level of nesting
         raise BadRequest("request body nests too deeply to parse; send a JSON object of ordinary depth") from None
+
+
+def _loading_chunk(model_id: str, text: str) -> bytes:
+    chunk = {"id": "chatcmpl-berth-loading", "object": "chat.completion.chunk", "created": int(time.time()),
+             "model": model_id, "choices": [{"index": 0, "delta": {"reasoning_content": text},
+                                             "finish_reason": None}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 def _local_port(request: web.Request) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import deque
@@ -17,11 +18,13 @@ _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
 _TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
 RECENT_REQUESTS = 200
+log = logging.getLogger("berth.requests")
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.recent: deque[dict] = deque(maxlen=RECENT_REQUESTS)
+    def __init__(self, recent_requests: int = RECENT_REQUESTS, log_requests: bool = False) -> None:
+        self.recent: deque[dict] = deque(maxlen=recent_requests)
+        self.log_requests = log_requests
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("berth_requests", "Requests by model and HTTP status", ["model", "status"], registry=r)
@@ -129,9 +132,18 @@ class Metrics:
                 self.tokens.labels(model, kind.replace("_tokens", "")).inc(value)
         return usage
 
+    def configure(self, recent_requests: int, log_requests: bool) -> None:
+        """Keep the newest `recent_requests` requests (llama-swap's metricsMaxInMemory); log a line for
+        each request when `log_requests` (its logRequests)."""
+        if recent_requests != self.recent.maxlen:
+            self.recent = deque(self.recent, maxlen=recent_requests)
+        self.log_requests = log_requests
+
     def record_request(self, model: str, path: str, status: int, seconds: float, usage: dict | None = None) -> None:
-        """Keep the request for the dashboard's recent list (the newest RECENT_REQUESTS)."""
+        """Keep the request for the dashboard's recent list (the newest few, `keep_recent`)."""
         usage = usage or {}
+        if self.log_requests:
+            log.info("request %s %s -> %d in %.3fs", model, path, status, seconds)
         self.recent.appendleft({
             "at": time.time(), "model": model, "path": path, "status": status, "duration_s": round(seconds, 4),
             "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),

@@ -108,10 +108,13 @@ async def forward(
     metrics: Metrics,
     drop_auth: bool,
     rewrite_errors: bool = True,
+    into: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """Send `body` to the leased model at `path` and stream its answer to the client.
 
     With `rewrite_errors`, an error answer (4xx/5xx, not a stream) is returned in OpenAI's error shape.
+    `into` is an event stream already under way to the client (sendLoadingState): the answer's data
+    is appended to it, and an error answer becomes an error event.
     """
     spec = lease.process.spec
     model = spec.id
@@ -131,18 +134,26 @@ async def forward(
         async with upstream_response as upstream:
             status = upstream.status
             metrics.ttfb.labels(model).observe(time.perf_counter() - began)
-            if rewrite_errors and status >= 400 and _rewritable(upstream):
+            if (rewrite_errors or into is not None) and status >= 400 and _rewritable(upstream):
                 raw = await upstream.content.read(_ERROR_BODY_LIMIT)
                 rewritten = openai_error(status, raw)
+                if into is not None:
+                    event = json.dumps(rewritten) if rewritten is not None else raw.decode(errors="replace")
+                    await into.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+                    await into.write_eof()
+                    return into
                 if rewritten is not None:
                     return web.json_response(rewritten, status=status)
                 return web.Response(body=raw, status=status, content_type="application/json")
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in _HOP_BY_HOP or name.lower() == "content-length":
-                    response.headers.add(name, value)
-            is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-            await response.prepare(request)
+            is_sse = into is not None or upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+            if into is not None:
+                response = into
+            else:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in _HOP_BY_HOP or name.lower() == "content-length":
+                        response.headers.add(name, value)
+                await response.prepare(request)
             tail = b""
             try:
                 async for chunk in upstream.content.iter_any():

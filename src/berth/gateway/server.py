@@ -64,9 +64,11 @@ async def run_gateway(
 
     `metrics_address` opens a second socket answering only /metrics, /health and /ready, without a key."""
     logs = LogHub()
+    if config.log_to_stdout in ("upstream", "both"):  # llama-swap's logToStdout: models' output on stdout
+        logs.echo_upstream = lambda line: print(f"[{line.source}] {line.text}", flush=True)
     handler = _HubHandler(logs)
     logging.getLogger("berth").addHandler(handler)
-    metrics = Metrics()
+    metrics = Metrics(config.metrics_max_in_memory, config.log_requests)
     sessions = UpstreamSessions()
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics),
                              config.start_port)
@@ -161,6 +163,7 @@ async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFact
     for warning in new.warnings:
         log.warning(warning)
     factory.ports.start = new.start_port
+    pool.metrics.configure(new.metrics_max_in_memory, new.log_requests)
     await pool.reload(new)
 
 

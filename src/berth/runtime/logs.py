@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -22,9 +23,13 @@ class LogHub:
         self._size = lines_per_source
         self._rings: dict[str, deque[LogLine]] = {}
         self._subscribers: set[tuple[asyncio.Queue[LogLine], str | None]] = set()
+        self.echo_upstream: Callable[[LogLine], None] | None = None  # also gets every model server's line
 
-    def write(self, source: str, text: str) -> None:
+    def write(self, source: str, text: str, upstream: bool = False) -> None:
+        """A line from `source`; `upstream` when a model server printed it (not berth about it)."""
         line = LogLine(source, text.rstrip("\n"), time.time())
+        if upstream and self.echo_upstream is not None:
+            self.echo_upstream(line)
         self._rings.setdefault(source, deque(maxlen=self._size)).append(line)
         for queue, wanted in list(self._subscribers):
             if wanted is None or wanted == source:

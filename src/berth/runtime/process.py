@@ -277,7 +277,7 @@ class ModelProcess:
                 return
             text = line.decode("utf-8", errors="replace").rstrip("\n")
             self.output.append(text)
-            self._logs.write(self.spec.id, text)
+            self._logs.write(self.spec.id, text, upstream=True)
 
     async def _become_ready(self, exited: asyncio.Task, stop_wanted: asyncio.Task) -> StartFailed | str | None:
         """None when ready; "stopped" when a stop was asked for first; else the failure."""
