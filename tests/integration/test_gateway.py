@@ -892,7 +892,9 @@ def test_clients_of_one_llama_server_and_of_llama_swap_find_their_routes(berth, 
     assert requests.get(one.url + "/props", timeout=30).json()["path"] == "/props"
     # /upstream with a slashed id, with and without a path after it
     assert requests.get(one.url + "/upstream/org/sub/health", timeout=30).status_code == 200
-    assert requests.get(one.url + "/upstream/org/sub", timeout=30).json()["path"] == "/"
+    assert requests.get(one.url + "/upstream/org/sub", timeout=30).json()["path"] == "/"  # redirected to .../
+    bare = requests.post(one.url + "/upstream/org/sub?x=1", timeout=30, allow_redirects=False)
+    assert bare.status_code == 308 and bare.headers["Location"] == "/upstream/org/sub/?x=1"
     missing = requests.get(one.url + "/upstream/nope/health", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     # llama-swap's unload routes (Open WebUI's eject button)
@@ -974,3 +976,56 @@ def test_a_start_that_fails_under_send_loading_state_ends_the_stream_with_the_er
     assert events[-1]["error"]["code"] == "model_start_failed" and "could not load model" in \
         events[-1]["error"]["message"]
     assert r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_upstream_paths_in_ignore_paths_never_load_a_model(berth, start_port):
+    b = berth(f"startPort: {start_port}\nupstream: {{ignorePaths: ['^/ws$']}}\nmodels:\n"
+              f"  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    refused = requests.get(b.url + "/upstream/a/ws", timeout=30)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_not_loaded"
+    assert b.running() == {}  # nothing was started
+    assert requests.get(b.url + "/upstream/a/health", timeout=30).status_code == 200  # other paths load it
+    assert requests.get(b.url + "/upstream/a/ws", timeout=30).json()["path"] == "/ws"  # loaded: passes
+
+
+def test_v1_models_in_llama_swaps_shape_with_macros_everywhere(berth, start_port):
+    b = berth(f"""
+startPort: {start_port}
+macros: {{temp: 0.7, family: gemma}}
+models:
+  m:
+    cmd: "{fake_cmd('m')}"
+    name: "${{family}} model"
+    aliases: ["${{MODEL_ID}}-chat"]
+    useModelName: "org/${{MODEL_ID}}"
+    filters: {{setParams: {{note: "from ${{MODEL_ID}}", temperature: "${{temp}}"}}}}
+    capabilities: {{in: [text, image], out: [text], tools: true, context: 32000}}
+    metadata:
+      port: ${{PORT}}
+      temperature: ${{temp}}
+      note: "${{MODEL_ID}} on ${{PORT}} at ${{temp}}"
+      an_obj: {{c: ["${{temp}}", false, "model: ${{MODEL_ID}}"]}}
+""")
+
+    def entry() -> dict:
+        (found,) = requests.get(b.url + "/v1/models", timeout=10).json()["data"]
+        return found
+
+    cold = entry()
+    assert cold["name"] == "gemma model" and cold["status"] == {"value": "unloaded"}
+    assert cold["architecture"]["modality"] == "text+image->text" and cold["context_length"] == 32000
+    assert cold["capabilities"] == {"vision": True, "function_calling": True}
+    assert cold["meta"]["n_ctx"] == 32000
+    meta = cold["meta"]["llamaswap"]
+    assert meta["temperature"] == 0.7 and meta["port"] is None  # typed; no port until it runs
+    assert meta["an_obj"] == {"c": [0.7, False, "model: m"]} and meta["aliases"] == ["m-chat"]
+    assert meta["type"] == "model"
+    sent = chat(b.url, "m-chat").json()  # the alias, expanded; the fake echoes what it was sent
+    assert sent["model"] == "org/m"  # useModelName, expanded
+    # setParams with macros, typed as the macro (the fake echoes the body of paths it does not serve)
+    echoed = requests.post(b.url + "/v1/embeddings", json={"model": "m", "input": "x"}, timeout=10).json()
+    assert json.loads(echoed["body"]) == {"model": "org/m", "input": "x", "note": "from m", "temperature": 0.7}
+    warm = entry()
+    port = b.running()["m"]["port"]
+    assert warm["status"] == {"value": "loaded"} and warm["meta"]["llamaswap"]["port"] == port
+    assert warm["meta"]["llamaswap"]["note"] == f"m on {port} at 0.7"

@@ -411,10 +411,26 @@ class _Resolver:
                 raise self.error(loc, f"unknown macro ${{{ref}}}; define it under macros:")
         return text
 
+    def expand_value(self, value: Any, typed: dict[str, schema.MacroValue], macros: dict[str, str],
+                     loc: tuple[str, ...], allow: set[str]) -> Any:
+        """Macros in every string inside `value` (lists and mappings too). A string that is exactly one
+        macro of a number or boolean takes that value's type, as llama-swap's metadata does."""
+        if isinstance(value, str):
+            whole = _MACRO_REF.fullmatch(value.strip())
+            if whole and whole.group(1) in typed and not isinstance(typed[whole.group(1)], str):
+                return typed[whole.group(1)]
+            return self.expand(value, macros, loc, allow)
+        if isinstance(value, dict):
+            return {k: self.expand_value(v, typed, macros, loc + (str(k),), allow) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.expand_value(v, typed, macros, loc + (str(i),), allow) for i, v in enumerate(value)]
+        return value
+
     def resolve_model(self, model_id: str, model: schema.ModelConfig, group: str) -> ModelSpec:
         loc = ("models", model_id)
         self.check_macro_names(model.macros, loc + ("macros",))
-        macros = {k: _macro_text(v) for k, v in {**self.parsed.macros, **model.macros}.items()}
+        typed = {**self.parsed.macros, **model.macros}
+        macros = {k: _macro_text(v) for k, v in typed.items()}
         macros["MODEL_ID"] = model_id
         cmd = self.expand(model.cmd, macros, loc + ("cmd",), {"PORT", "MODEL_ID"})
         proxy = self.expand(model.proxy, macros, loc + ("proxy",), {"PORT", "MODEL_ID"})
@@ -445,7 +461,9 @@ class _Resolver:
         for i, item in enumerate(model.env):
             key, _, value = self.expand(item, macros, loc + ("env", str(i)), {"PORT", "MODEL_ID"}).partition("=")
             env.append((key.strip(), value))
-        strip = model.filters.strip_params or model.filters.legacy_strip_params
+        strip = self.expand_value(model.filters.strip_params or model.filters.legacy_strip_params, typed, macros,
+                                  loc + ("filters", "stripParams"), {"MODEL_ID"})
+        everywhere = {"MODEL_ID"}  # and ${PORT} in metadata, filled in per run by /v1/models
         strip_list = [s.strip() for s in (strip.split(",") if isinstance(strip, str) else strip) if s.strip()]
         spec = ModelSpec(
             id=model_id,
@@ -456,16 +474,19 @@ class _Resolver:
             env=tuple(env),
             check_endpoint=None if check.lower() == "none" else ("/" + check.lstrip("/")),
             ttl=self.parsed.global_ttl if model.ttl is None or model.ttl == -1 else model.ttl,
-            aliases=tuple(model.aliases),
+            aliases=tuple(self.expand(a, macros, loc + ("aliases", str(i)), everywhere)
+                          for i, a in enumerate(model.aliases)),
             group=group,
             unlisted=model.unlisted,
-            use_model_name=model.use_model_name,
+            use_model_name=self.expand(model.use_model_name, macros, loc + ("useModelName",), everywhere),
             concurrency_limit=model.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT,
             strip_params=tuple(p for p in strip_list if p != "model"),
-            set_params=tuple(model.filters.set_params.items()),
-            name=model.name,
-            description=model.description,
-            metadata=tuple(model.metadata.items()),
+            set_params=tuple(self.expand_value(model.filters.set_params, typed, macros,
+                                               loc + ("filters", "setParams"), everywhere).items()),
+            name=self.expand(model.name, macros, loc + ("name",), everywhere),
+            description=self.expand(model.description, macros, loc + ("description",), everywhere),
+            metadata=tuple(self.expand_value(model.metadata, typed, macros, loc + ("metadata",),
+                                             everywhere | {"PORT"}).items()),
             unload_timeout=model.unload_timeout or self.parsed.unload_timeout,
             health_check_timeout=model.health_check_timeout or self.parsed.health_check_timeout,
             warmup=model.warmup,

@@ -179,3 +179,13 @@ class RouteNotFound(BerthError):
 
     def __init__(self, path: str) -> None:
         super().__init__(f"no route for {path}; see /v1/models for the models and the OpenAI paths berth serves")
+
+
+class ModelNotLoaded(BerthError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "model_not_loaded"
+
+    def __init__(self, model: str, path: str) -> None:
+        super().__init__(f"model {model!r} is not loaded, and {path} matches upstream.ignorePaths, so it does not "
+                         "load it; load the model first (any request to it), or change upstream.ignorePaths")

@@ -10,17 +10,19 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 from importlib import resources
 
 import aiohttp
 from aiohttp import web
 
 from berth.config import BerthConfig
+from berth.config.loader import PORT_MACRO, Capabilities
 from berth.engine.launch import server_args
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
 from berth.core.errors import (
-    BadRequest, BerthError, BodyTooLarge, HostNotAllowed, RequestTimeout, RouteNotFound, StartBackedOff,
+    BadRequest, BerthError, BodyTooLarge, HostNotAllowed, ModelNotLoaded, RequestTimeout, RouteNotFound, StartBackedOff,
     TooManyRequests, Unauthorized, UnknownModel,
 )
 from berth.gateway.memory import MemoryService
@@ -289,9 +291,19 @@ class Gateway:
                 break
         else:
             raise UnknownModel(parts[0], self.pool.listed_ids())
+        if cut == len(parts):
+            # `/upstream/m` -> `/upstream/m/`, so the relative links of a model server's own page resolve
+            # (as llama-swap does: 301 for GET and HEAD, 308 keeps any other method)
+            target = request.path + "/" + (f"?{request.query_string}" if request.query_string else "")
+            status = 301 if request.method in ("GET", "HEAD") else 308
+            return web.Response(status=status, headers={"Location": target})
+        path = "/" + "/".join(parts[cut:])
+        ignored = any(p.search(path) for p in self.config.upstream_ignore_paths)  # unanchored, as Go's
+        if ignored and self.pool.state(model_id) is not ModelState.READY:
+            raise ModelNotLoaded(model_id, path)
         body = await self._read_body(request)
         # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
-        return await self._serve(request, model_id, "/" + "/".join(parts[cut:]), body or None, rewrite_errors=False)
+        return await self._serve(request, model_id, path, body or None, rewrite_errors=False)
 
     async def by_query_model(self, request: web.Request) -> web.StreamResponse:
         name = request.query.get("model")
@@ -319,17 +331,33 @@ class Gateway:
         return web.json_response({"status": "ready"})
 
     def _model_entry(self, model_id: str, listed_as: str) -> dict:
+        """One /v1/models record in llama-swap's shape (its metadata under meta.llamaswap, status,
+        capabilities), with berth's `state`, `alias_of` and `memory` beside it."""
         spec = self.config.models[model_id]
-        entry = {"id": listed_as, "object": "model", "created": self.started_at, "owned_by": "berth",
-                 "state": self.pool.state(model_id).value}
+        state = self.pool.state(model_id)
+        entry: dict[str, Any] = {"id": listed_as, "object": "model", "created": self.started_at, "owned_by": "berth"}
         if spec.name:
-            entry["name"] = spec.name
+            entry["name"] = spec.name.strip()
         if spec.description:
-            entry["description"] = spec.description
-        if spec.metadata:
-            entry["meta"] = dict(spec.metadata)
-        if listed_as != model_id:
+            entry["description"] = spec.description.strip()
+        declared = capability_fields(spec.capabilities)
+        entry.update(declared)
+        process = self.pool.process(model_id)
+        port = process.spec.port if process is not None and state is not ModelState.STOPPED else None
+        listing = {k: v for k, v in bind_port(dict(spec.metadata), port).items()
+                   if k not in declared}  # declared capabilities win over metadata of the same name
+        if listed_as == model_id:
+            listing["type"] = "model"
+            if spec.aliases:
+                listing["aliases"] = list(spec.aliases)
+        else:
+            listing.update(type="alias", modelID=model_id)
             entry["alias_of"] = model_id
+        entry["meta"] = {"llamaswap": listing}
+        if spec.capabilities.context:
+            entry["meta"]["n_ctx"] = spec.capabilities.context
+        entry["status"] = {"value": "loaded" if state is ModelState.READY else "unloaded"}
+        entry["state"] = state.value
         entry["memory"] = self._memory_entry(model_id)
         return entry
 
@@ -508,6 +536,52 @@ def _parse_json(body: bytes) -> object:
         raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
     except RecursionError:  # the parser recurses once per level of nesting
         raise BadRequest("request body nests too deeply to parse; send a JSON object of ordinary depth") from None
+
+
+def capability_fields(caps: Capabilities) -> dict[str, Any]:
+    """A model's declared capabilities as /v1/models fields (the names OpenRouter-style clients read)."""
+    fields: dict[str, Any] = {}
+    if caps.empty():
+        return fields
+    if caps.inputs or caps.outputs:
+        architecture: dict[str, Any] = {}
+        if caps.inputs:
+            architecture["input_modalities"] = list(caps.inputs)
+        if caps.outputs:
+            architecture["output_modalities"] = list(caps.outputs)
+        if caps.inputs and caps.outputs:
+            architecture["modality"] = "+".join(caps.inputs) + "->" + "+".join(caps.outputs)
+        fields["architecture"] = architecture
+    can = {
+        "vision": "image" in caps.inputs,
+        "audio_transcriptions": "audio" in caps.inputs and "text" in caps.outputs,
+        "audio_speech": "text" in caps.inputs and "audio" in caps.outputs,
+        "image_generation": "text" in caps.inputs and "image" in caps.outputs,
+        "image_to_image": "image" in caps.inputs and "image" in caps.outputs,
+        "function_calling": caps.tools,
+        "reranker": caps.reranker,
+    }
+    if any(can.values()):
+        fields["capabilities"] = {name: True for name, present in can.items() if present}
+    if caps.tools:
+        fields["supported_parameters"] = ["tools", "tool_choice"]
+    if caps.context:
+        fields["context_length"] = caps.context
+    return fields
+
+
+def bind_port(value: Any, port: int | None) -> Any:
+    """Metadata with `${PORT}` filled in for the model's current run: a value that is only `${PORT}`
+    becomes the number (null while it is not running), and text mentions become its digits."""
+    if value == PORT_MACRO:
+        return port
+    if isinstance(value, str) and port is not None:
+        return value.replace(PORT_MACRO, str(port))
+    if isinstance(value, dict):
+        return {k: bind_port(v, port) for k, v in value.items()}
+    if isinstance(value, list):
+        return [bind_port(v, port) for v in value]
+    return value
 
 
 def _loading_chunk(model_id: str, text: str) -> bytes:
