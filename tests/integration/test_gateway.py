@@ -1029,3 +1029,29 @@ models:
     port = b.running()["m"]["port"]
     assert warm["status"] == {"value": "loaded"} and warm["meta"]["llamaswap"]["port"] == port
     assert warm["meta"]["llamaswap"]["note"] == f"m on {port} at 0.7"
+
+
+def test_audio_and_image_routes_through_the_openai_sdk(berth, start_port, tmp_path):
+    import openai
+
+    b = berth(f"startPort: {start_port}\nmodels:\n"
+              f"  whisper: {{cmd: \"{fake_cmd('whisper')}\", useModelName: whisper-large-v3}}\n"
+              f"  painter: {{cmd: \"{fake_cmd('painter')}\"}}\n")
+    client = openai.OpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+    audio = tmp_path / "hello.wav"
+    audio.write_bytes(b"RIFF" + bytes(4000))
+    with audio.open("rb") as fh:
+        heard = client.audio.transcriptions.with_raw_response.create(model="whisper", file=fh).parse()
+    assert heard.text == "whisper heard 4004 bytes"  # the form's `model` chose the server
+    assert heard.model_extra["model"] == "whisper-large-v3"  # and was renamed by useModelName
+    with audio.open("rb") as fh:
+        assert client.audio.translations.create(model="whisper", file=fh).text.startswith("whisper heard")
+    image = client.images.generate(model="painter", prompt="a boat")
+    assert image.data[0].revised_prompt == "painter: a boat"
+    with audio.open("rb") as fh:  # a form naming no model, with several models configured
+        with pytest.raises(openai.BadRequestError, match="no `model` field"):
+            client.post("/audio/transcriptions", cast_to=object, files=[("file", ("a.wav", fh.read()))],
+                        options={"headers": {"Content-Type": "multipart/form-data"}})
+    with audio.open("rb") as fh:
+        with pytest.raises(openai.NotFoundError):
+            client.audio.transcriptions.create(model="nope", file=fh)

@@ -184,6 +184,21 @@ def main() -> None:
     async def slot_action(request: web.Request) -> web.Response:  # a server whose slot storage is broken
         return web.json_response({"error": {"code": 500, "message": "failed to open slot file"}}, status=500)
 
+    async def transcription(request: web.Request) -> web.Response:  # OpenAI's audio upload shape
+        form = await request.post()
+        upload = form["file"]
+        return web.json_response({"text": f"{args.name} heard {len(upload.file.read())} bytes",
+                                  "model": form.get("model")})
+
+    async def image(request: web.Request) -> web.Response:
+        payload = await request.json()
+        return web.json_response({"created": 0, "data": [{"b64_json": "", "revised_prompt":
+                                                          f"{args.name}: {payload.get('prompt')}"}],
+                                  "model": payload.get("model")})
+
+    app.router.add_post("/v1/audio/transcriptions", transcription)
+    app.router.add_post("/v1/audio/translations", transcription)
+    app.router.add_post("/v1/images/generations", image)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/slots", slots)
     app.router.add_post("/slots/{id}", slot_action)

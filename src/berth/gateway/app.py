@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,11 +42,14 @@ INFERENCE_PATHS = (
     "/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking", "/v1/responses",
     "/v1/messages", "/v1/messages/count_tokens", "/completion", "/completions", "/infill", "/embedding",
     "/embeddings", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
+    "/v1/audio/speech", "/v1/images/generations",
 )
-# GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
-# clients written for one llama-server work unchanged.
+# Uploads: the model is a field of the multipart form (OpenAI's audio and image edit APIs).
+FORM_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
 PROBE_PATHS = ("/metrics", "/health", "/ready")
 LOADING_STATE_INTERVAL = 1.0  # seconds between progress deltas while a model loads (sendLoadingState)
+# GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
+# clients written for one llama-server work unchanged.
 SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
 _ROUTER_STATUS = {
     ModelState.STOPPED: "unloaded", ModelState.FAILED: "unloaded", ModelState.STARTING: "loading",
@@ -120,6 +124,8 @@ class Gateway:
         r.add_get("/api/requests", self.recent_requests)
         for path in INFERENCE_PATHS:
             r.add_post(path, self.inference)
+        for path in FORM_PATHS:
+            r.add_post(path, self.form_inference)
         r.add_route("*", "/{path:.*}", self.by_query_model)
 
     @property
@@ -243,6 +249,25 @@ class Gateway:
                                  drop_auth=bool(self.config.api_keys), into=response)
         finally:
             lease.release()
+
+    async def form_inference(self, request: web.Request) -> web.StreamResponse:
+        """An upload (multipart form) names its model in the `model` field; the body goes on as sent,
+        with that field replaced when the model has `useModelName`."""
+        if request.content_type != "multipart/form-data":
+            return await self._inference(request, request.path)
+        body = await self._read_body(request)
+        boundary = _boundary(request.headers.get("Content-Type", ""))
+        field = form_field(body, boundary, "model") if boundary else None
+        if field is None:
+            model_id = self.config.default_model()
+            if model_id is None:
+                raise BadRequest(f"the form has no `model` field; name one of: {', '.join(self.pool.listed_ids())}")
+        else:
+            model_id = self.pool.resolve(field[2].decode("utf-8", errors="replace"))
+            rename = self.config.models[model_id].use_model_name
+            if rename:
+                body = body[:field[0]] + rename.encode() + body[field[1]:]
+        return await self._serve(request, model_id, request.path, body)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within clientBodyTimeout: a client that trickles it in holds nothing forever."""
@@ -536,6 +561,29 @@ def _parse_json(body: bytes) -> object:
         raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
     except RecursionError:  # the parser recurses once per level of nesting
         raise BadRequest("request body nests too deeply to parse; send a JSON object of ordinary depth") from None
+
+
+def _boundary(content_type: str) -> str:
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    return match.group(1) if match else ""
+
+
+def form_field(body: bytes, boundary: str, name: str) -> tuple[int, int, bytes] | None:
+    """(start, end, value) of a text field of a multipart/form-data body (RFC 7578), or None."""
+    delimiter = b"--" + boundary.encode()
+    position = body.find(delimiter)
+    while position != -1:
+        headers_start = position + len(delimiter) + 2  # past the delimiter's CRLF
+        headers_end = body.find(b"\r\n\r\n", headers_start)
+        following = body.find(delimiter, headers_start)
+        if headers_end == -1 or following == -1 or headers_end > following:
+            return None
+        headers = body[headers_start:headers_end].decode("latin-1").lower()
+        if re.search(rf'content-disposition:\s*form-data;[^\r\n]*\bname="{re.escape(name)}"', headers):
+            start, end = headers_end + 4, following - 2  # the value ends before the CRLF of the delimiter
+            return start, end, body[start:end].strip()
+        position = following
+    return None
 
 
 def capability_fields(caps: Capabilities) -> dict[str, Any]:
