@@ -424,7 +424,7 @@ models:
 def test_logs_and_log_stream(berth, start_port, tmp_path):
     b = berth(two_models(start_port, tmp_path))
     events: list[dict] = []
-    with requests.get(b.url + "/logs/stream/a", stream=True, timeout=30) as stream:
+    with requests.get(b.url + "/ui/api/logs/stream/a", stream=True, timeout=30) as stream:  # the dashboard's
         chat(b.url, "a")
         for line in stream.iter_lines():
             if line.startswith(b"data: "):
@@ -433,6 +433,25 @@ def test_logs_and_log_stream(berth, start_port, tmp_path):
                 break
     assert all(e["source"] == "a" for e in events)
     assert "fake server a starting" in requests.get(b.url + "/logs").text
+
+    def first_lines(path: str, count: int) -> list[str]:
+        with requests.get(b.url + path, stream=True, timeout=30) as stream:
+            assert stream.headers["Content-Type"].startswith("text/plain")
+            lines = []
+            for line in stream.iter_lines(decode_unicode=True):
+                lines.append(line)
+                if len(lines) == count:
+                    return lines
+        return lines
+
+    # llama-swap's raw text: one model's server output as printed; upstream (all models) and proxy (berth)
+    own = first_lines("/logs/stream/a", 4)  # berth's lines about the model come prefixed [berth]
+    assert own[0].startswith("[berth] launching:")
+    assert f"fake server a starting on port {b.running()['a']['port']}" in own
+    assert first_lines("/logs/stream/upstream", 1)[0].startswith("[a] fake server a starting")
+    assert all(not line.startswith("[a] fake") for line in first_lines("/logs/stream/proxy", 3))
+    missing = requests.get(b.url + "/logs/stream/nope", timeout=10)
+    assert missing.status_code == 400 and "proxy, upstream or a model id" in missing.json()["error"]["message"]
 
 
 def test_preload_hook_starts_model_at_startup(berth, start_port, tmp_path):

@@ -32,7 +32,7 @@ from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import forward
 from berth.gateway.sessions import UpstreamSessions
 from berth.memory.devices import inventory
-from berth.runtime.logs import LogHub
+from berth.runtime.logs import LogHub, LogLine
 from berth.runtime.process import ModelProcess
 from berth.scheduler import ModelState
 
@@ -105,8 +105,8 @@ class Gateway:
         r.add_post("/models/unload", self.router_unload)
         r.add_get("/metrics", self.prometheus)
         r.add_get("/logs", self.logs_text)
-        r.add_get("/logs/stream", self.logs_stream)
-        r.add_get("/logs/stream/{model}", self.logs_stream)
+        r.add_get("/logs/stream", self.logs_text_stream)
+        r.add_get("/logs/stream/{source:.+}", self.logs_text_stream)
         r.add_route("*", "/upstream/{target:.+}", self.upstream)
         r.add_post("/api/models/unload", self.unload_models)  # llama-swap's (Open WebUI's eject button)
         r.add_post("/api/models/unload/{model:.+}", self.unload_models)
@@ -516,7 +516,46 @@ class Gateway:
         lines = self.logs.tail(request.query.get("model"))
         return web.Response(text="".join(f"[{line.source}] {line.text}\n" for line in lines))
 
+    async def logs_text_stream(self, request: web.Request) -> web.StreamResponse:
+        """llama-swap's `/logs/stream[/{proxy|upstream|model}]`: plain text lines as they are written, after
+        the history unless `?no-history`. One model's stream is its server's output as printed."""
+        name = request.match_info.get("source", "")
+        model_id = None
+        if name not in ("", "proxy", "upstream"):
+            model_id = self.config.resolve(name)
+            if model_id is None:
+                raise BadRequest(f"no log named {name!r}; use proxy, upstream or a model id")
+
+        def wanted(line: LogLine) -> bool:
+            if name == "proxy":
+                return not line.upstream
+            if name == "upstream":
+                return line.upstream
+            return model_id is None or line.source == model_id
+
+        def text(line: LogLine) -> bytes:
+            return (f"{line.text}\n" if model_id else f"[{line.source}] {line.text}\n").encode()
+
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
+                                               "X-Content-Type-Options": "nosniff", "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        queue = self.logs.subscribe(model_id)
+        try:
+            if "no-history" not in request.query:
+                history = b"".join(text(line) for line in self.logs.tail(model_id) if wanted(line))
+                if history:
+                    await response.write(history)
+            while True:
+                line = await queue.get()
+                if wanted(line):
+                    await response.write(text(line))
+        except (ConnectionResetError, asyncio.CancelledError):
+            return response
+        finally:
+            self.logs.unsubscribe(queue)
+
     async def logs_stream(self, request: web.Request) -> web.StreamResponse:
+        """The dashboard's log view: JSON lines (source and text) as server-sent events."""
         source = request.match_info.get("model")
         if source is not None and source != "berth":
             source = self.pool.resolve(source)

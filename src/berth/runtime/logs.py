@@ -14,6 +14,7 @@ class LogLine:
     source: str  # "berth" or a model id
     text: str
     at: float  # wall-clock seconds
+    upstream: bool = False  # printed by a model server (not written by berth about it)
 
 
 class LogHub:
@@ -27,7 +28,7 @@ class LogHub:
 
     def write(self, source: str, text: str, upstream: bool = False) -> None:
         """A line from `source`; `upstream` when a model server printed it (not berth about it)."""
-        line = LogLine(source, text.rstrip("\n"), time.time())
+        line = LogLine(source, text.rstrip("\n"), time.time(), upstream)
         if upstream and self.echo_upstream is not None:
             self.echo_upstream(line)
         self._rings.setdefault(source, deque(maxlen=self._size)).append(line)
