@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+
+import pytest
+import requests
 
 
 def berth_cli(*args: str) -> subprocess.CompletedProcess:
@@ -72,3 +76,43 @@ def test_fit_json_has_byte_fields_and_flags(tmp_path):
     assert too_small.returncode == 1 and "does not fit ram=1KiB" in too_small.stderr
     missing = berth_cli("fit", str(tmp_path / "absent.gguf"))
     assert missing.returncode == 2 and "neither a GGUF file nor a model in the store" in missing.stderr
+
+
+@pytest.mark.parametrize(("setting", "berth_lines", "model_lines"), [
+    ("logToStdout: upstream", False, True),
+    ("logToStdout: both\nlogTimeFormat: rfc3339", True, True),
+    ("logToStdout: none", False, False),
+])
+def test_log_to_stdout_chooses_what_reaches_stdout(tmp_path, start_port, setting, berth_lines, model_lines):
+    from tests.support.harness import fake_cmd, free_port, wait_until
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"{setting}\nstartPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
+    port = free_port()
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "berth.cli", "serve", "-c", str(config), "--listen",
+                                 f"127.0.0.1:{port}"], stdout=stdout, stderr=stderr)
+        try:
+            def answered() -> bool:
+                try:
+                    return requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                                         json={"model": "a", "messages": []}).status_code == 200
+                except requests.ConnectionError:
+                    return False
+
+            wait_until(answered, 20, "berth to serve a")
+        finally:
+            proc.terminate()
+            try:
+                code = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+    assert code == 0
+    printed = out.read_text()
+    assert ("berth listening on" in printed) is berth_lines, printed
+    assert ("[a] fake server a starting" in printed) is model_lines, printed
+    if "rfc3339" in setting:  # 2026-11-23T20:30:01+00:00 (or Z): Go's RFC 3339 layout
+        first = next(line for line in printed.splitlines() if "berth listening on" in line)
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d) INFO ", first), first
