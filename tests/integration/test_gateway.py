@@ -1074,3 +1074,30 @@ def test_audio_and_image_routes_through_the_openai_sdk(berth, start_port, tmp_pa
     with audio.open("rb") as fh:
         with pytest.raises(openai.NotFoundError):
             client.audio.transcriptions.create(model="nope", file=fh)
+
+
+def test_set_params_by_id_gives_variants_of_one_loaded_model_without_a_reload(berth, start_port):
+    b = berth(f"""
+startPort: {start_port}
+models:
+  m:
+    cmd: "{fake_cmd('m')}"
+    filters:
+      setParams: {{temperature: 0.7}}
+      setParamsByID:
+        "${{MODEL_ID}}": {{chat_template_kwargs: {{reasoning_effort: medium}}}}
+        "${{MODEL_ID}}:high": {{chat_template_kwargs: {{reasoning_effort: high}}, temperature: 1.0}}
+""")
+
+    def sent(model: str) -> dict:
+        r = requests.post(b.url + "/v1/embeddings", json={"model": model, "input": "x"}, timeout=30)
+        assert r.status_code == 200, r.text
+        return json.loads(r.json()["body"])
+
+    assert sent("m")["chat_template_kwargs"] == {"reasoning_effort": "medium"} and sent("m")["temperature"] == 0.7
+    pid = b.running()["m"]["pid"]
+    high = sent("m:high")  # an alias made from the key: the same server, other parameters
+    assert high["chat_template_kwargs"] == {"reasoning_effort": "high"} and high["temperature"] == 1.0
+    assert b.running()["m"]["pid"] == pid  # no reload
+    ids = {m["id"] for m in requests.get(b.url + "/v1/models", timeout=10).json()["data"]}
+    assert ids == {"m"}  # listed once, as llama-swap lists aliases (includeAliasesInList shows them)

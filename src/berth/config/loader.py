@@ -81,6 +81,7 @@ class ModelSpec:
     concurrency_limit: int = 10
     strip_params: tuple[str, ...] = ()
     set_params: tuple[tuple[str, Any], ...] = ()
+    set_params_by_id: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # requested id -> params
     name: str = ""
     description: str = ""
     metadata: tuple[tuple[str, Any], ...] = ()
@@ -426,6 +427,16 @@ class _Resolver:
             return [self.expand_value(v, typed, macros, loc + (str(i),), allow) for i, v in enumerate(value)]
         return value
 
+    def params(self, values: dict[str, Any], typed: dict[str, schema.MacroValue], macros: dict[str, str],
+               loc: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+        """Request parameters a filter sets, macros expanded. `model` is protected, as in llama-swap:
+        dropped with a warning (useModelName renames what the model server is sent)."""
+        if "model" in values:
+            self.warnings.append(f"{self.path}:{_line_of(self.raw, loc + ('model',))}: {'.'.join(loc)}.model: "
+                                 "a filter cannot set `model` (llama-swap protects it too); use useModelName")
+            values = {k: v for k, v in values.items() if k != "model"}
+        return tuple(self.expand_value(values, typed, macros, loc, {"MODEL_ID"}).items())
+
     def resolve_model(self, model_id: str, model: schema.ModelConfig, group: str) -> ModelSpec:
         loc = ("models", model_id)
         self.check_macro_names(model.macros, loc + ("macros",))
@@ -464,6 +475,9 @@ class _Resolver:
         strip = self.expand_value(model.filters.strip_params or model.filters.legacy_strip_params, typed, macros,
                                   loc + ("filters", "stripParams"), {"MODEL_ID"})
         everywhere = {"MODEL_ID"}  # and ${PORT} in metadata, filled in per run by /v1/models
+        by_id = [(self.expand(key, macros, loc + ("filters", "setParamsByID", key), everywhere),
+                  self.params(params, typed, macros, loc + ("filters", "setParamsByID", key)))
+                 for key, params in model.filters.set_params_by_id.items()]
         strip_list = [s.strip() for s in (strip.split(",") if isinstance(strip, str) else strip) if s.strip()]
         spec = ModelSpec(
             id=model_id,
@@ -474,15 +488,16 @@ class _Resolver:
             env=tuple(env),
             check_endpoint=None if check.lower() == "none" else ("/" + check.lstrip("/")),
             ttl=self.parsed.global_ttl if model.ttl is None or model.ttl == -1 else model.ttl,
-            aliases=tuple(self.expand(a, macros, loc + ("aliases", str(i)), everywhere)
-                          for i, a in enumerate(model.aliases)),
+            aliases=tuple(dict.fromkeys([*(self.expand(a, macros, loc + ("aliases", str(i)), everywhere)
+                                           for i, a in enumerate(model.aliases)),
+                                         *(key for key, _ in by_id if key != model_id)])),
             group=group,
             unlisted=model.unlisted,
             use_model_name=self.expand(model.use_model_name, macros, loc + ("useModelName",), everywhere),
             concurrency_limit=model.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT,
             strip_params=tuple(p for p in strip_list if p != "model"),
-            set_params=tuple(self.expand_value(model.filters.set_params, typed, macros,
-                                               loc + ("filters", "setParams"), everywhere).items()),
+            set_params=self.params(model.filters.set_params, typed, macros, loc + ("filters", "setParams")),
+            set_params_by_id=tuple(by_id),
             name=self.expand(model.name, macros, loc + ("name",), everywhere),
             description=self.expand(model.description, macros, loc + ("description",), everywhere),
             metadata=tuple(self.expand_value(model.metadata, typed, macros, loc + ("metadata",),

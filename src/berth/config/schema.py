@@ -20,6 +20,8 @@ class FiltersConfig(_Section):
     strip_params: str | list[str] = Field("", alias="stripParams")
     legacy_strip_params: str | list[str] = Field("", alias="strip_params")  # llama-swap's earlier spelling
     set_params: dict[str, Any] = Field(default_factory=dict, alias="setParams")
+    # per requested id (each id becomes an alias): variants of one loaded model without a reload
+    set_params_by_id: dict[str, dict[str, Any]] = Field(default_factory=dict, alias="setParamsByID")
 
 
 class CapabilitiesConfig(_Section):

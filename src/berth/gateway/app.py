@@ -205,7 +205,7 @@ class Gateway:
             raise BadRequest("`model` must be a string")
         else:
             model_id = self.pool.resolve(name)
-        body = self._apply_filters(model_id, payload, body)
+        body = self._apply_filters(model_id, name or model_id, payload, body)
         if (payload.get("stream") is True and path.endswith("/chat/completions")
                 and self.config.models[model_id].send_loading_state
                 and self.pool.state(model_id) is not ModelState.READY):
@@ -277,14 +277,16 @@ class Gateway:
             raise RequestTimeout(f"the request body did not arrive within clientBodyTimeout "
                                  f"({self.config.client_body_timeout:g}s); send it faster or raise the limit") from None
 
-    def _apply_filters(self, model_id: str, payload: dict, body: bytes) -> bytes:
+    def _apply_filters(self, model_id: str, requested: str, payload: dict, body: bytes) -> bytes:
+        """stripParams, then setParams, then the setParamsByID entry of the id the client asked for."""
         spec = self.config.models[model_id]
         changed = False
         for key in spec.strip_params:
             if key in payload:
                 del payload[key]
                 changed = True
-        for key, value in spec.set_params:
+        by_id = dict(spec.set_params_by_id).get(requested, ())
+        for key, value in (*spec.set_params, *by_id):
             payload[key] = value
             changed = True
         if spec.use_model_name:
