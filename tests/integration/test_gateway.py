@@ -9,6 +9,7 @@ import re
 import select
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ import pytest
 import requests
 
 from tests.support.harness import (
-    children_of, fake_cmd, pid_alive, start_log_lines, wait_until,
+    FAKE_SERVER, children_of, fake_cmd, free_port, pid_alive, start_log_lines, wait_until,
 )
 
 
@@ -1101,3 +1102,60 @@ models:
     assert b.running()["m"]["pid"] == pid  # no reload
     ids = {m["id"] for m in requests.get(b.url + "/v1/models", timeout=10).json()["data"]}
     assert ids == {"m"}  # listed once, as llama-swap lists aliases (includeAliasesInList shows them)
+
+
+@pytest.fixture
+def fake_openai_peer():
+    """A fake OpenAI-compatible server on its own (a hosted API stand-in): it echoes what it receives."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", str(port), "--name", "hosted"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), 20, "the fake peer")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_peers_route_by_qualified_and_unique_ids_and_carry_their_own_key(berth, start_port, fake_openai_peer):
+    back = berth(f"startPort: {start_port}\napiKeys: [back-secret]\nmodels:\n  x: {{cmd: \"{fake_cmd('x-on-back')}\"}}\n")
+    front = berth(f"""
+startPort: {start_port + 4}
+apiKeys: [front-key]
+models:
+  x: {{cmd: "{fake_cmd('x-on-front')}"}}
+peers:
+  back: {{proxy: "{back.url}", apiKey: back-secret, models: [x, y-only]}}
+  hosted:
+    proxy: "{fake_openai_peer}/"
+    apiKey: hosted-secret
+    models: [vendor/big]
+    filters: {{stripParams: "temperature", setParams: {{provider: {{zdr: true}}}}}}
+  keyless: {{proxy: "{back.url}", models: [x]}}
+""")
+    auth = {"Authorization": "Bearer front-key"}
+
+    def ask(model: str, path: str = "/v1/chat/completions") -> requests.Response:
+        return requests.post(front.url + path, headers=auth, timeout=30,
+                             json={"model": model, "messages": [], "temperature": 0.1})
+
+    assert ask("x").json()["server"] == "x-on-front"  # a local id wins over a peer's
+    assert ask("back/x").json()["server"] == "x-on-back"  # the qualified id goes to the peer, with its key
+    refused = ask("keyless/x")  # a peer without apiKey gets no key: the back berth refuses
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    echoed = ask("vendor/big", "/v1/embeddings").json()  # unqualified, and only `hosted` lists it
+    headers = {k.lower(): v for k, v in echoed["headers"].items()}
+    assert headers["authorization"] == "Bearer hosted-secret" and headers["x-api-key"] == "hosted-secret"
+    assert json.loads(echoed["body"]) == {"model": "vendor/big", "messages": [], "provider": {"zdr": True}}
+    assert ask("y-only").status_code == 404  # the peer's own answer: back serves no y-only
+    listed = {m["id"]: m for m in requests.get(front.url + "/v1/models", headers=auth, timeout=10).json()["data"]}
+    assert {"x", "back/x", "back/y-only", "hosted/vendor/big", "keyless/x"} <= set(listed)
+    assert listed["back/x"]["meta"]["llamaswap"] == {"type": "peer", "peerID": "back"}

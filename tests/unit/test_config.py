@@ -161,13 +161,13 @@ def test_unimplemented_keys_warn_with_their_line():
             cmd: x --port ${PORT}
             sendLoadingState: true
             timeouts: {tlsHandshake: 10}
-        peers:
-          other: {proxy: "http://x"}
+        profiles:
+          coding: {pins: {}}
         selectors: {}
         """), "w.yaml")
     assert config.warnings == [
         "w.yaml:5: models.a.timeouts.tlsHandshake: not supported by berth; ignored",
-        "w.yaml:6: peers: not supported by berth; ignored",
+        "w.yaml:6: profiles: not supported by berth; ignored",
         "w.yaml:8: selectors: not supported by berth; ignored",
     ]
 

@@ -122,6 +122,19 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class PeerSpec:
+    """A peer: its models answer as `<peer id>/<model>` (or the bare model when one peer alone has it)."""
+
+    id: str
+    proxy: str
+    models: tuple[str, ...]
+    api_key: str = ""
+    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
+    strip_params: tuple[str, ...] = ()
+    set_params: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class MatrixSpec:
     """The matrix's sets expanded to model ids, in definition order, and eviction costs by model id."""
 
@@ -143,6 +156,7 @@ class BerthConfig:
     models: dict[str, ModelSpec]
     groups: dict[str, GroupSpec]
     matrix: MatrixSpec | None = None  # when given, it decides which models run together (no groups)
+    peers: dict[str, PeerSpec] = field(default_factory=dict)
     preload: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)  # "*" turns the Host check off
@@ -174,6 +188,15 @@ class BerthConfig:
             if name in spec.aliases:
                 return spec.id
         return None
+
+    def resolve_peer(self, name: str) -> tuple[PeerSpec, str] | None:
+        """The peer and its model id for `<peer>/<model>`, or for a bare model id that exactly one peer
+        lists; None otherwise. Local ids and aliases are looked up first, by the caller."""
+        peer_id, sep, model = name.partition("/")
+        if sep and peer_id in self.peers and model in self.peers[peer_id].models:
+            return self.peers[peer_id], model
+        offering = [peer for peer in self.peers.values() if name in peer.models]
+        return (offering[0], name) if len(offering) == 1 else None
 
     def default_model(self) -> str | None:
         """The model a request without `model` goes to: alias `default`, else the only model."""
@@ -270,6 +293,13 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
     check(hooks, schema.HooksConfig, "hooks")
     if isinstance(hooks, LineDict):
         check(hooks.get("on_startup"), schema.StartupHooks, "hooks.on_startup")
+    peers = raw.get("peers")
+    if isinstance(peers, LineDict):
+        for peer_id, peer in peers.items():
+            check(peer, schema.PeerConfig, f"peers.{peer_id}")
+            if isinstance(peer, LineDict):
+                check(peer.get("filters"), schema.FiltersConfig, f"peers.{peer_id}.filters")
+                check(peer.get("timeouts"), schema.TimeoutsConfig, f"peers.{peer_id}.timeouts")
     check(raw.get("memory"), schema.MemoryConfig, "memory")
     check(raw.get("upstream"), schema.UpstreamConfig, "upstream")
     check(raw.get("timeouts"), schema.TimeoutsConfig, "timeouts")
@@ -292,6 +322,12 @@ def _line_of(raw: Any, loc: tuple[str, ...]) -> int | None:
 
 
 # -- resolution -----------------------------------------------------------------
+
+
+def _param_names(given: str | list[str]) -> tuple[str, ...]:
+    """stripParams as names: a comma-separated string or a list; never `model` (it stays)."""
+    names = given.split(",") if isinstance(given, str) else given
+    return tuple(n.strip() for n in names if n.strip() and n.strip() != "model")
 
 
 def _macro_text(value: schema.MacroValue) -> str:
@@ -325,6 +361,7 @@ class _Resolver:
             models=models,
             groups=self.resolve_groups(group_of),
             matrix=self.resolve_matrix(*matrix) if matrix else None,
+            peers={peer_id: self.resolve_peer(peer_id, peer) for peer_id, peer in p.peers.items()},
             api_keys=[self.expand_env(k, ("apiKeys", str(i))) for i, k in enumerate(p.api_keys)],
             allowed_hosts=[h.strip().lower() for h in p.allowed_hosts],
             include_aliases_in_list=p.include_aliases_in_list,
@@ -427,6 +464,25 @@ class _Resolver:
             return [self.expand_value(v, typed, macros, loc + (str(i),), allow) for i, v in enumerate(value)]
         return value
 
+    def resolve_peer(self, peer_id: str, peer: schema.PeerConfig) -> PeerSpec:
+        loc = ("peers", peer_id)
+        macros = {k: _macro_text(v) for k, v in self.parsed.macros.items()}
+        proxy = self.expand(peer.proxy, macros, loc + ("proxy",), set()).rstrip("/")
+        if not proxy.startswith(("http://", "https://")):
+            raise self.error(loc + ("proxy",), f"proxy {proxy!r} must be an http:// or https:// URL")
+        if "/" in peer_id:
+            raise self.error(loc, f"peer id {peer_id!r} may not contain '/': its models are named <peer>/<model>")
+        for i, model in enumerate(peer.models):
+            if f"{peer_id}/{model}" in self.parsed.models:
+                raise self.error(loc + ("models", str(i)), f"{peer_id}/{model} is also a local model id; "
+                                                           "rename one of them")
+        return PeerSpec(peer_id, proxy, tuple(peer.models),
+                        self.expand(peer.api_key, macros, loc + ("apiKey",), set()).strip(),
+                        self.timeouts(peer.timeouts), _param_names(peer.filters.strip_params
+                                                                   or peer.filters.legacy_strip_params),
+                        self.params(peer.filters.set_params, dict(self.parsed.macros), macros,
+                                    loc + ("filters", "setParams")))
+
     def params(self, values: dict[str, Any], typed: dict[str, schema.MacroValue], macros: dict[str, str],
                loc: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         """Request parameters a filter sets, macros expanded. `model` is protected, as in llama-swap:
@@ -472,13 +528,12 @@ class _Resolver:
         for i, item in enumerate(model.env):
             key, _, value = self.expand(item, macros, loc + ("env", str(i)), {"PORT", "MODEL_ID"}).partition("=")
             env.append((key.strip(), value))
-        strip = self.expand_value(model.filters.strip_params or model.filters.legacy_strip_params, typed, macros,
-                                  loc + ("filters", "stripParams"), {"MODEL_ID"})
+        strip = _param_names(self.expand_value(model.filters.strip_params or model.filters.legacy_strip_params,
+                                               typed, macros, loc + ("filters", "stripParams"), {"MODEL_ID"}))
         everywhere = {"MODEL_ID"}  # and ${PORT} in metadata, filled in per run by /v1/models
         by_id = [(self.expand(key, macros, loc + ("filters", "setParamsByID", key), everywhere),
                   self.params(params, typed, macros, loc + ("filters", "setParamsByID", key)))
                  for key, params in model.filters.set_params_by_id.items()]
-        strip_list = [s.strip() for s in (strip.split(",") if isinstance(strip, str) else strip) if s.strip()]
         spec = ModelSpec(
             id=model_id,
             argv=tuple(argv),
@@ -495,7 +550,7 @@ class _Resolver:
             unlisted=model.unlisted,
             use_model_name=self.expand(model.use_model_name, macros, loc + ("useModelName",), everywhere),
             concurrency_limit=model.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT,
-            strip_params=tuple(p for p in strip_list if p != "model"),
+            strip_params=strip,
             set_params=self.params(model.filters.set_params, typed, macros, loc + ("filters", "setParams")),
             set_params_by_id=tuple(by_id),
             name=self.expand(model.name, macros, loc + ("name",), everywhere),

@@ -101,6 +101,16 @@ class GroupConfig(_Section):
     members: list[str] = Field(default_factory=list)
 
 
+class PeerConfig(_Section):
+    """Another server with OpenAI routes (another berth or llama-swap, or a hosted API)."""
+
+    proxy: str  # base URL; the request's path is appended
+    models: list[str] = Field(min_length=1)
+    api_key: str = Field("", alias="apiKey")  # sent as Authorization: Bearer and x-api-key
+    timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig.model_validate({}))
+    filters: FiltersConfig = Field(default_factory=lambda: FiltersConfig.model_validate({}))
+
+
 class MatrixConfig(_Section):
     """llama-swap's matrix (routing.router.settings.matrix, or the older top-level `matrix`)."""
 
@@ -184,6 +194,7 @@ class BerthConfigFile(_Section):
     groups: dict[str, GroupConfig] = Field(default_factory=dict)  # llama-swap's legacy place for groups
     matrix: MatrixConfig | None = None  # llama-swap's earlier place for the matrix
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    peers: dict[str, PeerConfig] = Field(default_factory=dict)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
     allowed_hosts: list[str] = Field(default_factory=list, alias="allowedHosts")  # Host names besides localhost

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from berth.config import BerthConfig
-from berth.config.loader import PORT_MACRO, Capabilities
+from berth.config.loader import PORT_MACRO, Capabilities, PeerSpec
 from berth.engine.launch import server_args
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage
@@ -29,7 +29,7 @@ from berth.core.errors import (
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics, kv_tokens_in_use
 from berth.gateway.pool import ModelPool
-from berth.gateway.proxy import forward
+from berth.gateway.proxy import Upstream, forward
 from berth.gateway.sessions import UpstreamSessions
 from berth.memory.devices import inventory
 from berth.runtime.logs import LogHub, LogLine
@@ -203,6 +203,8 @@ class Gateway:
                 raise BadRequest(f"request has no `model`; name one of: {', '.join(self.pool.listed_ids())}")
         elif not isinstance(name, str):
             raise BadRequest("`model` must be a string")
+        elif self.config.resolve(name) is None and (peer := self.config.resolve_peer(name)) is not None:
+            return await self._serve_peer(request, *peer, path, payload)
         else:
             model_id = self.pool.resolve(name)
         body = self._apply_filters(model_id, name or model_id, payload, body)
@@ -211,6 +213,18 @@ class Gateway:
                 and self.pool.state(model_id) is not ModelState.READY):
             return await self._serve_while_loading(request, model_id, path, body)
         return await self._serve(request, model_id, path, body)
+
+    async def _serve_peer(self, request: web.Request, peer: PeerSpec, model: str, path: str,
+                          payload: dict) -> web.StreamResponse:
+        """A peer's model: its filters, its model id in the body, its key in place of the client's."""
+        for key in peer.strip_params:
+            payload.pop(key, None)
+        payload.update(peer.set_params)
+        payload["model"] = model
+        headers = (("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)) if peer.api_key else ()
+        target = Upstream(f"{peer.id}/{model}", peer.proxy, peer.timeouts, headers)
+        return await forward(request, target, path, json.dumps(payload).encode(), self.sessions.proxy, self.metrics,
+                             drop_auth=bool(self.config.api_keys))
 
     async def _serve_while_loading(self, request: web.Request, model_id: str, path: str,
                                    body: bytes) -> web.StreamResponse:
@@ -245,7 +259,7 @@ class Gateway:
         try:
             await response.write(_loading_chunk(model_id, f"\nberth: {model_id} is ready "
                                                            f"({time.perf_counter() - began:.1f}s)\n\n"))
-            return await forward(request, lease, path, body, self.sessions.proxy, self.metrics,
+            return await forward(request, Upstream.of(lease), path, body, self.sessions.proxy, self.metrics,
                                  drop_auth=bool(self.config.api_keys), into=response)
         finally:
             lease.release()
@@ -303,7 +317,7 @@ class Gateway:
             self.metrics.record_request(model_id, path, exc.status, time.perf_counter() - began)
             raise
         try:
-            return await forward(request, lease, path, body, self.sessions.proxy, self.metrics,
+            return await forward(request, Upstream.of(lease), path, body, self.sessions.proxy, self.metrics,
                                  drop_auth=bool(self.config.api_keys), rewrite_errors=rewrite_errors)
         finally:
             lease.release()
@@ -396,6 +410,12 @@ class Gateway:
             data.append(self._model_entry(spec.id, spec.id))
             if self.config.include_aliases_in_list:
                 data.extend(self._model_entry(spec.id, alias) for alias in spec.aliases)
+        for peer in self.config.peers.values():
+            data.extend({"id": f"{peer.id}/{model}", "object": "model", "created": self.started_at,
+                         "owned_by": peer.id, "name": f"{peer.id}: {model}",
+                         "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}}, "status": {"value": "unloaded"},
+                         "state": "remote"}
+                        for model in peer.models)
         return web.json_response({"object": "list", "data": data})
 
     async def running(self, request: web.Request) -> web.Response:

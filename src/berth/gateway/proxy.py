@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -57,12 +58,14 @@ def openai_error(status: int, body: bytes) -> dict | None:
                       "upstream": parsed if parsed is not None else text}}
 
 
+_AUTH_HEADERS = {"authorization", "x-api-key"}
+
+
 def _request_headers(request: web.Request, drop_auth: bool) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-    if drop_auth:  # the client's key was for berth, not for the model server
-        for name in ("Authorization", "X-Api-Key"):
-            headers.pop(name, None)
-    return headers
+    """The client's headers to pass on; with `drop_auth`, not its key (it was for berth, or a peer's own
+    key replaces it), however the client spelled the header's name."""
+    dropped = _HOP_BY_HOP | _AUTH_HEADERS if drop_auth else _HOP_BY_HOP
+    return {k: v for k, v in request.headers.items() if k.lower() not in dropped}
 
 
 def _client_timeout(timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
@@ -99,9 +102,25 @@ def _rewritable(upstream: aiohttp.ClientResponse) -> bool:
     return encoding == "identity" and not upstream.headers.get("Content-Type", "").startswith("text/event-stream")
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where one request goes: a leased model's server, or a peer."""
+
+    model: str  # the id metrics and messages name
+    base_url: str  # the request's path is appended
+    timeouts: UpstreamTimeouts
+    headers: tuple[tuple[str, str], ...] = ()  # set on the request (a peer's key)
+    restore_hit: bool = False  # the first request after a KV slot restore: count its cache hits
+
+    @classmethod
+    def of(cls, lease: Lease) -> "Upstream":
+        spec = lease.process.spec
+        return cls(spec.id, spec.proxy, spec.timeouts, restore_hit=lease.process.take_restore_hit())
+
+
 async def forward(
     request: web.Request,
-    lease: Lease,
+    target: Upstream,
     path: str,
     body: bytes | None,
     session: aiohttp.ClientSession,
@@ -110,24 +129,23 @@ async def forward(
     rewrite_errors: bool = True,
     into: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
-    """Send `body` to the leased model at `path` and stream its answer to the client.
+    """Send `body` to `target` at `path` and stream its answer to the client.
 
     With `rewrite_errors`, an error answer (4xx/5xx, not a stream) is returned in OpenAI's error shape.
     `into` is an event stream already under way to the client (sendLoadingState): the answer's data
     is appended to it, and an error answer becomes an error event.
     """
-    spec = lease.process.spec
-    model = spec.id
-    restore_hit = lease.process.take_restore_hit()
-    url = spec.proxy + path
+    model = target.model
+    url = target.base_url + path
     if request.query_string:
         url += "?" + request.query_string
     began = time.perf_counter()
     status = 502
     usage: dict = {}
-    timeouts = spec.timeouts
-    opening = _open(session, request.method, url, body, _request_headers(request, drop_auth),
-                    _client_timeout(timeouts))
+    timeouts = target.timeouts
+    headers = _request_headers(request, drop_auth or bool(target.headers))
+    headers.update(target.headers)
+    opening = _open(session, request.method, url, body, headers, _client_timeout(timeouts))
     try:
         upstream_response = await (asyncio.wait_for(opening, timeouts.response_header)
                                    if timeouts.response_header else opening)
@@ -177,7 +195,7 @@ async def forward(
                         request.transport.close()
                     return response
             usage = metrics.record_usage(model, tail)
-            if restore_hit:
+            if target.restore_hit:
                 metrics.record_restore_hit(model, tail)
             await response.write_eof()
             return response
@@ -187,7 +205,7 @@ async def forward(
             f"model {model!r} sent no answer within {_limit(timeouts)}; it may be hung or overloaded (raise "
             "its `timeouts` in the config if it is just slow)") from None
     except aiohttp.ClientConnectionError as exc:
-        raise UpstreamError(f"model {model!r} is not reachable at {spec.proxy}: {exc}") from None
+        raise UpstreamError(f"model {model!r} is not reachable at {target.base_url}: {exc}") from None
     finally:
         elapsed = time.perf_counter() - began
         metrics.requests.labels(model, str(status)).inc()
