@@ -1159,3 +1159,52 @@ peers:
     listed = {m["id"]: m for m in requests.get(front.url + "/v1/models", headers=auth, timeout=10).json()["data"]}
     assert {"x", "back/x", "back/y-only", "hosted/vendor/big", "keyless/x"} <= set(listed)
     assert listed["back/x"]["meta"]["llamaswap"] == {"type": "peer", "peerID": "back"}
+
+
+def test_profiles_pin_names_at_run_time_and_selectors_pick_targets(berth, start_port):
+    b = berth(f"""
+startPort: {start_port}
+models:
+  big: {{cmd: "{fake_cmd('big')}"}}
+  small: {{cmd: "{fake_cmd('small')}"}}
+profiles:
+  coding:
+    description: code models
+    pins: {{llm-code: big, small: ~, llm-any: any-warm}}
+selectors:
+  any-warm: {{strategy: warm, targets: [big, small], name: Any loaded model}}
+  fill: {{strategy: spillover, targets: [small, big], settings: {{spillover: 1}}}}
+""")
+    assert chat(b.url, "any-warm").json()["server"] == "big"  # none is loaded: the first target
+    assert chat(b.url, "small").json()["server"] == "small"
+    requests.post(b.url + "/models/unload", json={"model": "big"}, timeout=30)
+    wait_until(lambda: "big" not in b.running(), 10, "big to stop")
+    assert chat(b.url, "any-warm").json()["server"] == "small"  # the loaded one now
+    # profiles: none active at start; PUT switches; a pin renames, a null pin refuses
+    listing = requests.get(b.url + "/api/profiles", timeout=10).json()
+    assert listing == {"active": None, "profiles": [{"id": "coding", "description": "code models",
+                                                     "pins": {"llm-code": "big", "small": None, "llm-any": "any-warm"}}]}
+    assert chat(b.url, "llm-code").status_code == 404
+    put = requests.put(b.url + "/api/profiles/active", json={"name": "coding"}, timeout=10)
+    assert put.json() == {"active": "coding"}
+    assert chat(b.url, "llm-code").json()["server"] == "big"
+    assert chat(b.url, "llm-any").json()["server"] in ("big", "small")  # a pin to a selector
+    off = chat(b.url, "small")
+    assert off.status_code == 404 and "turned off by the active profile 'coding'" in off.json()["error"]["message"]
+    ids = {m["id"]: m for m in requests.get(b.url + "/v1/models", timeout=10).json()["data"]}
+    assert ids["llm-code"]["meta"]["llamaswap"] == {"type": "pin", "profile": "coding", "target": "big"}
+    assert ids["any-warm"]["meta"]["llamaswap"]["type"] == "selector"
+    unknown = requests.put(b.url + "/api/profiles/active", json={"name": "nope"}, timeout=10)
+    assert unknown.status_code == 404 and "profiles: coding" in unknown.json()["error"]["message"]
+    assert requests.put(b.url + "/api/profiles/active", json={"name": None}, timeout=10).json() == {"active": None}
+    assert chat(b.url, "small").json()["server"] == "small"
+    requests.put(b.url + "/api/profiles/active", json={"name": "coding"}, timeout=10)
+    b.proc.send_signal(signal.SIGHUP)  # a reload leaves no profile active, as in llama-swap
+    wait_until(lambda: requests.get(b.url + "/api/profiles", timeout=10).json()["active"] is None, 10, "the reload")
+    # spillover: one request per target, so a second concurrent request goes to the next target
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(chat, b.url, "fill", stream=True, chunks=20, chunk_delay=0.1)
+        wait_until(lambda: b.running().get("small", {}).get("in_flight") == 1, 10, "the first on small")
+        second = chat(b.url, "fill")
+        assert second.json()["server"] == "big"
+        assert first.result().status_code == 200

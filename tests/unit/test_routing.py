@@ -1,5 +1,5 @@
 """llama-swap's routing section: groups in their current place, the matrix (its set language and its
-solver, table-driven from llama-swap's documented examples) and fifo priorities."""
+solver, table-driven from llama-swap's documented examples), fifo priorities, and selectors' strategies."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import textwrap
 import pytest
 
 from berth.config import parse_config
+from berth.config.loader import SelectorSpec
 from berth.config.matrix import MatrixSyntaxError, expand
 from berth.core.errors import ConfigError
-from berth.scheduler import Admit, MatrixPolicy, ModelPolicy, Scheduler, Start, Stop
+from berth.gateway.naming import choose
+from berth.scheduler import Admit, MatrixPolicy, ModelPolicy, ModelState, Scheduler, Start, Stop
 
 # llama-swap's documented expansions (config.example.yaml, routing.router.settings.matrix.sets)
 EXPANSIONS = [
@@ -181,3 +183,24 @@ def test_higher_priority_waiting_requests_are_served_first():
     assert [a.model for a in actions if isinstance(a, Stop)] == ["g"]
     assert [a.model for a in s.stopped("g", 0.0) if isinstance(a, Start)] == ["L"]  # not q, which came first
     assert s.started("L", 0.0) == [Admit(3, "L")]
+
+
+R, S, X, O = ModelState.READY, ModelState.STARTING, ModelState.STOPPING, ModelState.STOPPED
+
+
+@pytest.mark.parametrize(("strategy", "states", "in_flight", "spillover", "chosen"), [
+    ("pin", {"a": O, "b": R}, {}, 1, "a"),  # always the first
+    ("warm", {"a": O, "b": R, "c": R}, {}, 1, "b"),  # the first ready
+    ("warm", {"a": O, "b": S, "c": O}, {}, 1, "b"),  # else the first starting
+    ("warm", {"a": O, "b": O}, {}, 1, "a"),  # else the first, cold
+    ("spillover", {"a": O, "b": O}, {}, 2, "a"),  # nothing active: the first
+    ("spillover", {"a": R, "b": O}, {"a": 1}, 2, "a"),  # a has room (1 < 2)
+    ("spillover", {"a": R, "b": O}, {"a": 2}, 2, "b"),  # a is full: the next target starts
+    ("spillover", {"a": R, "b": R}, {"a": 2, "b": 1}, 2, "b"),  # the least busy active one
+    ("spillover", {"a": R, "b": R}, {"a": 3, "b": 3}, 2, "a"),  # all full, none cold: the least busy, first
+    ("spillover", {"a": X, "b": O}, {}, 1, "b"),  # a stopping target is skipped
+    ("spillover", {"a": R, "peer/m": None}, {"a": 1}, 1, "peer/m"),  # a peer's model is cold until used
+])
+def test_selector_strategies(strategy, states, in_flight, spillover, chosen):
+    selector = SelectorSpec("s", strategy, tuple(states), spillover)
+    assert choose(selector, states.get, lambda t: in_flight.get(t, 0)) == chosen

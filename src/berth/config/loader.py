@@ -135,6 +135,27 @@ class PeerSpec:
 
 
 @dataclass(frozen=True)
+class SelectorSpec:
+    """A virtual id resolved per request: `pin` the first target, `warm` the first ready (else starting,
+    else the first) target, `spillover` fills targets in order up to `spillover` requests each."""
+
+    id: str
+    strategy: str
+    targets: tuple[str, ...]
+    spillover: int = 1
+    name: str = ""
+    description: str = ""
+    metadata: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    id: str
+    description: str
+    pins: tuple[tuple[str, str | None], ...]  # requested id -> target; None refuses it
+
+
+@dataclass(frozen=True)
 class MatrixSpec:
     """The matrix's sets expanded to model ids, in definition order, and eviction costs by model id."""
 
@@ -157,6 +178,8 @@ class BerthConfig:
     groups: dict[str, GroupSpec]
     matrix: MatrixSpec | None = None  # when given, it decides which models run together (no groups)
     peers: dict[str, PeerSpec] = field(default_factory=dict)
+    selectors: dict[str, SelectorSpec] = field(default_factory=dict)
+    profiles: dict[str, ProfileSpec] = field(default_factory=dict)
     preload: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)  # "*" turns the Host check off
@@ -300,6 +323,13 @@ def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None
             if isinstance(peer, LineDict):
                 check(peer.get("filters"), schema.FiltersConfig, f"peers.{peer_id}.filters")
                 check(peer.get("timeouts"), schema.TimeoutsConfig, f"peers.{peer_id}.timeouts")
+    for section, shape in (("profiles", schema.ProfileConfig), ("selectors", schema.SelectorConfig)):
+        entries = raw.get(section)
+        if isinstance(entries, LineDict):
+            for name, entry in entries.items():
+                check(entry, shape, f"{section}.{name}")
+                if section == "selectors" and isinstance(entry, LineDict):
+                    check(entry.get("settings"), schema.SelectorSettings, f"selectors.{name}.settings")
     check(raw.get("memory"), schema.MemoryConfig, "memory")
     check(raw.get("upstream"), schema.UpstreamConfig, "upstream")
     check(raw.get("timeouts"), schema.TimeoutsConfig, "timeouts")
@@ -362,6 +392,11 @@ class _Resolver:
             groups=self.resolve_groups(group_of),
             matrix=self.resolve_matrix(*matrix) if matrix else None,
             peers={peer_id: self.resolve_peer(peer_id, peer) for peer_id, peer in p.peers.items()},
+            selectors={sid: SelectorSpec(sid, sel.strategy, tuple(sel.targets), sel.settings.spillover,
+                                         sel.name, sel.description, tuple(sel.metadata.items()))
+                       for sid, sel in p.selectors.items()},
+            profiles={pid: ProfileSpec(pid, prof.description, tuple((k, v or None) for k, v in prof.pins.items()))
+                      for pid, prof in p.profiles.items()},
             api_keys=[self.expand_env(k, ("apiKeys", str(i))) for i, k in enumerate(p.api_keys)],
             allowed_hosts=[h.strip().lower() for h in p.allowed_hosts],
             include_aliases_in_list=p.include_aliases_in_list,
@@ -385,6 +420,7 @@ class _Resolver:
             upstream_ignore_paths=self.ignore_paths(p.upstream.ignore_paths),
             notes=self.web_ui_notes(),
         )
+        self.check_virtual_ids(config)
         for i, key in enumerate(config.api_keys):
             if not key.strip():
                 raise self.error(("apiKeys", str(i)), "API key is empty; remove it or set a value")
@@ -463,6 +499,27 @@ class _Resolver:
         if isinstance(value, list):
             return [self.expand_value(v, typed, macros, loc + (str(i),), allow) for i, v in enumerate(value)]
         return value
+
+    def check_virtual_ids(self, config: BerthConfig) -> None:
+        """Selectors and profile pins must name what exists, and a selector must not shadow a model."""
+        def known(name: str) -> bool:
+            return config.resolve(name) is not None or config.resolve_peer(name) is not None
+
+        for sid, selector in config.selectors.items():
+            if known(sid):
+                raise self.error(("selectors", sid), f"selector id {sid!r} is also a model, alias or peer model; "
+                                                     "rename the selector")
+            for i, target in enumerate(selector.targets):
+                if target in config.selectors:
+                    raise self.error(("selectors", sid, "targets", str(i)), "a selector's target cannot be a selector")
+                if not known(target):
+                    raise self.error(("selectors", sid, "targets", str(i)),
+                                     f"unknown target {target!r}; name a model, alias or peer model")
+        for pid, profile in config.profiles.items():
+            for name, pinned in profile.pins:
+                if pinned is not None and not known(pinned) and pinned not in config.selectors:
+                    raise self.error(("profiles", pid, "pins", name),
+                                     f"unknown target {pinned!r}; name a model, alias, peer model or selector")
 
     def resolve_peer(self, peer_id: str, peer: schema.PeerConfig) -> PeerSpec:
         loc = ("peers", peer_id)

@@ -111,6 +111,28 @@ class PeerConfig(_Section):
     filters: FiltersConfig = Field(default_factory=lambda: FiltersConfig.model_validate({}))
 
 
+class ProfileConfig(_Section):
+    """Named model id replacements, switched at run time (PUT /api/profiles/active)."""
+
+    description: str = ""
+    pins: dict[str, str | None] = Field(default_factory=dict)  # requested id -> target (None: refused, 404)
+
+
+class SelectorSettings(_Section):
+    spillover: int = Field(1, ge=1)  # requests per active target before the next target is used
+
+
+class SelectorConfig(_Section):
+    """A virtual model id that picks one of its targets per request."""
+
+    strategy: Literal["warm", "pin", "spillover"]
+    targets: list[str] = Field(min_length=1)
+    name: str = ""
+    description: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    settings: SelectorSettings = Field(default_factory=lambda: SelectorSettings.model_validate({}))
+
+
 class MatrixConfig(_Section):
     """llama-swap's matrix (routing.router.settings.matrix, or the older top-level `matrix`)."""
 
@@ -195,6 +217,8 @@ class BerthConfigFile(_Section):
     matrix: MatrixConfig | None = None  # llama-swap's earlier place for the matrix
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     peers: dict[str, PeerConfig] = Field(default_factory=dict)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+    selectors: dict[str, SelectorConfig] = Field(default_factory=dict)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
     allowed_hosts: list[str] = Field(default_factory=list, alias="allowedHosts")  # Host names besides localhost

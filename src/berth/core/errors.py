@@ -189,3 +189,23 @@ class ModelNotLoaded(BerthError):
     def __init__(self, model: str, path: str) -> None:
         super().__init__(f"model {model!r} is not loaded, and {path} matches upstream.ignorePaths, so it does not "
                          "load it; load the model first (any request to it), or change upstream.ignorePaths")
+
+
+class PinnedOff(BerthError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, profile: str) -> None:
+        super().__init__(f"model {model!r} is turned off by the active profile {profile!r}; switch profiles "
+                         "(PUT /api/profiles/active) or ask for another model")
+
+
+class ProfileNotFound(BerthError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "profile_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        names = ", ".join(known) or "none are configured"
+        super().__init__(f"profile {name!r} not found; profiles: {names} (or null for none)")

@@ -28,6 +28,7 @@ from berth.core.errors import (
 )
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics, kv_tokens_in_use
+from berth.gateway.naming import Naming
 from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import Upstream, forward
 from berth.gateway.sessions import UpstreamSessions
@@ -89,6 +90,7 @@ class Gateway:
         self.sessions = sessions
         self.started_at = int(time.time())
         self.draining = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
+        self.naming = Naming()  # profiles and selectors
         self.listen_host = listen_host.strip("[]").lower()
         self.metrics_port = metrics_port  # `--metrics-listen`: a second socket that answers only PROBE_PATHS
         self.app = web.Application(middlewares=[self._errors, self._metrics_listener, self._host, self._auth],
@@ -108,6 +110,8 @@ class Gateway:
         r.add_get("/logs/stream", self.logs_text_stream)
         r.add_get("/logs/stream/{source:.+}", self.logs_text_stream)
         r.add_route("*", "/upstream/{target:.+}", self.upstream)
+        r.add_get("/api/profiles", self.profiles)
+        r.add_put("/api/profiles/active", self.activate_profile)
         r.add_post("/api/models/unload", self.unload_models)  # llama-swap's (Open WebUI's eject button)
         r.add_post("/api/models/unload/{model:.+}", self.unload_models)
         # The dashboard, and the same admin calls under /ui/api/ so that a browser that logged in
@@ -196,18 +200,29 @@ class Gateway:
         payload = _parse_json(body) if body else {}
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object with a `model` field")
-        name = payload.get("model")
-        if name is None or name == "":
+        requested = payload.get("model")
+        if requested is not None and not isinstance(requested, str):
+            raise BadRequest("`model` must be a string")
+        if not requested:
             model_id = self.config.default_model()
             if model_id is None:
                 raise BadRequest(f"request has no `model`; name one of: {', '.join(self.pool.listed_ids())}")
-        elif not isinstance(name, str):
-            raise BadRequest("`model` must be a string")
-        elif self.config.resolve(name) is None and (peer := self.config.resolve_peer(name)) is not None:
-            return await self._serve_peer(request, *peer, path, payload)
-        else:
-            model_id = self.pool.resolve(name)
-        body = self._apply_filters(model_id, name or model_id, payload, body)
+            return await self._serve_local(request, model_id, model_id, path, payload, body)
+        with self.naming.chosen(self.config, requested, self._state_of) as name:
+            if name != requested:  # a profile's pin or a selector's choice: the request names it from here
+                payload["model"] = name
+                body = json.dumps(payload).encode()
+            if self.config.resolve(name) is None and (peer := self.config.resolve_peer(name)) is not None:
+                return await self._serve_peer(request, *peer, path, payload)
+            return await self._serve_local(request, self.pool.resolve(name), name, path, payload, body)
+
+    def _state_of(self, name: str) -> ModelState | None:
+        model_id = self.config.resolve(name)
+        return self.pool.state(model_id) if model_id is not None else None
+
+    async def _serve_local(self, request: web.Request, model_id: str, requested: str, path: str, payload: dict,
+                           body: bytes) -> web.StreamResponse:
+        body = self._apply_filters(model_id, requested, payload, body)
         if (payload.get("stream") is True and path.endswith("/chat/completions")
                 and self.config.models[model_id].send_loading_state
                 and self.pool.state(model_id) is not ModelState.READY):
@@ -416,7 +431,39 @@ class Gateway:
                          "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}}, "status": {"value": "unloaded"},
                          "state": "remote"}
                         for model in peer.models)
+        virtual = [(sel.id, sel.name, sel.description, {**dict(sel.metadata), "type": "selector",
+                                                        "strategy": sel.strategy, "targets": list(sel.targets)})
+                   for sel in self.config.selectors.values()]
+        active = self.config.profiles.get(self.naming.active_profile(self.config) or "")
+        if active is not None:  # the active profile's pins that are names of their own
+            virtual += [(name, "", "", {"type": "pin", "profile": active.id, "target": target})
+                        for name, target in active.pins
+                        if target is not None and self.config.resolve(name) is None and name not in self.config.selectors]
+        for virtual_id, name, description, listing in virtual:
+            entry: dict[str, Any] = {"id": virtual_id, "object": "model", "created": self.started_at,
+                                     "owned_by": "berth"}
+            entry.update({k: v for k, v in (("name", name), ("description", description)) if v})
+            entry.update(meta={"llamaswap": listing}, status={"value": "unloaded"}, state="virtual")
+            data.append(entry)
         return web.json_response({"object": "list", "data": data})
+
+    async def profiles(self, request: web.Request) -> web.Response:
+        """llama-swap's profile list: the active one (or null) and each profile's pins."""
+        return web.json_response({
+            "active": self.naming.active_profile(self.config),
+            "profiles": [{"id": p.id, "description": p.description, "pins": dict(p.pins)}
+                         for p in sorted(self.config.profiles.values(), key=lambda p: p.id)]})
+
+    async def activate_profile(self, request: web.Request) -> web.Response:
+        """`{"name": "coding"}` makes that profile active; `{"name": null}` none."""
+        payload = _parse_json(await self._read_body(request) or b"null")
+        if not isinstance(payload, dict) or "name" not in payload:
+            raise BadRequest('send {"name": "<profile>"} (or {"name": null} for none)')
+        if payload["name"] is not None and not isinstance(payload["name"], str):
+            raise BadRequest("the profile name must be a string or null")
+        self.naming.activate(self.config, payload["name"])
+        log.info("active profile: %s", payload["name"])
+        return web.json_response({"active": self.naming.active_profile(self.config)})
 
     async def running(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
