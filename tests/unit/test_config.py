@@ -160,15 +160,12 @@ def test_unimplemented_keys_warn_with_their_line():
           a:
             cmd: x --port ${PORT}
             sendLoadingState: true
-            timeouts: {tlsHandshake: 10}
-        profiles:
-          coding: {pins: {}}
-        selectors: {}
+            timeouts: {tlsHandshake: 10, dnsLookup: 3}
+        hookz: {}
         """), "w.yaml")
     assert config.warnings == [
-        "w.yaml:5: models.a.timeouts.tlsHandshake: not supported by berth; ignored",
-        "w.yaml:6: profiles: not supported by berth; ignored",
-        "w.yaml:8: selectors: not supported by berth; ignored",
+        "w.yaml:5: models.a.timeouts.dnsLookup: not supported by berth; ignored",
+        "w.yaml:6: hookz: not supported by berth; ignored",
     ]
 
 

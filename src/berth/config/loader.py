@@ -41,6 +41,7 @@ class UpstreamTimeouts:
     connect: float = 30.0
     response_header: float = 0.0
     idle: float = 0.0  # between chunks of an answer (berth's own key)
+    tls_handshake: float = 10.0  # added to `connect` for https upstreams
 
 
 @dataclass(frozen=True)
@@ -647,7 +648,7 @@ class _Resolver:
                     return float(value)
             return float(getattr(default, name))
 
-        return UpstreamTimeouts(pick("connect"), pick("response_header"), pick("idle"))
+        return UpstreamTimeouts(pick("connect"), pick("response_header"), pick("idle"), pick("tls_handshake"))
 
     def sizes(self, values: dict[str, str | int], loc: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
         parsed = []

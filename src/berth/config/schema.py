@@ -51,6 +51,10 @@ class TimeoutsConfig(_Section):
     connect: float | None = Field(None, ge=0)  # TCP connect to the model server (default 30)
     response_header: float | None = Field(None, alias="responseHeader", ge=0)  # until the status line (default 0)
     idle: float | None = Field(None, ge=0)  # longest silence between chunks of an answer (default 0)
+    tls_handshake: float | None = Field(None, alias="tlsHandshake", ge=0)  # https upstreams (default 10)
+    # Go's transport settings in llama-swap; berth's pooling is its own (README "Coming from llama-swap")
+    keepalive: float | None = Field(None, ge=0)
+    idle_conn: float | None = Field(None, alias="idleConn", ge=0)
 
 
 class ModelConfig(_Section):

@@ -68,9 +68,12 @@ def _request_headers(request: web.Request, drop_auth: bool) -> dict[str, str]:
     return {k: v for k, v in request.headers.items() if k.lower() not in dropped}
 
 
-def _client_timeout(timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
-    # sock_read bounds every wait for data, the status line included; 0 means no limit
-    return aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect or None, sock_read=timeouts.idle or None)
+def _client_timeout(timeouts: UpstreamTimeouts, https: bool) -> aiohttp.ClientTimeout:
+    # sock_read bounds every wait for data, the status line included; 0 means no limit. `connect` spans
+    # the TCP connect and, for https, the TLS handshake.
+    whole = timeouts.connect + timeouts.tls_handshake if https and timeouts.connect else timeouts.connect
+    return aiohttp.ClientTimeout(total=None, connect=whole or None, sock_connect=timeouts.connect or None,
+                                 sock_read=timeouts.idle or None)
 
 
 async def _open(session: aiohttp.ClientSession, method: str, url: str, body: bytes | None,
@@ -145,7 +148,7 @@ async def forward(
     timeouts = target.timeouts
     headers = _request_headers(request, drop_auth or bool(target.headers))
     headers.update(target.headers)
-    opening = _open(session, request.method, url, body, headers, _client_timeout(timeouts))
+    opening = _open(session, request.method, url, body, headers, _client_timeout(timeouts, url.startswith("https:")))
     try:
         upstream_response = await (asyncio.wait_for(opening, timeouts.response_header)
                                    if timeouts.response_header else opening)
