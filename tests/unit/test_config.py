@@ -139,12 +139,10 @@ def test_windows_paths_and_quotes_survive():
     ("models:\n  a:\n    cmd: 'x \"unclosed --port ${PORT}'\n", 3, "models.a.cmd", "quotes"),
     ("models:\n  a:\n    cmd: x --port ${PORT}\n    env: [NOEQUALS]\n", 4, "models.a.env", "NAME=value"),
     ("models:\n  a:\n    cmd: x --port ${PORT}\n  a:\n    cmd: y\n", 4, "a", "duplicate key"),
-    ("models:\n  a:\n    cmd: x --port ${PORT}\ngroups:\n  g:\n    members: [zz]\n", 6, "groups.g.members.0", "zz"),
     ("models:\n  a:\n    cmd: x --port ${PORT}\n    aliases: [a]\n", 4, "models.a.aliases.0", "also a model id"),
     ("macros:\n  PORT: 1\nmodels: {}\n", 2, "macros.PORT", "reserved"),
     ("macros:\n  a: ${b}\n  b: ${a}\nmodels:\n  m:\n    cmd: x ${a} --port ${PORT}\n", 6, "models.m.cmd", "cycle"),
     ("models:\n  a:\n    cmd: [unclosed\n", 4, "", "YAML syntax"),
-    ("hooks:\n  on_startup:\n    preload: [ghost]\nmodels: {}\n", 3, "hooks.on_startup.preload.0", "ghost"),
 ])
 def test_bad_configs_name_file_line_and_key(text, line, key, words):
     with pytest.raises(ConfigError) as info:
@@ -266,3 +264,28 @@ def test_bad_values_of_those_keys_name_key_and_fix(text, where, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(text + "models:\n  a: {cmd: 'x --port ${PORT}'}\n", "v.yaml")
     assert where in str(caught.value) and message in str(caught.value)
+
+
+def test_references_to_undefined_models_are_reported_and_left_out():
+    """llama-swap's reference config names models it does not define; berth loads it and says so."""
+    config = parse_config(textwrap.dedent("""\
+        models:
+          a: {cmd: "x --port ${PORT}"}
+        groups:
+          g: {members: [a, zz]}
+        hooks:
+          on_startup:
+            preload: [ghost, a]
+        selectors:
+          s: {strategy: warm, targets: [nope, a]}
+        profiles:
+          p: {pins: {x: a, y: missing}}
+        """), "d.yaml")
+    assert config.warnings == [
+        "d.yaml:4: groups.g.members.1: no model 'zz' is defined under models:; this member is left out",
+        "d.yaml:7: hooks.on_startup.preload.0: no model 'ghost' is defined under models:; this preload is left out",
+        "d.yaml:9: selectors.s.targets.0: no model 'nope' is defined under models:; this target is left out",
+        "d.yaml:11: profiles.p.pins.y: no model 'missing' is defined under models:; this pin is left out",
+    ]
+    assert config.groups["g"].members == ("a",) and config.preload == ["a"]
+    assert config.selectors["s"].targets == ("a",) and dict(config.profiles["p"].pins) == {"x": "a"}

@@ -90,14 +90,22 @@ def test_matrix_mistakes_name_the_set_and_the_problem(change, message):
     assert message in str(caught.value) and "routing.router.settings.matrix.sets" in str(caught.value)
 
 
-def test_one_routing_engine_given_once():
+def test_one_routing_style_and_one_engine():
     groups = "groups: {a: {members: [gemma-model]}}\n"
-    with pytest.raises(ConfigError, match="one routing engine"):
+    with pytest.raises(ConfigError, match="at the top level and routing.router too"):
         parse_config(MATRIX + groups)
+    with pytest.raises(ConfigError, match="cannot use both groups and a matrix"):
+        parse_config(f"models:\n{MODELS}{groups}matrix: {{sets: {{s: gemma-model}}}}\n")
+    # under routing.router, `use` picks one engine and the other's settings wait unused (llama-swap's rule)
+    both = MATRIX.replace("    use: matrix\n", "    use: group\n").replace(
+        "      matrix:\n", "      groups: {g: {members: [gemma-model, qwen-model], swap: false}}\n      matrix:\n")
+    config = parse_config(both)
+    assert config.matrix is None and config.models["gemma-model"].group == "g"
     with pytest.raises(ConfigError, match="use: matrix needs"):
         parse_config(f"models:\n{MODELS}routing: {{router: {{use: matrix}}}}\n")
-    with pytest.raises(ConfigError, match="unknown model 'nope'; priorities"):
-        parse_config(MATRIX.replace("{llama-70B: 10}", "{nope: 1}"))
+    dangling = parse_config(MATRIX.replace("{llama-70B: 10}", "{nope: 1}"), "p.yaml")
+    assert dangling.warnings == ["p.yaml:25: routing.scheduler.settings.fifo.priority.nope: no model 'nope' is "
+                                 "defined under models:; its priority is left out"]
 
 
 def test_groups_in_their_current_place_mean_what_the_legacy_groups_mean():

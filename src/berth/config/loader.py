@@ -371,6 +371,7 @@ class _Resolver:
     def __init__(self, parsed: schema.BerthConfigFile, raw: LineDict, path: str,
                  environ: dict[str, str], warnings: list[str]) -> None:
         self.parsed, self.raw, self.path, self.environ, self.warnings = parsed, raw, path, environ, warnings
+        self.left_out: list[tuple[int, str]] = []  # (line, warning) for references to undefined models
 
     def error(self, loc: tuple[str, ...], message: str) -> ConfigError:
         return ConfigError(self.path, _line_of(self.raw, loc), ".".join(loc), message)
@@ -381,8 +382,7 @@ class _Resolver:
         self.groups, self.groups_loc, matrix = self.routing()
         for name in p.routing.scheduler.settings.fifo.priority:
             if name not in p.models:
-                raise self.error(("routing", "scheduler", "settings", "fifo", "priority", name),
-                                 f"unknown model {name!r}; priorities name ids under models:")
+                self.dangling(("routing", "scheduler", "settings", "fifo", "priority", name), name, "its priority")
         group_of = self.resolve_group_membership()
         models = {model_id: self.resolve_model(model_id, model, group_of[model_id])
                   for model_id, model in p.models.items()}
@@ -428,9 +428,10 @@ class _Resolver:
         for i, name in enumerate(p.hooks.on_startup.preload):
             model_id = config.resolve(name)
             if model_id is None:
-                raise self.error(("hooks", "on_startup", "preload", str(i)),
-                                 f"unknown model {name!r}; preload names must be ids under models:")
-            config.preload.append(model_id)
+                self.dangling(("hooks", "on_startup", "preload", str(i)), name, "this preload")
+            else:
+                config.preload.append(model_id)
+        config.warnings.extend(text for _, text in sorted(self.left_out))
         return config
 
     def ignore_paths(self, patterns: list[str]) -> tuple[re.Pattern[str], ...]:
@@ -501,26 +502,41 @@ class _Resolver:
             return [self.expand_value(v, typed, macros, loc + (str(i),), allow) for i, v in enumerate(value)]
         return value
 
+    def dangling(self, loc: tuple[str, ...], name: str, what: str) -> None:
+        """A reference to a model the config does not define (llama-swap's reference config has such
+        illustrative names): reported with its line, and left out."""
+        line = _line_of(self.raw, loc)
+        self.left_out.append((line or 0, f"{self.path}:{line}: {'.'.join(loc)}: no model {name!r} is "
+                                         f"defined under models:; {what} is left out"))
+
     def check_virtual_ids(self, config: BerthConfig) -> None:
-        """Selectors and profile pins must name what exists, and a selector must not shadow a model."""
+        """Selectors and profile pins keep the targets that exist; a selector must not shadow a model."""
         def known(name: str) -> bool:
             return config.resolve(name) is not None or config.resolve_peer(name) is not None
 
-        for sid, selector in config.selectors.items():
+        for sid, selector in list(config.selectors.items()):
             if known(sid):
                 raise self.error(("selectors", sid), f"selector id {sid!r} is also a model, alias or peer model; "
                                                      "rename the selector")
+            targets = []
             for i, target in enumerate(selector.targets):
                 if target in config.selectors:
                     raise self.error(("selectors", sid, "targets", str(i)), "a selector's target cannot be a selector")
-                if not known(target):
-                    raise self.error(("selectors", sid, "targets", str(i)),
-                                     f"unknown target {target!r}; name a model, alias or peer model")
-        for pid, profile in config.profiles.items():
+                if known(target):
+                    targets.append(target)
+                else:
+                    self.dangling(("selectors", sid, "targets", str(i)), target, "this target")
+            if not targets:
+                raise self.error(("selectors", sid, "targets"), "none of the targets is a model, alias or peer model")
+            config.selectors[sid] = replace(selector, targets=tuple(targets))
+        for pid, profile in list(config.profiles.items()):
+            pins = []
             for name, pinned in profile.pins:
                 if pinned is not None and not known(pinned) and pinned not in config.selectors:
-                    raise self.error(("profiles", pid, "pins", name),
-                                     f"unknown target {pinned!r}; name a model, alias, peer model or selector")
+                    self.dangling(("profiles", pid, "pins", name), pinned, "this pin")
+                else:
+                    pins.append((name, pinned))
+            config.profiles[pid] = replace(profile, pins=tuple(pins))
 
     def resolve_peer(self, peer_id: str, peer: schema.PeerConfig) -> PeerSpec:
         loc = ("peers", peer_id)
@@ -682,36 +698,31 @@ class _Resolver:
 
     def routing(self) -> tuple[dict[str, schema.GroupConfig], tuple[str, ...],
                                tuple[schema.MatrixConfig, tuple[str, ...]] | None]:
-        """Groups (and where they are written) and the matrix (and where), from llama-swap's current
-        `routing.router` or its older top-level `groups` / `matrix`: one engine, given once."""
+        """Groups (and where they are written) and the matrix (and where), as llama-swap reads them: its
+        current `routing.router` (where `use` picks one of the engines given under settings) or its older
+        top-level `groups` / `matrix`, never both styles; and never groups and a matrix together."""
         p = self.parsed
         router = p.routing.router
-        router_loc = ("routing", "router", "settings")
-        sources = [(name, loc) for name, given, loc in (
-            ("groups", bool(p.groups), ("groups",)),
-            ("routing.router.settings.groups", bool(router.settings.groups), router_loc + ("groups",)),
-            ("matrix", p.matrix is not None, ("matrix",)),
-            ("routing.router.settings.matrix", router.settings.matrix is not None, router_loc + ("matrix",)),
-        ) if given]
-        if len(sources) > 1:
-            (first, _), (second, loc) = sources[:2]
-            raise self.error(loc, f"both {first} and {second} are given; a config uses one routing engine, "
-                                  "given once (llama-swap's rule): keep one")
-        if router.use == "matrix" and router.settings.matrix is None and p.matrix is None:
-            raise self.error(("routing", "router", "use"),
-                             "use: matrix needs routing.router.settings.matrix (vars, evict_costs, sets)")
-        if router.use == "group" and router.settings.matrix is not None:
-            raise self.error(router_loc + ("matrix",), "a matrix is given but routing.router.use is group; "
-                                                       "set use: matrix, or remove the matrix")
-        matrix: tuple[schema.MatrixConfig, tuple[str, ...]] | None = None
-        if router.settings.matrix is not None:
-            matrix = (router.settings.matrix, router_loc + ("matrix",))
-        elif p.matrix is not None:
-            matrix = (p.matrix, ("matrix",))
-        self.has_matrix = matrix is not None
-        if router.settings.groups:
-            return router.settings.groups, router_loc + ("groups",), matrix
-        return p.groups, ("groups",), matrix
+        settings_loc = ("routing", "router", "settings")
+        routing_raw = self.raw.get("routing")
+        has_router = isinstance(routing_raw, LineDict) and "router" in routing_raw
+        if (p.groups or p.matrix is not None) and has_router:
+            where = ("groups",) if p.groups else ("matrix",)
+            raise self.error(where, f"{where[0]} is given at the top level and routing.router too; move it under "
+                                    "routing.router.settings (llama-swap's current place) and keep one")
+        if has_router:
+            if router.use == "matrix":
+                if router.settings.matrix is None:
+                    raise self.error(("routing", "router", "use"), "use: matrix needs routing.router.settings.matrix "
+                                                                   "(vars, evict_costs, sets)")
+                self.has_matrix = True
+                return {}, settings_loc + ("groups",), (router.settings.matrix, settings_loc + ("matrix",))
+            self.has_matrix = False  # use: group (the default); a matrix under settings waits unused
+            return router.settings.groups, settings_loc + ("groups",), None
+        if p.groups and p.matrix is not None:
+            raise self.error(("matrix",), "a config cannot use both groups and a matrix; keep one")
+        self.has_matrix = p.matrix is not None
+        return p.groups, ("groups",), (p.matrix, ("matrix",)) if p.matrix is not None else None
 
     def resolve_matrix(self, matrix: schema.MatrixConfig, loc: tuple[str, ...]) -> MatrixSpec:
         models = self.parsed.models
@@ -764,7 +775,8 @@ class _Resolver:
             for i, member in enumerate(group.members):
                 loc = self.groups_loc + (name, "members", str(i))
                 if member not in self.parsed.models:
-                    raise self.error(loc, f"unknown model {member!r}; members must be ids under models:")
+                    self.dangling(loc, member, "this member")
+                    continue
                 if member in group_of:
                     raise self.error(loc, f"model {member!r} is already in group {group_of[member]!r}")
                 group_of[member] = name
@@ -774,7 +786,8 @@ class _Resolver:
 
     def resolve_groups(self, group_of: dict[str, str]) -> dict[str, GroupSpec]:
         groups = {
-            name: GroupSpec(name, g.swap, g.exclusive, g.persistent, tuple(g.members))
+            name: GroupSpec(name, g.swap, g.exclusive, g.persistent,
+                            tuple(m for m in g.members if group_of.get(m) == name))
             for name, g in self.groups.items()
         }
         default_members = tuple(m for m, g in group_of.items() if g == DEFAULT_GROUP)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MacroValue = str | int | float | bool
 
@@ -120,6 +120,14 @@ class ProfileConfig(_Section):
 
     description: str = ""
     pins: dict[str, str | None] = Field(default_factory=dict)  # requested id -> target (None: refused, 404)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_old_list(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            raise ValueError("a profile is a mapping with description and pins (llama-swap's current form); "
+                             "the old list of models that run together is a group: move it under groups:")
+        return value
 
 
 class SelectorSettings(_Section):
