@@ -49,6 +49,7 @@ INFERENCE_PATHS = (
 FORM_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
 PROBE_PATHS = ("/metrics", "/health", "/ready")
 LOADING_STATE_INTERVAL = 1.0  # seconds between progress deltas while a model loads (sendLoadingState)
+KV_SCRAPE_TIMEOUT = 3.0  # seconds a model server may take to list its slots for /metrics
 # GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
 # clients written for one llama-server work unchanged.
 SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
@@ -562,13 +563,13 @@ class Gateway:
 
     async def _kv_tokens(self, model_id: str) -> tuple[int, int] | None:
         """(tokens in use, capacity) of a ready model's context, from its `/slots`; None when it does not say
-        (another server, `--no-slots`, busy past a second)."""
+        (another server, `--no-slots`, busy past KV_SCRAPE_TIMEOUT)."""
         process = self.pool.process(model_id)
         if process is None:
             return None
         try:
             async with self.sessions.control.get(process.spec.proxy + "/slots",
-                                                 timeout=aiohttp.ClientTimeout(total=1)) as response:
+                                                 timeout=aiohttp.ClientTimeout(total=KV_SCRAPE_TIMEOUT)) as response:
                 slots = await response.json(content_type=None) if response.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
