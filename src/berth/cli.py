@@ -336,6 +336,7 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
 
     from berth.engine.llama_args import ArgvError, LlamaServerArgs
     from berth.memory.estimate import EstimateError, MemoryEstimate, estimate
+    from berth.memory.devices import cpu_repacked_types
     from berth.memory.fit import BudgetError, find_fit, parse_budget
     from berth.core.gguf import GGUFInvalid, read_gguf_header
 
@@ -389,11 +390,12 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
                       1)
             result, flags = found.estimate, found.flags
         else:
-            result, flags = estimate(header, args, has_gpu=args.get("n_gpu_layers") not in (None, "0")), []
+            result, flags = estimate(header, args, has_gpu=args.get("n_gpu_layers") not in (None, "0"),
+                                     repacked=cpu_repacked_types()), []
     except (EstimateError, BudgetError) as exc:
         _fail(str(exc))
     devices = {name: {"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
-                      "runtime_bytes": d.runtime_bytes, "total_bytes": d.total_bytes}
+                      "output_bytes": d.output_bytes, "runtime_bytes": d.runtime_bytes, "total_bytes": d.total_bytes}
                for name, d in result.devices.items()}
     if as_json:
         click.echo(json.dumps({"model": path, "method": "llama-fit-params" if exact else "estimate",
@@ -407,11 +409,11 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
     else:
         click.echo(f"{path}: {result.streams} stream(s) of {result.kv_cells} KV cells"
                    + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else ""))
-    columns = ("weights_bytes", "kv_bytes", "compute_bytes", "runtime_bytes", "total_bytes")
+    columns = ("weights_bytes", "kv_bytes", "compute_bytes", "output_bytes", "runtime_bytes", "total_bytes")
     click.echo(f"{'DEVICE':8} " + " ".join(f"{c.removesuffix('_bytes').upper():>12}" for c in columns))
     for name, d in devices.items():
         click.echo(f"{name:8} " + " ".join(f"{d[k] / mib:>8.1f} MiB" for k in columns))
-    click.echo(f"{'total':8} {'':>12} {'':>12} {'':>12} {'':>12} {result.total_bytes / mib:>8.1f} MiB")
+    click.echo(f"{'total':8} " + " ".join(f"{'':>12}" for _ in columns[:-1]) + f" {result.total_bytes / mib:>8.1f} MiB")
     if flags and exact:
         click.echo(f"llama-fit-params would run it with: {' '.join(flags)}")
     elif flags:

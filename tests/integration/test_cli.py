@@ -68,7 +68,8 @@ def test_fit_json_has_byte_fields_and_flags(tmp_path):
     report = json.loads(result.stdout)
     host = report["devices"]["host"]
     assert host["weights_bytes"] == 4 * 4096 * 4
-    assert host["total_bytes"] == sum(host[k] for k in ("weights_bytes", "kv_bytes", "compute_bytes", "runtime_bytes"))
+    assert host["total_bytes"] == sum(host[k] for k in ("weights_bytes", "kv_bytes", "compute_bytes", "output_bytes",
+                                                                "runtime_bytes"))
     assert host["runtime_bytes"] >= 16 * 1024**2
     assert report["kv_cells_per_stream"] == 512 and report["flags"] == []
     too_small = subprocess.run([sys.executable, "-m", "berth.cli", "fit", str(model), "--budget", "ram=1KiB"],

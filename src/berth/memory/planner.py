@@ -22,7 +22,7 @@ from berth.config import BerthConfig, ModelSpec
 from berth.engine.identity import launch_identity
 from berth.engine.launch import Launch, server_args
 from berth.core.errors import BerthError
-from berth.memory.devices import Device
+from berth.memory.devices import Device, cpu_repacked_types
 from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
 from berth.core.units import HOST
 from berth.core.gguf import GGUFInvalid, read_model_header
@@ -165,6 +165,7 @@ class MemoryPlanner:
         except (GGUFInvalid, OSError) as exc:
             return f"cannot read {model}: {exc}"
         try:
-            return estimate(header, args, has_gpu=any(n.startswith("gpu") for n in self.devices))
+            return estimate(header, args, has_gpu=any(n.startswith("gpu") for n in self.devices),
+                            repacked=cpu_repacked_types())
         except EstimateError as exc:
             return str(exc)
