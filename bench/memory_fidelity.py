@@ -112,14 +112,15 @@ def run_llama_server(binary: str, model: Path, flags: list[str], timeout: float 
     return text
 
 
-def models(workdir: Path) -> dict[str, Path]:
+def models(workdir: Path, store=None) -> dict[str, Path]:
+    """The models of the matrix; SmolLM2 when `store` (default: berth's) holds the default model."""
     from berth.engine import embedded
     from berth.store import ModelStore
 
     found = {"gemma-3-270m": embedded.embedded_model_path(),
              "tiny-llama": write_llama(workdir / "tiny-llama.gguf"),
              "tiny-moe": write_llama(workdir / "tiny-moe.gguf", n_expert=8)}
-    smollm2 = ModelStore.default().entry(embedded.SMOLLM2_STORE_NAME)
+    smollm2 = (store or ModelStore.default()).entry(embedded.SMOLLM2_STORE_NAME)
     if smollm2 is not None:
         found["smollm2-135m"] = smollm2.model_path
     return found
@@ -141,9 +142,9 @@ def flag_sets(quick: bool) -> list[list[str]]:
     return sets
 
 
-def compare(binary: str, workdir: Path, quick: bool, gpu: bool) -> list[dict]:
+def compare(binary: str, workdir: Path, quick: bool, gpu: bool, store=None) -> list[dict]:
     rows = []
-    for name, path in models(workdir).items():
+    for name, path in models(workdir, store).items():
         for flags in flag_sets(quick):
             if gpu:
                 flags = [*flags, "-ngl", "99"]
