@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -263,77 +264,49 @@ def parse_config(text: str, path: str = "<config>", environ: dict[str, str] | No
 
 # -- unknown keys ---------------------------------------------------------------
 
-_NESTED_SECTIONS: dict[str, type[BaseModel]] = {"hooks": schema.HooksConfig}
+
+def _sections(annotation: Any) -> tuple[bool, type[BaseModel]] | None:
+    """For a field's type: (whether it maps names to sections, the section type), or None when the
+    field holds no section (`X`, `X | None` and `dict[str, X]` hold one)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return False, annotation
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict and len(args) == 2:
+        inner = _sections(args[1])
+        return (True, inner[1]) if inner is not None and not inner[0] else None
+    for arg in args:  # a union: X | None
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return False, arg
+    return None
 
 
 def _collect_unknown_keys(raw: LineDict, path: str, warnings: list[str]) -> None:
+    """Keys the schema does not have, at any depth, each warned with its line (the schema's sections
+    are walked, so a new section is covered without a line here)."""
     found: list[tuple[int, str]] = []
 
     def check(node: Any, section: type[BaseModel], where: str) -> None:
         if not isinstance(node, LineDict):
             return
-        allowed = schema.known_keys(section)
-        for key in node:
-            if key not in allowed:
-                dotted = f"{where}.{key}" if where else key
+        fields = {field.alias or name: field for name, field in section.model_fields.items()}
+        for key, value in node.items():
+            dotted = f"{where}.{key}" if where else key
+            field = fields.get(key)
+            if field is None:
                 line = node.line_of(key)
                 found.append((line, f"{path}:{line}: {dotted}: not supported by berth; ignored"))
+                continue
+            inner = _sections(field.annotation)
+            if inner is None:
+                continue
+            named, shape = inner
+            if not named:
+                check(value, shape, dotted)
+            elif isinstance(value, LineDict):
+                for name, entry in value.items():
+                    check(entry, shape, f"{dotted}.{name}")
 
     check(raw, schema.BerthConfigFile, "")
-    models = raw.get("models")
-    if isinstance(models, LineDict):
-        for model_id, model in models.items():
-            check(model, schema.ModelConfig, f"models.{model_id}")
-            if isinstance(model, LineDict):
-                check(model.get("filters"), schema.FiltersConfig, f"models.{model_id}.filters")
-                check(model.get("timeouts"), schema.TimeoutsConfig, f"models.{model_id}.timeouts")
-                check(model.get("capabilities"), schema.CapabilitiesConfig, f"models.{model_id}.capabilities")
-                check(model.get("compat"), schema.CompatConfig, f"models.{model_id}.compat")
-    def check_groups(groups: Any, where: str) -> None:
-        if isinstance(groups, LineDict):
-            for name, group in groups.items():
-                check(group, schema.GroupConfig, f"{where}.{name}")
-
-    check_groups(raw.get("groups"), "groups")
-    check(raw.get("matrix"), schema.MatrixConfig, "matrix")
-    routing = raw.get("routing")
-    check(routing, schema.RoutingConfig, "routing")
-    if isinstance(routing, LineDict):
-        router, queue = routing.get("router"), routing.get("scheduler")
-        check(router, schema.RouterConfig, "routing.router")
-        check(queue, schema.QueueConfig, "routing.scheduler")
-        if isinstance(router, LineDict):
-            settings = router.get("settings")
-            check(settings, schema.RouterSettings, "routing.router.settings")
-            if isinstance(settings, LineDict):
-                check_groups(settings.get("groups"), "routing.router.settings.groups")
-                check(settings.get("matrix"), schema.MatrixConfig, "routing.router.settings.matrix")
-        if isinstance(queue, LineDict):
-            settings = queue.get("settings")
-            check(settings, schema.QueueSettings, "routing.scheduler.settings")
-            if isinstance(settings, LineDict):
-                check(settings.get("fifo"), schema.FifoSettings, "routing.scheduler.settings.fifo")
-    hooks = raw.get("hooks")
-    check(hooks, schema.HooksConfig, "hooks")
-    if isinstance(hooks, LineDict):
-        check(hooks.get("on_startup"), schema.StartupHooks, "hooks.on_startup")
-    peers = raw.get("peers")
-    if isinstance(peers, LineDict):
-        for peer_id, peer in peers.items():
-            check(peer, schema.PeerConfig, f"peers.{peer_id}")
-            if isinstance(peer, LineDict):
-                check(peer.get("filters"), schema.FiltersConfig, f"peers.{peer_id}.filters")
-                check(peer.get("timeouts"), schema.TimeoutsConfig, f"peers.{peer_id}.timeouts")
-    for section, shape in (("profiles", schema.ProfileConfig), ("selectors", schema.SelectorConfig)):
-        entries = raw.get(section)
-        if isinstance(entries, LineDict):
-            for name, entry in entries.items():
-                check(entry, shape, f"{section}.{name}")
-                if section == "selectors" and isinstance(entry, LineDict):
-                    check(entry.get("settings"), schema.SelectorSettings, f"selectors.{name}.settings")
-    check(raw.get("memory"), schema.MemoryConfig, "memory")
-    check(raw.get("upstream"), schema.UpstreamConfig, "upstream")
-    check(raw.get("timeouts"), schema.TimeoutsConfig, "timeouts")
     warnings.extend(text for _, text in sorted(found))
 
 
