@@ -1208,3 +1208,16 @@ selectors:
         second = chat(b.url, "fill")
         assert second.json()["server"] == "big"
         assert first.result().status_code == 200
+
+
+def test_groups_in_the_routing_section_swap_as_llama_swap_documents(berth, start_port):
+    b = berth(f"startPort: {start_port}\nmodels:\n"
+              + "".join(f"  {m}: {{cmd: \"{fake_cmd(m)}\"}}\n" for m in ("a", "b", "keep"))
+              + "routing:\n  router:\n    use: group\n    settings:\n      groups:\n"
+                "        chat: {swap: true, exclusive: false, members: [a, b]}\n"
+                "        forever: {persistent: true, swap: false, exclusive: false, members: [keep]}\n")
+    for model in ("keep", "a"):
+        assert chat(b.url, model).status_code == 200
+    assert set(b.running()) == {"keep", "a"}
+    assert chat(b.url, "b").status_code == 200  # a and b swap; keep is untouched
+    wait_until(lambda: set(b.running()) == {"keep", "b"}, 10, "b to replace a")

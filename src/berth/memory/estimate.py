@@ -14,7 +14,7 @@ sizes by `bench/memory_fidelity.py` (docs/memory-fidelity.md):
   `-ot PATTERN=CPU` stay on the host. On the host, weight types the CPU backend
   repacks (x86 with AVX2: Q4_0, Q4_K, IQ4_NL, MXFP4 whose rows divide by 8) are copied
   once more into a repacked buffer, unless `--no-repack` (ggml-cpu/repack.cpp).
-- KV cache: context padded to 256 cells. A layer holds
+- KV cache: each stream's cells padded to 256. A layer holds
   `n_head_kv(layer) x (key_length x bytes(type_k) + value_length x bytes(type_v))`
   per cell. Sliding-window layers hold min(stream cells, pad(window x sequences
   sharing the buffer + ubatch, 256)) cells per stream unless `--swa-full`.
@@ -190,9 +190,8 @@ def _add_kv(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, n
     if type_v not in ("f32", "f16", "bf16") and not args.flash_attention():
         raise EstimateError(f"--cache-type-v {type_v} needs flash attention, which -fa off turns off; "
                             "use -fa on (or auto), or an f16 V cache")
-    n_ctx = _pad(ctx)
     result.streams = 1 if unified else parallel
-    result.kv_cells = n_ctx if unified else n_ctx // parallel
+    result.kv_cells = _pad(ctx) if unified else _pad(ctx // parallel)  # each stream is padded on its own
     window = int(header.arch_value("attention.sliding_window") or 0)
     sliding = swa_layers(header, n_layer)
     if window and any(sliding):
