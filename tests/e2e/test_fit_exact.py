@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
+from berth.core.gguf import read_gguf_header
 from berth.engine.binary import find_llama_server
+from berth.engine.llama_args import LlamaServerArgs
+from berth.memory.estimate import estimate as estimate_memory
 from tests.e2e.conftest import REQUIRE_BINARY
 
 
@@ -33,7 +36,12 @@ def test_exact_agrees_with_the_estimate_on_weights_and_kv(berth_home, gemma_gguf
     assert json.loads(exact.stdout)["method"] == "llama-fit-params"
     # llama.cpp rounds its table to MiB
     assert abs(exact_host["kv_bytes"] - estimated_host["kv_bytes"]) <= 1024**2
-    assert abs(exact_host["weights_bytes"] - estimated_host["weights_bytes"]) <= 0.02 * estimated_host["weights_bytes"]
+    # llama-fit-params' table leaves out the CPU backend's repacked weight copies, which llama-server does
+    # allocate (its CPU_REPACK buffer, docs/memory-fidelity.md): compare with the estimate without them
+    args = LlamaServerArgs.parse(["llama-server", "-c", "4096", "-np", "2"])
+    mapped = estimate_memory(read_gguf_header(gemma_gguf), args).devices["host"].weights_bytes
+    assert estimated_host["weights_bytes"] >= mapped
+    assert abs(exact_host["weights_bytes"] - mapped) <= 0.02 * mapped
     assert "-c" in json.loads(exact.stdout)["flags"]
 
 

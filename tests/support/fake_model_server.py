@@ -173,11 +173,12 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/health", health)
     async def slots(request: web.Request) -> web.Response:
-        # llama-server's shape: a slot per parallel sequence; busy ones hold their prompt and what they decoded
+        # llama-server's shape: a slot per parallel sequence; busy ones hold their prompt and what they decoded,
+        # an idle one the prompt of the last request it served (none if it never served one)
         busy = list(active.values())
         return web.json_response([
             {"id": i, "n_ctx": SLOT_CONTEXT, "is_processing": i < len(busy),
-             "n_prompt_tokens": busy[i][0] if i < len(busy) else 12,
+             "n_prompt_tokens": busy[i][0] if i < len(busy) else (12 if i < chat_count else 0),
              "next_token": [{"n_decoded": busy[i][1] if i < len(busy) else 0}]}
             for i in range(max(args.parallel, len(busy)))])
 
