@@ -34,7 +34,10 @@ def models_info(found: dict) -> dict[str, str]:
 
 def test_waiting_running_kv_use_and_loaded_models_per_model_and_in_total(berth, start_port):
     b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a', '--parallel', '2')}\"}}\n"
-              f"  b: {{cmd: \"{fake_cmd('b', '--load-delay', '3')}\"}}\n")  # b's request waits while b loads
+              f"  b: {{cmd: \"{fake_cmd('b', '--load-delay', '3')}\"}}\n"  # b's request waits while b loads
+              # together whatever the memory ledger knows: a first run's size is unknown, and such a model
+              # would run alone (b's start would stop a)
+              "groups: {both: {swap: false, exclusive: false, members: [a, b]}}\n")
     idle = samples(b.url)
     assert value(idle, "berth_requests_running") == 0
     assert value(idle, "berth_kv_cache_usage_ratio") == 0
@@ -70,7 +73,7 @@ def test_waiting_running_kv_use_and_loaded_models_per_model_and_in_total(berth, 
                value(samples(b.url), "berth_requests_running") == 0, 30, "the requests to end")
     after = samples(b.url)
     assert value(after, "berth_model_kv_cache_usage_ratio", model="b") == 0
-    assert models_info(after)["running_lora_adapters"] == "a,b"  # both fit in memory: both stay
+    assert models_info(after)["running_lora_adapters"] == "a,b"  # one group that does not swap: both stay
 
 
 def test_a_metrics_socket_answers_scrapers_without_the_api_key_and_nothing_else(berth, start_port):
