@@ -233,10 +233,7 @@ class Gateway:
     async def _serve_peer(self, request: web.Request, peer: PeerSpec, model: str, path: str,
                           payload: dict) -> web.StreamResponse:
         """A peer's model: its filters, its model id in the body, its key in place of the client's."""
-        for key in peer.strip_params:
-            payload.pop(key, None)
-        payload.update(peer.set_params)
-        payload["model"] = model
+        apply_filters(payload, peer.strip_params, peer.set_params, model)
         headers = (("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)) if peer.api_key else ()
         target = Upstream(f"{peer.id}/{model}", peer.proxy, peer.timeouts, headers)
         return await forward(request, target, path, json.dumps(payload).encode(), self.sessions.proxy, self.metrics,
@@ -310,18 +307,8 @@ class Gateway:
     def _apply_filters(self, model_id: str, requested: str, payload: dict, body: bytes) -> bytes:
         """stripParams, then setParams, then the setParamsByID entry of the id the client asked for."""
         spec = self.config.models[model_id]
-        changed = False
-        for key in spec.strip_params:
-            if key in payload:
-                del payload[key]
-                changed = True
         by_id = dict(spec.set_params_by_id).get(requested, ())
-        for key, value in (*spec.set_params, *by_id):
-            payload[key] = value
-            changed = True
-        if spec.use_model_name:
-            payload["model"] = spec.use_model_name
-            changed = True
+        changed = apply_filters(payload, spec.strip_params, (*spec.set_params, *by_id), spec.use_model_name)
         return json.dumps(payload).encode() if changed else body
 
     async def _serve(self, request: web.Request, model_id: str, path: str, body: bytes | None,
@@ -675,6 +662,23 @@ def _parse_json(body: bytes) -> object:
 def _boundary(content_type: str) -> str:
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     return match.group(1) if match else ""
+
+
+def apply_filters(payload: dict, strip: tuple[str, ...], params: tuple[tuple[str, Any], ...], model: str) -> bool:
+    """stripParams, then the parameters to set, then `model` (when given) into a request body, in place;
+    whether anything changed. A local model's and a peer's filters mean the same."""
+    changed = False
+    for key in strip:
+        if key in payload:
+            del payload[key]
+            changed = True
+    for key, value in params:
+        payload[key] = value
+        changed = True
+    if model:
+        payload["model"] = model
+        changed = True
+    return changed
 
 
 def form_field(body: bytes, boundary: str, name: str) -> tuple[int, int, bytes] | None:
