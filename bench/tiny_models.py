@@ -13,8 +13,11 @@ VOCAB = 512
 
 
 def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8, n_head_kv: int = 2,
-                n_ff: int = 512, n_expert: int = 0, n_expert_used: int = 2, context: int = 32768) -> Path:
-    """A llama-architecture GGUF; with `n_expert`, its feed-forward layers are experts."""
+                n_ff: int = 512, n_expert: int = 0, n_expert_used: int = 2, context: int = 32768,
+                scale: float = 0.02) -> Path:
+    """A llama-architecture GGUF; with `n_expert`, its feed-forward layers are experts. `scale` is the
+    weights' standard deviation: larger ones make greedy output vary from token to token (small ones
+    repeat one token), which a test comparing two placements of the same model needs."""
     rng = np.random.default_rng(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), "llama")
@@ -45,7 +48,7 @@ def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8
     writer.add_unk_token_id(0)
 
     def weight(name: str, *shape: int) -> None:
-        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float16))
+        writer.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float16))
 
     def norm(name: str, size: int) -> None:
         writer.add_tensor(name, np.ones(size, dtype=np.float32))

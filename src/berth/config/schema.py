@@ -57,6 +57,15 @@ class TimeoutsConfig(_Section):
     idle_conn: float | None = Field(None, alias="idleConn", ge=0)
 
 
+class RpcConfig(_Section):
+    """A model spread over other machines through llama.cpp's RPC backend (`berth agent` on each)."""
+
+    agents: list[str] = Field(min_length=1)  # host:port of each `berth agent --listen`
+    placement: Literal["experts", "layers", "custom"] = "experts"
+    layers: dict[str, str] = Field(default_factory=dict)  # experts only: agent -> "first-last" layers
+    api_key: str = Field("", alias="apiKey")  # the agents' key; default: the first of apiKeys
+
+
 class ModelConfig(_Section):
     cmd: str
     cmd_stop: str = Field("", alias="cmdStop")
@@ -87,6 +96,7 @@ class ModelConfig(_Section):
     persistent: bool = False  # never evicted to make room by memory
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig.model_validate({}))
     health_check_interval: float | None = Field(None, alias="healthCheckInterval", ge=0)
+    rpc: RpcConfig | None = None
 
     @field_validator("env")
     @classmethod

@@ -74,3 +74,12 @@ def oom_kill_count() -> int:
         except OSError:
             continue
     return total
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds a TCP socket listening on `port` (not merely: something does)."""
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections(kind="tcp"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False

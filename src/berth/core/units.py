@@ -30,15 +30,23 @@ def parse_size(value: str | int | float) -> int:
 
 
 def device_key(name: str) -> str:
-    """`ram`/`host`/`cpu` -> "host"; `gpu` -> "gpu0"; `gpuN` stays."""
+    """`ram`/`host`/`cpu` -> "host"; `gpu` -> "gpu0"; `gpuN` and `rpc:HOST:PORT` stay."""
     key = name.strip().lower()
     if key in _HOST_NAMES:
         return HOST
     if key == "gpu":
         return "gpu0"
-    if re.fullmatch(r"gpu\d+", key):
+    if re.fullmatch(r"gpu\d+", key) or re.fullmatch(r"rpc:[^\s:]+:\d+", key):
         return key
-    raise SizeError(f"unknown device {name!r}; use ram (the host) or gpu0, gpu1, ...")
+    raise SizeError(f"unknown device {name!r}; use ram (the host), gpu0, gpu1, ... or rpc:HOST:PORT (an agent)")
+
+
+RPC_PREFIX = "rpc:"
+
+
+def rpc_device(agent: str) -> str:
+    """The device name of the memory an RPC agent (`host:port`) offers: `rpc:host:port`."""
+    return RPC_PREFIX + agent.lower()
 
 
 def format_bytes(count: float) -> str:

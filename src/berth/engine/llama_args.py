@@ -91,6 +91,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("-ts --tensor-split", "tensor_split"),
     _f("-mg --main-gpu", "main_gpu", int),
     _f("-dev --device", "device"),
+    _f("--rpc", "rpc"),  # comma-separated host:port of ggml-rpc-servers; must precede -ot naming them
     _f("--api-key-file", "api_key_file", placement=True),
     _f("--ssl-key-file", "ssl_key_file", placement=True, secret=True),
     _f("--ssl-cert-file", "ssl_cert_file", placement=True),
@@ -314,6 +315,11 @@ class LlamaServerArgs:
                 self.items.remove(item)
         elif spec.kind is not bool or value:
             self.items.append(ArgItem(spec.names[-1], spec, text))
+
+    def add(self, dest: str, value: str, front: bool = False) -> None:
+        """Add one more occurrence of a flag, at the end or (for flags later ones depend on) in front."""
+        item = ArgItem(_BY_DEST[dest].names[-1], _BY_DEST[dest], value)
+        self.items.insert(0 if front else len(self.items), item)
 
     def unsupported_by_worker(self) -> list[str]:
         """Flags (as written) that the built-in worker does not implement."""

@@ -12,8 +12,10 @@ import logging
 from collections.abc import Callable, Iterable
 
 from berth.config import BerthConfig, ModelSpec
+from berth.core.units import rpc_device
 from berth.memory.devices import Device, measure_group, parse_buffer_log
 from berth.memory.planner import MemoryPlanner, ModelMemory, PlanSource
+from berth.runtime.agents import AgentDirectory
 from berth.runtime.process import ModelProcess
 
 log = logging.getLogger("berth.memory")
@@ -25,8 +27,9 @@ ReadyProcesses = Callable[[], Iterable[tuple[str, ModelProcess]]]
 
 
 class MemoryService:
-    def __init__(self, planner: MemoryPlanner) -> None:
+    def __init__(self, planner: MemoryPlanner, agents: AgentDirectory | None = None) -> None:
         self.planner = planner
+        self.agents = agents or AgentDirectory()
         self.plans: dict[str, ModelMemory] = {}
         self.measured: dict[str, dict[str, int]] = {}  # peak usage per running model
         self._task: asyncio.Task[None] | None = None
@@ -38,7 +41,12 @@ class MemoryService:
         return self.plans
 
     def budgets(self, config: BerthConfig) -> dict[str, int]:
-        return self.planner.budgets(config)
+        """The machine's devices, and what each rpc agent that answered offers (its own budget)."""
+        return {**self.agents.budgets(), **self.planner.budgets(config)}
+
+    def planned_bytes(self, spec: ModelSpec) -> dict[str, int]:
+        plan = self.plans.get(spec.id)
+        return dict(plan.planned or {}) if plan else {}
 
     def forget(self, model_id: str) -> None:
         """The model's process is gone: its measurement no longer describes anything running."""
@@ -53,8 +61,10 @@ class MemoryService:
         usage = await asyncio.to_thread(measure_group, process.pid)
         if not still_running() or not usage.get("host"):
             return None
+        agents = {rpc_device(endpoint): rpc_device(agent) for endpoint, agent in process.agent_endpoints.items()}
         for device, amount in parse_buffer_log(list(process.output)).items():
-            usage.setdefault(device, amount)  # GPUs NVML does not see; the host's RSS is the fuller figure
+            # GPUs NVML does not see, and rpc agents; the host's RSS is the fuller figure
+            usage.setdefault(agents.get(device, device), amount)
         self.measured[process.spec.id] = usage
         running = process.spec
         if spec is None:
@@ -62,7 +72,7 @@ class MemoryService:
         current = spec.with_port(running.port) if spec.uses_port and running.port else spec
         if current.argv != running.argv:
             return None  # reloaded with other settings meanwhile
-        plan = await asyncio.to_thread(self.planner.learn, spec, process.argv, usage)
+        plan = await asyncio.to_thread(self.planner.learn, spec, process.planned_argv, usage)
         if plan.planned != self.plans.get(spec.id, ModelMemory(None, PlanSource.UNKNOWN)).planned:
             log.info(f"{spec.id}: planned memory now {plan.planned} ({plan.source})")
         self.plans[spec.id] = plan

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from berth.config import BerthConfig
 from berth.config.loader import DEFAULT_GROUP
 from berth.core.errors import BerthError, StartFailed, UnknownModel
+from berth.core.units import RPC_PREFIX
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.memory.planner import ModelMemory
@@ -32,7 +33,7 @@ def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[s
     """What the scheduler needs to know of a config and its memory plans."""
     persistent_groups = {g.name for g in config.groups.values() if g.persistent}
     models = {m.id: ModelPolicy(group=m.group, ttl=m.ttl, concurrency_limit=m.concurrency_limit,
-                                memory=plans[m.id].planned, pinned=m.persistent or m.group in persistent_groups,
+                                memory=_countable(plans[m.id].planned, budgets), pinned=m.persistent or m.group in persistent_groups,
                                 priority=m.priority)
               for m in config.models.values()}
     matrix = MatrixPolicy(config.matrix.sets, config.matrix.evict_costs) if config.matrix else None
@@ -42,6 +43,14 @@ def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[s
     if scheduled in groups:  # without groups, memory decides who runs together instead of swapping
         groups[scheduled] = GroupPolicy(swap=False, exclusive=False)
     return models, groups, MemoryPolicy(budgets, scheduled, Eviction(config.memory.eviction)), matrix
+
+
+def _countable(planned: dict[str, int] | None, budgets: dict[str, int]) -> dict[str, int] | None:
+    """The devices of a plan the scheduler can count: an rpc agent that has not answered yet has no
+    budget; the model's start asks it directly, and fails naming it if it is still away."""
+    if planned is None:
+        return None
+    return {d: b for d, b in planned.items() if not d.startswith(RPC_PREFIX) or d in budgets}
 
 
 class DeadlineTimer:

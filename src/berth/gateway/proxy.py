@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -114,11 +115,19 @@ class Upstream:
     timeouts: UpstreamTimeouts
     headers: tuple[tuple[str, str], ...] = ()  # set on the request (a peer's key)
     restore_hit: bool = False  # the first request after a KV slot restore: count its cache hits
+    explain: Callable[[], Awaitable[str | None]] | None = None  # why an answer broke off (an rpc agent gone)
 
     @classmethod
     def of(cls, lease: Lease) -> "Upstream":
-        spec = lease.process.spec
-        return cls(spec.id, spec.proxy, spec.timeouts, restore_hit=lease.process.take_restore_hit())
+        process = lease.process
+        return cls(process.spec.id, process.spec.proxy, process.spec.timeouts,
+                   restore_hit=process.take_restore_hit(),
+                   explain=process.explain_failure if process.spec.rpc is not None else None)
+
+    async def failure_detail(self) -> str:
+        """"; <why>" when something beyond the model server explains a failure, else ""."""
+        why = await self.explain() if self.explain is not None else None
+        return f"; {why}" if why else ""
 
 
 async def forward(
@@ -190,7 +199,8 @@ async def forward(
                 status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
                 if is_sse:
                     why = (f"sent nothing for timeouts.idle ({timeouts.idle:g}s)" if status == 504
-                           else f"stopped answering mid-stream: {exc or type(exc).__name__}")
+                           else f"stopped answering mid-stream: {exc or type(exc).__name__}"
+                                + await target.failure_detail())
                     error = UpstreamError(f"model {model!r} {why}")
                     await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
                 else:  # the status line is gone; a cut connection is the only honest signal left
@@ -208,7 +218,8 @@ async def forward(
             f"model {model!r} sent no answer within {_limit(timeouts)}; it may be hung or overloaded (raise "
             "its `timeouts` in the config if it is just slow)") from None
     except aiohttp.ClientConnectionError as exc:
-        raise UpstreamError(f"model {model!r} is not reachable at {target.base_url}: {exc}") from None
+        raise UpstreamError(f"model {model!r} is not reachable at {target.base_url}: {exc}"
+                            + await target.failure_detail()) from None
     finally:
         elapsed = time.perf_counter() - began
         metrics.requests.labels(model, str(status)).inc()

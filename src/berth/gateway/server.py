@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+import aiohttp
 from aiohttp import web
 
 from berth.config import BerthConfig, load_config
@@ -20,8 +21,10 @@ from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
 from berth.gateway.sessions import UpstreamSessions
+from berth.engine.rpc import RpcTargets
 from berth.memory.devices import inventory
 from berth.memory.planner import MemoryLedger, MemoryPlanner
+from berth.runtime.agents import AgentDirectory
 from berth.runtime.factory import ProcessFactory
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
@@ -70,12 +73,17 @@ async def run_gateway(
     logging.getLogger("berth").addHandler(handler)
     metrics = Metrics(config.metrics_max_in_memory, config.log_requests)
     sessions = UpstreamSessions()
-    factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics),
-                             config.start_port)
+    agents = AgentDirectory()
+    await ask_agents(agents, config)
     planner = await asyncio.to_thread(  # reads /proc, NVML and the ledger file
         lambda: MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"),
-                              lambda spec: launch_builder(spec, fetch=False)))
-    memory = MemoryService(planner)
+                              lambda spec: launch_builder(
+                                  spec, fetch=False,
+                                  rpc=RpcTargets.as_configured(spec.rpc, agents.offers_for(spec.rpc)) if spec.rpc
+                                  else None)))
+    memory = MemoryService(planner, agents)
+    factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics,
+                                         agents, memory.planned_bytes), config.start_port)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
     gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host,
                       metrics_port=metrics_address[1] if metrics_address else None)
@@ -102,7 +110,7 @@ async def run_gateway(
 
         async def reload_now() -> None:
             async with reloading:
-                await _reload(config_path, pool, factory)
+                await _reload(config_path, pool, factory, agents)
 
         def reload() -> None:
             asyncio.ensure_future(reload_now())
@@ -151,7 +159,16 @@ async def _stop_serving(runner: GatewayRunner) -> None:
         await runner.server.shutdown(CUT_GRACE_SECONDS)
 
 
-async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFactory) -> None:
+async def ask_agents(agents: AgentDirectory, config: BerthConfig) -> None:
+    """What the config's rpc agents offer, before models are planned (their shares and budgets)."""
+    specs = [m.rpc for m in config.models.values() if m.rpc is not None]
+    if specs:
+        async with aiohttp.ClientSession() as session:
+            await agents.refresh(session, specs)
+
+
+async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFactory,
+                  agents: AgentDirectory) -> None:
     if config_path is None:
         log.warning("reload asked for, but berth runs without a config file")
         return
@@ -163,6 +180,7 @@ async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFact
     for warning in new.warnings:
         log.warning(warning)
     factory.ports.start = new.start_port
+    await ask_agents(agents, new)
     pool.metrics.configure(new.metrics_max_in_memory, new.log_requests)
     await pool.reload(new)
 

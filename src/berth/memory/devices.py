@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from berth.core.procfs import group_pids, peak_resident_bytes
-from berth.core.units import HOST
+from berth.core.units import HOST, rpc_device
+from berth.engine.rpc import buffer_endpoint
 
 log = logging.getLogger("berth.memory")
 
@@ -121,6 +122,9 @@ def buffer_device(buffer_type: str) -> str:
     token = buffer_type.split()[0] if buffer_type.split() else ""
     if token.endswith("_Host"):
         return HOST
+    endpoint = buffer_endpoint(token)
+    if endpoint is not None:
+        return rpc_device(endpoint)
     gpu = _GPU_BUFFER.match(token.split("_")[0])
     return f"gpu{gpu.group(1) or 0}" if gpu else HOST
 

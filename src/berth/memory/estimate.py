@@ -38,11 +38,13 @@ Once a model has run, the gateway plans with its measured usage instead
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
 from berth.engine.llama_args import LlamaServerArgs
-from berth.core.units import HOST
+from berth.engine.rpc import buffer_endpoint
+from berth.core.units import HOST, rpc_device
 from berth.core.gguf import GGUFHeader, TensorInfo
 
 GPU = "gpu0"
@@ -121,8 +123,8 @@ def swa_layers(header: GGUFHeader, n_layer: int) -> list[bool]:
     return [(layer + 1) % period != 0 for layer in range(n_layer)]
 
 
-def _gpu_layers(args: LlamaServerArgs, n_layer: int, has_gpu: bool) -> int:
-    if not has_gpu:
+def _gpu_layers(args: LlamaServerArgs, n_layer: int, offload_devices: list[str]) -> int:
+    if not offload_devices:
         return 0
     value = args.get("n_gpu_layers")
     if value in (None, "auto", "-1", "all"):
@@ -133,12 +135,49 @@ def _gpu_layers(args: LlamaServerArgs, n_layer: int, has_gpu: bool) -> int:
         raise EstimateError(f"-ngl {value!r} is not a number, 'auto' or 'all'") from None
 
 
-def _host_override(name: str, overrides: list[str]) -> bool:
-    for rule in overrides:
-        pattern, _, buffer_type = rule.rpartition("=")
-        if buffer_type.upper() == "CPU" and re.search(pattern, name):
-            return True
-    return False
+def _offload_devices(args: LlamaServerArgs, has_gpu: bool) -> list[str]:
+    """The devices layers may go to, in llama.cpp's order: rpc servers (`--rpc`) first, then the GPU."""
+    rpc = [rpc_device(e.strip()) for e in (args.get("rpc") or "").split(",") if e.strip()]
+    return rpc + ([GPU] if has_gpu else [])
+
+
+class _LayerPlacement:
+    """Which device holds each layer (the output layer is layer n_layer): the last `ngl` layers go to
+    the offload devices, shared by -ts as cumulative fractions (evenly without -ts)."""
+
+    def __init__(self, args: LlamaServerArgs, n_layer: int, devices: list[str]) -> None:
+        self.devices, self.n_layer = devices, n_layer
+        self.ngl = min(_gpu_layers(args, n_layer, devices), n_layer + 1)
+        self.first = n_layer + 1 - self.ngl
+        written = [float(x) for x in re.split(r"[,/]", args.get("tensor_split") or "") if x.strip()]
+        shares = (written + [0.0] * len(devices))[:len(devices)]
+        if sum(shares) <= 0:
+            shares = [1.0] * len(devices)
+        total, running = sum(shares), 0.0
+        self.bounds: list[float] = []
+        for share in shares:
+            running += share / total
+            self.bounds.append(running)
+
+    def device(self, layer: int) -> str:
+        if layer < self.first or not self.devices:
+            return HOST
+        position = (layer - self.first) / self.ngl
+        return self.devices[min(bisect.bisect_right(self.bounds, position), len(self.devices) - 1)]
+
+
+def _override_device(name: str, overrides: list[str]) -> str | None:
+    """The device of the first `-ot PATTERN=BUFFER` rule that matches (llama.cpp takes the first)."""
+    for rules in overrides:
+        for rule in rules.split(","):
+            pattern, _, buffer_type = rule.rpartition("=")
+            if not pattern or not re.search(pattern, name):
+                continue
+            endpoint = buffer_endpoint(buffer_type)
+            if endpoint is not None:
+                return rpc_device(endpoint)
+            return HOST if buffer_type.strip().upper().startswith("CPU") else GPU
+    return None
 
 
 def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
@@ -148,37 +187,37 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
     if not n_layer:
         raise EstimateError("the GGUF has no <arch>.block_count; cannot place layers")
     result = MemoryEstimate()
-    ngl = _gpu_layers(args, n_layer, has_gpu)
-    first_gpu_layer = n_layer - min(ngl, n_layer)
+    placement = _LayerPlacement(args, n_layer, _offload_devices(args, has_gpu))
     n_cpu_moe = n_layer if args.get("cpu_moe") else (args.get("n_cpu_moe") or 0)
     overrides = args.get("override_tensor")
     repack = args.get("repack", default=True)
+    experts_on: set[str] = set()  # devices holding expert tensors of layers they do not hold
     for tensor in header.tensors:
         device = HOST
         layer = _LAYER.match(tensor.name)
         if layer is not None:
-            if int(layer.group(1)) >= first_gpu_layer and ngl > 0:
-                device = GPU
-        elif tensor.name.startswith("output.") and ngl > n_layer:
-            device = GPU
+            device = placement.device(int(layer.group(1)))
+        elif tensor.name.startswith("output."):
+            device = placement.device(n_layer)
         experts = _EXPERTS.match(tensor.name)
         if experts is not None and int(experts.group(1)) < n_cpu_moe:
             device = HOST
-        if device == GPU and _host_override(tensor.name, overrides):
-            device = HOST
+        device = _override_device(tensor.name, overrides) or device
+        if experts is not None and device != placement.device(int(experts.group(1))):
+            experts_on.add(device)
         result.device(device).weights_bytes += tensor.nbytes
         if device == HOST and repack and _repacked(tensor, repacked):
             result.device(HOST).weights_bytes += tensor.nbytes  # the mapped file stays; the copy is extra
 
-    _add_kv(result, header, args, n_layer, first_gpu_layer if ngl > 0 else n_layer)
-    _add_compute(result, header, args, ngl > 0)
+    _add_kv(result, header, args, n_layer, placement)
+    _add_compute(result, header, args, placement, experts_on - {HOST})
     n_vocab = int(header.arch_value("vocab_size") or _vocab_from_embedding(header))
     result.device(HOST).runtime_bytes += header.data_start + RUNTIME_BYTES_PER_TOKEN * n_vocab + RUNTIME_FIXED_BYTES
     return result
 
 
 def _add_kv(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, n_layer: int,
-            first_gpu_layer: int) -> None:
+            placement: _LayerPlacement) -> None:
     ctx = args.get("ctx_size") or int(header.arch_value("context_length") or 0)
     parallel, unified = args.sequences()
     ubatch = args.get("ubatch_size") or DEFAULT_UBATCH
@@ -208,11 +247,11 @@ def _add_kv(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, n
             continue  # recurrent or shared-KV layers hold no cache of their own
         cells = result.swa_cells if sliding[layer] and result.swa_cells else result.kv_cells
         per_cell = heads_kv[layer] * (key_length * CACHE_TYPE_BYTES[type_k] + value_length * CACHE_TYPE_BYTES[type_v])
-        device = GPU if layer >= first_gpu_layer else HOST
-        result.device(device).kv_bytes += int(cells * result.streams * per_cell)
+        result.device(placement.device(layer)).kv_bytes += int(cells * result.streams * per_cell)
 
 
-def _add_compute(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, on_gpu: bool) -> None:
+def _add_compute(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerArgs, placement: _LayerPlacement,
+                 expert_devices: set[str]) -> None:
     ubatch = args.get("ubatch_size") or DEFAULT_UBATCH
     n_head = int(header.arch_value("attention.head_count") or 1)
     n_ff = _per_layer(header.arch_value("feed_forward_length"), 1)[0]
@@ -229,7 +268,11 @@ def _add_compute(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerAr
     else:  # the f32 attention scores and mask of the widest layer, or the rest of the graph if larger
         scores = 4 * ubatch * (n_head + 1) * result.kv_cells + int(4 * ubatch * 6.5 * max(n_embd, q_width))
         compute = max(scores, 4 * ubatch * (5 * n_embd + feed_forward + 2 * q_width))
-    result.device(GPU if on_gpu else HOST).compute_bytes += compute
+    with_layers = {placement.device(layer) for layer in range(placement.n_layer + 1)} - {HOST}
+    for device in with_layers or {HOST}:
+        result.device(device).compute_bytes += compute
+    for device in expert_devices - with_layers:  # the expert products of a ubatch and its input
+        result.device(device).compute_bytes += 4 * ubatch * (feed_forward + n_embd)
     # logits, on the host: one row per sequence, whether or not they share a KV buffer
     result.device(HOST).output_bytes += 4 * n_vocab * args.sequences()[0]
 

@@ -25,10 +25,12 @@ import aiohttp
 
 from berth.config import ModelSpec
 from berth.engine.launch import Launch
+from berth.engine.rpc import RpcTargets
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SlotPlan
 from berth.core.errors import BerthError, StartFailed
 from berth.core.procfs import group_alive, oom_kill_count
+from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
 from berth.runtime.slots import SlotKeeper
@@ -60,7 +62,7 @@ class Stopped:
 
 ProcessEvent = Started | StartFailedEvent | Stopped
 Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
-LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event) -> Launch
+LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event, rpc=RpcTargets | None) -> Launch
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class ProcessDeps:
     session: Callable[[], aiohttp.ClientSession]  # for health, warmup and slots; opened with the app
     warmup: Warmup | None = None
     metrics: object | None = None
+    agents: AgentDirectory | None = None  # what rpc agents offer (placement shares)
+    rpc_needs: Callable[[ModelSpec], dict[str, int]] | None = None  # planned bytes per device, rpc:... included
 
 
 # What llama.cpp (CPU, CUDA, HIP, Vulkan) and C++ print when an allocation fails.
@@ -115,11 +119,17 @@ async def wait_exit(proc: asyncio.subprocess.Process) -> int:
     return proc.returncode
 
 
+async def _never() -> str:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
 class ModelProcess:
     def __init__(self, spec: ModelSpec, deps: ProcessDeps, on_event: Callable[[ProcessEvent], None]) -> None:
         self.spec = spec  # with its port bound: where this run listens
         self.slots: SlotPlan | None = None
         self.argv: list[str] = list(spec.argv)  # replaced by the resolved argv at spawn
+        self.planned_argv: list[str] = self.argv  # the same, as planned (rpc agents' addresses for their ports)
         self.output: deque[str] = deque(maxlen=RUN_OUTPUT_LINES)  # this run's child output
         self._build_launch = deps.build_launch
         self._logs = deps.logs
@@ -129,6 +139,11 @@ class ModelProcess:
         self._warmup = deps.warmup
         self._metrics = deps.metrics
         self._slot_keeper: SlotKeeper | None = None
+        self._agents, self._rpc_needs = deps.agents, deps.rpc_needs
+        self._rpc: AgentLeases | None = None  # this run's rpc servers, with `rpc:`
+        self._rpc_lost: asyncio.Task[str] | None = None  # ends, naming the agent, when a lease cannot be renewed
+        self.failure: str | None = None  # why the last run ended badly, when an rpc agent explains it
+        self.agent_endpoints: dict[str, str] = {}  # where this run's rpc servers listen -> their agent
         self._restore_hit_pending = False
         self._stop_requested = asyncio.Event()
         self._cancel_launch = threading.Event()  # tells a pull running in a worker thread to give up
@@ -180,6 +195,7 @@ class ModelProcess:
             await self._supervise(report)
         except Exception as exc:  # a bug here must not leave the scheduler waiting forever
             log.exception("%s: supervisor failed", self.spec.id)
+            await self._release_agents()
             if self._proc is not None:
                 self._signal_group(self._proc.pid, signal.SIGKILL)
                 self._janitor.unregister(self._proc.pid)
@@ -195,14 +211,16 @@ class ModelProcess:
         try:
             await self._spawn()
         except StartFailed as exc:
+            await self._release_agents()
             report(StartFailedEvent(exc))
             return
         assert self._proc is not None
         drain = asyncio.create_task(self._drain(self._proc))
         exited = asyncio.create_task(wait_exit(self._proc))
         stop_wanted = asyncio.create_task(self._stop_requested.wait())
+        agent_lost = self._rpc_lost or asyncio.create_task(_never())
         try:
-            outcome = await self._become_ready(exited, stop_wanted)
+            outcome = await self._become_ready(exited, stop_wanted, agent_lost)
             if outcome is None:
                 if self._slot_keeper is not None:
                     self._restore_hit_pending = await self._slot_keeper.restore() > 0
@@ -211,12 +229,19 @@ class ModelProcess:
                 self._log(f"ready after {self.load_seconds:.2f}s")
                 report(Started())
                 unresponsive = asyncio.create_task(self._until_unresponsive())
-                await asyncio.wait({exited, stop_wanted, unresponsive}, return_when=asyncio.FIRST_COMPLETED)
-                hung = unresponsive.done() and not exited.done()
+                await asyncio.wait({exited, stop_wanted, unresponsive, agent_lost},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                # a server whose rpc agent is gone may wait on its socket for good: as good as hung
+                hung = (unresponsive.done() or agent_lost.done()) and not exited.done()
                 unresponsive.cancel()
                 crashed = (exited.done() or hung) and not stop_wanted.done()
-                if exited.done() and crashed:
-                    self._log(f"exited unexpectedly with code {self._proc.returncode}")
+                if agent_lost.done() and crashed:
+                    self.failure = agent_lost.result()
+                    self._log(f"stopping it: {self.failure} (the next request starts it again)")
+                elif exited.done() and crashed:
+                    self.failure = await self._agent_trouble()
+                    self._log(f"exited unexpectedly with code {self._proc.returncode}"
+                              + (f": {self.failure}" if self.failure else ""))
                 elif not crashed and self._slot_keeper is not None and self._proc.returncode is None:
                     await self._slot_keeper.save()  # a planned stop: in-flight requests have finished
                 await self._terminate(hung=hung)
@@ -230,13 +255,16 @@ class ModelProcess:
         finally:
             stop_wanted.cancel()
             exited.cancel()
+            agent_lost.cancel()
             await drain
 
     async def _spawn(self) -> None:
         spec = self.spec
+        targets = await self._lease_agents() if spec.rpc is not None else None
         try:  # may pull the model from the store first: minutes, so off the event loop
-            launch = await asyncio.to_thread(self._build_launch, spec, cancel=self._cancel_launch)
+            launch = await asyncio.to_thread(self._build_launch, spec, cancel=self._cancel_launch, rpc=targets)
             self.argv, self.slots = launch.argv, launch.slots
+            self.planned_argv = launch.planned_argv or launch.argv
         except BerthError as exc:
             raise StartFailed(spec.id, exc.message) from None
         self._log(f"launching: {' '.join(redact_argv(self.argv))}")
@@ -265,6 +293,34 @@ class ModelProcess:
         self._janitor.register(self._proc.pid)
         self._log(f"started pid {self._proc.pid}")
 
+    async def _lease_agents(self) -> RpcTargets:
+        """An rpc server from each agent (renewed from now on, while the model pulls, loads and runs)."""
+        spec = self.spec
+        assert spec.rpc is not None
+        self._rpc = AgentLeases(self._session, spec.id, spec.rpc)
+        try:
+            await self._rpc.acquire(self._rpc_needs(spec) if self._rpc_needs else {})
+        except AgentFailure as exc:
+            raise StartFailed(spec.id, str(exc)) from None
+        self._rpc_lost = asyncio.create_task(self._rpc.until_lost())
+        self.agent_endpoints = dict(zip(self._rpc.endpoints, spec.rpc.agents))
+        offers = self._agents.offers_for(spec.rpc) if self._agents else (0,) * len(spec.rpc.agents)
+        return RpcTargets(self._rpc.endpoints, offers)
+
+    async def _agent_trouble(self) -> str | None:
+        """When the model server failed: an rpc agent that is gone, named, if that explains it."""
+        return await self._rpc.diagnose() if self._rpc is not None else None
+
+    async def explain_failure(self) -> str | None:
+        """For an answer cut short: the agent that is gone, if this model runs over rpc agents."""
+        return self.failure or await self._agent_trouble()
+
+    async def _release_agents(self) -> None:
+        if self._rpc_lost is not None:
+            self._rpc_lost.cancel()
+        if self._rpc is not None:
+            await self._rpc.release()
+
     async def _drain(self, proc: asyncio.subprocess.Process) -> None:
         """Read the child's output continuously so it never blocks on a full pipe."""
         assert proc.stdout is not None
@@ -279,24 +335,29 @@ class ModelProcess:
             self.output.append(text)
             self._logs.write(self.spec.id, text, upstream=True)
 
-    async def _become_ready(self, exited: asyncio.Task, stop_wanted: asyncio.Task) -> StartFailed | str | None:
+    async def _become_ready(self, exited: asyncio.Task, stop_wanted: asyncio.Task,
+                            agent_lost: asyncio.Task) -> StartFailed | str | None:
         """None when ready; "stopped" when a stop was asked for first; else the failure."""
         health = asyncio.create_task(self._wait_healthy())
         try:
             done, _ = await asyncio.wait(
-                {health, exited, stop_wanted}, timeout=self.spec.health_check_timeout,
+                {health, exited, stop_wanted, agent_lost}, timeout=self.spec.health_check_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             health.cancel()
         if stop_wanted in done:
             return "stopped"
+        if agent_lost in done:
+            return StartFailed(self.spec.id, agent_lost.result(), self.last_lines())
         if exited in done:
             await asyncio.sleep(0)  # let the drain task take the last lines
             lines = self.last_lines()
             code = exited.result()
             oom_kills = await asyncio.to_thread(oom_kill_count) - self._oom_kills_at_spawn
-            return StartFailed(self.spec.id, f"process exited with code {code} before it was ready",
+            trouble = await self._agent_trouble()
+            return StartFailed(self.spec.id, f"process exited with code {code} before it was ready"
+                               + (f": {trouble}" if trouble else ""),
                                lines, out_of_memory=looks_out_of_memory(code, lines, oom_kills))
         if health in done:
             failure = health.exception()
@@ -366,6 +427,7 @@ class ModelProcess:
                 if not await self._wait_group_gone(proc, GROUP_GONE_TIMEOUT):
                     self._log(f"process group {pgid} survived SIGKILL")
         self._janitor.unregister(pgid)
+        await self._release_agents()  # before the stop is reported: a restart leases afresh
         self._log(f"stopped (exit code {proc.returncode})")
 
     async def _run_stop_command(self, pid: int) -> None:
