@@ -140,21 +140,12 @@ def check(config_path: str) -> None:
     """Validate a config without starting anything; print what each model would run."""
     from berth.core.paths import berth_home
     from berth.core.units import format_bytes
-    from berth.engine.rpc import RpcTargets
-    from berth.gateway.server import ask_agents
     from berth.memory.devices import inventory
     from berth.memory.planner import MemoryLedger, MemoryPlanner
-    from berth.runtime.agents import AgentDirectory
 
     config = _load(config_path)
     store = _store(config)
-    agents = AgentDirectory()
-    asyncio.run(ask_agents(agents, config))
-
-    def planned_launch(spec: ModelSpec) -> Launch:
-        targets = RpcTargets.as_configured(spec.rpc, agents.offers_for(spec.rpc)) if spec.rpc else None
-        return build_launch(spec, store, rpc=targets)
-
+    agents, planned_launch = _planned_launches(config, store)
     planner = MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"), planned_launch)
     for spec in config.models.values():
         click.echo(spec.id)
@@ -257,6 +248,33 @@ def _config_to_serve(config_path: str | None) -> BerthConfig:
         _fail(str(exc), 1)
     _print_warnings(config)
     return config
+
+
+def _planned_launches(config: BerthConfig, store: ModelStore):
+    """(the config's rpc agents, each model's launch as a start would run it without pulling anything). The
+    agents are asked once for what they offer, which shares out a split; each agent's address stands for
+    the port its rpc server gets at a start."""
+    from berth.engine.rpc import RpcTargets
+    from berth.gateway.server import ask_agents
+    from berth.runtime.agents import AgentDirectory
+
+    agents = AgentDirectory()
+    asyncio.run(ask_agents(agents, config))
+
+    def planned_launch(spec: ModelSpec) -> Launch:
+        targets = RpcTargets.as_configured(spec.rpc, agents.offers_for(spec.rpc)) if spec.rpc else None
+        return build_launch(spec, store, rpc=targets)
+
+    return agents, planned_launch
+
+
+def _asks_for_gpu(args) -> bool:
+    """Whether flags offload layers to a GPU of this machine: -ngl given, and with --rpc, -ts shares beyond
+    the rpc servers' (they come first in llama.cpp's device list)."""
+    if args.get("n_gpu_layers") in (None, "0"):
+        return False
+    servers = [e for e in (args.get("rpc") or "").split(",") if e]
+    return not servers or len([x for x in (args.get("tensor_split") or "").split(",") if x]) > len(servers)
 
 
 def _launch_builder(config: BerthConfig) -> functools.partial[Launch]:
@@ -415,7 +433,10 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
         model_id = config.resolve(model)
         if model_id is None:
             _fail(f"model {model!r} is not in {config_path}; ids: {', '.join(config.models)}")
-        argv = build_launch(config.models[model_id], store).argv
+        try:
+            argv = _planned_launches(config, store)[1](config.models[model_id]).argv
+        except BadRequest as exc:
+            _fail(exc.message)
     else:
         entry = store.entry(model)
         path = str(entry.launch_model_path) if entry else model
@@ -454,8 +475,7 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
                       1)
             result, flags = found.estimate, found.flags
         else:
-            result, flags = estimate(header, args, has_gpu=args.get("n_gpu_layers") not in (None, "0"),
-                                     repacked=cpu_repacked_types()), []
+            result, flags = estimate(header, args, has_gpu=_asks_for_gpu(args), repacked=cpu_repacked_types()), []
     except (EstimateError, BudgetError) as exc:
         _fail(str(exc))
     devices = {name: {"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
