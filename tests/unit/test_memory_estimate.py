@@ -201,3 +201,31 @@ def test_llama_cpp_buffer_log_lines_are_summed_per_device():
     assert usage["gpu0"] == 4512 * mib
     assert usage["gpu1"] == 100 * mib
     assert abs(usage["host"] - int((235.16 + 12.66 + 2 + 12 + 21.28 + 16) * mib)) <= 8
+
+
+def test_with_fit_llama_cpp_places_the_model_itself_up_to_free_gpu_memory_less_the_target(tmp_path):
+    from berth.config import parse_config
+    from berth.engine.launch import Launch
+    from berth.memory.devices import Device
+    from berth.memory.planner import MemoryLedger, MemoryPlanner, PlanSource
+
+    model = write_model(tmp_path / "m.gguf")
+    mib = 1024**2
+
+    def plan(flags: str, gpu_free: int):
+        devices = {"host": Device("host", "RAM", 16 << 30, 16 << 30), "gpu0": Device("gpu0", "GPU", 8 << 30, gpu_free)}
+        argv = ["llama-server", "-m", str(model), "-c", "4096", *flags.split()]
+        planner = MemoryPlanner(devices, MemoryLedger(tmp_path / "ledger.json"), lambda spec: Launch(argv))
+        return planner.plan(parse_config("models:\n  m: {cmd: 'x --port ${PORT}'}\n").models["m"])
+
+    free = plan("-fitt 0", 4 << 30)  # plenty of room: --fit changes nothing, the estimate stands
+    wanted = estimate(read_gguf_header(model), LlamaServerArgs.parse(["llama-server", "-c", "4096"]), True)
+    assert free.source is PlanSource.FIT and free.planned["gpu0"] == wanted.devices["gpu0"].total_bytes
+    tight = plan("", 1024 * mib + 256 * 1024)  # 256 KiB above the default 1024 MiB target
+    assert tight.source is PlanSource.FIT and "--fit-target 1.0 GiB" in tight.detail
+    assert tight.planned["gpu0"] == 256 * 1024
+    spilled = wanted.devices["gpu0"].total_bytes - 256 * 1024
+    assert tight.planned["host"] == wanted.devices["host"].total_bytes + spilled
+    assert plan("--fit-target 4095", 4096 * mib).planned["gpu0"] == mib  # the target as given, in MiB
+    assert plan("--fit off", 1024 * mib).source is PlanSource.ESTIMATED  # then -ngl auto offloads everything
+    assert plan("-ngl 99", 1024 * mib).source is PlanSource.ESTIMATED  # --fit adjusts only what is left unset

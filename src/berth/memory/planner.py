@@ -11,6 +11,7 @@ Anything else is unknown, and the scheduler runs it alone.
 from __future__ import annotations
 
 import enum
+import re
 import json
 import logging
 import time
@@ -21,10 +22,11 @@ from pathlib import Path
 from berth.config import BerthConfig, ModelSpec
 from berth.engine.identity import launch_identity
 from berth.engine.launch import Launch, server_args
+from berth.engine.llama_args import LlamaServerArgs
 from berth.core.errors import BerthError
 from berth.memory.devices import Device, cpu_repacked_types
 from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
-from berth.core.units import HOST
+from berth.core.units import HOST, format_bytes
 from berth.core.gguf import GGUFInvalid, read_model_header
 
 log = logging.getLogger("berth.memory")
@@ -37,6 +39,7 @@ class PlanSource(enum.StrEnum):
     DECLARED = "declared"  # `memory:` in the config
     MEASURED = "measured"  # its last run with the same launch
     ESTIMATED = "estimated"  # the GGUF header and the flags
+    FIT = "fit"  # llama.cpp's --fit places it: each GPU up to its free memory less the fit target
     UNKNOWN = "unknown"  # none of these: it runs alone
 
 
@@ -68,6 +71,38 @@ def _spread_over_gpus(usage: dict[str, int], devices: dict[str, Device]) -> dict
     for name in gpus:
         usage[name] = usage.get(name, 0) + on_gpu * devices[name].total_bytes // total
     return usage
+
+
+DEFAULT_FIT_TARGET_MIB = 1024  # llama.cpp's --fit-target: memory --fit leaves free on each device
+
+
+def fit_placement(estimated: dict[str, int], args: LlamaServerArgs | None,
+                  devices: dict[str, Device]) -> tuple[dict[str, int], PlanSource, str] | None:
+    """With `--fit` (on by default) and -ngl left to it, llama.cpp places the model itself at load: each
+    GPU takes what it can up to its free memory less `--fit-target` MiB (common/fit.cpp), and what does
+    not fit stays on the host. The plan is then that: min(estimate, free - target) per GPU, the rest on the
+    host. None when --fit has nothing to place (off, -ngl given, or no GPU)."""
+    gpus = sorted(name for name in devices if name.startswith("gpu"))
+    if args is None or not gpus or args.get("n_gpu_layers") is not None:
+        return None
+    if str(args.get("fit") or "on").lower() in ("off", "0", "false", "disabled"):
+        return None
+    written = [t for t in re.split(r"[,/]", str(args.get("fit_target") or "")) if t.strip()]
+    try:
+        targets = [int(t) * 1024**2 for t in written] or [DEFAULT_FIT_TARGET_MIB * 1024**2]
+    except ValueError:
+        return None  # llama-server refuses such a value at start, with its own message
+    planned, spilled, notes = dict(estimated), 0, []
+    for index, gpu in enumerate(gpus):
+        target = targets[index] if index < len(targets) else targets[0] if len(targets) == 1 else 0
+        room = max(devices[gpu].free_bytes - target, 0)
+        wanted = planned.get(gpu, 0)
+        if wanted > room:
+            planned[gpu], spilled = room, spilled + wanted - room
+        notes.append(f"{gpu} up to {format_bytes(room)} (free less --fit-target {format_bytes(target)})")
+    if spilled:
+        planned[HOST] = planned.get(HOST, 0) + spilled
+    return planned, PlanSource.FIT, "llama.cpp's --fit places it at load: " + ", ".join(notes)
 
 
 def _combine(measured: dict[str, int], estimated: dict[str, int] | None) -> dict[str, int]:
@@ -138,6 +173,9 @@ class MemoryPlanner:
             return ModelMemory(_combine(measured, estimated), PlanSource.MEASURED, "from its last run with these settings")
         if estimated is None:
             return ModelMemory(None, PlanSource.UNKNOWN, str(result))
+        fitted = fit_placement(estimated, server_args(argv), self.devices)
+        if fitted is not None:
+            return ModelMemory(*fitted)
         return ModelMemory(estimated, PlanSource.ESTIMATED, "from the GGUF header and its flags")
 
     def learn(self, spec: ModelSpec, argv: list[str], usage: dict[str, int]) -> ModelMemory:
