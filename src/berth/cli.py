@@ -475,9 +475,13 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
                       1)
             result, flags = found.estimate, found.flags
         else:
-            result, flags = estimate(header, args, has_gpu=_asks_for_gpu(args), repacked=cpu_repacked_types()), []
+            projector = read_gguf_header(args.get("mmproj")) if args.get("mmproj") else None
+            result, flags = estimate(header, args, has_gpu=_asks_for_gpu(args), repacked=cpu_repacked_types(),
+                                     projector=projector), []
     except (EstimateError, BudgetError) as exc:
         _fail(str(exc))
+    except (GGUFInvalid, OSError) as exc:
+        _fail(f"the projector {args.get('mmproj')} is not a readable GGUF file: {exc}")
     devices = {name: {"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
                       "output_bytes": d.output_bytes, "runtime_bytes": d.runtime_bytes, "total_bytes": d.total_bytes}
                for name, d in result.devices.items()}

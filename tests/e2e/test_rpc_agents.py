@@ -3,6 +3,7 @@ llama-server, a generated mixture-of-experts GGUF, the openai client."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -220,6 +222,16 @@ def test_an_agent_killed_mid_stream_ends_the_request_naming_it_and_the_model_rec
     a.stop()
     agents(port=a.port)  # the same agent, back
     assert greedy(server, "experts") == expected
+    # a whole (not streamed) answer cut by an agent's death: 502 naming it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(greedy, server, "experts", 100000)
+        wait_until(lambda: any(l["model"] == "experts" and l["bytes_to_server"] > 0 for l in b.inventory()["leases"]),
+                   10, "the model to run on agent b")
+        time.sleep(1)  # decoding by now
+        b.proc.send_signal(signal.SIGKILL)
+        with pytest.raises(openai.APIStatusError) as cut_whole:
+            pending.result(60)
+    assert cut_whole.value.status_code == 502 and f"rpc agent {b.address} is unreachable" in str(cut_whole.value)
 
 
 def test_a_split_that_does_not_fit_an_agent_is_refused_before_anything_starts(berth, agents, moe_gguf, tmp_path):

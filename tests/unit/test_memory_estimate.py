@@ -229,3 +229,16 @@ def test_with_fit_llama_cpp_places_the_model_itself_up_to_free_gpu_memory_less_t
     assert plan("--fit-target 4095", 4096 * mib).planned["gpu0"] == mib  # the target as given, in MiB
     assert plan("--fit off", 1024 * mib).source is PlanSource.ESTIMATED  # then -ngl auto offloads everything
     assert plan("-ngl 99", 1024 * mib).source is PlanSource.ESTIMATED  # --fit adjusts only what is left unset
+
+
+def test_a_projector_loads_beside_the_model_on_the_gpu_unless_kept_off_it(tmp_path):
+    model, projector = read_gguf_header(write_model(tmp_path / "m.gguf")), read_gguf_header(
+        write_model(tmp_path / "mmproj.gguf"))
+    projector_bytes = sum(t.nbytes for t in projector.tensors)
+    alone = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512"]))
+    with_it = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512"]), projector=projector)
+    assert with_it.devices["host"].weights_bytes == alone.devices["host"].weights_bytes + projector_bytes
+    on_gpu = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512"]), True, projector=projector)
+    kept = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512", "--no-mmproj-offload"]), True,
+                    projector=projector)
+    assert on_gpu.devices["gpu0"].weights_bytes - kept.devices["gpu0"].weights_bytes == projector_bytes

@@ -181,8 +181,10 @@ def _override_device(name: str, overrides: list[str]) -> str | None:
 
 
 def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
-             repacked: frozenset[int] = frozenset()) -> MemoryEstimate:
-    """`repacked`: the ggml types this machine's CPU backend repacks (`devices.cpu_repacked_types`)."""
+             repacked: frozenset[int] = frozenset(), projector: GGUFHeader | None = None) -> MemoryEstimate:
+    """`repacked`: the ggml types this machine's CPU backend repacks (`devices.cpu_repacked_types`);
+    `projector`: the header of the `--mmproj` file, whose weights load beside the model's (on the GPU
+    unless --no-mmproj-offload). Its image-encoding compute is not estimated yet."""
     n_layer = int(header.arch_value("block_count") or 0)
     if not n_layer:
         raise EstimateError("the GGUF has no <arch>.block_count; cannot place layers")
@@ -209,6 +211,9 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
         if device == HOST and repack and _repacked(tensor, repacked):
             result.device(HOST).weights_bytes += tensor.nbytes  # the mapped file stays; the copy is extra
 
+    if projector is not None:
+        on_gpu = has_gpu and not args.get("no_mmproj_offload")
+        result.device(GPU if on_gpu else HOST).weights_bytes += sum(t.nbytes for t in projector.tensors)
     _add_kv(result, header, args, n_layer, placement)
     _add_compute(result, header, args, placement, experts_on - {HOST})
     n_vocab = int(header.arch_value("vocab_size") or _vocab_from_embedding(header))

@@ -202,8 +202,16 @@ class MemoryPlanner:
             return f"{model} is not on disk yet (it is pulled at the first start)"
         except (GGUFInvalid, OSError) as exc:
             return f"cannot read {model}: {exc}"
+        projector = None
+        if args.get("mmproj"):
+            try:
+                projector = read_model_header(args.get("mmproj"))
+            except FileNotFoundError:
+                return f"{args.get('mmproj')} is not on disk yet (it is pulled at the first start)"
+            except (GGUFInvalid, OSError) as exc:
+                return f"cannot read the projector {args.get('mmproj')}: {exc}"
         try:
             return estimate(header, args, has_gpu=any(n.startswith("gpu") for n in self.devices),
-                            repacked=cpu_repacked_types())
+                            repacked=cpu_repacked_types(), projector=projector)
         except EstimateError as exc:
             return str(exc)
