@@ -241,6 +241,22 @@ def test_a_split_that_does_not_fit_an_agent_is_refused_before_anything_starts(be
     assert [lease["need_bytes"] for lease in a.inventory()["leases"]] == [0]
 
 
+def test_two_splits_that_do_not_fit_an_agent_together_take_turns(berth, agents, moe_gguf, tmp_path):
+    """An agent's offer is a budget like the machine's own: an idle split model is evicted to make room."""
+    a, b = agents("--memory", "48MiB"), agents()
+    pinned = "\n".join(f"""\
+        {name}:
+          cmd: llama-server -m {moe_gguf} --port ${{PORT}} -c 512
+          rpc: {{agents: ["{a.address}", "{b.address}"], layers: {{"{a.address}": 0-3}}}}""" for name in ("p1", "p2"))
+    server = berth(config(moe_gguf, a, b, extra_models=pinned + "\n"), env=home(tmp_path))
+    first = greedy(server, "p1")
+    assert [lease["model"] for lease in a.inventory()["leases"]] == ["p1"]
+    assert greedy(server, "p2") == first  # p1 was idle: stopped and its lease released, then p2 started
+    assert [lease["model"] for lease in a.inventory()["leases"]] == ["p2"]
+    assert "p1" not in {r["model"] for r in requests.get(server.url + "/running", timeout=5,
+                                                         headers={"Authorization": f"Bearer {KEY}"}).json()["running"]}
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
