@@ -78,3 +78,62 @@ def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_gemma3_projector(path: Path, text_embd: int, image_size: int = 224, patch_size: int = 14,
+                           n_embd: int = 128, n_ff: int = 256, n_layer: int = 2, n_head: int = 4,
+                           merge: int = 4) -> Path:
+    """A `--mmproj` GGUF of Gemma 3's kind (a SigLIP vision encoder, average pooling by `merge` per
+    side, an RMS norm and a projection to the text model's width `text_embd`) that llama.cpp's clip
+    loader accepts and encodes images with."""
+    rng = np.random.default_rng(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(path), "clip")
+    writer.add_name(path.stem)
+    writer.add_file_type(1)
+    writer.add_string("clip.projector_type", "gemma3")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.image_size", image_size)
+    writer.add_uint32("clip.vision.patch_size", patch_size)
+    writer.add_uint32("clip.vision.embedding_length", n_embd)
+    writer.add_uint32("clip.vision.feed_forward_length", n_ff)
+    writer.add_uint32("clip.vision.projection_dim", text_embd)
+    writer.add_uint32("clip.vision.block_count", n_layer)
+    writer.add_uint32("clip.vision.attention.head_count", n_head)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_uint32("clip.vision.projector.scale_factor", merge)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    def weight(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float16))
+
+    def vector(name: str, size: int, value: float) -> None:
+        writer.add_tensor(name, np.full(size, value, dtype=np.float32))
+
+    n_patches = (image_size // patch_size) ** 2
+    weight("v.patch_embd.weight", n_embd, 3, patch_size, patch_size)
+    vector("v.patch_embd.bias", n_embd, 0.0)
+    writer.add_tensor("v.position_embd.weight",
+                      (rng.standard_normal((n_patches, n_embd)) * 0.02).astype(np.float32))
+    for i in range(n_layer):
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            weight(f"v.blk.{i}.{part}.weight", n_embd, n_embd)
+            vector(f"v.blk.{i}.{part}.bias", n_embd, 0.0)
+        for norm in ("ln1", "ln2"):
+            vector(f"v.blk.{i}.{norm}.weight", n_embd, 1.0)
+            vector(f"v.blk.{i}.{norm}.bias", n_embd, 0.0)
+        weight(f"v.blk.{i}.ffn_up.weight", n_ff, n_embd)
+        vector(f"v.blk.{i}.ffn_up.bias", n_ff, 0.0)
+        weight(f"v.blk.{i}.ffn_down.weight", n_embd, n_ff)
+        vector(f"v.blk.{i}.ffn_down.bias", n_embd, 0.0)
+    vector("v.post_ln.weight", n_embd, 1.0)
+    vector("v.post_ln.bias", n_embd, 0.0)
+    vector("mm.soft_emb_norm.weight", n_embd, 1.0)
+    weight("mm.input_projection.weight", n_embd, text_embd)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
