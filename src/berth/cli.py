@@ -459,6 +459,10 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
     if exact and (budget or max_context):
         _fail("--exact reports llama.cpp's own plan for free device memory; drop --budget/--max-context or --exact")
     try:
+        projector = read_gguf_header(args.get("mmproj")) if args.get("mmproj") else None
+    except (GGUFInvalid, OSError) as exc:
+        _fail(f"the projector {args.get('mmproj')} is not a readable GGUF file: {exc}")
+    try:
         budgets = parse_budget(budget) if budget else None
         if exact:
             from berth.memory.exact import ExactUnavailable, exact_fit
@@ -469,19 +473,16 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
                 _fail(str(exc), 1)
             result, flags = MemoryEstimate(devices=found_exact.devices), found_exact.flags
         elif budgets is not None:
-            found = find_fit(header, args, budgets, headroom, max_context)
+            found = find_fit(header, args, budgets, headroom, max_context, projector)
             if found is None:
                 _fail(f"{path} does not fit {budget} even with every layer on the host and the smallest context",
                       1)
             result, flags = found.estimate, found.flags
         else:
-            projector = read_gguf_header(args.get("mmproj")) if args.get("mmproj") else None
             result, flags = estimate(header, args, has_gpu=_asks_for_gpu(args), repacked=cpu_repacked_types(),
                                      projector=projector), []
     except (EstimateError, BudgetError) as exc:
         _fail(str(exc))
-    except (GGUFInvalid, OSError) as exc:
-        _fail(f"the projector {args.get('mmproj')} is not a readable GGUF file: {exc}")
     devices = {name: {"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
                       "output_bytes": d.output_bytes, "runtime_bytes": d.runtime_bytes, "total_bytes": d.total_bytes}
                for name, d in result.devices.items()}

@@ -242,3 +242,71 @@ def test_a_projector_loads_beside_the_model_on_the_gpu_unless_kept_off_it(tmp_pa
     kept = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512", "--no-mmproj-offload"]), True,
                     projector=projector)
     assert on_gpu.devices["gpu0"].weights_bytes - kept.devices["gpu0"].weights_bytes == projector_bytes
+
+
+def write_projector(path: Path, family: str, image_size: int, patch: int, width: int, n_ff: int, heads: int,
+                    **extra: int) -> Path:
+    """A vision projector's header as llama.cpp's clip loader reads it, with its patch kernel in f16."""
+    w = GGUFWriter(str(path), "clip")
+    w.add_string("clip.projector_type", family)
+    w.add_bool("clip.has_vision_encoder", True)
+    for key, value in {"image_size": image_size, "patch_size": patch, "embedding_length": width,
+                       "feed_forward_length": n_ff, "attention.head_count": heads, **extra}.items():
+        w.add_uint32(f"clip.vision.{key}", value)
+    w.add_tensor("v.patch_embd.weight", np.zeros((width, 3, patch, patch), np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_projector_holds_the_compute_of_encoding_its_warmup_image_on_its_device(tmp_path):
+    """Gemma 3's encoder is sized for one image_size image: 16 x 16 patches of 14 px at 224 px."""
+    model = read_gguf_header(write_model(tmp_path / "m.gguf"))
+    projector = read_gguf_header(write_projector(tmp_path / "mmproj.gguf", "gemma3", 224, 14, 64, 128, 4))
+    patches = 16 * 16
+
+    def compute(flags: str, has_gpu: bool = False) -> dict[str, int]:
+        args = LlamaServerArgs.parse(["llama-server", "-c", "512", *flags.split()])
+        with_it, alone = estimate(model, args, has_gpu, projector=projector), estimate(model, args, has_gpu)
+        return {d: u.compute_bytes - alone.devices[d].compute_bytes for d, u in with_it.devices.items()}
+
+    # without flash attention the f32 scores of all heads dominate: 4 bytes x heads x patches^2 + 24 x width
+    assert compute("-fa off") == {"host": 4 * 4 * patches**2 + 24 * 64 * patches}
+    # with it (auto is on for CPU and CUDA), the image itself: 3 f32 channels and their f16 im2col copy
+    assert compute("") == {"host": 224 * 224 * 3 * (4 + 2)}
+    assert compute("", has_gpu=True) == {"host": 0, "gpu0": 224 * 224 * 3 * 6}
+    assert compute("--no-mmproj-offload", has_gpu=True) == {"host": 224 * 224 * 3 * 6, "gpu0": 0}
+
+
+def test_dynamic_resolution_projectors_warm_up_with_their_token_budget(tmp_path):
+    """Qwen-VL encoders warm up with 46 x 46 output tokens of 2 x 2 patches whatever image_size says,
+    fewer when --image-max-tokens is lower."""
+    model = read_gguf_header(write_model(tmp_path / "m.gguf"))
+    projector = read_gguf_header(write_projector(tmp_path / "mmproj.gguf", "qwen3vl_merger", 768, 16, 64, 128, 4,
+                                                 spatial_merge_size=2))
+
+    def projector_compute(flags: str) -> int:
+        args = LlamaServerArgs.parse(["llama-server", "-c", "512", *flags.split()])
+        return (estimate(model, args, projector=projector).devices["host"].compute_bytes
+                - estimate(model, args).devices["host"].compute_bytes)
+
+    # 46 tokens x 2 patches x 16 px = 1472 px a side: 92 x 92 patches; attention holds 20 x width per patch
+    assert projector_compute("") == max(1472 * 1472 * 3 * 6, 20 * 64 * 92 * 92)
+    # at most 256 tokens: 16 x 2 patches of 16 px = 512 px, 32 x 32 patches
+    assert projector_compute("--image-max-tokens 256 -fa off") == 4 * 4 * (32 * 32) ** 2 + 24 * 64 * 32 * 32
+
+
+def test_fit_leaves_the_gpu_room_for_the_projector(tmp_path):
+    from berth.memory.fit import find_fit
+
+    dense = read_gguf_header(write_model(tmp_path / "d.gguf"))
+    projector = read_gguf_header(write_projector(tmp_path / "mmproj.gguf", "gemma3", 224, 14, 64, 128, 4))
+    args = LlamaServerArgs.parse(["llama-server", "-c", "256"])
+    all_gpu = estimate(dense, LlamaServerArgs.parse("x -c 256 -ngl 5".split()), has_gpu=True, projector=projector)
+    budget = {"gpu0": all_gpu.devices["gpu0"].total_bytes, "host": 10**9}
+    assert find_fit(dense, args, budget, headroom=0, projector=projector).flags == ["-ngl", "5"]
+    budget["gpu0"] -= 1  # the model alone still fits whole; beside the projector the output layer moves off
+    assert find_fit(dense, args, budget, headroom=0).flags == ["-ngl", "5"]
+    assert find_fit(dense, args, budget, headroom=0, projector=projector).flags == ["-ngl", "4"]

@@ -26,6 +26,8 @@ sizes by `bench/memory_fidelity.py` (docs/memory-fidelity.md):
   about 4 x ubatch x 6.5 x max(n_embd, n_head x key_length) bytes; at small contexts the rest
   of the graph is larger, 4 x ubatch x (5 x n_embd + 3 x n_ff + 2 x n_head x key_length).
 - Output: the logits buffer, n_vocab x 4 bytes per sequence (4 with `-np` auto), on the host.
+- Projector (`--mmproj`): its weights, and the compute buffer of encoding one warmup image
+  (`projector_compute`), on the GPU unless --no-mmproj-offload.
 - Runtime (host): what the server process holds besides its buffers: the GGUF's
   metadata (the file is mapped whole), the tokenizer (about 160 bytes per vocabulary
   entry: text, score, attributes and the lookup map) and a fixed 16 MiB for code,
@@ -39,6 +41,7 @@ Once a model has run, the gateway plans with its measured usage instead
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -183,8 +186,8 @@ def _override_device(name: str, overrides: list[str]) -> str | None:
 def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
              repacked: frozenset[int] = frozenset(), projector: GGUFHeader | None = None) -> MemoryEstimate:
     """`repacked`: the ggml types this machine's CPU backend repacks (`devices.cpu_repacked_types`);
-    `projector`: the header of the `--mmproj` file, whose weights load beside the model's (on the GPU
-    unless --no-mmproj-offload). Its image-encoding compute is not estimated yet."""
+    `projector`: the header of the `--mmproj` file, whose weights and image-encoding compute load
+    beside the model's (on the GPU unless --no-mmproj-offload)."""
     n_layer = int(header.arch_value("block_count") or 0)
     if not n_layer:
         raise EstimateError("the GGUF has no <arch>.block_count; cannot place layers")
@@ -213,7 +216,9 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
 
     if projector is not None:
         on_gpu = has_gpu and not args.get("no_mmproj_offload")
-        result.device(GPU if on_gpu else HOST).weights_bytes += sum(t.nbytes for t in projector.tensors)
+        projector_device = result.device(GPU if on_gpu else HOST)
+        projector_device.weights_bytes += sum(t.nbytes for t in projector.tensors)
+        projector_device.compute_bytes += projector_compute(projector, args)
     _add_kv(result, header, args, n_layer, placement)
     _add_compute(result, header, args, placement, experts_on - {HOST})
     n_vocab = int(header.arch_value("vocab_size") or _vocab_from_embedding(header))
@@ -280,6 +285,85 @@ def _add_compute(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerAr
         result.device(device).compute_bytes += 4 * ubatch * (feed_forward + n_embd)
     # logits, on the host: one row per sequence, whether or not they share a KV buffer
     result.device(HOST).output_bytes += 4 * n_vocab * args.sequences()[0]
+
+
+# Vision projectors whose warmup image is not `clip.vision.image_size` wide: llama.cpp's clip loader
+# (tools/mtmd/clip.cpp, load_hparams) warms them up with a square of this many output tokens, each
+# `merge` x `merge` patches, capped by --image-max-tokens. Value: (tokens, default merge, the key that
+# overrides the merge).
+_SPATIAL_MERGE = "clip.vision.spatial_merge_size"
+_SCALE_FACTOR = "clip.vision.projector.scale_factor"
+_WARMUP_TOKENS: dict[str, tuple[int, int, str | None]] = {
+    "phi4": (16 * 16, 1, None),
+    "pixtral": (256, 1, _SPATIAL_MERGE), "lightonocr": (256, 1, _SPATIAL_MERGE),
+    "kimivl": (256, 1, _SCALE_FACTOR), "deepseek4v": (256, 1, _SCALE_FACTOR),
+    "dots_ocr": (46 * 46, 1, _SCALE_FACTOR), "dots3note_v": (46 * 46, 1, _SPATIAL_MERGE),
+    "gemma4v": (256, 3, _SCALE_FACTOR), "gemma4uv": (256, 3, _SCALE_FACTOR),
+    "qwen2vl_merger": (46 * 46, 2, _SPATIAL_MERGE), "qwen2.5vl_merger": (46 * 46, 2, _SPATIAL_MERGE),
+    "qwen3vl_merger": (46 * 46, 2, _SPATIAL_MERGE), "ling3vl": (46 * 46, 2, _SPATIAL_MERGE),
+    "mimovl": (46 * 46, 2, _SPATIAL_MERGE), "glm4v": (46 * 46, 2, _SPATIAL_MERGE),
+    "glm5v": (46 * 46, 2, _SPATIAL_MERGE), "exaone4_5": (46 * 46, 2, _SPATIAL_MERGE),
+    "minimax_m3": (16 * 16, 2, _SPATIAL_MERGE), "youtuvl": (16 * 16, 2, _SPATIAL_MERGE),
+    "muse-glimmer": (32 * 32, 2, _SPATIAL_MERGE), "hunyuanvl": (32 * 32, 2, _SPATIAL_MERGE),
+    "paddleocr": (28 * 28, 2, None),
+}
+# families that warm up at a fixed size whatever the GGUF says
+_WARMUP_SIZE = {"deepseekocr": 1024, "deepseekocr2": 1024}
+
+
+def projector_compute(projector: GGUFHeader, args: LlamaServerArgs) -> int:
+    """Bytes of the vision encoder's compute buffer: llama.cpp sizes it once, at load, for the graph
+    of one warmup image, and keeps it. Its peak is the largest of three stages (calibrated on the
+    SigLIP encoder of Gemma 3's projector against llama.cpp's `reserve_compute_meta` figure, within
+    1% from 224 to 896 px, 128 to 512 wide, 1 to 16 heads, with and without flash attention):
+    - the image: 3 f32 channels plus their im2col copy in the patch kernel's type, per pixel;
+    - attention, per patch: 20 x width bytes with flash attention; without it the f32 scores of
+      all heads, 4 x heads x patches, plus 24 x width;
+    - the feed-forward, per patch: 4 x n_ff + 12 x width.
+    Zero for a projector without a vision encoder (audio encoders are not estimated)."""
+    meta = projector.metadata
+    if not meta.get("clip.has_vision_encoder"):
+        return 0
+    width = int(meta.get("clip.vision.embedding_length") or 0)
+    n_ff = int(meta.get("clip.vision.feed_forward_length") or 0)
+    heads = int(meta.get("clip.vision.attention.head_count") or 1)
+    patch = int(meta.get("clip.vision.patch_size") or 0)
+    if not width or not patch:
+        return 0
+    side = _warmup_side(meta, patch, args.get("image_max_tokens"))
+    family = str(meta.get("clip.vision.projector_type") or meta.get("clip.projector_type") or "")
+    if family == "gemma4uv":  # merges on the patch kernel itself: one token per (patch x merge) square
+        patch *= int(meta.get(_SCALE_FACTOR) or 3)
+    patches = (side // patch) ** 2
+    kernel = next((t for t in projector.tensors if t.name == "v.patch_embd.weight"), None)
+    kernel_bytes = kernel.nbytes / _elements(kernel) if kernel is not None and _elements(kernel) else 2
+    image = int(side * side * 3 * (4 + kernel_bytes))
+    if args.flash_attention():
+        attention = 20 * width * patches
+    else:
+        attention = 4 * heads * patches * patches + 24 * width * patches
+    feed_forward = (4 * n_ff + 12 * width) * patches
+    return max(image, attention, feed_forward)
+
+
+def _warmup_side(meta: dict, patch: int, image_max_tokens: int | None) -> int:
+    """The side in pixels of the square image llama.cpp encodes once at load (get_dummy_batch)."""
+    family = str(meta.get("clip.vision.projector_type") or meta.get("clip.projector_type") or "")
+    if family in _WARMUP_SIZE:
+        return _WARMUP_SIZE[family]
+    if family not in _WARMUP_TOKENS:
+        return int(meta.get("clip.vision.image_size") or 0)
+    tokens, merge, merge_key = _WARMUP_TOKENS[family]
+    if merge_key is not None:
+        merge = int(meta.get(merge_key) or merge)
+    per_side = math.isqrt(tokens)
+    if image_max_tokens and image_max_tokens > 0 and tokens > image_max_tokens:
+        per_side = max(1, math.isqrt(image_max_tokens))
+    return per_side * patch * merge
+
+
+def _elements(tensor: TensorInfo) -> int:
+    return math.prod(tensor.dims)
 
 
 def _repacked(tensor: TensorInfo, types: frozenset[int]) -> bool:

@@ -48,9 +48,10 @@ class FitResult:
 
 
 def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], headroom: float = 0.05,
-             max_context: bool = False) -> FitResult | None:
+             max_context: bool = False, projector: GGUFHeader | None = None) -> FitResult | None:
     """The most GPU layers (then the fewest CPU-held expert layers, then optionally the largest
-    context) whose estimate fits every budget; None when even all-on-host does not fit."""
+    context) whose estimate, with the `--mmproj` projector's share, fits every budget; None when even
+    all-on-host does not fit."""
     n_layer = int(header.arch_value("block_count") or 0)
     has_gpu = GPU in budget
     moe = any("_exps." in t.name for t in header.tensors)
@@ -62,7 +63,7 @@ def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], 
             trial_args.set("n_cpu_moe", n_cpu_moe)
         if ctx is not None:
             trial_args.set("ctx_size", ctx)
-        return estimate(header, trial_args, has_gpu, cpu_repacked_types())
+        return estimate(header, trial_args, has_gpu, cpu_repacked_types(), projector)
 
     flags: list[str] = []
     search_ctx = CTX_PAD if max_context else None  # placement first at the smallest context, then grow it
