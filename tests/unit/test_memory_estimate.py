@@ -194,12 +194,16 @@ def test_llama_cpp_buffer_log_lines_are_summed_per_device():
         "llama_kv_cache:      CUDA0 KV buffer size =   512.00 MiB",
         "sched_reserve:  CUDA_Host compute buffer size =    16.00 MiB",
         "load_tensors:      Vulkan1 model buffer size =   100.00 MiB",
+        # a projector on the Vulkan GPU: its weights as one figure, its compute buffer as a buffer line
+        "0.00.017.840 I clip_ctx: CLIP using Vulkan1 backend",
+        "0.00.018.263 I load_hparams: model size:         8.00 MiB",
+        "0.00.022.207 I reserve_compute_meta:    Vulkan1 compute buffer size =     2.00 MiB",
         "srv  load_model: initializing, n_slots = 2",
     ]
     usage = parse_buffer_log(lines)
     mib = 1024**2
     assert usage["gpu0"] == 4512 * mib
-    assert usage["gpu1"] == 100 * mib
+    assert usage["gpu1"] == 110 * mib
     assert abs(usage["host"] - int((235.16 + 12.66 + 2 + 12 + 21.28 + 16) * mib)) <= 8
 
 

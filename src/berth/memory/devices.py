@@ -114,6 +114,9 @@ def inventory() -> dict[str, Device]:
 # llama.cpp's load log at `-lv 4` or above: "<buffer type> (model|KV|compute|output) buffer size = N MiB".
 _BUFFER_LINE = re.compile(r"(\S+)\s+(?:model|KV|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
 _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN|Metal|MTL|OpenCL)(\d*)$", re.IGNORECASE)
+# A `--mmproj` projector's weights have no buffer line: clip.cpp names its backend, then their size.
+_PROJECTOR_BACKEND = re.compile(r"CLIP using (\S+) backend")
+_PROJECTOR_WEIGHTS = re.compile(r"load_hparams: model size:\s*([\d.]+)\s*MiB")
 
 
 def buffer_device(buffer_type: str) -> str:
@@ -130,17 +133,25 @@ def buffer_device(buffer_type: str) -> str:
 
 
 def parse_buffer_log(lines: list[str]) -> dict[str, int]:
-    """Bytes per device from llama.cpp's buffer-size log lines (pinned host buffers count as host).
+    """Bytes per device from llama.cpp's buffer-size log lines (pinned host buffers count as host),
+    with a `--mmproj` projector's weights on the backend clip.cpp says it uses (its compute buffer
+    has a line of its own).
 
     The only per-device figure for GPUs that NVML does not see (ROCm, Vulkan, Metal...).
     """
     usage: dict[str, int] = {}
+    projector_device = HOST
     for line in lines:
-        match = _BUFFER_LINE.search(line)
-        if match is None:
+        if (buffer := _BUFFER_LINE.search(line)) is not None:
+            device, mib = buffer_device(buffer.group(1)), buffer.group(2)
+        elif (backend := _PROJECTOR_BACKEND.search(line)) is not None:
+            projector_device = buffer_device(backend.group(1))
             continue
-        device = buffer_device(match.group(1))
-        usage[device] = usage.get(device, 0) + int(float(match.group(2)) * 1024 * 1024)
+        elif (weights := _PROJECTOR_WEIGHTS.search(line)) is not None:
+            device, mib = projector_device, weights.group(1)
+        else:
+            continue
+        usage[device] = usage.get(device, 0) + int(float(mib) * 1024 * 1024)
     return usage
 
 
