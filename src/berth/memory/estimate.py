@@ -9,7 +9,8 @@ sizes by `bench/memory_fidelity.py` (docs/memory-fidelity.md):
   streams of ctx/N cells unless `--kv-unified` (server.cpp).
 - Weights: the token embedding stays on the host; with `-ngl N` the last
   min(N, n_layer) repeating layers go to the GPU, and the output layer too when
-  N > n_layer. MoE expert tensors (`blk.I.ffn_{gate,up,down}_exps`) of the first
+  N > n_layer (a model without an output tensor multiplies by the token embedding
+  there, and the device gets its own copy of it). MoE expert tensors (`blk.I.ffn_{gate,up,down}_exps`) of the first
   `--n-cpu-moe` layers (all with `--cpu-moe`) and tensors matched by
   `-ot PATTERN=CPU` stay on the host. On the host, weight types the CPU backend
   repacks (x86 with AVX2: Q4_0, Q4_K, IQ4_NL, MXFP4 whose rows divide by 8) are copied
@@ -25,9 +26,14 @@ sizes by `bench/memory_fidelity.py` (docs/memory-fidelity.md):
   f32 attention scores and mask dominate, 4 x ubatch x (n_head + 1) x stream cells, plus
   about 4 x ubatch x 6.5 x max(n_embd, n_head x key_length) bytes; at small contexts the rest
   of the graph is larger, 4 x ubatch x (5 x n_embd + 3 x n_ff + 2 x n_head x key_length).
+  That buffer is on each device holding layers, and on the host too when layers are left to it;
+  with every layer offloaded the host keeps the graph's inputs: 16 x ubatch x n_embd bytes and the
+  masks (f16 with flash attention, f32 without). Checked with an RPC device standing in for a GPU.
+  Not modelled: pipeline parallelism (several devices, every layer offloaded), which holds copies
+  of each split's inputs and makes device buffers two to three times larger.
 - Output: the logits buffer, n_vocab x 4 bytes per sequence (4 with `-np` auto), on the host.
 - Projector (`--mmproj`): its weights, and the compute buffer of encoding one warmup image
-  (`projector_compute`), on the GPU unless --no-mmproj-offload.
+  (`projector_compute`), on the GPU (or else the first `--rpc` server) unless --no-mmproj-offload.
 - Runtime (host): what the server process holds besides its buffers: the GGUF's
   metadata (the file is mapped whole), the tokenizer (about 160 bytes per vocabulary
   entry: text, score, attributes and the lookup map) and a fixed 16 MiB for code,
@@ -214,9 +220,17 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
         if device == HOST and repack and _repacked(tensor, repacked):
             result.device(HOST).weights_bytes += tensor.nbytes  # the mapped file stays; the copy is extra
 
+    output_device = placement.device(n_layer)
+    if output_device != HOST and not any(t.name.startswith("output.") for t in header.tensors):
+        # tied embeddings: the output layer multiplies by the token embedding, which stays on the host
+        # for lookups, so the device holding the output layer gets a copy of its own
+        embedding = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+        result.device(output_device).weights_bytes += embedding.nbytes if embedding else 0
     if projector is not None:
-        on_gpu = has_gpu and not args.get("no_mmproj_offload")
-        projector_device = result.device(GPU if on_gpu else HOST)
+        # clip.cpp takes the first GPU-type device: a local GPU, else the first rpc server (rpc devices
+        # register after the built-in backends)
+        offload = [] if args.get("no_mmproj_offload") else _offload_devices(args, has_gpu)
+        projector_device = result.device(GPU if GPU in offload else (offload or [HOST])[0])
         projector_device.weights_bytes += sum(t.nbytes for t in projector.tensors)
         projector_device.compute_bytes += projector_compute(projector, args)
     _add_kv(result, header, args, n_layer, placement)
@@ -281,6 +295,12 @@ def _add_compute(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerAr
     with_layers = {placement.device(layer) for layer in range(placement.n_layer + 1)} - {HOST}
     for device in with_layers or {HOST}:
         result.device(device).compute_bytes += compute
+    if with_layers and placement.first > 0:
+        result.device(HOST).compute_bytes += compute  # the layers left to the host run there
+    elif with_layers:  # the graph's inputs stay on the host: the embedding lookup and the attention masks
+        mask_bytes = 2 if args.flash_attention() else 4
+        result.device(HOST).compute_bytes += (16 * ubatch * n_embd
+                                              + mask_bytes * ubatch * (result.kv_cells + result.swa_cells))
     for device in expert_devices - with_layers:  # the expert products of a ubatch and its input
         result.device(device).compute_bytes += 4 * ubatch * (feed_forward + n_embd)
     # logits, on the host: one row per sequence, whether or not they share a KV buffer
