@@ -73,11 +73,7 @@ def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8
             weight(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
     norm("output_norm.weight", n_embd)
     weight("output.weight", VOCAB, n_embd)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _finish(writer, path)
 
 
 def write_gemma3_projector(path: Path, text_embd: int, image_size: int = 224, patch_size: int = 14,
@@ -132,6 +128,10 @@ def write_gemma3_projector(path: Path, text_embd: int, image_size: int = 224, pa
     vector("v.post_ln.bias", n_embd, 0.0)
     vector("mm.soft_emb_norm.weight", n_embd, 1.0)
     weight("mm.input_projection.weight", n_embd, text_embd)
+    return _finish(writer, path)
+
+
+def _finish(writer: GGUFWriter, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
