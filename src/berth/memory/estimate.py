@@ -10,9 +10,9 @@ sizes by `bench/memory_fidelity.py` (docs/memory-fidelity.md):
 - Weights: the token embedding stays on the host; with `-ngl N` the last
   min(N, n_layer) repeating layers go to the GPU, and the output layer too when
   N > n_layer (a model without an output tensor multiplies by the token embedding
-  there, and the device gets its own copy of it). MoE expert tensors (`blk.I.ffn_{gate,up,down}_exps`) of the first
-  `--n-cpu-moe` layers (all with `--cpu-moe`) and tensors matched by
-  `-ot PATTERN=CPU` stay on the host. On the host, weight types the CPU backend
+  there, and the device gets its own copy of it). MoE expert tensors
+  (`blk.I.ffn_{gate,up,down}_exps`) of the first `--n-cpu-moe` layers (all with
+  `--cpu-moe`) and tensors matched by `-ot PATTERN=CPU` stay on the host. On the host, weight types the CPU backend
   repacks (x86 with AVX2: Q4_0, Q4_K, IQ4_NL, MXFP4 whose rows divide by 8) are copied
   once more into a repacked buffer, unless `--no-repack` (ggml-cpu/repack.cpp).
 - KV cache: each stream's cells padded to 256. A layer holds
@@ -350,8 +350,8 @@ def projector_compute(projector: GGUFHeader, args: LlamaServerArgs) -> int:
     patch = int(meta.get("clip.vision.patch_size") or 0)
     if not width or not patch:
         return 0
-    side = _warmup_side(meta, patch, args.get("image_max_tokens"))
     family = str(meta.get("clip.vision.projector_type") or meta.get("clip.projector_type") or "")
+    side = _warmup_side(meta, family, patch, args.get("image_max_tokens"))
     if family == "gemma4uv":  # merges on the patch kernel itself: one token per (patch x merge) square
         patch *= int(meta.get(_SCALE_FACTOR) or 3)
     patches = (side // patch) ** 2
@@ -366,9 +366,8 @@ def projector_compute(projector: GGUFHeader, args: LlamaServerArgs) -> int:
     return max(image, attention, feed_forward)
 
 
-def _warmup_side(meta: dict, patch: int, image_max_tokens: int | None) -> int:
+def _warmup_side(meta: dict, family: str, patch: int, image_max_tokens: int | None) -> int:
     """The side in pixels of the square image llama.cpp encodes once at load (get_dummy_batch)."""
-    family = str(meta.get("clip.vision.projector_type") or meta.get("clip.projector_type") or "")
     if family in _WARMUP_SIZE:
         return _WARMUP_SIZE[family]
     if family not in _WARMUP_TOKENS:
