@@ -52,7 +52,7 @@ import re
 from dataclasses import dataclass, field
 
 from berth.engine.llama_args import LlamaServerArgs
-from berth.engine.rpc import buffer_endpoint
+from berth.engine.rpc import EXPERT_TENSOR, buffer_endpoint
 from berth.core.units import HOST, rpc_device
 from berth.core.gguf import GGUFHeader, TensorInfo
 
@@ -70,7 +70,6 @@ CACHE_TYPE_BYTES = {
 # when the GGUF does not say so itself.
 _SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
-_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
 # ggml type ids the CPU backend repacks, by instruction set (ggml-cpu/repack.cpp, x86)
 GGML_Q4_0, GGML_Q2_K, GGML_Q4_K, GGML_IQ4_NL, GGML_MXFP4 = 2, 10, 12, 20, 39
 REPACKED_WITH_AVX2 = frozenset({GGML_Q4_0, GGML_Q4_K, GGML_IQ4_NL, GGML_MXFP4})
@@ -210,7 +209,7 @@ def estimate(header: GGUFHeader, args: LlamaServerArgs, has_gpu: bool = False,
             device = placement.device(int(layer.group(1)))
         elif tensor.name.startswith("output."):
             device = placement.device(n_layer)
-        experts = _EXPERTS.match(tensor.name)
+        experts = EXPERT_TENSOR.match(tensor.name)
         if experts is not None and int(experts.group(1)) < n_cpu_moe:
             device = HOST
         device = _override_device(tensor.name, overrides) or device
