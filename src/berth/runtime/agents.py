@@ -47,8 +47,7 @@ def _headers(rpc: RpcSpec) -> dict[str, str]:
 
 
 def _url(agent: str, path: str) -> str:
-    host, _, port = agent.rpartition(":")
-    return f"http://{host}:{port}{path}"
+    return f"http://{agent}{path}"
 
 
 async def _answer(resp: aiohttp.ClientResponse, agent: str) -> dict:
