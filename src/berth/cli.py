@@ -595,11 +595,9 @@ def _start_local_berth(config_path: str | None):
 
     config = _config_to_serve(config_path)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import socket
+    from berth.runtime.ports import unused_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = unused_port()
     err_console.print(f"no berth answers; starting one here on 127.0.0.1:{port} until this command ends",
                       highlight=False)
     return InProcessGateway(config, "127.0.0.1", port, _launch_builder(config), chat_warmup).start()

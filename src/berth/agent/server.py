@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import itertools
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -30,7 +29,8 @@ from berth.core.procfs import group_alive, listens_on
 from berth.core.units import format_bytes
 from berth.memory.devices import inventory
 from berth.runtime.agents import LEASES_PATH, INVENTORY_PATH, AgentRefused
-from berth.runtime.janitor import Janitor
+from berth.runtime.janitor import Janitor, signal_group
+from berth.runtime.ports import unused_port
 
 log = logging.getLogger("berth.agent")
 
@@ -65,12 +65,6 @@ class RpcLease:
                 "bytes_to_server": self.bytes_to_server, "bytes_from_server": self.bytes_from_server,
                 "refused_connections": self.refused_connections,
                 "expires_in": round(max(self.expires_at - time.monotonic(), 0.0), 1)}
-
-
-def _unused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Agent:
@@ -199,7 +193,7 @@ class Agent:
         for attempt in range(PORT_ATTEMPTS):
             # ggml-rpc-server takes no port 0; a port the kernel just handed out is rarely taken again
             # at once, and a server that lost the race exits: try another port then
-            port = _unused_port()
+            port = unused_port()
             try:
                 process = await asyncio.create_subprocess_exec(
                     *self.rpc_server_argv(port), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -287,19 +281,13 @@ class Agent:
         for task in list(lease.connections):
             task.cancel()
         pgid = lease.process.pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        signal_group(pgid, signal.SIGTERM)
         try:
             await asyncio.wait_for(lease.process.wait(), STOP_GRACE)
         except asyncio.TimeoutError:
             pass
         if await asyncio.to_thread(group_alive, pgid):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_group(pgid, signal.SIGKILL)
             await lease.process.wait()
         self._janitor.unregister(pgid)
         log.info(f"lease {lease.id} ({lease.model}) ended: {why}; moved {lease.bytes_to_server} bytes to and "

@@ -14,12 +14,17 @@ import subprocess
 import sys
 
 
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Signal every process of a group; one already gone (or no longer ours) is no error."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _kill_groups(groups: set[int]) -> None:
     for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_group(pgid, signal.SIGKILL)
 
 
 def main() -> None:

@@ -36,6 +36,13 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def unused_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel hands out as free on `host` now (for a server that cannot bind port 0 itself)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 class PortAllocator:
     """Hands out free ports from `start` upwards; a port stays taken until released."""
 

@@ -31,7 +31,7 @@ from berth.engine.slots import SlotPlan
 from berth.core.errors import BerthError, StartFailed
 from berth.core.procfs import group_alive, oom_kill_count
 from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
-from berth.runtime.janitor import Janitor
+from berth.runtime.janitor import Janitor, signal_group
 from berth.runtime.logs import LogHub
 from berth.runtime.slots import SlotKeeper
 
@@ -197,7 +197,7 @@ class ModelProcess:
             log.exception("%s: supervisor failed", self.spec.id)
             await self._release_agents()
             if self._proc is not None:
-                self._signal_group(self._proc.pid, signal.SIGKILL)
+                signal_group(self._proc.pid, signal.SIGKILL)
                 self._janitor.unregister(self._proc.pid)
             if ended:
                 return
@@ -414,16 +414,16 @@ class ModelProcess:
         assert proc is not None
         pgid = proc.pid
         if hung:
-            self._signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
         if proc.returncode is None or await asyncio.to_thread(group_alive, pgid):
             if self.spec.stop_argv and proc.returncode is None:
                 await self._run_stop_command(proc.pid)
             else:
-                self._signal_group(pgid, signal.SIGTERM)
-                self._signal_group(pgid, signal.SIGCONT)  # a stopped (hung) process acts on SIGTERM only then
+                signal_group(pgid, signal.SIGTERM)
+                signal_group(pgid, signal.SIGCONT)  # a stopped (hung) process acts on SIGTERM only then
             if not await self._wait_group_gone(proc, self.spec.unload_timeout):
                 self._log(f"still running {self.spec.unload_timeout:g}s after the stop request; sending SIGKILL")
-                self._signal_group(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
                 if not await self._wait_group_gone(proc, GROUP_GONE_TIMEOUT):
                     self._log(f"process group {pgid} survived SIGKILL")
         self._janitor.unregister(pgid)
@@ -440,14 +440,7 @@ class ModelProcess:
             await asyncio.wait_for(stopper.wait(), self.spec.unload_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self._log(f"cmdStop failed ({exc!r}); sending SIGTERM")
-            self._signal_group(pid, signal.SIGTERM)
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: signal.Signals) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+            signal_group(pid, signal.SIGTERM)
 
     async def _wait_group_gone(self, proc: asyncio.subprocess.Process, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
