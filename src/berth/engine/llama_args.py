@@ -290,10 +290,14 @@ class LlamaServerArgs:
             return AUTO_PARALLEL, True
         return max(parallel, 1), self.get("kv_unified")
 
+    def switched_off(self, dest: str) -> bool:
+        """Whether an on/off/auto flag is given as off (llama.cpp takes off, 0, false, disabled)."""
+        return str(self.get(dest) or "").lower() in ("off", "0", "false", "disabled")
+
     def flash_attention(self) -> bool:
         """Whether llama-server will use flash attention: `-fa auto` (the default) turns it on where the
         backend has it, and the CPU and CUDA backends do."""
-        return str(self.get("flash_attn") or "auto").lower() not in ("off", "0", "false", "disabled")
+        return not self.switched_off("flash_attn")
 
     def without(self, *dests: str) -> "LlamaServerArgs":
         """A copy without the flags of these dests (every occurrence, however spelled)."""

@@ -85,7 +85,7 @@ def fit_placement(estimated: dict[str, int], args: LlamaServerArgs | None,
     gpus = sorted(name for name in devices if name.startswith("gpu"))
     if args is None or not gpus or args.get("n_gpu_layers") is not None:
         return None
-    if str(args.get("fit") or "on").lower() in ("off", "0", "false", "disabled"):
+    if args.switched_off("fit"):
         return None
     written = [t for t in re.split(r"[,/]", str(args.get("fit_target") or "")) if t.strip()]
     try:
