@@ -254,7 +254,6 @@ def _planned_launches(config: BerthConfig, store: ModelStore):
     """(the config's rpc agents, each model's launch as a start would run it without pulling anything). The
     agents are asked once for what they offer, which shares out a split; each agent's address stands for
     the port its rpc server gets at a start."""
-    from berth.engine.rpc import RpcTargets
     from berth.gateway.server import ask_agents
     from berth.runtime.agents import AgentDirectory
 
@@ -262,8 +261,7 @@ def _planned_launches(config: BerthConfig, store: ModelStore):
     asyncio.run(ask_agents(agents, config))
 
     def planned_launch(spec: ModelSpec) -> Launch:
-        targets = RpcTargets.as_configured(spec.rpc, agents.offers_for(spec.rpc)) if spec.rpc else None
-        return build_launch(spec, store, rpc=targets)
+        return build_launch(spec, store, rpc=agents.planned_targets(spec.rpc))
 
     return agents, planned_launch
 

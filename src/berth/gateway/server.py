@@ -21,7 +21,6 @@ from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
 from berth.gateway.sessions import UpstreamSessions
-from berth.engine.rpc import RpcTargets
 from berth.memory.devices import inventory
 from berth.memory.planner import MemoryLedger, MemoryPlanner
 from berth.runtime.agents import AgentDirectory
@@ -77,10 +76,7 @@ async def run_gateway(
     await ask_agents(agents, config)
     planner = await asyncio.to_thread(  # reads /proc, NVML and the ledger file
         lambda: MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"),
-                              lambda spec: launch_builder(
-                                  spec, fetch=False,
-                                  rpc=RpcTargets.as_configured(spec.rpc, agents.offers_for(spec.rpc)) if spec.rpc
-                                  else None)))
+                              lambda spec: launch_builder(spec, fetch=False, rpc=agents.planned_targets(spec.rpc))))
     memory = MemoryService(planner, agents)
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics,
                                          agents, memory.planned_bytes), config.start_port)

@@ -17,6 +17,7 @@ import aiohttp
 from berth.config import RpcSpec
 from berth.core.errors import BerthError
 from berth.core.units import format_bytes, rpc_device
+from berth.engine.rpc import RpcTargets
 
 log = logging.getLogger("berth.runtime")
 
@@ -90,6 +91,11 @@ class AgentDirectory:
 
     def offers_for(self, rpc: RpcSpec) -> tuple[int, ...]:
         return tuple(self.offers.get(agent, 0) for agent in rpc.agents)
+
+    def planned_targets(self, rpc: RpcSpec | None) -> RpcTargets | None:
+        """A split as planned before anything is leased: each agent's address stands for its server,
+        shares by what the agents offer; None for a model without `rpc:`."""
+        return RpcTargets.as_configured(rpc, self.offers_for(rpc)) if rpc is not None else None
 
     def budgets(self) -> dict[str, int]:
         return {rpc_device(agent): offer for agent, offer in self.offers.items()}
