@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,22 @@ def test_every_import_respects_the_layers():
     run = subprocess.run([_tool("lint-imports")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "0 broken" in run.stdout
+
+
+def _contract(name: str) -> dict:
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    return next(c for c in contracts if c["name"] == name)
+
+
+def test_the_contracts_name_every_package():
+    """A package the contracts do not name is checked by none of them: each package of src/berth is a layer,
+    and every package but config is held to config's face."""
+    packages = {f"berth.{p.stem}" for p in (ROOT / "src" / "berth").iterdir()
+                if (p / "__init__.py").is_file() or (p.suffix == ".py" and p.name != "__init__.py")}
+    layered = {name.strip() for layer in _contract("berth's layers")["layers"] for name in layer.split("|")}
+    assert packages == layered, f"name each package in one layer of pyproject.toml: {packages ^ layered}"
+    facing = set(_contract("only config's face is imported")["source_modules"])
+    assert facing == packages - {"berth.config"}, f"list them as source_modules: {packages - {'berth.config'} ^ facing}"
 
 
 def test_types_check():

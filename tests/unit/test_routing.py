@@ -7,8 +7,7 @@ import textwrap
 
 import pytest
 
-from berth.config import parse_config
-from berth.config.loader import SelectorSpec
+from berth.config import SelectorSpec, parse_config
 from berth.config.matrix import MatrixSyntaxError, expand
 from berth.core.errors import ConfigError
 from berth.gateway.naming import choose

@@ -1,3 +1,17 @@
-from berth.config.loader import BerthConfig, GroupSpec, ModelSpec, RpcSpec, load_config, parse_config
+"""berth's config: a llama-swap style YAML file read into typed, immutable records.
 
-__all__ = ["BerthConfig", "GroupSpec", "ModelSpec", "RpcSpec", "load_config", "parse_config"]
+This module is the package's face: other packages import from `berth.config` only (an import-linter
+contract in pyproject.toml holds them to it), so the modules behind it can change freely.
+"""
+
+from berth.config.loader import load_config, parse_config
+from berth.config.records import (
+    DEFAULT_CONCURRENCY_LIMIT, DEFAULT_GROUP, PORT_MACRO, BerthConfig, Capabilities, GroupSpec, MatrixSpec,
+    MemorySettings, ModelSpec, PeerSpec, ProfileSpec, RpcSpec, SelectorSpec, UpstreamTimeouts,
+)
+
+__all__ = [
+    "DEFAULT_CONCURRENCY_LIMIT", "DEFAULT_GROUP", "PORT_MACRO", "BerthConfig", "Capabilities", "GroupSpec",
+    "MatrixSpec", "MemorySettings", "ModelSpec", "PeerSpec", "ProfileSpec", "RpcSpec", "SelectorSpec",
+    "UpstreamTimeouts", "load_config", "parse_config",
+]

@@ -27,59 +27,68 @@ def expand(expression: str, resolve_name: Callable[[str], str], resolve_ref: Cal
 
     `resolve_name` maps a NAME to a model id and `resolve_ref` a `+SET` to that set's expansion;
     both raise MatrixSyntaxError for what they do not know."""
-    tokens = _tokenize(expression)
-    position = 0
-
-    def peek() -> str | None:
-        return tokens[position] if position < len(tokens) else None
-
-    def take() -> str:
-        nonlocal position
-        token = peek()
-        if token is None:
-            raise MatrixSyntaxError(f"{expression!r} ends too early")
-        position += 1
-        return token
-
-    def expr() -> Sets:
-        found = term()
-        while peek() == "|":
-            take()
-            found = found + term()
-        return found
-
-    def term() -> Sets:
-        found = factor()
-        while peek() == "&":
-            take()
-            right = factor()
-            found = [a | b for a in found for b in right]
-        return found
-
-    def factor() -> Sets:
-        token = take()
-        if token == "(":
-            inner = expr()
-            if take() != ")":
-                raise MatrixSyntaxError(f"{expression!r}: a '(' is not closed")
-            return inner
-        if token == "+":
-            name = take()
-            if name in _OPERATORS:
-                raise MatrixSyntaxError(f"{expression!r}: '+' must be followed by a set name")
-            return resolve_ref(name)
-        if token in _OPERATORS:
-            raise MatrixSyntaxError(f"{expression!r}: unexpected {token!r}")
-        return [frozenset([resolve_name(token)])]
-
-    result = expr()
-    if peek() is not None:
-        raise MatrixSyntaxError(f"{expression!r}: unexpected {peek()!r}")
+    parser = _Parser(expression, resolve_name, resolve_ref)
+    result = parser.expr()
+    if parser.peek() is not None:
+        raise MatrixSyntaxError(f"{expression!r}: unexpected {parser.peek()!r}")
     unique: Sets = []
     for candidate in result:
         if candidate not in unique:
             unique.append(candidate)
     return unique
+
+
+class _Parser:
+    """Recursive descent over the tokens, one method per rule of the grammar."""
+
+    def __init__(self, expression: str, resolve_name: Callable[[str], str],
+                 resolve_ref: Callable[[str], Sets]) -> None:
+        self.expression = expression
+        self.tokens = _tokenize(expression)
+        self.position = 0
+        self.resolve_name = resolve_name
+        self.resolve_ref = resolve_ref
+
+    def peek(self) -> str | None:
+        return self.tokens[self.position] if self.position < len(self.tokens) else None
+
+    def take(self) -> str:
+        token = self.peek()
+        if token is None:
+            raise MatrixSyntaxError(f"{self.expression!r} ends too early")
+        self.position += 1
+        return token
+
+    def expr(self) -> Sets:
+        found = self.term()
+        while self.peek() == "|":
+            self.take()
+            found = found + self.term()
+        return found
+
+    def term(self) -> Sets:
+        found = self.factor()
+        while self.peek() == "&":
+            self.take()
+            right = self.factor()
+            found = [a | b for a in found for b in right]
+        return found
+
+    def factor(self) -> Sets:
+        token = self.take()
+        if token == "(":
+            inner = self.expr()
+            if self.take() != ")":
+                raise MatrixSyntaxError(f"{self.expression!r}: a '(' is not closed")
+            return inner
+        if token == "+":
+            name = self.take()
+            if name in _OPERATORS:
+                raise MatrixSyntaxError(f"{self.expression!r}: '+' must be followed by a set name")
+            return self.resolve_ref(name)
+        if token in _OPERATORS:
+            raise MatrixSyntaxError(f"{self.expression!r}: unexpected {token!r}")
+        return [frozenset([self.resolve_name(token)])]
 
 
 def _tokenize(expression: str) -> list[str]:

@@ -23,6 +23,28 @@ class LineDict(dict[str, Any]):
         return self.key_lines.get(key, self.line)
 
 
+def empty_mapping() -> LineDict:
+    """A mapping with no keys, as an empty file reads."""
+    mapping = LineDict()
+    mapping.key_lines, mapping.line = {}, 1
+    return mapping
+
+
+def line_at(raw: Any, loc: tuple[str, ...]) -> int | None:
+    """The deepest known line along a key path (list items by index)."""
+    line = raw.line if isinstance(raw, LineDict) else None
+    node = raw
+    for key in loc:
+        if isinstance(node, LineDict) and key in node:
+            line = node.line_of(key)
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            break
+    return line
+
+
 def _make_loader(path: str) -> type[yaml.SafeLoader]:
     class Loader(yaml.SafeLoader):
         pass

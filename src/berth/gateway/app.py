@@ -17,8 +17,7 @@ from importlib import resources
 import aiohttp
 from aiohttp import web
 
-from berth.config import BerthConfig
-from berth.config.loader import PORT_MACRO, Capabilities, PeerSpec
+from berth.config import PORT_MACRO, BerthConfig, Capabilities, PeerSpec
 from berth.engine.launch import server_args
 from berth.engine.redact import redact_argv
 from berth.engine.slots import slot_usage

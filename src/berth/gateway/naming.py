@@ -7,8 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from berth.config import BerthConfig
-from berth.config.loader import SelectorSpec
+from berth.config import BerthConfig, SelectorSpec
 from berth.core.errors import PinnedOff, ProfileNotFound
 from berth.scheduler import ModelState
 

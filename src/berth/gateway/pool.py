@@ -12,8 +12,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from berth.config import BerthConfig
-from berth.config.loader import DEFAULT_GROUP
+from berth.config import DEFAULT_GROUP, BerthConfig
 from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
 from berth.gateway.memory import MemoryService

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from berth.config.loader import UpstreamTimeouts
+from berth.config import UpstreamTimeouts
 from berth.core.errors import UpstreamError, UpstreamTimeout
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import Lease
