@@ -1,16 +1,27 @@
-"""YAML loading that remembers where every mapping key was written.
+"""YAML loading that remembers where every mapping key was written, and reads words as llama-swap does.
 
 Errors and warnings about a config must name the file and line, so each
 mapping is loaded as a `LineDict` that records the 1-based line of each key.
+
+llama-swap reads its config with Go's yaml.v3, which follows YAML 1.2 here: only true/false are
+booleans, and a key is the text written. PyYAML follows YAML 1.1, where yes/no/on/off (in three
+spellings each) are booleans too: a model named `off` would become the id `False`. So the loader
+resolves booleans by YAML 1.2's rule and takes keys as written. Where the schema wants a bool, pydantic
+still reads yes/no/on/off as one (as yaml.v3 does for a bool field). Numbers keep PyYAML's rules.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 
 from berth.core.errors import ConfigError
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_NULL_TAG = "tag:yaml.org,2002:null"
+_YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 
 
 class LineDict(dict[str, Any]):
@@ -45,8 +56,27 @@ def line_at(raw: Any, loc: tuple[str, ...]) -> int | None:
     return line
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2's booleans (its own copy of the resolver table; SafeLoader is untouched)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(_BOOL_TAG, _YAML12_BOOL, list("tTfF"))
+
+
+def _key_text(loader: yaml.SafeLoader, node: yaml.Node, path: str) -> str:
+    """A mapping key as written (yaml.v3 decodes a string key from its text), or ConfigError."""
+    if isinstance(node, yaml.ScalarNode) and node.tag != _NULL_TAG:
+        return str(node.value)
+    key = loader.construct_object(node, deep=True)
+    raise ConfigError(path, node.start_mark.line + 1, str(key), "mapping keys must be plain strings")
+
+
 def _make_loader(path: str) -> type[yaml.SafeLoader]:
-    class Loader(yaml.SafeLoader):
+    class Loader(_Yaml12Loader):
         pass
 
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> LineDict:
@@ -55,10 +85,7 @@ def _make_loader(path: str) -> type[yaml.SafeLoader]:
         result.key_lines = {}
         result.line = node.start_mark.line + 1
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):
-                raise ConfigError(path, key_node.start_mark.line + 1, str(key), "mapping keys must be plain strings")
-            key = str(key)
+            key = _key_text(loader, key_node, path)
             if key in result:
                 raise ConfigError(
                     path, key_node.start_mark.line + 1, key,
