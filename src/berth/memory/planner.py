@@ -27,7 +27,7 @@ from berth.core.errors import BerthError
 from berth.memory.devices import Device, cpu_repacked_types
 from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
 from berth.core.units import HOST, format_bytes
-from berth.core.gguf import GGUFInvalid, read_model_header
+from berth.core.gguf import GGUFHeader, GGUFInvalid, read_model_header
 
 log = logging.getLogger("berth.memory")
 
@@ -118,6 +118,43 @@ def _combine(measured: dict[str, int], estimated: dict[str, int] | None) -> dict
     return planned
 
 
+class UnreadableModelFile(Exception):
+    """A launch's model or projector file is not on disk (`missing`) or not a readable GGUF file."""
+
+    def __init__(self, path: str, projector: bool, missing: bool, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.projector, self.missing, self.reason = path, projector, missing, reason
+
+
+@dataclass(frozen=True)
+class LaunchFiles:
+    """The GGUF headers a llama.cpp launch loads: its model (a split model's parts joined) and its projector.
+    The one reading of launch flags into an estimate, for the planner and for `berth fit`."""
+
+    model: GGUFHeader
+    projector: GGUFHeader | None
+
+    @classmethod
+    def read(cls, args: LlamaServerArgs) -> LaunchFiles:
+        """Raises UnreadableModelFile (the model first, then the projector)."""
+        model = _read_header(args.get("model"), projector=False)
+        projector = _read_header(args.get("mmproj"), projector=True) if args.get("mmproj") else None
+        return cls(model, projector)
+
+    def estimate(self, args: LlamaServerArgs, has_gpu: bool) -> MemoryEstimate:
+        """The estimate for these flags on this machine's CPU (its repacked weight types); raises EstimateError."""
+        return estimate(self.model, args, has_gpu=has_gpu, repacked=cpu_repacked_types(), projector=self.projector)
+
+
+def _read_header(path: str, projector: bool) -> GGUFHeader:
+    try:
+        return read_model_header(path)
+    except FileNotFoundError as exc:
+        raise UnreadableModelFile(path, projector, True, str(exc)) from None
+    except (GGUFInvalid, OSError) as exc:
+        raise UnreadableModelFile(path, projector, False, str(exc)) from None
+
+
 class MemoryLedger:
     """Measured usage per (argv, model file), kept on disk so a restart plans with it."""
 
@@ -193,25 +230,14 @@ class MemoryPlanner:
         args = server_args(argv)
         if args is None:
             return "not a llama.cpp server (or its flags are not readable); declare `memory:` for it in the config"
-        model = args.get("model")
-        if not model:
+        if not args.get("model"):
             return "no --model file to read"
         try:
-            header = read_model_header(model)
-        except FileNotFoundError:
-            return f"{model} is not on disk yet (it is pulled at the first start)"
-        except (GGUFInvalid, OSError) as exc:
-            return f"cannot read {model}: {exc}"
-        projector = None
-        if args.get("mmproj"):
-            try:
-                projector = read_model_header(args.get("mmproj"))
-            except FileNotFoundError:
-                return f"{args.get('mmproj')} is not on disk yet (it is pulled at the first start)"
-            except (GGUFInvalid, OSError) as exc:
-                return f"cannot read the projector {args.get('mmproj')}: {exc}"
-        try:
-            return estimate(header, args, has_gpu=any(n.startswith("gpu") for n in self.devices),
-                            repacked=cpu_repacked_types(), projector=projector)
+            return LaunchFiles.read(args).estimate(args, has_gpu=any(n.startswith("gpu") for n in self.devices))
+        except UnreadableModelFile as exc:
+            what = "the projector " if exc.projector else ""
+            if exc.missing:
+                return f"{exc.path} is not on disk yet (it is pulled at the first start)"
+            return f"cannot read {what}{exc.path}: {exc.reason}"
         except EstimateError as exc:
             return str(exc)
