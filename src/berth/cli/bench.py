@@ -1,0 +1,142 @@
+"""`berth bench`: latency, throughput and errors of models behind any OpenAI-compatible URL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import jsonschema
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from berth.bench import report
+from berth.bench.prompts import BUILT_IN
+from berth.bench.runner import BenchSettings, BenchSetupError, RequestRecord, check_target, run
+from berth.cli.common import err_console, fail
+
+
+def _concurrency_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"{value!r} is not a list of positive numbers; write for example 1,4,16")
+    return levels
+
+
+@click.command()
+@click.option("--url", required=True, help="Base URL of an OpenAI-compatible server (with or without /v1).")
+@click.option("--model", "models", multiple=True, required=True, help="Model to measure; repeat for several.")
+@click.option("--requests", "n_requests", default=20, show_default=True, type=click.IntRange(1),
+              help="Requests per model and concurrency level (swap: per model).")
+@click.option("--concurrency", default="1", show_default=True, callback=_concurrency_list,
+              help="Requests in flight at once; a list such as 1,4,16 sweeps.")
+@click.option("--prompt", help="The user message (default: a built-in set of short and long prompts).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False),
+              help="A file with the user message; .jsonl: one prompt per line (a string or {\"prompt\": ...}).")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--stream/--no-stream", default=True, show_default=True)
+@click.option("--json-schema", "schema_path", type=click.Path(dir_okay=False),
+              help="Ask for JSON matching this schema and report the share that parses and validates.")
+@click.option("--scenario", type=click.Choice(["warm", "cold", "swap"]), default="warm", show_default=True,
+              help="warm: loaded first; cold: unloaded (berth's API) before each request; swap: alternate models.")
+@click.option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key (default: $OPENAI_API_KEY).")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds per request.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for results.json, summary.md and the PNG plots.")
+def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[int], prompt: str | None,
+          prompt_file: str | None, max_tokens: int, stream: bool, schema_path: str | None, scenario: str,
+          api_key: str | None, timeout: float, out_dir: str) -> None:
+    """Measure latency, throughput and errors of models behind any OpenAI-compatible URL."""
+    base = url.rstrip("/").removesuffix("/v1")
+    if not base.startswith(("http://", "https://")):
+        fail(f"--url {url!r} must start with http:// or https://")
+    prompts, prompt_source = _bench_prompts(prompt, prompt_file)
+    schema = _json_schema(schema_path) if schema_path else None
+    if scenario == "swap" and len(models) < 2:
+        fail("--scenario swap alternates models; give --model at least twice")
+    if scenario in ("cold", "swap") and concurrency != [1]:
+        fail(f"--scenario {scenario} sends one request at a time; drop --concurrency")
+    settings = BenchSettings(base, list(models), n_requests, concurrency, prompts, max_tokens, stream, scenario,
+                             schema, api_key, timeout, prompt_source)
+    try:
+        asyncio.run(check_target(settings))
+        records = _run_with_progress(settings)
+    except BenchSetupError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    results = report.write(settings, records, Path(out_dir))
+    click.echo(report.markdown(settings, results["summary"]))
+    click.echo(f"wrote {out_dir}/results.json, summary.md, latency.png, throughput.png")
+
+
+def _run_with_progress(settings: BenchSettings) -> list[RequestRecord]:
+    """The requests' records, with a bar for all requests and one per phase (model and concurrency level)."""
+    swap = settings.scenario == "swap"
+    phases = 1 if swap else len(settings.models) * len(settings.concurrency)
+    total = settings.requests * (len(settings.models) if swap else phases)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        overall = bar.add_task("all requests", total=total)
+        tasks: dict[str, TaskID] = {}
+
+        def advance(label: str, done: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total // phases)
+            bar.advance(tasks[label], done)
+            bar.advance(overall, done)
+
+        return asyncio.run(run(settings, advance))
+
+
+def _json_schema(schema_path: str) -> Any:
+    try:
+        schema = json.loads(Path(schema_path).read_text())
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except OSError as exc:
+        fail(f"cannot read --json-schema {schema_path}: {exc.strerror}")
+    except ValueError as exc:
+        fail(f"--json-schema {schema_path} is not JSON: {exc}")
+    except jsonschema.SchemaError as exc:
+        fail(f"--json-schema {schema_path} is not a valid JSON Schema: {exc.message}")
+    return schema
+
+
+def _bench_prompts(prompt: str | None, prompt_file: str | None) -> tuple[list[str], str]:
+    """The prompts to send and where they come from (recorded in results.json)."""
+    if prompt and prompt_file:
+        fail("give one of --prompt TEXT or --prompt-file FILE, not both")
+    if prompt:
+        return [prompt], "--prompt"
+    if not prompt_file:
+        return list(BUILT_IN), "built-in"
+    try:
+        with open(prompt_file, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read --prompt-file {prompt_file}: {exc}")
+    source = f"--prompt-file {prompt_file}"
+    if not prompt_file.endswith(".jsonl"):
+        if not text.strip():
+            fail(f"--prompt-file {prompt_file} is empty")
+        return [text], source
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            fail(f"{prompt_file}:{number}: not JSON; each line is a string or {{\"prompt\": \"...\"}}")
+        value = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(value, str) or not value:
+            fail(f"{prompt_file}:{number}: no prompt; each line is a string or {{\"prompt\": \"...\"}}")
+        prompts.append(value)
+    if not prompts:
+        fail(f"--prompt-file {prompt_file} has no prompts")
+    return prompts, source
