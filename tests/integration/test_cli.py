@@ -79,6 +79,29 @@ def test_fit_json_has_byte_fields_and_flags(tmp_path):
     assert missing.returncode == 2 and "neither a GGUF file nor a model in the store" in missing.stderr
 
 
+def test_fit_of_a_launch_without_a_model_file_names_the_fix(tmp_path):
+    import os
+
+    config = tmp_path / "config.yaml"
+    config.write_text('models:\n  a: {cmd: "vllm serve org/model --port ${PORT}"}\n')
+    result = subprocess.run([sys.executable, "-m", "berth.cli", "fit", "a", "-c", str(config)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "BERTH_HOME": str(tmp_path / "home")})
+    assert result.returncode == 2, result.stderr
+    assert "the launch settings of a name no model file (-m)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_worker_command_is_found_without_importing_the_gateway_config_or_store():
+    """`berth worker` starts with every model of the built-in engine: finding it imports its own module only."""
+    probe = ("import sys, click\n"
+             "from berth.cli import main\n"
+             "command = main.get_command(click.Context(main), 'worker')\n"
+             "print(command.name, *sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'aiohttp')\n"
+             "      or m.startswith(('berth.gateway', 'berth.config', 'berth.store', 'berth.memory'))))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["worker"]
+
+
 @pytest.mark.parametrize(("setting", "berth_lines", "model_lines"), [
     ("logToStdout: upstream", False, True),
     ("logToStdout: both\nlogTimeFormat: rfc3339", True, True),

@@ -151,14 +151,16 @@ def _launch_flags(model: str, config: BerthConfig | None, store: ModelStore) -> 
         entry = store.entry(model)
         argv = ["llama-server", "-m", str(entry.launch_model_path) if entry else model]
     try:
-        return LlamaServerArgs.parse(argv)
+        args = LlamaServerArgs.parse(argv)
     except ArgvError as exc:
         fail(f"cannot read the launch settings: {exc}")
+    if not args.get("model"):
+        fail(f"the launch settings of {model} name no model file (-m) to read; give a GGUF path, a store name "
+             "or a model whose cmd has -m (or `model:`)")
+    return args
 
 
 def _read_files(args: LlamaServerArgs, store: ModelStore) -> LaunchFiles:
-    if not args.get("model"):
-        fail("its launch settings name no model file (-m) to read; give a GGUF path or a store name")
     try:
         return LaunchFiles.read(args)
     except UnreadableModelFile as exc:
