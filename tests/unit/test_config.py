@@ -289,3 +289,43 @@ def test_references_to_undefined_models_are_reported_and_left_out():
     ]
     assert config.groups["g"].members == ("a",) and config.preload == ["a"]
     assert config.selectors["s"].targets == ("a",) and dict(config.profiles["p"].pins) == {"x": "a"}
+
+
+def test_a_record_field_named_as_in_the_schema_is_carried_over_as_written():
+    """A plain new key is a schema field and a record field of the same name; nothing else to write."""
+    from dataclasses import dataclass
+
+    from pydantic import BaseModel
+
+    from berth.config.reading import carried
+
+    class Top(BaseModel):
+        limit: int = 7
+
+    class Section(BaseModel):
+        flag: bool = False
+        limit: int | None = None
+        names: list[str] = []
+
+    @dataclass
+    class Record:
+        flag: bool
+        limit: int
+        names: tuple[str, ...] = ()
+        resolved: str = ""
+
+    assert carried(Section(flag=True), Record, {"names": ("a",)}, defaults=Top()) == {
+        "flag": True, "limit": 7, "names": ("a",)}  # an unset model key takes the top level's
+    assert carried(Section(limit=3), Record, {"names": ()}, defaults=Top())["limit"] == 3
+    with pytest.raises(TypeError, match="Record.names: the schema holds a list; resolve it explicitly"):
+        carried(Section(), Record, {})
+
+
+def test_model_keys_without_a_value_take_the_top_level_ones_of_the_same_name():
+    config = parse_config("healthCheckTimeout: 77\nsendLoadingState: true\nhealthCheckInterval: 3\nmodels:\n"
+                          "  a: {cmd: 'x --port ${PORT}'}\n"
+                          "  b: {cmd: 'x --port ${PORT}', healthCheckTimeout: 5, sendLoadingState: false,"
+                          " healthCheckInterval: 0}\n")
+    a, b = config.models["a"], config.models["b"]
+    assert (a.health_check_timeout, a.send_loading_state, a.health_check_interval) == (77, True, 3)
+    assert (b.health_check_timeout, b.send_loading_state, b.health_check_interval) == (5, False, 0)
