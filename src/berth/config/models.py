@@ -36,7 +36,7 @@ def resolve_model(reading: Reading, model_id: str, model: schema.ModelConfig, gr
                                                                _EVERYWHERE))
     resolved["env"] = _environment(macros, model.env, loc + ("env",))
     resolved.update(_filters(reading, macros, model, loc))
-    requested_ids = [key for key in resolved.pop("requested_ids") if key != model_id]
+    requested_ids = [key for key, _ in resolved["set_params_by_id"] if key != model_id]
     resolved.update(_listing(macros, model, loc, requested_ids))
     resolved.update(_limits(reading, model_id, model))
     resolved["declared_memory"] = sizes(reading, model.memory, loc + ("memory",))
@@ -102,15 +102,14 @@ def _environment(macros: Macros, entries: list[str], loc: tuple[str, ...]) -> tu
 
 
 def _filters(reading: Reading, macros: Macros, model: schema.ModelConfig, loc: tuple[str, ...]) -> dict[str, Any]:
-    """strip_params, set_params and set_params_by_id; `requested_ids` (the ids setParamsByID answers to)
-    for the aliases."""
+    """strip_params, set_params and set_params_by_id (whose ids become aliases)."""
     filters, where = model.filters, loc + ("filters",)
     strip = param_names(macros.expand_value(filters.strip_params or filters.legacy_strip_params,
                                             where + ("stripParams",), _EVERYWHERE))
     by_id = tuple((macros.expand(key, where + ("setParamsByID", key), _EVERYWHERE),
                    params(reading, macros, params_given, where + ("setParamsByID", key)))
                   for key, params_given in filters.set_params_by_id.items())
-    return {"strip_params": strip, "set_params_by_id": by_id, "requested_ids": [key for key, _ in by_id],
+    return {"strip_params": strip, "set_params_by_id": by_id,
             "set_params": params(reading, macros, filters.set_params, where + ("setParams",))}
 
 
