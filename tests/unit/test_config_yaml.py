@@ -54,7 +54,8 @@ def test_untyped_values_follow_yaml12():
 @pytest.mark.parametrize("key", ["true", "False", "1.50", "010", "1:20"])
 def test_keys_are_the_text_written(key):
     """A key is its text (yaml.v3 reads string keys so), not a value converted back to text."""
-    config = parse_config(f"models:\n  '{key}-x':\n    cmd: x --port ${{PORT}}\n  {key}:\n    cmd: y --port ${{PORT}}\n")
+    config = parse_config(f"models:\n  '{key}-x':\n    cmd: x --port ${{PORT}}\n"
+                          f"  {key}:\n    cmd: y --port ${{PORT}}\n")
     assert list(config.models) == [f"{key}-x", key]
 
 
