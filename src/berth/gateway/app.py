@@ -14,26 +14,25 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from importlib import resources
 
-import aiohttp
 from aiohttp import web
 
 from berth.config import PORT_MACRO, BerthConfig, Capabilities, PeerSpec
-from berth.engine.launch import server_args
 from berth.engine.redact import redact_argv
-from berth.engine.slots import slot_usage
 from berth.core.errors import (
     BadRequest, BerthError, BodyTooLarge, HostNotAllowed, ModelNotLoaded, RequestTimeout, RouteNotFound, StartBackedOff,
     TooManyRequests, Unauthorized, UnknownModel,
 )
 from berth.gateway.memory import MemoryService
-from berth.gateway.metrics import Metrics, kv_tokens_in_use
+from berth.gateway.metrics import Metrics
 from berth.gateway.naming import Naming
 from berth.gateway.pool import ModelPool
-from berth.gateway.proxy import Upstream, forward
+from berth.gateway.ledger import RequestLedger
+from berth.gateway.proxy import Outbound, Proxy
+from berth.gateway.upstream import Upstream
 from berth.gateway.sessions import UpstreamSessions
 from berth.memory.devices import inventory
 from berth.runtime.logs import LogHub, LogLine
-from berth.runtime.process import ModelProcess
+from berth.runtime.snapshot import ModelSnapshot
 from berth.scheduler import ModelState
 
 log = logging.getLogger("berth.gateway")
@@ -48,7 +47,6 @@ INFERENCE_PATHS = (
 FORM_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
 PROBE_PATHS = ("/metrics", "/health", "/ready")
 LOADING_STATE_INTERVAL = 1.0  # seconds between progress deltas while a model loads (sendLoadingState)
-KV_SCRAPE_TIMEOUT = 3.0  # seconds a model server may take to list its slots for /metrics
 # GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
 # clients written for one llama-server work unchanged.
 SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
@@ -81,13 +79,15 @@ def _presented_key(request: web.Request) -> str | None:
 
 
 class Gateway:
-    def __init__(self, pool: ModelPool, memory: MemoryService, logs: LogHub, metrics: Metrics,
+    def __init__(self, pool: ModelPool, memory: MemoryService, logs: LogHub, ledger: RequestLedger,
                  sessions: UpstreamSessions, listen_host: str = "127.0.0.1", metrics_port: int | None = None) -> None:
         self.pool = pool
         self.memory = memory
         self.logs = logs
-        self.metrics = metrics
+        self.ledger = ledger
+        self.metrics = ledger.metrics
         self.sessions = sessions
+        self.proxy = Proxy(sessions, ledger, lambda: bool(self.config.api_keys))
         self.started_at = int(time.time())
         self.draining = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
         self.naming = Naming()  # profiles and selectors
@@ -235,8 +235,8 @@ class Gateway:
         apply_filters(payload, peer.strip_params, peer.set_params, model)
         headers = (("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)) if peer.api_key else ()
         target = Upstream(f"{peer.id}/{model}", peer.proxy, peer.timeouts, headers)
-        return await forward(request, target, path, json.dumps(payload).encode(), self.sessions.proxy, self.metrics,
-                             drop_auth=bool(self.config.api_keys))
+        record = self.ledger.begin(target.model, path)
+        return await self.proxy.answer(request, Outbound(target, path, json.dumps(payload).encode()), record)
 
     async def _serve_while_loading(self, request: web.Request, model_id: str, path: str,
                                    body: bytes) -> web.StreamResponse:
@@ -245,7 +245,8 @@ class Gateway:
         model's own answer in the same response."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        began = time.perf_counter()
+        record = self.ledger.begin(model_id, path)
+        began = record.began
         acquiring = asyncio.ensure_future(self.pool.acquire(model_id))
         lease = None
         try:
@@ -258,7 +259,7 @@ class Gateway:
                 note = f" … {time.perf_counter() - began:.0f}s"
             lease = acquiring.result()
         except BerthError as exc:
-            self.metrics.record_request(model_id, path, exc.status, time.perf_counter() - began)
+            self.ledger.refused(record, exc.status)
             await response.write(b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\ndata: [DONE]\n\n")
             await response.write_eof()
             return response
@@ -271,8 +272,7 @@ class Gateway:
         try:
             await response.write(_loading_chunk(model_id, f"\nberth: {model_id} is ready "
                                                            f"({time.perf_counter() - began:.1f}s)\n\n"))
-            return await forward(request, Upstream.of(lease), path, body, self.sessions.proxy, self.metrics,
-                                 drop_auth=bool(self.config.api_keys), into=response)
+            return await self.proxy.continue_stream(request, Outbound(lease.upstream(), path, body), record, response)
         finally:
             lease.release()
 
@@ -312,15 +312,17 @@ class Gateway:
 
     async def _serve(self, request: web.Request, model_id: str, path: str, body: bytes | None,
                      rewrite_errors: bool = True) -> web.StreamResponse:
-        began = time.perf_counter()
+        record = self.ledger.begin(model_id, path)
         try:
             lease = await self.pool.acquire(model_id)
         except BerthError as exc:
-            self.metrics.record_request(model_id, path, exc.status, time.perf_counter() - began)
+            self.ledger.refused(record, exc.status)
             raise
         try:
-            return await forward(request, Upstream.of(lease), path, body, self.sessions.proxy, self.metrics,
-                                 drop_auth=bool(self.config.api_keys), rewrite_errors=rewrite_errors)
+            outbound = Outbound(lease.upstream(), path, body)
+            if rewrite_errors:
+                return await self.proxy.answer(request, outbound, record)
+            return await self.proxy.pass_through(request, outbound, record)
         finally:
             lease.release()
 
@@ -377,7 +379,8 @@ class Gateway:
         """One /v1/models record in llama-swap's shape (its metadata under meta.llamaswap, status,
         capabilities), with berth's `state`, `alias_of` and `memory` beside it."""
         spec = self.config.models[model_id]
-        state = self.pool.state(model_id)
+        snapshot = self.pool.snapshot(model_id)
+        state = snapshot.state
         entry: dict[str, Any] = {"id": listed_as, "object": "model", "created": self.started_at, "owned_by": "berth"}
         if spec.name:
             entry["name"] = spec.name.strip()
@@ -385,8 +388,7 @@ class Gateway:
             entry["description"] = spec.description.strip()
         declared = capability_fields(spec.capabilities)
         entry.update(declared)
-        process = self.pool.process(model_id)
-        port = process.spec.port if process is not None and state is not ModelState.STOPPED else None
+        port = snapshot.port if state is not ModelState.STOPPED else None
         listing = {k: v for k, v in bind_port(dict(spec.metadata), port).items()
                    if k not in declared}  # declared capabilities win over metadata of the same name
         if listed_as == model_id:
@@ -401,7 +403,7 @@ class Gateway:
             entry["meta"]["n_ctx"] = spec.capabilities.context
         entry["status"] = {"value": "loaded" if state is ModelState.READY else "unloaded"}
         entry["state"] = state.value
-        entry["memory"] = self._memory_entry(model_id)
+        entry["memory"] = _memory_entry(snapshot)
         return entry
 
     async def openai_models(self, request: web.Request) -> web.Response:
@@ -453,25 +455,21 @@ class Gateway:
         return web.json_response({"active": self.naming.active_profile(self.config)})
 
     async def running(self, request: web.Request) -> web.Response:
-        loop = asyncio.get_running_loop()
         running = []
-        for model_id in self.config.models:
-            view = self.pool.view(model_id)
-            if view.state is ModelState.STOPPED or (view.state is ModelState.FAILED and view.retry_at is None):
+        for model_id, snapshot in self.pool.snapshots(gauges=True).items():
+            if snapshot.state is ModelState.STOPPED or (snapshot.state is ModelState.FAILED
+                                                         and snapshot.retry_in_s is None):
                 continue
-            process = self.pool.process(model_id)
-            spec = self.config.models[model_id]
-            remaining = None if view.ttl_deadline is None else max(view.ttl_deadline - loop.time(), 0.0)
+            files = snapshot.slots_on_disk
             running.append({
-                "model": model_id, "state": view.state.value, "proxy": process.spec.proxy if process else spec.proxy,
-                "port": process.spec.port if process else None, "ttl": spec.ttl,
-                "ttl_remaining_s": remaining,
-                "pid": process.pid if process else None, "in_flight": view.in_flight, "queued": view.queued,
-                "cmd": " ".join(redact_argv(process.argv if process else list(spec.argv))),
-                "start_failures": view.start_failures,
-                "retry_in_s": None if view.retry_at is None else max(view.retry_at - loop.time(), 0.0),
-                "kv_slots": await asyncio.to_thread(_slot_summary, process),
-                "memory": self._memory_entry(model_id),
+                "model": model_id, "state": snapshot.state.value, "proxy": snapshot.proxy, "port": snapshot.port,
+                "ttl": self.config.models[model_id].ttl, "ttl_remaining_s": snapshot.ttl_remaining_s,
+                "pid": snapshot.pid, "in_flight": snapshot.in_flight, "queued": snapshot.queued,
+                "cmd": " ".join(snapshot.command), "start_failures": snapshot.start_failures,
+                "retry_in_s": snapshot.retry_in_s,
+                "kv_slots": None if files is None else {"directory": files.directory, "files": files.files,
+                                                        "bytes": files.bytes},
+                "memory": _memory_entry(snapshot),
             })
         return web.json_response({"running": running, "devices": await self._devices()})
 
@@ -479,16 +477,8 @@ class Gateway:
         live = await asyncio.to_thread(inventory)
         return self.memory.devices(live, self.config, self.pool.active_models())
 
-    def _memory_entry(self, model_id: str) -> dict:
-        plan = self.memory.plans.get(model_id)
-        entry: dict = {"planned_bytes": plan.planned if plan else None, "source": plan.source if plan else "unknown",
-                       "detail": plan.detail if plan else ""}
-        if model_id in self.memory.measured:
-            entry["measured_bytes"] = self.memory.measured[model_id]
-        return entry
-
     async def recent_requests(self, request: web.Request) -> web.Response:
-        return web.json_response({"requests": list(self.metrics.recent)})
+        return web.json_response({"requests": self.ledger.recent()})
 
     async def ui_redirect(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui/")
@@ -536,37 +526,12 @@ class Gateway:
         return web.json_response({"success": True, "unloaded": outcome})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        now = asyncio.get_running_loop().time()
-        self.metrics.set_backoff({m: max(v.retry_at - now, 0.0) if (v := self.pool.view(m)).retry_at else 0.0
-                                  for m in self.config.models})
+        snapshots = self.pool.snapshots(gauges=True)
+        self.metrics.set_backoff({m: s.retry_in_s or 0.0 for m, s in snapshots.items()})
         planned = {m: (p.source, p.planned) for m, p in self.memory.plans.items() if p.planned}
         self.metrics.set_memory(planned, dict(self.memory.measured), await self._devices())
-        views = {m: self.pool.view(m) for m in self.config.models}
-        ready = [m for m, v in views.items() if v.state is ModelState.READY]
-        answers = await asyncio.gather(*(self._kv_tokens(m) for m in ready))
-        self.metrics.set_load(views, {m: kv for m, kv in zip(ready, answers) if kv is not None})
+        self.metrics.set_load(snapshots)
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
-
-    async def _kv_tokens(self, model_id: str) -> tuple[int, int] | None:
-        """(tokens in use, capacity) of a ready model's context, from its `/slots`; None when it does not say
-        (another server, `--no-slots`, busy past KV_SCRAPE_TIMEOUT)."""
-        process = self.pool.process(model_id)
-        if process is None:
-            return None
-        try:
-            async with self.sessions.control.get(process.spec.proxy + "/slots",
-                                                 timeout=aiohttp.ClientTimeout(total=KV_SCRAPE_TIMEOUT)) as response:
-                slots = await response.json(content_type=None) if response.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            return None
-        found = kv_tokens_in_use(slots)
-        if found is None:
-            return None
-        used, capacity = found
-        args = server_args(process.argv)
-        if args is not None and args.sequences()[1] and isinstance(slots, list):
-            capacity //= len(slots)  # every slot reports the whole shared buffer as its own
-        return used, capacity
 
     async def logs_text(self, request: web.Request) -> web.Response:
         lines = self.logs.tail(request.query.get("model"))
@@ -756,11 +721,13 @@ def _local_port(request: web.Request) -> int | None:
     return sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
 
 
-def _slot_summary(process: ModelProcess | None) -> dict | None:
-    if process is None or process.slots is None:
-        return None
-    files, size = slot_usage(process.slots.model_root)
-    return {"directory": str(process.slots.directory), "files": files, "bytes": size}
+def _memory_entry(snapshot: ModelSnapshot) -> dict[str, Any]:
+    plan = snapshot.plan
+    entry: dict[str, Any] = {"planned_bytes": plan.planned if plan else None,
+                             "source": plan.source if plan else "unknown", "detail": plan.detail if plan else ""}
+    if snapshot.measured is not None:
+        entry["measured_bytes"] = dict(snapshot.measured)
+    return entry
 
 
 def _sse_line(source: str, text: str) -> bytes:

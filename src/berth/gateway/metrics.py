@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
-from collections import deque
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from berth.scheduler import ModelState, ModelView
+from berth.runtime.snapshot import ModelSnapshot
+from berth.scheduler import ModelState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
 _TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
-RECENT_REQUESTS = 200
-log = logging.getLogger("berth.requests")
 
 
 class Metrics:
-    def __init__(self, recent_requests: int = RECENT_REQUESTS, log_requests: bool = False) -> None:
-        self.recent: deque[dict] = deque(maxlen=recent_requests)
-        self.log_requests = log_requests
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("berth_requests", "Requests by model and HTTP status", ["model", "status"], registry=r)
@@ -104,24 +99,25 @@ class Metrics:
             for kind, amount in figures.items():
                 self.device_memory.labels(device, kind.removesuffix("_bytes")).set(amount)
 
-    def set_load(self, views: Mapping[str, ModelView], kv_tokens: Mapping[str, tuple[int, int]]) -> None:
-        """Replace the load gauges: `views` per configured model, `kv_tokens` (in use, capacity) per model
-        server that reported its slots."""
+    def set_load(self, models: Mapping[str, ModelSnapshot]) -> None:
+        """Replace the load gauges: every configured model's snapshot, taken with its gauges (KV cache use
+        is counted for model servers that reported it)."""
         for gauge in (self.model_requests_waiting, self.model_requests_running, self.model_kv_cache_usage,
                       self.models_info):
             gauge.clear()
-        for model, view in views.items():
-            self.model_requests_waiting.labels(model).set(view.queued)
-            self.model_requests_running.labels(model).set(view.in_flight)
-        self.requests_running.set(sum(v.in_flight for v in views.values()))
-        for model, (used, capacity) in kv_tokens.items():
-            self.model_kv_cache_usage.labels(model).set(used / capacity if capacity else 0.0)
-        capacity = sum(c for _, c in kv_tokens.values())
-        self.kv_cache_usage.set(sum(u for u, _ in kv_tokens.values()) / capacity if capacity else 0.0)
-        loaded = sorted(m for m, v in views.items() if v.state is ModelState.READY)
-        starting = sorted(m for m, v in views.items() if v.state is ModelState.STARTING or
-                          (v.queued and v.state is not ModelState.READY))
-        self.models_info.labels(",".join(loaded), ",".join(starting), str(len(views))).set(time.time())
+        for model, snapshot in models.items():
+            self.model_requests_waiting.labels(model).set(snapshot.queued)
+            self.model_requests_running.labels(model).set(snapshot.in_flight)
+        self.requests_running.set(sum(s.in_flight for s in models.values()))
+        kv = {model: s.kv for model, s in models.items() if s.kv is not None}
+        for model, use in kv.items():
+            self.model_kv_cache_usage.labels(model).set(use.used / use.capacity if use.capacity else 0.0)
+        capacity = sum(use.capacity for use in kv.values())
+        self.kv_cache_usage.set(sum(use.used for use in kv.values()) / capacity if capacity else 0.0)
+        loaded = sorted(m for m, s in models.items() if s.state is ModelState.READY)
+        starting = sorted(m for m, s in models.items() if s.state is ModelState.STARTING or
+                          (s.queued and s.state is not ModelState.READY))
+        self.models_info.labels(",".join(loaded), ",".join(starting), str(len(models))).set(time.time())
 
     def record_usage(self, model: str, tail: bytes) -> dict:
         """Count tokens from the last `usage` object in the end of a response body or stream; return it."""
@@ -132,24 +128,6 @@ class Metrics:
                 self.tokens.labels(model, kind.replace("_tokens", "")).inc(value)
         return usage
 
-    def configure(self, recent_requests: int, log_requests: bool) -> None:
-        """Keep the newest `recent_requests` requests (llama-swap's metricsMaxInMemory); log a line for
-        each request when `log_requests` (its logRequests)."""
-        if recent_requests != self.recent.maxlen:
-            self.recent = deque(self.recent, maxlen=recent_requests)
-        self.log_requests = log_requests
-
-    def record_request(self, model: str, path: str, status: int, seconds: float, usage: dict | None = None) -> None:
-        """Keep the request for the dashboard's recent list (the newest few, `keep_recent`)."""
-        usage = usage or {}
-        if self.log_requests:
-            log.info("request %s %s -> %d in %.3fs", model, path, status, seconds)
-        self.recent.appendleft({
-            "at": time.time(), "model": model, "path": path, "status": status, "duration_s": round(seconds, 4),
-            "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
-            "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
-        })
-
     def record_restore_hit(self, model: str, tail: bytes) -> None:
         """Count the prompt tokens served from cache (llama.cpp's `timings.cache_n`) by one response."""
         cached = _last_object(tail, _TIMINGS_KEY).get("cache_n")
@@ -158,23 +136,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def kv_tokens_in_use(slots: object) -> tuple[int, int] | None:
-    """(tokens held by requests being processed, tokens all slots can hold) from llama-server's `/slots`,
-    or None when the answer is not that list. An idle slot's cached prompt is not counted: the next
-    request may reuse or overwrite it."""
-    if not isinstance(slots, list) or not slots:
-        return None
-    used = capacity = 0
-    for slot in slots:
-        if not isinstance(slot, dict) or not isinstance(slot.get("n_ctx"), int):
-            return None
-        capacity += slot["n_ctx"]
-        if slot.get("is_processing"):
-            decoded = sum(t.get("n_decoded", 0) for t in slot.get("next_token") or [] if isinstance(t, dict))
-            used += int(slot.get("n_prompt_tokens", 0)) + int(decoded)
-    return min(used, capacity), capacity
 
 
 def _last_object(tail: bytes, key: re.Pattern[str]) -> dict:

@@ -17,9 +17,13 @@ from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
+from berth.gateway.upstream import Upstream
 from berth.memory.planner import ModelMemory
+from berth.engine.redact import redact_argv
 from berth.runtime.factory import SpawnProcess
+from berth.runtime.gauges import GaugeCollector
 from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent
+from berth.runtime.snapshot import ModelSnapshot
 from berth.scheduler import (
     Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
     StopReason,
@@ -85,6 +89,14 @@ class Lease:
         self.process = process
         self._on_release: Callable[[], None] | None = on_release
 
+    def upstream(self) -> Upstream:
+        """Where the leased request goes; taken once per request (it claims the first request after a
+        KV slot restore). The process's spec, not a reloaded config's, says where it listens."""
+        process = self.process
+        return Upstream(process.spec.id, process.spec.proxy, process.spec.timeouts,
+                        restore_hit=process.take_restore_hit(),
+                        explain=process.explain_failure if process.spec.rpc is not None else None)
+
     def release(self) -> None:
         if self._on_release is not None:
             on_release, self._on_release = self._on_release, None
@@ -92,10 +104,12 @@ class Lease:
 
 
 class ModelPool:
-    def __init__(self, config: BerthConfig, spawn: SpawnProcess, memory: MemoryService, metrics: Metrics) -> None:
+    def __init__(self, config: BerthConfig, spawn: SpawnProcess, memory: MemoryService, metrics: Metrics,
+                 gauges: GaugeCollector | None = None) -> None:
         self.config = config
         self.memory = memory
         self.metrics = metrics
+        self._gauges = gauges  # told of every process from spawn to exit; None: no gauges (tests of the pool)
         self._spawn = spawn
         self._scheduler = Scheduler.build(*self._policies(config))
         self._processes: dict[str, ModelProcess] = {}
@@ -110,6 +124,8 @@ class ModelPool:
         self.memory.start_measuring(
             lambda: [(m, p) for m, p in self._processes.items() if self.state(m) is ModelState.READY],
             lambda: self.config.models, self._set_plan)
+        if self._gauges is not None:
+            self._gauges.start()
 
     async def _preload(self, model_id: str) -> None:
         try:
@@ -130,6 +146,8 @@ class ModelPool:
         """Stop every model (in-flight requests are cut) and wait until all are gone."""
         self._apply(self._scheduler.shutdown(self._now()))
         self.memory.stop_measuring()
+        if self._gauges is not None:
+            self._gauges.stop()
         await asyncio.gather(*(p.wait_closed() for p in list(self._processes.values())), return_exceptions=True)
         self._timer.cancel()
 
@@ -205,6 +223,33 @@ class ModelPool:
     def process(self, model_id: str) -> ModelProcess | None:
         return self._processes.get(model_id)
 
+    def snapshot(self, model_id: str, gauges: bool = False) -> ModelSnapshot:
+        """What handlers may know of a configured model now; they never see its process. With `gauges`,
+        its KV cache use and saved slots as last gathered (asking keeps the gathering going)."""
+        view = self._scheduler.view(model_id)
+        now = self._now()
+        process = self._processes.get(model_id)
+        facts = process.facts() if process is not None else None
+        spec = self.config.models[model_id]
+        collector = self._gauges if gauges else None
+        if collector is not None:
+            collector.wanted()
+        measured = self.memory.measured.get(model_id)
+        return ModelSnapshot(
+            model=model_id, state=view.state, in_flight=view.in_flight, queued=view.queued,
+            start_failures=view.start_failures,
+            ttl_remaining_s=None if view.ttl_deadline is None else max(view.ttl_deadline - now, 0.0),
+            retry_in_s=None if view.retry_at is None else max(view.retry_at - now, 0.0),
+            proxy=facts.proxy if facts else spec.proxy, port=facts.port if facts else None,
+            pid=facts.pid if facts else None, command=tuple(redact_argv(facts.argv if facts else spec.argv)),
+            plan=self.memory.plans.get(model_id), measured=dict(measured) if measured is not None else None,
+            kv=collector.kv(model_id) if collector is not None and view.state is ModelState.READY else None,
+            slots_on_disk=collector.slots_on_disk(model_id) if collector is not None and facts else None)
+
+    def snapshots(self, gauges: bool = False) -> dict[str, ModelSnapshot]:
+        """Every configured model's snapshot, in the config's order."""
+        return {model_id: self.snapshot(model_id, gauges) for model_id in self.config.models}
+
     def active_models(self) -> list[str]:
         """Models that hold memory now: starting, ready or stopping."""
         return self._scheduler.running()
@@ -261,17 +306,23 @@ class ModelPool:
             self._apply(self._scheduler.start_failed(model_id, StartFailed(model_id, exc.message), self._now()))
             return
         self._processes[model_id] = process
+        if self._gauges is not None:
+            self._gauges.watch(model_id, process)
 
     def _on_process_event(self, model_id: str, process: ModelProcess, event: ProcessEvent) -> None:
         now = self._now()
         if isinstance(event, Started):
             self.metrics.load_seconds.labels(model_id).observe(process.load_seconds or 0.0)
             self._apply(self._scheduler.started(model_id, now))
+            if self._gauges is not None and self._processes.get(model_id) is process:
+                self._gauges.ready(model_id)
             asyncio.create_task(self._measure(model_id, process))
         else:  # the process is gone
             if self._processes.get(model_id) is process:
                 del self._processes[model_id]
                 self.memory.forget(model_id)
+                if self._gauges is not None:
+                    self._gauges.forget(model_id)
             if isinstance(event, StartFailedEvent):
                 self.metrics.start_failures.labels(model_id).inc()
                 log.info(event.error.message)

@@ -1,11 +1,16 @@
-"""Forwarding one request to a model server and streaming the answer back unbuffered."""
+"""Forwarding one request to a model server and streaming the answer back unbuffered.
+
+Three ways to hand the answer on, one function each: `answer` (a response of its own, error answers in
+OpenAI's shape), `pass_through` (as the model server sent it: /upstream) and `continue_stream` (appended to
+an event stream already under way: sendLoadingState). Each request is counted in the shared ledger.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -13,8 +18,9 @@ from aiohttp import web
 
 from berth.config import UpstreamTimeouts
 from berth.core.errors import UpstreamError, UpstreamTimeout
-from berth.gateway.metrics import Metrics
-from berth.gateway.pool import Lease
+from berth.gateway.ledger import Outcome, RequestLedger, RequestRecord
+from berth.gateway.sessions import UpstreamSessions
+from berth.gateway.upstream import Upstream
 
 # Headers that describe one hop, not the message (RFC 9110 section 7.6.1), plus ones aiohttp recomputes.
 _HOP_BY_HOP = {
@@ -107,121 +113,146 @@ def _rewritable(upstream: aiohttp.ClientResponse) -> bool:
 
 
 @dataclass(frozen=True)
-class Upstream:
-    """Where one request goes: a leased model's server, or a peer."""
+class Outbound:
+    """One request on its way to a model server: where, which path (the client's query is added), what body."""
 
-    model: str  # the id metrics and messages name
-    base_url: str  # the request's path is appended
-    timeouts: UpstreamTimeouts
-    headers: tuple[tuple[str, str], ...] = ()  # set on the request (a peer's key)
-    restore_hit: bool = False  # the first request after a KV slot restore: count its cache hits
-    explain: Callable[[], Awaitable[str | None]] | None = None  # why an answer broke off (an rpc agent gone)
-
-    @classmethod
-    def of(cls, lease: Lease) -> "Upstream":
-        process = lease.process
-        return cls(process.spec.id, process.spec.proxy, process.spec.timeouts,
-                   restore_hit=process.take_restore_hit(),
-                   explain=process.explain_failure if process.spec.rpc is not None else None)
-
-    async def failure_detail(self) -> str:
-        """"; <why>" when something beyond the model server explains a failure, else ""."""
-        why = await self.explain() if self.explain is not None else None
-        return f"; {why}" if why else ""
+    target: Upstream
+    path: str
+    body: bytes | None
 
 
-async def forward(
-    request: web.Request,
-    target: Upstream,
-    path: str,
-    body: bytes | None,
-    session: aiohttp.ClientSession,
-    metrics: Metrics,
-    drop_auth: bool,
-    rewrite_errors: bool = True,
-    into: web.StreamResponse | None = None,
-) -> web.StreamResponse:
-    """Send `body` to `target` at `path` and stream its answer to the client.
+class Proxy:
+    def __init__(self, sessions: UpstreamSessions, ledger: RequestLedger, keys_in_use: Callable[[], bool]) -> None:
+        self._sessions = sessions
+        self._ledger = ledger
+        self._keys_in_use = keys_in_use  # the client's key was for berth: it does not go on
 
-    With `rewrite_errors`, an error answer (4xx/5xx, not a stream) is returned in OpenAI's error shape.
-    `into` is an event stream already under way to the client (sendLoadingState): the answer's data
-    is appended to it, and an error answer becomes an error event.
-    """
-    model = target.model
-    url = target.base_url + path
-    if request.query_string:
-        url += "?" + request.query_string
-    began = time.perf_counter()
-    status = 502
-    usage: dict = {}
-    timeouts = target.timeouts
-    headers = _request_headers(request, drop_auth or bool(target.headers))
-    headers.update(target.headers)
-    opening = _open(session, request.method, url, body, headers, _client_timeout(timeouts, url.startswith("https:")))
-    try:
-        upstream_response = await (asyncio.wait_for(opening, timeouts.response_header)
-                                   if timeouts.response_header else opening)
-        async with upstream_response as upstream:
-            status = upstream.status
-            metrics.ttfb.labels(model).observe(time.perf_counter() - began)
-            if (rewrite_errors or into is not None) and status >= 400 and _rewritable(upstream):
-                raw = await upstream.content.read(_ERROR_BODY_LIMIT)
+    async def answer(self, request: web.Request, outbound: Outbound, record: RequestRecord) -> web.StreamResponse:
+        """The model server's answer as the response; an error answer (4xx/5xx, not a stream) in OpenAI's
+        error shape."""
+        async with self._exchange(request, outbound, record) as exchange:
+            if exchange.is_plain_error():
+                raw = await exchange.error_body()
+                status = exchange.upstream.status
                 rewritten = openai_error(status, raw)
-                if into is not None:
-                    event = json.dumps(rewritten) if rewritten is not None else raw.decode(errors="replace")
-                    await into.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
-                    await into.write_eof()
-                    return into
                 if rewritten is not None:
                     return web.json_response(rewritten, status=status)
                 return web.Response(body=raw, status=status, content_type="application/json")
-            is_sse = into is not None or upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-            if into is not None:
-                response = into
-            else:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for name, value in upstream.headers.items():
-                    if name.lower() not in _HOP_BY_HOP or name.lower() == "content-length":
-                        response.headers.add(name, value)
-                await response.prepare(request)
-            tail = b""
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                    tail = (tail + chunk)[-_TAIL_BYTES:]
-            except ConnectionResetError:
-                status = 499  # the client went away; leaving the block cancels the upstream request
-                return response
-            except asyncio.CancelledError:
-                status = 499  # aiohttp cancels the handler when the client disconnects
-                raise
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
-                if is_sse:
-                    why = (f"sent nothing for timeouts.idle ({timeouts.idle:g}s)" if status == 504
-                           else f"stopped answering mid-stream: {exc or type(exc).__name__}"
-                                + await target.failure_detail())
-                    error = UpstreamError(f"model {model!r} {why}")
-                    await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
-                else:  # the status line is gone; a cut connection is the only honest signal left
-                    if request.transport is not None:
-                        request.transport.close()
-                    return response
-            usage = metrics.record_usage(model, tail)
-            if target.restore_hit:
-                metrics.record_restore_hit(model, tail)
-            await response.write_eof()
+            return await exchange.relay(await exchange.respond(), exchange.is_event_stream())
+
+    async def pass_through(self, request: web.Request, outbound: Outbound,
+                           record: RequestRecord) -> web.StreamResponse:
+        """The model server's answer exactly as it sent it (its own UI and API, under /upstream)."""
+        async with self._exchange(request, outbound, record) as exchange:
+            return await exchange.relay(await exchange.respond(), exchange.is_event_stream())
+
+    async def continue_stream(self, request: web.Request, outbound: Outbound, record: RequestRecord,
+                              into: web.StreamResponse) -> web.StreamResponse:
+        """Append the answer's events to `into`, an event stream already under way to the client
+        (sendLoadingState); an error answer becomes an error event."""
+        async with self._exchange(request, outbound, record) as exchange:
+            if exchange.is_plain_error():
+                raw = await exchange.error_body()
+                rewritten = openai_error(exchange.upstream.status, raw)
+                event = json.dumps(rewritten) if rewritten is not None else raw.decode(errors="replace")
+                await into.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+                await into.write_eof()
+                return into
+            return await exchange.relay(into, True)
+
+    @asynccontextmanager
+    async def _exchange(self, request: web.Request, outbound: Outbound,
+                        record: RequestRecord) -> AsyncIterator[_Exchange]:
+        """Send the request; yield once its status line is in. Failures to get one become typed errors;
+        whatever happens, the request is counted once."""
+        target, timeouts = outbound.target, outbound.target.timeouts
+        url = target.base_url + outbound.path + (f"?{request.query_string}" if request.query_string else "")
+        headers = _request_headers(request, self._keys_in_use() or bool(target.headers))
+        headers.update(target.headers)
+        self._ledger.sent(record)
+        opening = _open(self._sessions.proxy, request.method, url, outbound.body, headers,
+                        _client_timeout(timeouts, url.startswith("https:")))
+        outcome = Outcome.FAILED
+        try:
+            upstream_response = await (asyncio.wait_for(opening, timeouts.response_header)
+                                       if timeouts.response_header else opening)
+            async with upstream_response as upstream:
+                self._ledger.first_byte(record, upstream.status)
+                exchange = _Exchange(request, target, record, upstream, self._ledger)
+                yield exchange
+                outcome = exchange.outcome
+        except asyncio.TimeoutError:  # a limit ran out before the status line
+            record.status = 504
+            raise UpstreamTimeout(
+                f"model {target.model!r} sent no answer within {_limit(timeouts)}; it may be hung or overloaded "
+                "(raise its `timeouts` in the config if it is just slow)") from None
+        except aiohttp.ClientConnectionError as exc:
+            raise UpstreamError(f"model {target.model!r} is not reachable at {target.base_url}: {exc}"
+                                + await target.failure_detail()) from None
+        except asyncio.CancelledError:
+            outcome = Outcome.CLIENT_GONE
+            raise
+        finally:
+            self._ledger.end(record, outcome)
+
+
+@dataclass
+class _Exchange:
+    """A model server's answer whose status line has arrived."""
+
+    request: web.Request
+    target: Upstream
+    record: RequestRecord
+    upstream: aiohttp.ClientResponse
+    ledger: RequestLedger
+    outcome: Outcome = Outcome.ANSWERED
+
+    def is_plain_error(self) -> bool:
+        return self.upstream.status >= 400 and _rewritable(self.upstream)
+
+    def is_event_stream(self) -> bool:
+        return self.upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+
+    async def error_body(self) -> bytes:
+        return await self.upstream.content.read(_ERROR_BODY_LIMIT)
+
+    async def respond(self) -> web.StreamResponse:
+        """A response to the client with the model server's status and headers, under way."""
+        response = web.StreamResponse(status=self.upstream.status, reason=self.upstream.reason)
+        for name, value in self.upstream.headers.items():
+            if name.lower() not in _HOP_BY_HOP or name.lower() == "content-length":
+                response.headers.add(name, value)
+        await response.prepare(self.request)
+        return response
+
+    async def relay(self, response: web.StreamResponse, is_sse: bool) -> web.StreamResponse:
+        """Stream the answer's body into `response` as it arrives, then read its token counts."""
+        tail = b""
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                await response.write(chunk)
+                tail = (tail + chunk)[-_TAIL_BYTES:]
+        except ConnectionResetError:
+            self._cut_short(499, Outcome.CLIENT_GONE)  # leaving the block cancels the upstream request
             return response
-    except asyncio.TimeoutError:  # a limit ran out before the status line
-        status = 504
-        raise UpstreamTimeout(
-            f"model {model!r} sent no answer within {_limit(timeouts)}; it may be hung or overloaded (raise "
-            "its `timeouts` in the config if it is just slow)") from None
-    except aiohttp.ClientConnectionError as exc:
-        raise UpstreamError(f"model {model!r} is not reachable at {target.base_url}: {exc}"
-                            + await target.failure_detail()) from None
-    finally:
-        elapsed = time.perf_counter() - began
-        metrics.requests.labels(model, str(status)).inc()
-        metrics.latency.labels(model).observe(elapsed)
-        metrics.record_request(model, path, status, elapsed, usage)
+        except asyncio.CancelledError:
+            self._cut_short(499, Outcome.CLIENT_GONE)  # aiohttp cancels the handler when the client disconnects
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            self._cut_short(504 if timed_out else 502, Outcome.FAILED)
+            if not is_sse:  # the status line is gone; a cut connection is the only honest signal left
+                if self.request.transport is not None:
+                    self.request.transport.close()
+                return response
+            why = (f"sent nothing for timeouts.idle ({self.target.timeouts.idle:g}s)" if timed_out
+                   else f"stopped answering mid-stream: {exc or type(exc).__name__}" + await self.target.failure_detail())
+            error = UpstreamError(f"model {self.target.model!r} {why}")
+            await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
+        self.ledger.read_usage(self.record, tail, self.target.restore_hit)
+        await response.write_eof()
+        return response
+
+    def _cut_short(self, status: int, outcome: Outcome) -> None:
+        self.record.status = status
+        self.outcome = outcome

@@ -17,6 +17,7 @@ from berth.core.paths import berth_home
 from berth.core.errors import ConfigError
 from berth.gateway.app import Gateway
 from berth.gateway.connections import GatewayRunner
+from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
@@ -25,6 +26,7 @@ from berth.memory.devices import inventory
 from berth.memory.planner import MemoryLedger, MemoryPlanner
 from berth.runtime.agents import AgentDirectory
 from berth.runtime.factory import ProcessFactory
+from berth.runtime.gauges import GaugeCollector
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
 from berth.runtime.process import LaunchBuilder, ProcessDeps, Warmup
@@ -70,7 +72,8 @@ async def run_gateway(
         logs.echo_upstream = lambda line: print(f"[{line.source}] {line.text}", flush=True)
     handler = _HubHandler(logs)
     logging.getLogger("berth").addHandler(handler)
-    metrics = Metrics(config.metrics_max_in_memory, config.log_requests)
+    metrics = Metrics()
+    ledger = RequestLedger(metrics, config.metrics_max_in_memory, config.log_requests)
     sessions = UpstreamSessions()
     agents = AgentDirectory()
     await ask_agents(agents, config)
@@ -80,8 +83,9 @@ async def run_gateway(
     memory = MemoryService(planner, agents)
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics,
                                          agents, memory.planned_bytes), config.start_port)
-    pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics)
-    gateway = Gateway(pool, memory, logs, metrics, sessions, listen_host=host,
+    gauges = GaugeCollector(lambda: sessions.control)
+    pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges)
+    gateway = Gateway(pool, memory, logs, ledger, sessions, listen_host=host,
                       metrics_port=metrics_address[1] if metrics_address else None)
     runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
                            handler_cancellation=True, access_log=None)
@@ -106,7 +110,7 @@ async def run_gateway(
 
         async def reload_now() -> None:
             async with reloading:
-                await _reload(config_path, pool, factory, agents)
+                await _reload(config_path, pool, factory, agents, ledger)
 
         def reload() -> None:
             asyncio.ensure_future(reload_now())
@@ -164,7 +168,7 @@ async def ask_agents(agents: AgentDirectory, config: BerthConfig) -> None:
 
 
 async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFactory,
-                  agents: AgentDirectory) -> None:
+                  agents: AgentDirectory, ledger: RequestLedger) -> None:
     if config_path is None:
         log.warning("reload asked for, but berth runs without a config file")
         return
@@ -177,7 +181,7 @@ async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFact
         log.warning(warning)
     factory.ports.start = new.start_port
     await ask_agents(agents, new)
-    pool.metrics.configure(new.metrics_max_in_memory, new.log_requests)
+    ledger.configure(new.metrics_max_in_memory, new.log_requests)
     await pool.reload(new)
 
 

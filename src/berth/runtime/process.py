@@ -61,6 +61,18 @@ class Stopped:
 
 
 ProcessEvent = Started | StartFailedEvent | Stopped
+
+
+@dataclass(frozen=True)
+class ProcessFacts:
+    """One run of a model server as others may see it: a copy, safe to hand out and keep."""
+
+    model: str
+    proxy: str  # where it listens
+    port: int | None
+    pid: int | None  # None until spawned
+    argv: tuple[str, ...]  # as launched (the config's until then); secrets included: redact before showing
+    slots: SlotPlan | None  # where its KV slots are saved, when they are
 Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
 LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event, rpc=RpcTargets | None) -> Launch
 
@@ -155,6 +167,9 @@ class ModelProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    def facts(self) -> ProcessFacts:
+        return ProcessFacts(self.spec.id, self.spec.proxy, self.spec.port, self.pid, tuple(self.argv), self.slots)
 
     def take_restore_hit(self) -> bool:
         """True once: for the first request after slots were restored (to measure the reuse)."""

@@ -1,0 +1,50 @@
+"""The request ledger: each request counted once, refused ones listed but not in the per-model series."""
+
+from berth.gateway.ledger import Outcome, RequestLedger
+from berth.gateway.metrics import Metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_an_answer_is_counted_once_with_its_tokens_and_status():
+    ledger = RequestLedger(Metrics())
+    record = ledger.begin("m", "/v1/chat/completions")
+    ledger.sent(record)
+    ledger.first_byte(record, 200)
+    ledger.read_usage(record, b'data: {"usage": {"prompt_tokens": 30, "completion_tokens": 12}}\n\ndata: [DONE]\n\n',
+                      restore_hit=False)
+    ledger.end(record, Outcome.ANSWERED)
+    ledger.end(record, Outcome.FAILED)  # a second end changes nothing
+    metrics = ledger.metrics
+    assert sample(metrics, "berth_requests_total", model="m", status="200") == 1
+    assert sample(metrics, "berth_request_duration_seconds_count", model="m") == 1
+    assert sample(metrics, "berth_time_to_first_byte_seconds_count", model="m") == 1
+    assert sample(metrics, "berth_tokens_total", model="m", kind="prompt") == 30
+    assert record.outcome is Outcome.ANSWERED and record.first_byte is not None
+    [listed] = ledger.recent()
+    assert (listed["model"], listed["path"], listed["status"]) == ("m", "/v1/chat/completions", 200)
+    assert (listed["prompt_tokens"], listed["completion_tokens"]) == (30, 12)
+
+
+def test_a_refused_request_is_listed_but_not_counted_as_an_answer():
+    ledger = RequestLedger(Metrics())
+    ledger.refused(ledger.begin("m", "/v1/completions"), 429)
+    assert sample(ledger.metrics, "berth_requests_total", model="m", status="429") == 0
+    [listed] = ledger.recent()
+    assert listed["status"] == 429 and listed["prompt_tokens"] is None
+
+
+def test_the_first_answer_after_a_restore_counts_the_reused_tokens():
+    ledger = RequestLedger(Metrics())
+    record = ledger.begin("m", "/v1/chat/completions")
+    ledger.read_usage(record, b'{"usage": {"prompt_tokens": 50}, "timings": {"cache_n": 40}}', restore_hit=True)
+    assert sample(ledger.metrics, "berth_kv_restore_hit_tokens_total", model="m") == 40
+
+
+def test_the_newest_requests_are_kept_newest_first():
+    ledger = RequestLedger(Metrics(), keep=3)
+    for number in range(5):
+        ledger.refused(ledger.begin(f"m{number}", "/v1/completions"), 503)
+    assert [r["model"] for r in ledger.recent()] == ["m4", "m3", "m2"]
