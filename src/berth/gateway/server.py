@@ -126,7 +126,7 @@ async def run_gateway(
         await stop.wait()
         if watcher:
             watcher.cancel()
-        gateway.draining = True
+        gateway.context.draining = True
         grace = pool.config.shutdown_timeout  # the config in force now, reloads included
         log.info(f"draining: no new requests; in-flight ones may take up to shutdownTimeout ({grace:g}s); "
                  "a second signal stops at once")

@@ -1,0 +1,80 @@
+"""What every route family shares: the gateway's parts, reading a request's body, and the JSON shapes that
+more than one family answers with."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from berth.config import BerthConfig
+from berth.core.errors import BadRequest, RequestTimeout
+from berth.gateway.ledger import RequestLedger
+from berth.gateway.memory import MemoryService
+from berth.gateway.metrics import Metrics
+from berth.gateway.naming import Naming
+from berth.gateway.pool import ModelPool
+from berth.gateway.proxy import Proxy
+from berth.runtime.logs import LogHub
+from berth.runtime.snapshot import ModelSnapshot
+
+
+@dataclass
+class GatewayContext:
+    pool: ModelPool  # models: leases, loads, unloads, snapshots
+    memory: MemoryService  # plans, measurements, devices
+    logs: LogHub
+    ledger: RequestLedger  # every request, counted once
+    proxy: Proxy  # forwarding to model servers
+    listen_host: str = "127.0.0.1"  # lower case, without brackets
+    metrics_port: int | None = None  # `--metrics-listen`: a second socket that answers only the probes
+    naming: Naming = field(default_factory=Naming)  # the active profile, selectors' requests in flight
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
+
+    @property
+    def config(self) -> BerthConfig:
+        """The config in force now (a reload replaces it)."""
+        return self.pool.config
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.ledger.metrics
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The whole body, within clientBodyTimeout: a client that trickles it in holds nothing forever."""
+        try:
+            return await asyncio.wait_for(request.read(), self.config.client_body_timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within clientBodyTimeout "
+                                 f"({self.config.client_body_timeout:g}s); send it faster or raise the limit") from None
+
+    def default_or_named(self, what: str) -> str:
+        """The default model, for a request that names none; a 400 naming the choices when there is none."""
+        model_id = self.config.default_model()
+        if model_id is None:
+            raise BadRequest(f"{what}; name one of: {', '.join(self.pool.listed_ids())}")
+        return model_id
+
+
+def parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON ({exc}); send a JSON object") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise BadRequest("request body nests too deeply to parse; send a JSON object of ordinary depth") from None
+
+
+def memory_entry(snapshot: ModelSnapshot) -> dict[str, Any]:
+    """A model's `memory` in /v1/models and /running: its plan, and what its running process used."""
+    plan = snapshot.plan
+    entry: dict[str, Any] = {"planned_bytes": plan.planned if plan else None,
+                             "source": plan.source if plan else "unknown", "detail": plan.detail if plan else ""}
+    if snapshot.measured is not None:
+        entry["measured_bytes"] = dict(snapshot.measured)
+    return entry

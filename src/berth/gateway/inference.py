@@ -1,0 +1,154 @@
+"""Inference routes (OpenAI's, llama-server's, uploads): the model named in the body decides where a request
+goes, after the active profile's pins and selectors; a peer's models go to the peer. The model's filters
+(stripParams, setParams, setParamsByID, useModelName) shape the body on the way."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from berth.config import PeerSpec
+from berth.core.errors import BadRequest
+from berth.gateway import serving
+from berth.gateway.context import GatewayContext, parse_json
+from berth.gateway.loading import serve_while_loading
+from berth.gateway.proxy import Outbound
+from berth.gateway.upstream import Upstream
+from berth.scheduler import ModelState
+
+INFERENCE_PATHS = (
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking", "/v1/responses",
+    "/v1/messages", "/v1/messages/count_tokens", "/completion", "/completions", "/infill", "/embedding",
+    "/embeddings", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
+    "/v1/audio/speech", "/v1/images/generations",
+)
+# Uploads: the model is a field of the multipart form (OpenAI's audio and image edit APIs).
+FORM_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
+CHAT_PATH = "/v1/chat/completions"
+
+
+def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
+    routes = Inference(context)
+    for path in INFERENCE_PATHS:
+        router.add_post(path, routes.inference)
+    for path in FORM_PATHS:
+        router.add_post(path, routes.upload)
+    router.add_post("/ui/api/chat/completions", routes.ui_chat)  # the dashboard's chat
+
+
+class Inference:
+    def __init__(self, context: GatewayContext) -> None:
+        self.context = context
+
+    async def inference(self, request: web.Request) -> web.StreamResponse:
+        return await self.by_body_model(request, request.path)
+
+    async def ui_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.by_body_model(request, CHAT_PATH)
+
+    async def by_body_model(self, request: web.Request, path: str) -> web.StreamResponse:
+        context = self.context
+        body = await context.read_body(request)
+        payload = parse_json(body) if body else {}
+        if not isinstance(payload, dict):
+            raise BadRequest("request body must be a JSON object with a `model` field")
+        requested = payload.get("model")
+        if requested is not None and not isinstance(requested, str):
+            raise BadRequest("`model` must be a string")
+        if not requested:
+            model_id = context.default_or_named("request has no `model`")
+            return await self._serve_local(request, model_id, model_id, path, payload, body)
+        with context.naming.chosen(context.config, requested, self._state_of) as name:
+            if name != requested:  # a profile's pin or a selector's choice: the request names it from here
+                payload["model"] = name
+                body = json.dumps(payload).encode()
+            if context.config.resolve(name) is None and (peer := context.config.resolve_peer(name)) is not None:
+                return await self._serve_peer(request, *peer, path, payload)
+            return await self._serve_local(request, context.pool.resolve(name), name, path, payload, body)
+
+    def _state_of(self, name: str) -> ModelState | None:
+        model_id = self.context.config.resolve(name)
+        return self.context.pool.state(model_id) if model_id is not None else None
+
+    async def _serve_local(self, request: web.Request, model_id: str, requested: str, path: str,
+                           payload: dict[str, Any], body: bytes) -> web.StreamResponse:
+        context = self.context
+        spec = context.config.models[model_id]
+        by_id = dict(spec.set_params_by_id).get(requested, ())  # the setParamsByID entry of the id asked for
+        if apply_filters(payload, spec.strip_params, (*spec.set_params, *by_id), spec.use_model_name):
+            body = json.dumps(payload).encode()
+        if (payload.get("stream") is True and path.endswith("/chat/completions") and spec.send_loading_state
+                and context.pool.state(model_id) is not ModelState.READY):
+            return await serve_while_loading(context, request, model_id, path, body)
+        return await serving.answer(context, request, model_id, path, body)
+
+    async def _serve_peer(self, request: web.Request, peer: PeerSpec, model: str, path: str,
+                          payload: dict[str, Any]) -> web.StreamResponse:
+        """A peer's model: its filters, its model id in the body, its key in place of the client's."""
+        apply_filters(payload, peer.strip_params, peer.set_params, model)
+        headers = (("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)) if peer.api_key else ()
+        target = Upstream(f"{peer.id}/{model}", peer.proxy, peer.timeouts, headers)
+        record = self.context.ledger.begin(target.model, path)
+        return await self.context.proxy.answer(request, Outbound(target, path, json.dumps(payload).encode()), record)
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        """An upload (multipart form) names its model in the `model` field; the body goes on as sent,
+        with that field replaced when the model has `useModelName`."""
+        if request.content_type != "multipart/form-data":
+            return await self.by_body_model(request, request.path)
+        context = self.context
+        body = await context.read_body(request)
+        boundary = _boundary(request.headers.get("Content-Type", ""))
+        field = form_field(body, boundary, "model") if boundary else None
+        if field is None:
+            model_id = context.default_or_named("the form has no `model` field")
+        else:
+            model_id = context.pool.resolve(field[2].decode("utf-8", errors="replace"))
+            rename = context.config.models[model_id].use_model_name
+            if rename:
+                body = body[:field[0]] + rename.encode() + body[field[1]:]
+        return await serving.answer(context, request, model_id, request.path, body)
+
+
+def apply_filters(payload: dict[str, Any], strip: tuple[str, ...], params: tuple[tuple[str, Any], ...],
+                  model: str) -> bool:
+    """stripParams, then the parameters to set, then `model` (when given) into a request body, in place;
+    whether anything changed. A local model's and a peer's filters mean the same."""
+    changed = False
+    for key in strip:
+        if key in payload:
+            del payload[key]
+            changed = True
+    for key, value in params:
+        payload[key] = value
+        changed = True
+    if model:
+        payload["model"] = model
+        changed = True
+    return changed
+
+
+def _boundary(content_type: str) -> str:
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    return match.group(1) if match else ""
+
+
+def form_field(body: bytes, boundary: str, name: str) -> tuple[int, int, bytes] | None:
+    """(start, end, value) of a text field of a multipart/form-data body (RFC 7578), or None."""
+    delimiter = b"--" + boundary.encode()
+    position = body.find(delimiter)
+    while position != -1:
+        headers_start = position + len(delimiter) + 2  # past the delimiter's CRLF
+        headers_end = body.find(b"\r\n\r\n", headers_start)
+        following = body.find(delimiter, headers_start)
+        if headers_end == -1 or following == -1 or headers_end > following:
+            return None
+        headers = body[headers_start:headers_end].decode("latin-1").lower()
+        if re.search(rf'content-disposition:\s*form-data;[^\r\n]*\bname="{re.escape(name)}"', headers):
+            start, end = headers_end + 4, following - 2  # the value ends before the CRLF of the delimiter
+            return start, end, body[start:end].strip()
+        position = following
+    return None

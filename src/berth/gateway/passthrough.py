@@ -1,0 +1,62 @@
+"""Routes that name their model outside the body: `/upstream/{model}/{path}` (a model server's own UI and
+API, passed through raw), and every other path with `?model=` (llama-server's GET routes go to the default
+model without one). Registered last: its catch-all answers what no other route does."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from berth.core.errors import ModelNotLoaded, RouteNotFound, UnknownModel
+from berth.gateway import serving
+from berth.gateway.context import GatewayContext
+from berth.scheduler import ModelState
+
+# GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
+# clients written for one llama-server work unchanged.
+SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
+
+
+def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
+    routes = PassThrough(context)
+    router.add_route("*", "/upstream/{target:.+}", routes.upstream)
+    router.add_route("*", "/{path:.*}", routes.by_query_model)  # the catch-all: keep it the last route
+
+
+class PassThrough:
+    def __init__(self, context: GatewayContext) -> None:
+        self.context = context
+
+    async def upstream(self, request: web.Request) -> web.StreamResponse:
+        """`/upstream/{model}[/{path}]`: the longest leading part of the path that names a model (ids may
+        contain slashes) is the model; the rest, or `/`, is the path on its server."""
+        context = self.context
+        parts = request.match_info["target"].split("/")
+        for cut in range(len(parts), 0, -1):
+            model_id = context.config.resolve("/".join(parts[:cut]))
+            if model_id is not None:
+                break
+        else:
+            raise UnknownModel(parts[0], context.pool.listed_ids())
+        if cut == len(parts):
+            # `/upstream/m` -> `/upstream/m/`, so the relative links of a model server's own page resolve
+            # (as llama-swap does: 301 for GET and HEAD, 308 keeps any other method)
+            target = request.path + "/" + (f"?{request.query_string}" if request.query_string else "")
+            status = 301 if request.method in ("GET", "HEAD") else 308
+            return web.Response(status=status, headers={"Location": target})
+        path = "/" + "/".join(parts[cut:])
+        ignored = any(p.search(path) for p in context.config.upstream_ignore_paths)  # unanchored, as Go's
+        if ignored and context.pool.state(model_id) is not ModelState.READY:
+            raise ModelNotLoaded(model_id, path)
+        body = await context.read_body(request)
+        # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
+        return await serving.pass_through(context, request, model_id, path, body or None)
+
+    async def by_query_model(self, request: web.Request) -> web.StreamResponse:
+        context = self.context
+        name = request.query.get("model")
+        if not name and request.method == "GET" and request.path in SINGLE_SERVER_GETS:
+            name = context.default_or_named(f"{request.path} needs ?model=<id> when several models are configured")
+        if not name:
+            raise RouteNotFound(request.path)
+        body = await context.read_body(request)
+        return await serving.answer(context, request, context.pool.resolve(name), request.path, body or None)

@@ -1,0 +1,45 @@
+"""Serving one request on a local model: wait for a lease, forward, give the lease back; the request is
+counted in the ledger whether it was refused or answered."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from berth.core.errors import BerthError
+from berth.gateway.context import GatewayContext
+from berth.gateway.ledger import RequestRecord
+from berth.gateway.pool import Lease
+from berth.gateway.proxy import Outbound
+
+
+@asynccontextmanager
+async def leased(context: GatewayContext, model_id: str, path: str) -> AsyncIterator[tuple[Lease, RequestRecord]]:
+    """A lease on `model_id` (raises the typed error when refused, counted as refused) and the request's
+    record; the lease is given back when the block ends."""
+    record = context.ledger.begin(model_id, path)
+    try:
+        lease = await context.pool.acquire(model_id)
+    except BerthError as exc:
+        context.ledger.refused(record, exc.status)
+        raise
+    try:
+        yield lease, record
+    finally:
+        lease.release()
+
+
+async def answer(context: GatewayContext, request: web.Request, model_id: str, path: str,
+                 body: bytes | None) -> web.StreamResponse:
+    """The model's answer, error answers in OpenAI's shape."""
+    async with leased(context, model_id, path) as (lease, record):
+        return await context.proxy.answer(request, Outbound(lease.upstream(), path, body), record)
+
+
+async def pass_through(context: GatewayContext, request: web.Request, model_id: str, path: str,
+                       body: bytes | None) -> web.StreamResponse:
+    """The model server's answer as it sent it (its own UI and API)."""
+    async with leased(context, model_id, path) as (lease, record):
+        return await context.proxy.pass_through(request, Outbound(lease.upstream(), path, body), record)
