@@ -44,7 +44,7 @@ def test_the_contracts_name_every_package():
 
 
 def test_types_check():
-    """mypy over src/berth; strict for scheduler, config and core (pyproject.toml)."""
+    """mypy over src/berth; strict for scheduler, config, core and gateway (pyproject.toml)."""
     run = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "Success: no issues found" in run.stdout

@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -119,7 +120,7 @@ class Metrics:
                           (s.queued and s.state is not ModelState.READY))
         self.models_info.labels(",".join(loaded), ",".join(starting), str(len(models))).set(time.time())
 
-    def record_usage(self, model: str, tail: bytes) -> dict:
+    def record_usage(self, model: str, tail: bytes) -> dict[str, Any]:
         """Count tokens from the last `usage` object in the end of a response body or stream; return it."""
         usage = _last_object(tail, _USAGE_KEY)
         for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
@@ -138,7 +139,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _last_object(tail: bytes, key: re.Pattern[str]) -> dict:
+def _last_object(tail: bytes, key: re.Pattern[str]) -> dict[str, Any]:
     """The last JSON object written under `key` in a response's tail ({} if none or cut off).
 
     Decoded rather than matched with a regex: such objects nest (`prompt_tokens_details`).

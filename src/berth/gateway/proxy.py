@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -34,7 +35,7 @@ _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 40
                    429: "rate_limit_error"}
 
 
-def openai_error(status: int, body: bytes) -> dict | None:
+def openai_error(status: int, body: bytes) -> dict[str, Any] | None:
     """A model server's error body in OpenAI's shape (string `type` and `code`), the original kept under
     `upstream`; None when it is in that shape already. llama.cpp, for one, sends an integer `code`."""
     try:
