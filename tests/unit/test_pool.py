@@ -15,7 +15,7 @@ from berth.gateway.pool import Lease, ModelPool
 from berth.memory.devices import Device
 from berth.memory.planner import MemoryLedger, MemoryPlanner
 from berth.runtime.ports import NoFreePort
-from berth.runtime.process import Started, StartFailedEvent, Stopped
+from berth.runtime.process import ProcessFacts, Started, StartFailedEvent, Stopped
 from berth.scheduler import ModelState
 
 GIB = 1024**3
@@ -38,6 +38,9 @@ class FakeProcess:
 
     def take_restore_hit(self) -> bool:
         return False
+
+    def facts(self) -> ProcessFacts:
+        return ProcessFacts(self.spec.id, "http://127.0.0.1:5999", 5999, 4242, tuple(self.argv), None)
 
     def ready(self) -> None:
         self.on_event(Started())
@@ -229,3 +232,19 @@ async def test_reload_restarts_only_the_models_whose_definition_changed(pool):
     assert changed == ["b"]
     await settle()
     assert factory.of("b")[0].stop_requested and not factory.of("a")[0].stop_requested
+
+
+async def test_a_snapshot_shows_the_run_without_its_secrets_and_the_ttl_left(pool):
+    p, factory = await pool("models:\n  a: {cmd: 'srv-a --port ${PORT} --api-key sekrit', memory: {ram: 1GiB}, "
+                            "ttl: 60}\n")
+    stopped = p.snapshot("a")
+    assert (stopped.state, stopped.port, stopped.pid, stopped.ttl_remaining_s) == (ModelState.STOPPED, None, None, None)
+    assert "sekrit" not in stopped.command and stopped.plan is not None and stopped.plan.planned == {"host": 2**30}
+    lease = await start_with_lease(p, factory, "a")
+    busy = p.snapshot("a")
+    assert (busy.state, busy.port, busy.pid, busy.in_flight) == (ModelState.READY, 5999, 4242, 1)
+    assert busy.proxy == "http://127.0.0.1:5999" and "sekrit" not in busy.command and "--api-key" in busy.command
+    lease.release()
+    idle = p.snapshots()["a"]
+    assert idle.in_flight == 0 and idle.ttl_remaining_s is not None and 0 < idle.ttl_remaining_s <= 60
+    assert idle.kv is None and idle.slots_on_disk is None  # no gauges were asked for (nor gathered here)

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -52,21 +53,21 @@ class _HubHandler(logging.Handler):
             self.hub.write("berth", self.format(record))
 
 
-async def run_gateway(
-    config: BerthConfig,
-    host: str,
-    port: int,
-    launch_builder: LaunchBuilder,
-    warmup: Warmup | None = None,
-    config_path: str | None = None,
-    watch_config: bool = False,
-    on_ready: Callable[[], None] | None = None,
-    stop: asyncio.Event | None = None,
-    metrics_address: tuple[str, int] | None = None,
-) -> None:
-    """Serve until SIGTERM/SIGINT (or, when given, until `stop` is set), then stop every model and return.
+@dataclass(frozen=True)
+class _Parts:
+    """One gateway's parts, made before it serves."""
 
-    `metrics_address` opens a second socket answering only /metrics, /health and /ready, without a key."""
+    log_handler: _HubHandler  # added to berth's logger; removed at the end
+    agents: AgentDirectory
+    factory: ProcessFactory
+    ledger: RequestLedger
+    pool: ModelPool
+    gateway: Gateway
+    runner: GatewayRunner
+
+
+async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilder, warmup: Warmup | None,
+                    metrics_port: int | None) -> _Parts:
     logs = LogHub()
     if config.log_to_stdout in ("upstream", "both"):  # llama-swap's logToStdout: models' output on stdout
         logs.echo_upstream = lambda line: print(f"[{line.source}] {line.text}", flush=True)
@@ -85,12 +86,31 @@ async def run_gateway(
                                          agents, memory.planned_bytes), config.start_port)
     gauges = GaugeCollector(lambda: sessions.control)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges)
-    gateway = Gateway(pool, memory, logs, ledger, sessions, listen_host=host,
-                      metrics_port=metrics_address[1] if metrics_address else None)
+    gateway = Gateway(pool, memory, logs, ledger, sessions, listen_host=host, metrics_port=metrics_port)
     runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
                            handler_cancellation=True, access_log=None)
+    return _Parts(handler, agents, factory, ledger, pool, gateway, runner)
+
+
+async def run_gateway(
+    config: BerthConfig,
+    host: str,
+    port: int,
+    launch_builder: LaunchBuilder,
+    warmup: Warmup | None = None,
+    config_path: str | None = None,
+    watch_config: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    stop: asyncio.Event | None = None,
+    metrics_address: tuple[str, int] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or, when given, until `stop` is set), then stop every model and return.
+
+    `metrics_address` opens a second socket answering only /metrics, /health and /ready, without a key."""
+    parts = await _assemble(config, host, launch_builder, warmup, metrics_address[1] if metrics_address else None)
+    pool, runner = parts.pool, parts.runner
     await runner.setup()  # opens the sessions
-    factory.open()
+    parts.factory.open()
     await pool.open()
     loop = asyncio.get_running_loop()
     handle_signals = stop is None  # an embedded gateway leaves the process's signals to its owner
@@ -105,16 +125,7 @@ async def run_gateway(
         if metrics_address:
             await web.TCPSite(runner, *metrics_address).start()
             log.info("metrics, /health and /ready without a key on http://%s:%d", *metrics_address)
-
-        reloading = asyncio.Lock()  # reloads run one at a time, in the order they were asked for
-
-        async def reload_now() -> None:
-            async with reloading:
-                await _reload(config_path, pool, factory, agents, ledger)
-
-        def reload() -> None:
-            asyncio.ensure_future(reload_now())
-
+        reload = _reloader(config_path, parts)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal)
@@ -126,23 +137,41 @@ async def run_gateway(
         await stop.wait()
         if watcher:
             watcher.cancel()
-        gateway.context.draining = True
-        grace = pool.config.shutdown_timeout  # the config in force now, reloads included
-        log.info(f"draining: no new requests; in-flight ones may take up to shutdownTimeout ({grace:g}s); "
-                 "a second signal stops at once")
-        left = await pool.drain(grace, force)
-        if left:
-            log.warning(f"shutting down with {left} requests still in flight; they are cut")
-        log.info("shutting down: stopping all models")
+        await _drain(parts, force)
     finally:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         await _stop_serving(runner)
         await pool.close()
-        factory.close()
+        parts.factory.close()
         await runner.cleanup()  # closes the client sessions last: stopping models saves their slots
-        logging.getLogger("berth").removeHandler(handler)
+        logging.getLogger("berth").removeHandler(parts.log_handler)
+
+
+def _reloader(config_path: str | None, parts: _Parts) -> Callable[[], None]:
+    """What SIGHUP and the file watcher call: a reload, run after any reload asked for before it."""
+    reloading = asyncio.Lock()
+
+    async def reload_now() -> None:
+        async with reloading:
+            await _reload(config_path, parts)
+
+    def reload() -> None:
+        asyncio.ensure_future(reload_now())
+
+    return reload
+
+
+async def _drain(parts: _Parts, force: asyncio.Event) -> None:
+    parts.gateway.context.draining = True
+    grace = parts.pool.config.shutdown_timeout  # the config in force now, reloads included
+    log.info(f"draining: no new requests; in-flight ones may take up to shutdownTimeout ({grace:g}s); "
+             "a second signal stops at once")
+    left = await parts.pool.drain(grace, force)
+    if left:
+        log.warning(f"shutting down with {left} requests still in flight; they are cut")
+    log.info("shutting down: stopping all models")
 
 
 CUT_GRACE_SECONDS = 0.5
@@ -167,8 +196,7 @@ async def ask_agents(agents: AgentDirectory, config: BerthConfig) -> None:
             await agents.refresh(session, specs)
 
 
-async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFactory,
-                  agents: AgentDirectory, ledger: RequestLedger) -> None:
+async def _reload(config_path: str | None, parts: _Parts) -> None:
     if config_path is None:
         log.warning("reload asked for, but berth runs without a config file")
         return
@@ -179,10 +207,10 @@ async def _reload(config_path: str | None, pool: ModelPool, factory: ProcessFact
         return
     for warning in new.warnings:
         log.warning(warning)
-    factory.ports.start = new.start_port
-    await ask_agents(agents, new)
-    ledger.configure(new.metrics_max_in_memory, new.log_requests)
-    await pool.reload(new)
+    parts.factory.ports.start = new.start_port
+    await ask_agents(parts.agents, new)
+    parts.ledger.configure(new.metrics_max_in_memory, new.log_requests)
+    await parts.pool.reload(new)
 
 
 async def _watch(path: str, reload: Callable[[], None]) -> None:
