@@ -9,7 +9,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 def test_an_answer_is_counted_once_with_its_tokens_and_status():
-    ledger = RequestLedger(Metrics())
+    ledger = RequestLedger(Metrics(), keep=10)
     record = ledger.begin("m", "/v1/chat/completions")
     ledger.sent(record)
     ledger.first_byte(record, 200)
@@ -29,7 +29,7 @@ def test_an_answer_is_counted_once_with_its_tokens_and_status():
 
 
 def test_a_refused_request_is_listed_but_not_counted_as_an_answer():
-    ledger = RequestLedger(Metrics())
+    ledger = RequestLedger(Metrics(), keep=10)
     ledger.refused(ledger.begin("m", "/v1/completions"), 429)
     assert sample(ledger.metrics, "berth_requests_total", model="m", status="429") == 0
     [listed] = ledger.recent()
@@ -37,7 +37,7 @@ def test_a_refused_request_is_listed_but_not_counted_as_an_answer():
 
 
 def test_the_first_answer_after_a_restore_counts_the_reused_tokens():
-    ledger = RequestLedger(Metrics())
+    ledger = RequestLedger(Metrics(), keep=10)
     record = ledger.begin("m", "/v1/chat/completions")
     ledger.read_usage(record, b'{"usage": {"prompt_tokens": 50}, "timings": {"cache_n": 40}}', restore_hit=True)
     assert sample(ledger.metrics, "berth_kv_restore_hit_tokens_total", model="m") == 40

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from berth.gateway.metrics import Metrics
 
-RECENT_REQUESTS = 200  # llama-swap's metricsMaxInMemory default
 log = logging.getLogger("berth.requests")
 
 
@@ -64,7 +63,7 @@ class RequestRecord:
 
 
 class RequestLedger:
-    def __init__(self, metrics: Metrics, keep: int = RECENT_REQUESTS, log_requests: bool = False) -> None:
+    def __init__(self, metrics: Metrics, keep: int, log_requests: bool = False) -> None:
         self.metrics = metrics
         self._recent: deque[RequestRecord] = deque(maxlen=keep)
         self._log_requests = log_requests
