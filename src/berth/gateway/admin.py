@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 
 from berth.core.errors import BadRequest
-from berth.gateway.context import GatewayContext, parse_json
+from berth.gateway.context import GatewayContext, Routes, parse_json
 
 log = logging.getLogger("berth.gateway")
 
@@ -26,10 +26,7 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_put("/api/profiles/active", routes.activate_profile)
 
 
-class Admin:
-    def __init__(self, context: GatewayContext) -> None:
-        self.context = context
-
+class Admin(Routes):
     async def unload_all(self, request: web.Request) -> web.Response:
         await self.context.pool.unload(None, force=request.query.get("force") in ("1", "true"))
         return web.Response(text="OK")

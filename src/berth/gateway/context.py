@@ -61,6 +61,13 @@ class GatewayContext:
         return model_id
 
 
+class Routes:
+    """A route family's handlers, which find the gateway's parts in `context`."""
+
+    def __init__(self, context: GatewayContext) -> None:
+        self.context = context
+
+
 def parse_json(body: bytes) -> object:
     try:
         return json.loads(body)

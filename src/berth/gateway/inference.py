@@ -13,7 +13,7 @@ from aiohttp import web
 from berth.config import PeerSpec
 from berth.core.errors import BadRequest
 from berth.gateway import serving
-from berth.gateway.context import GatewayContext, parse_json
+from berth.gateway.context import GatewayContext, Routes, parse_json
 from berth.gateway.loading import serve_while_loading
 from berth.gateway.proxy import Outbound
 from berth.gateway.upstream import Upstream
@@ -39,10 +39,7 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_post("/ui/api/chat/completions", routes.ui_chat)  # the dashboard's chat
 
 
-class Inference:
-    def __init__(self, context: GatewayContext) -> None:
-        self.context = context
-
+class Inference(Routes):
     async def inference(self, request: web.Request) -> web.StreamResponse:
         return await self.by_body_model(request, request.path)
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from berth.config import PORT_MACRO, Capabilities
 from berth.engine.redact import redact_argv
-from berth.gateway.context import GatewayContext, memory_entry
+from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.scheduler import ModelState
 
 _ROUTER_STATUS = {
@@ -25,10 +25,7 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_get("/models", routes.router_models)
 
 
-class Listings:
-    def __init__(self, context: GatewayContext) -> None:
-        self.context = context
-
+class Listings(Routes):
     async def openai_models(self, request: web.Request) -> web.Response:
         config = self.context.config
         data = []

@@ -9,7 +9,7 @@ import json
 from aiohttp import web
 
 from berth.core.errors import BadRequest
-from berth.gateway.context import GatewayContext
+from berth.gateway.context import GatewayContext, Routes
 from berth.runtime.logs import LogLine
 
 
@@ -21,10 +21,7 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_get("/ui/api/logs/stream/{model}", routes.events)
 
 
-class Logs:
-    def __init__(self, context: GatewayContext) -> None:
-        self.context = context
-
+class Logs(Routes):
     async def text(self, request: web.Request) -> web.Response:
         lines = self.context.logs.tail(request.query.get("model"))
         return web.Response(text="".join(f"[{line.source}] {line.text}\n" for line in lines))

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from berth.gateway.context import GatewayContext, memory_entry
+from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.memory.devices import inventory
 from berth.runtime.snapshot import ModelSnapshot
 from berth.scheduler import ModelState
@@ -26,10 +26,7 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_get("/ui/api/requests", routes.recent_requests)
 
 
-class Observability:
-    def __init__(self, context: GatewayContext) -> None:
-        self.context = context
-
+class Observability(Routes):
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from berth.core.errors import ModelNotLoaded, RouteNotFound, UnknownModel
 from berth.gateway import serving
-from berth.gateway.context import GatewayContext
+from berth.gateway.context import GatewayContext, Routes
 from berth.scheduler import ModelState
 
 # GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
@@ -22,10 +22,7 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_route("*", "/{path:.*}", routes.by_query_model)  # the catch-all: keep it the last route
 
 
-class PassThrough:
-    def __init__(self, context: GatewayContext) -> None:
-        self.context = context
-
+class PassThrough(Routes):
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """`/upstream/{model}[/{path}]`: the longest leading part of the path that names a model (ids may
         contain slashes) is the model; the rest, or `/`, is the path on its server."""
