@@ -15,11 +15,11 @@ from collections.abc import Callable
 from berth.config import DEFAULT_GROUP, BerthConfig
 from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
+from berth.engine.redact import redact_argv
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.upstream import Upstream
 from berth.memory.planner import ModelMemory
-from berth.engine.redact import redact_argv
 from berth.runtime.factory import SpawnProcess
 from berth.runtime.gauges import GaugeCollector
 from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent
