@@ -247,7 +247,8 @@ class _Exchange:
                     self.request.transport.close()
                 return response
             why = (f"sent nothing for timeouts.idle ({self.target.timeouts.idle:g}s)" if timed_out
-                   else f"stopped answering mid-stream: {exc or type(exc).__name__}" + await self.target.failure_detail())
+                   else f"stopped answering mid-stream: {exc or type(exc).__name__}"
+                   + await self.target.failure_detail())
             error = UpstreamError(f"model {self.target.model!r} {why}")
             await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
         self.ledger.read_usage(self.record, tail, self.target.restore_hit)
