@@ -144,7 +144,10 @@ class GaugeCollector:
             if not self._in_demand():
                 self._wanted.clear()
                 await self._wanted.wait()
-            await asyncio.gather(*(self._refresh(m, p) for m, p in list(self._processes.items())))
+            rounds = await asyncio.gather(*(self._refresh(m, p) for m, p in list(self._processes.items())),
+                                          return_exceptions=True)
+            for failure in (r for r in rounds if isinstance(r, Exception)):  # a bug: the rounds go on
+                log.error("gathering a model's gauges failed", exc_info=failure)
             await asyncio.sleep(self._interval)
 
     async def _refresh(self, model_id: str, process: ModelProcess) -> None:
@@ -176,9 +179,9 @@ class GaugeCollector:
             async with self._session().get(facts.proxy + "/slots",
                                            timeout=aiohttp.ClientTimeout(total=KV_SCRAPE_TIMEOUT)) as response:
                 slots = await response.json(content_type=None) if response.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return kv_use(slots, facts.argv)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError):  # TypeError: odd slot fields
             return None
-        return kv_use(slots, facts.argv)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
