@@ -40,6 +40,7 @@ from tiny_models import write_gemma3_projector, write_llama  # noqa: E402
 from berth.core.gguf import read_gguf_header  # noqa: E402
 from berth.engine.binary import find_llama_server, find_rpc_server  # noqa: E402
 from berth.engine.llama_args import LlamaServerArgs  # noqa: E402
+from berth.memory.backends import Backend, GpuRuntime  # noqa: E402
 from berth.memory.devices import buffer_device, cpu_repacked_types  # noqa: E402
 from berth.memory.estimate import estimate  # noqa: E402
 
@@ -94,10 +95,11 @@ def estimated(model: Path, flags: list[str], gpu: bool) -> Figures:
     args = LlamaServerArgs.parse(["llama-server", *flags])
     header = read_gguf_header(model)
     projector = read_gguf_header(args.get("mmproj")) if args.get("mmproj") else None
-    text = _figures(estimate(header, args, has_gpu=gpu, repacked=cpu_repacked_types()))
+    on_gpu = GpuRuntime.default(Backend.CUDA) if gpu else None
+    text = _figures(estimate(header, args, on_gpu, repacked=cpu_repacked_types()))
     if projector is None:
         return text
-    both = _figures(estimate(header, args, has_gpu=gpu, repacked=cpu_repacked_types(), projector=projector))
+    both = _figures(estimate(header, args, on_gpu, repacked=cpu_repacked_types(), projector=projector))
     for kind in ("weights", "compute"):
         text.add(f"projector_{kind}", both.total.get(kind, 0) - text.total.get(kind, 0),
                  both.gpu.get(kind, 0) > text.gpu.get(kind, 0))

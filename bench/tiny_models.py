@@ -4,6 +4,7 @@ exist to check memory figures against llama.cpp's own, not to say anything sensi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,13 @@ VOCAB = 512
 
 def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8, n_head_kv: int = 2,
                 n_ff: int = 512, n_expert: int = 0, n_expert_used: int = 2, context: int = 32768,
-                scale: float = 0.02) -> Path:
+                scale: float = 0.02, weights: bool = True) -> Path:
     """A llama-architecture GGUF; with `n_expert`, its feed-forward layers are experts. `scale` is the
     weights' standard deviation: larger ones make greedy output vary from token to token (small ones
-    repeat one token), which a test comparing two placements of the same model needs."""
+    repeat one token), which a test comparing two placements of the same model needs.
+    `weights=False` writes the header and tensor table only and leaves the data a hole of the right
+    size (a sparse file): what the memory estimate reads, at the file size of the real model, without
+    writing gigabytes."""
     rng = np.random.default_rng(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), "llama")
@@ -48,10 +52,16 @@ def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8
     writer.add_unk_token_id(0)
 
     def weight(name: str, *shape: int) -> None:
-        writer.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float16))
+        if weights:
+            writer.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float16))
+        else:
+            writer.add_tensor_info(name, shape, np.dtype(np.float16), 2 * int(np.prod(shape)))
 
     def norm(name: str, size: int) -> None:
-        writer.add_tensor(name, np.ones(size, dtype=np.float32))
+        if weights:
+            writer.add_tensor(name, np.ones(size, dtype=np.float32))
+        else:
+            writer.add_tensor_info(name, (size,), np.dtype(np.float32), 4 * size)
 
     head_dim = n_embd // n_head
     weight("token_embd.weight", VOCAB, n_embd)
@@ -73,7 +83,7 @@ def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8
             weight(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
     norm("output_norm.weight", n_embd)
     weight("output.weight", VOCAB, n_embd)
-    return _finish(writer, path)
+    return _finish(writer, path) if weights else _finish_header_only(writer, path)
 
 
 def write_gemma3_projector(path: Path, text_embd: int, image_size: int = 224, patch_size: int = 14,
@@ -136,4 +146,19 @@ def _finish(writer: GGUFWriter, path: Path) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def _finish_header_only(writer: GGUFWriter, path: Path) -> Path:
+    """The header and tensor table as `_finish` writes them, then the file extended to where the last
+    padded tensor would end, without writing the data."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    assert writer.fout is not None
+    data_start = GGUFWriter.ggml_pad(writer.fout[0].tell(), writer.data_alignment)
+    data_bytes = sum(GGUFWriter.ggml_pad(info.nbytes, writer.data_alignment)
+                     for tensors in writer.tensors for info in tensors.values())
+    writer.close()
+    os.truncate(path, data_start + data_bytes)
     return path

@@ -9,6 +9,7 @@ import pytest
 from gguf import GGUFWriter
 
 from berth.engine.llama_args import LlamaServerArgs
+from berth.memory.backends import Backend, GpuRuntime
 from berth.memory.estimate import EstimateError, estimate
 from berth.core.gguf import read_gguf_header
 
@@ -44,8 +45,11 @@ def write_model(path: Path, *, moe_experts: int = 0, sliding_window: int = 0, he
     return path
 
 
-def run(path: Path, flags: str, has_gpu: bool = False):
-    return estimate(read_gguf_header(path), LlamaServerArgs.parse(["llama-server", *flags.split()]), has_gpu)
+CUDA = GpuRuntime.default(Backend.CUDA)
+
+
+def run(path: Path, flags: str, gpu: GpuRuntime | None = None):
+    return estimate(read_gguf_header(path), LlamaServerArgs.parse(["llama-server", *flags.split()]), gpu)
 
 
 EMBD, ATTN, FFN, OUT = 25600, 16384, 32768, 25600
@@ -64,12 +68,12 @@ def test_gpu_layers_take_the_last_layers_counting_the_output_layer_as_the_last(t
     """llama-model.cpp: the first GPU layer is n_layer + 1 - ngl, the output layer being layer n_layer
     (checked on the real binary with an rpc device: -ngl 2 of 4 layers sent it layer 3 and the output)."""
     model = write_model(tmp_path / "m.gguf")
-    two = run(model, "-c 512 -ngl 2", has_gpu=True)
+    two = run(model, "-c 512 -ngl 2", gpu=CUDA)
     assert two.devices["gpu0"].weights_bytes == (ATTN + FFN) + OUT
     assert two.devices["host"].weights_bytes == EMBD + 3 * (ATTN + FFN)
     per_layer_kv = 512 * 2 * 16 * 2
     assert two.devices["gpu0"].kv_bytes == per_layer_kv and two.devices["host"].kv_bytes == 3 * per_layer_kv
-    everything = run(model, "-c 512 -ngl 99", has_gpu=True)
+    everything = run(model, "-c 512 -ngl 99", gpu=CUDA)
     assert everything.devices["gpu0"].weights_bytes == N_LAYER * (ATTN + FFN) + OUT
     assert everything.devices["host"].weights_bytes == EMBD  # the token embedding always stays on the host
     assert run(model, "-c 512 -ngl 99").devices.keys() == {"host"}  # no GPU: everything on the host
@@ -98,14 +102,14 @@ def test_sliding_window_layers_hold_the_window_unless_swa_full(tmp_path):
 
 def test_per_layer_kv_heads_and_moe_experts_on_the_host(tmp_path):
     model = write_model(tmp_path / "moe.gguf", moe_experts=4, head_count_kv=[2, 0, 2, 1])
-    e = run(model, "-c 256 -ngl 99 --n-cpu-moe 2", has_gpu=True)
+    e = run(model, "-c 256 -ngl 99 --n-cpu-moe 2", gpu=CUDA)
     experts = 4 * FFN
     assert e.devices["host"].weights_bytes == EMBD + 2 * experts
     assert e.devices["gpu0"].weights_bytes == N_LAYER * ATTN + 2 * experts + OUT
     assert e.devices["gpu0"].kv_bytes == 256 * (2 + 0 + 2 + 1) * 16 * 2
-    overridden = run(model, r"-c 256 -ngl 99 -ot blk\.3\.attn_q=CPU", has_gpu=True)
+    overridden = run(model, r"-c 256 -ngl 99 -ot blk\.3\.attn_q=CPU", gpu=CUDA)
     assert overridden.devices["host"].weights_bytes == EMBD + ATTN
-    all_experts = run(model, "-c 256 -ngl 99 --cpu-moe", has_gpu=True)
+    all_experts = run(model, "-c 256 -ngl 99 --cpu-moe", gpu=CUDA)
     assert all_experts.devices["host"].weights_bytes == EMBD + N_LAYER * experts
 
 
@@ -137,19 +141,25 @@ def test_fit_finds_the_most_gpu_layers_and_the_fewest_host_expert_layers(tmp_pat
 
     dense = read_gguf_header(write_model(tmp_path / "d.gguf"))
     args = LlamaServerArgs.parse(["llama-server", "-c", "256"])
-    kv_layer = 256 * 2 * 16 * 2
-    all_gpu = estimate(dense, LlamaServerArgs.parse("x -c 256 -ngl 5".split()), has_gpu=True)
-    # room on the GPU for exactly two layers (weights + KV) plus the GPU's compute buffer
-    gpu_compute = all_gpu.devices["gpu0"].compute_bytes
-    budget = {"gpu0": 2 * (ATTN + FFN + kv_layer) + gpu_compute, "host": 10**9}
+
+    def on_gpu(model, flags: str) -> int:
+        return estimate(model, LlamaServerArgs.parse(f"x -c 256 {flags}".split()), CUDA).devices["gpu0"].total_bytes
+
+    # room on the GPU for exactly what -ngl 2 needs: two layers' weights and KV, its compute buffer, the runtime
+    budget = {"gpu0": on_gpu(dense, "-ngl 2"), "host": 10**9}
+    assert on_gpu(dense, "-ngl 2") < on_gpu(dense, "-ngl 3")
     assert find_fit(dense, args, budget, headroom=0).flags == ["-ngl", "2"]
     assert find_fit(dense, args, {"host": 10**9}, headroom=0).flags == ["-ngl", "0"]
     assert find_fit(dense, args, {"host": 1000}, headroom=0) is None
+    # room for every layer's buffers but not the CUDA runtime beside them: a CUDA process holds that
+    # runtime even with -ngl 0 (its GPU computes prompts), so nothing fits
+    buffers_only = {"gpu0": on_gpu(dense, "-ngl 5") - CUDA.runtime_bytes, "host": 10**9}
+    assert find_fit(dense, args, buffers_only, headroom=0) is None
+    assert find_fit(dense, args, {**buffers_only, "gpu0": on_gpu(dense, "-ngl 5")}, headroom=0).flags == ["-ngl", "5"]
 
     moe = read_gguf_header(write_model(tmp_path / "moe.gguf", moe_experts=4))
-    full = estimate(moe, LlamaServerArgs.parse("x -c 256 -ngl 5".split()), has_gpu=True).devices["gpu0"].total_bytes
-    experts = 4 * FFN
-    budget = {"gpu0": full - 3 * experts, "host": 10**9}  # three layers' experts must move to the host
+    budget = {"gpu0": on_gpu(moe, "-ngl 5 --n-cpu-moe 3"), "host": 10**9}  # three layers' experts on the host
+    assert on_gpu(moe, "-ngl 5 --n-cpu-moe 2") > budget["gpu0"]
     assert find_fit(moe, args, budget, headroom=0).flags == ["-ngl", "5", "--n-cpu-moe", "3"]
 
 
@@ -223,7 +233,7 @@ def test_with_fit_llama_cpp_places_the_model_itself_up_to_free_gpu_memory_less_t
         return planner.plan(parse_config("models:\n  m: {cmd: 'x --port ${PORT}'}\n").models["m"])
 
     free = plan("-fitt 0", 4 << 30)  # plenty of room: --fit changes nothing, the estimate stands
-    wanted = estimate(read_gguf_header(model), LlamaServerArgs.parse(["llama-server", "-c", "4096"]), True)
+    wanted = estimate(read_gguf_header(model), LlamaServerArgs.parse(["llama-server", "-c", "4096"]), CUDA)
     assert free.source is PlanSource.FIT and free.planned["gpu0"] == wanted.devices["gpu0"].total_bytes
     tight = plan("", 1024 * mib + 256 * 1024)  # 256 KiB above the default 1024 MiB target
     assert tight.source is PlanSource.FIT and "--fit-target 1.0 GiB" in tight.detail
@@ -242,8 +252,8 @@ def test_a_projector_loads_beside_the_model_on_the_gpu_unless_kept_off_it(tmp_pa
     alone = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512"]))
     with_it = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512"]), projector=projector)
     assert with_it.devices["host"].weights_bytes == alone.devices["host"].weights_bytes + projector_bytes
-    on_gpu = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512"]), True, projector=projector)
-    kept = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512", "--no-mmproj-offload"]), True,
+    on_gpu = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512"]), CUDA, projector=projector)
+    kept = estimate(model, LlamaServerArgs.parse(["llama-server", "-c", "512", "--no-mmproj-offload"]), CUDA,
                     projector=projector)
     assert on_gpu.devices["gpu0"].weights_bytes - kept.devices["gpu0"].weights_bytes == projector_bytes
 
@@ -271,17 +281,22 @@ def test_a_projector_holds_the_compute_of_encoding_its_warmup_image_on_its_devic
     projector = read_gguf_header(write_projector(tmp_path / "mmproj.gguf", "gemma3", 224, 14, 64, 128, 4))
     patches = 16 * 16
 
-    def compute(flags: str, has_gpu: bool = False) -> dict[str, int]:
+    def compute(flags: str, gpu: GpuRuntime | None = None) -> dict[str, int]:
         args = LlamaServerArgs.parse(["llama-server", "-c", "512", *flags.split()])
-        with_it, alone = estimate(model, args, has_gpu, projector=projector), estimate(model, args, has_gpu)
+        with_it, alone = estimate(model, args, gpu, projector=projector), estimate(model, args, gpu)
         return {d: u.compute_bytes - alone.devices[d].compute_bytes for d, u in with_it.devices.items()}
 
     # without flash attention the f32 scores of all heads dominate: 4 bytes x heads x patches^2 + 24 x width
-    assert compute("-fa off") == {"host": 4 * 4 * patches**2 + 24 * 64 * patches}
-    # with it (auto is on for CPU and CUDA), the image itself: 3 f32 channels and their f16 im2col copy
+    without_flash = 4 * 4 * patches**2 + 24 * 64 * patches
+    assert compute("-fa off") == {"host": without_flash}
+    # with it (auto: on where the backend has a kernel for the head size), the image itself: 3 f32
+    # channels and their f16 im2col copy
     assert compute("") == {"host": 224 * 224 * 3 * (4 + 2)}
-    assert compute("", has_gpu=True) == {"host": 0, "gpu0": 224 * 224 * 3 * 6}
-    assert compute("--no-mmproj-offload", has_gpu=True) == {"host": 224 * 224 * 3 * 6, "gpu0": 0}
+    vulkan = GpuRuntime.default(Backend.VULKAN)  # any head size dividing by 8: 64 / 4 heads = 16 has one
+    assert compute("", gpu=vulkan) == {"host": 0, "gpu0": 224 * 224 * 3 * 6}
+    assert compute("--no-mmproj-offload", gpu=vulkan) == {"host": 224 * 224 * 3 * 6, "gpu0": 0}
+    # CUDA has no flash-attention kernel for a head size of 16: auto leaves it off there
+    assert compute("", gpu=CUDA) == {"host": 0, "gpu0": without_flash}
 
 
 def test_dynamic_resolution_projectors_warm_up_with_their_token_budget(tmp_path):
@@ -308,7 +323,7 @@ def test_fit_leaves_the_gpu_room_for_the_projector(tmp_path):
     dense = read_gguf_header(write_model(tmp_path / "d.gguf"))
     projector = read_gguf_header(write_projector(tmp_path / "mmproj.gguf", "gemma3", 224, 14, 64, 128, 4))
     args = LlamaServerArgs.parse(["llama-server", "-c", "256"])
-    all_gpu = estimate(dense, LlamaServerArgs.parse("x -c 256 -ngl 5".split()), has_gpu=True, projector=projector)
+    all_gpu = estimate(dense, LlamaServerArgs.parse("x -c 256 -ngl 5".split()), gpu=CUDA, projector=projector)
     budget = {"gpu0": all_gpu.devices["gpu0"].total_bytes, "host": 10**9}
     assert find_fit(dense, args, budget, headroom=0, projector=projector).flags == ["-ngl", "5"]
     budget["gpu0"] -= 1  # the model alone still fits whole; beside the projector the output layer moves off
@@ -331,11 +346,11 @@ def test_tied_embeddings_are_copied_to_the_device_holding_the_output_layer(tmp_p
     for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
         step()
     embedding = N_VOCAB * N_EMBD * 4
-    offloaded = run(tied, "-c 512 -ngl 99", has_gpu=True).devices
+    offloaded = run(tied, "-c 512 -ngl 99", gpu=CUDA).devices
     assert offloaded["host"].weights_bytes == embedding
     assert offloaded["gpu0"].weights_bytes == N_EMBD * N_EMBD * 4 + embedding
-    output_only = run(tied, "-c 512 -ngl 1", has_gpu=True).devices  # -ngl 1 offloads the output layer alone
+    output_only = run(tied, "-c 512 -ngl 1", gpu=CUDA).devices  # -ngl 1 offloads the output layer alone
     assert output_only["gpu0"].weights_bytes == embedding
     assert output_only["host"].weights_bytes == embedding + N_EMBD * N_EMBD * 4
-    kept = run(tied, "-c 512 -ngl 0", has_gpu=True).devices  # nothing offloaded: no copy
+    kept = run(tied, "-c 512 -ngl 0", gpu=CUDA).devices  # nothing offloaded: no copy
     assert sum(d.weights_bytes for d in kept.values()) == embedding + N_EMBD * N_EMBD * 4

@@ -20,11 +20,12 @@ from berth.engine.launch import Launch, build_launch
 from berth.engine.llama_args import ArgvError, LlamaServerArgs
 from berth.engine.redact import redact_argv
 from berth.gateway.server import ask_agents
-from berth.memory.devices import inventory
-from berth.memory.estimate import EstimateError, MemoryEstimate
+from berth.memory.backends import Backend, GpuRuntime
+from berth.memory.devices import gpu_devices, inventory
+from berth.memory.estimate import GPU, EstimateError, MemoryEstimate
 from berth.memory.exact import ExactUnavailable, exact_fit
-from berth.memory.fit import BudgetError, find_fit, parse_budget
-from berth.memory.planner import LaunchFiles, MemoryLedger, MemoryPlanner, UnreadableModelFile
+from berth.memory.fit import BudgetError, find_fit, parse_budget, swa_full_cost
+from berth.memory.planner import LaunchFiles, MemoryLedger, MemoryPlanner, UnreadableModelFile, gpu_runtime
 from berth.runtime.agents import AgentDirectory
 from berth.store import ModelStore
 
@@ -101,9 +102,12 @@ def _planned_launches(config: BerthConfig,
 @click.option("--max-context", is_flag=True, help="With --budget: also find the largest context that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with byte fields.")
 @click.option("--exact", is_flag=True, help="Ask llama.cpp's own dry run (llama-fit-params) instead of estimating.")
+@click.option("--backend", type=click.Choice([str(b) for b in Backend if b != Backend.CPU]), default=None,
+              help="The GPU backend to plan for (default: the detected GPU's; cuda when a GPU is asked for "
+                   "without one present).")
 def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | None, cache_type_k: str | None,
         cache_type_v: str | None, ngl: str | None, budget: str | None, headroom: float, max_context: bool,
-        as_json: bool, exact: bool) -> None:
+        as_json: bool, exact: bool, backend: str | None) -> None:
     """Estimate a model's memory per device (GGUF path, store name or config model id)."""
     if exact and (budget or max_context):
         fail("--exact reports llama.cpp's own plan for free device memory; drop --budget/--max-context or --exact")
@@ -116,18 +120,25 @@ def fit(model: str, config_path: str | None, ctx: int | None, parallel: int | No
             args.set(dest, value)
     files = _read_files(args, store)
     try:
+        budgets = parse_budget(budget) if budget else None
+        wants_gpu = GPU in budgets if budgets is not None else _asks_for_gpu(args) or backend is not None
+        gpu = _gpu_to_plan_for(backend, wants_gpu) if wants_gpu else None
         if exact:
             result, flags = _exact(args)
-        elif budget:
-            result, flags = _fitting(args, files, budget, headroom, max_context)
+        elif budgets is not None:
+            result, flags = _fitting(args, files, (budget or "", budgets), headroom, max_context, gpu)
         else:
-            result, flags = files.estimate(args, has_gpu=_asks_for_gpu(args)), []
+            result, flags = files.estimate(args, gpu), []
+        swa_full = swa_full_cost(files.model, args, gpu)
     except (EstimateError, BudgetError) as exc:
         fail(str(exc))
+    extra = {"flash_attention": result.flash_attention, "swa_full_extra_kv_bytes": swa_full,
+             "gpu_runtime": None if exact or gpu is None else
+             {"backend": str(gpu.backend), "runtime_bytes": gpu.runtime_bytes, "source": gpu.source}}
     if as_json:
-        _print_json(args.get("model"), result, flags, exact)
+        _print_json(args.get("model"), result, flags, exact, extra)
     else:
-        _print_table(args.get("model"), result, exact)
+        _print_table(args.get("model"), result, exact, extra)
         if flags:
             click.echo(f"llama-fit-params would run it with: {' '.join(flags)}" if exact
                        else f"fits {budget} with {headroom:.0%} headroom: {' '.join(flags)}")
@@ -179,13 +190,23 @@ def _exact(args: LlamaServerArgs) -> tuple[MemoryEstimate, list[str]]:
     return MemoryEstimate(devices=found.devices), found.flags
 
 
-def _fitting(args: LlamaServerArgs, files: LaunchFiles, budget: str, headroom: float,
-             max_context: bool) -> tuple[MemoryEstimate, list[str]]:
-    found = find_fit(files.model, args, parse_budget(budget), headroom, max_context, files.projector)
+def _fitting(args: LlamaServerArgs, files: LaunchFiles, budget: tuple[str, dict[str, int]], headroom: float,
+             max_context: bool, gpu: GpuRuntime | None) -> tuple[MemoryEstimate, list[str]]:
+    """`budget`: as written, and per device."""
+    found = find_fit(files.model, args, budget[1], headroom, max_context, files.projector, gpu)
     if found is None:
-        fail(f"{args.get('model')} does not fit {budget} even with every layer on the host and the smallest context",
-             1)
+        fail(f"{args.get('model')} does not fit {budget[0]} even with every layer on the host and the smallest "
+             "context", 1)
     return found.estimate, found.flags
+
+
+def _gpu_to_plan_for(backend: str | None, wanted: bool) -> GpuRuntime | None:
+    """The GPU `berth fit` plans for: the detected one (its learned runtime overhead, else its backend's
+    default), or `backend`'s default; CUDA when a GPU is wanted and none is present."""
+    detected = gpu_devices()
+    if detected:
+        return gpu_runtime(detected[0], MemoryLedger(berth_home() / "memory.json"), Backend(backend) if backend else None)
+    return GpuRuntime.default(Backend(backend or Backend.CUDA)) if wanted or backend else None
 
 
 def _asks_for_gpu(args: LlamaServerArgs) -> bool:
@@ -201,19 +222,20 @@ def _device_bytes(result: MemoryEstimate) -> dict[str, dict[str, int]]:
     return {name: {column: getattr(d, column) for column in _COLUMNS} for name, d in result.devices.items()}
 
 
-def _print_json(path: str, result: MemoryEstimate, flags: list[str], exact: bool) -> None:
+def _print_json(path: str, result: MemoryEstimate, flags: list[str], exact: bool, extra: dict) -> None:
     click.echo(json.dumps({"model": path, "method": "llama-fit-params" if exact else "estimate",
                            "devices": _device_bytes(result), "total_bytes": result.total_bytes,
                            "kv_cells_per_stream": result.kv_cells, "swa_cells_per_stream": result.swa_cells,
-                           "streams": result.streams, "flags": flags}, indent=2))
+                           "streams": result.streams, **extra, "flags": flags}, indent=2))
 
 
-def _print_table(path: str, result: MemoryEstimate, exact: bool) -> None:
+def _print_table(path: str, result: MemoryEstimate, exact: bool, extra: dict) -> None:
     if exact:
         click.echo(f"{path}: llama.cpp's dry run (llama-fit-params; compute is its worst-case reserve)")
     else:
         click.echo(f"{path}: {result.streams} stream(s) of {result.kv_cells} KV cells"
-                   + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else ""))
+                   + (f", sliding-window layers {result.swa_cells} cells" if result.swa_cells else "")
+                   + f", flash attention {'on' if result.flash_attention else 'off'}")
     devices = _device_bytes(result)
     width = max(8, *(len(name) for name in devices))  # rpc:HOST:PORT names are long
     click.echo(f"{'DEVICE':{width}} " + " ".join(f"{c.removesuffix('_bytes').upper():>12}" for c in _COLUMNS))
@@ -221,3 +243,11 @@ def _print_table(path: str, result: MemoryEstimate, exact: bool) -> None:
         click.echo(f"{name:{width}} " + " ".join(f"{d[k] / _MIB:>8.1f} MiB" for k in _COLUMNS))
     click.echo(f"{'total':{width}} " + " ".join(f"{'':>12}" for _ in _COLUMNS[:-1])
                + f" {result.total_bytes / _MIB:>8.1f} MiB")
+    runtime = extra["gpu_runtime"]
+    if runtime is not None:
+        click.echo(f"RUNTIME on {GPU}: {runtime['runtime_bytes'] / _MIB:.1f} MiB of {runtime['backend']} runtime "
+                   f"(context, BLAS workspace, kernels) beside llama.cpp's buffers: {runtime['source']}")
+    if extra["swa_full_extra_kv_bytes"]:
+        click.echo(f"--swa-full keeps the whole context in every sliding-window layer: "
+                   f"{extra['swa_full_extra_kv_bytes'] / _MIB:.1f} MiB of KV more than without it (berth adds it "
+                   "only for kvPersistence: true)")

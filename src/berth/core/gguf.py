@@ -146,17 +146,23 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     return GGUFHeader(version, metadata, tuple(tensors), data_start, size)
 
 
-@functools.lru_cache(maxsize=128)
-def _model_header(path: str, size: int, mtime_ns: int) -> GGUFHeader:
-    header = read_gguf_header(path)
+def model_files(path: str) -> list[str]:
+    """The files llama.cpp reads for a model given by `path`: the file, or all parts of a split model
+    named by its first (`name-00001-of-00003.gguf`)."""
     split = SPLIT_SUFFIX.search(path)
     if split is None or int(split.group(1)) != 1:
-        return header
+        return [path]
+    return [path[:split.start()] + f"-{index:05d}-of-{split.group(2)}.gguf" for index in range(1, int(split.group(2)) + 1)]
+
+
+@functools.lru_cache(maxsize=128)
+def _model_header(path: str, size: int, mtime_ns: int) -> GGUFHeader:
+    first, *parts = model_files(path)
+    header = read_gguf_header(first)
     # A split model: metadata lives in the first part, tensors are spread over all of them.
     tensors = list(header.tensors)
     file_size = header.file_size
-    for index in range(2, int(split.group(2)) + 1):
-        part = read_gguf_header(path[:split.start()] + f"-{index:05d}-of-{split.group(2)}.gguf")
+    for part in map(read_gguf_header, parts):
         tensors.extend(part.tensors)
         file_size += part.file_size
     return GGUFHeader(header.version, header.metadata, tuple(tensors), header.data_start, file_size)

@@ -1,4 +1,4 @@
-"""Process-tree facts: who is in a process group, whether it is gone, what it used at peak."""
+"""Process-tree facts: who is in a process group, whether it is gone, what memory it holds."""
 
 from __future__ import annotations
 
@@ -46,17 +46,41 @@ def descendants(pid: int) -> list[int]:
         return []
 
 
-def peak_resident_bytes(pid: int) -> int:
-    """The process's peak resident memory (VmHWM): the figure a model's plan must cover. psutil reports
-    only the current resident size, so this one field is read from /proc."""
+def _status_bytes(pid: int, field: str) -> int:
+    """A `kB` field of /proc/PID/status, in bytes (0 when the process is gone)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def anonymous_bytes(pid: int) -> int:
+    """The process's resident anonymous memory (RssAnon): its heap, stacks and private buffers, which
+    stay until it frees them (file-backed pages can be dropped and read again)."""
+    return _status_bytes(pid, "RssAnon")
+
+
+def mapped_resident_bytes(pid: int, files: frozenset[str]) -> int:
+    """Resident bytes of the process's mappings of `files` (real paths), from /proc/PID/smaps."""
+    if not files:
+        return 0
+    total, counting = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as fh:
+            for line in fh:
+                head, _, rest = line.partition(" ")
+                if "-" in head and head[0] in "0123456789abcdef":  # a mapping: range perms offset dev inode path
+                    fields = rest.split(maxsplit=4)
+                    counting = len(fields) == 5 and fields[4].rstrip("\n") in files
+                elif counting and head == "Rss:":
+                    total += int(rest.split()[0]) * 1024
+    except OSError:
+        return 0
+    return total
 
 
 def oom_kill_count() -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 FLASH_ATTN_VALUES = {"on", "off", "auto", "true", "false", "1", "0", "enabled", "disabled"}
+# common/arg.cpp, --load-mode: how the weights are read (11434 replaced --no-mmap and --mlock with it)
+LOAD_MODES = ("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class FlagSpec:
     negates: str | None = None  # for `--no-x` switches: the dest they turn off
     placement: bool = False  # where the server listens or saves, what it is called: not what it holds
     secret: bool = False  # its value is never logged or printed
+    choices: tuple[str, ...] = ()  # the values llama.cpp accepts, when it takes only these
 
     @property
     def takes_value(self) -> bool:
@@ -58,6 +61,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("--jinja", "jinja", bool, worker=True),
     _f("--no-jinja", "no_jinja", bool, worker=True, negates="jinja"),
     _f("-mm --mmproj", "mmproj", worker=True),
+    _f("-lm --load-mode", "load_mode", worker=True, choices=LOAD_MODES),
+    # what --load-mode replaced: older builds (and the built-in worker) take them
     _f("--no-mmap", "no_mmap", bool, worker=True),
     _f("--mlock", "mlock", bool, worker=True),
     _f("-a --alias", "alias", worker=True, placement=True),
@@ -131,6 +136,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("--context-shift", "context_shift", bool),
     _f("--repack", "repack", bool),
     _f("-nr --no-repack", "no_repack", bool, negates="repack"),
+    _f("--op-offload", "op_offload", bool),
+    _f("--no-op-offload", "no_op_offload", bool, negates="op_offload"),
     _f("-kvu --kv-unified", "kv_unified", bool),
     _f("-no-kvu --no-kv-unified", "no_kv_unified", bool, negates="kv_unified"),
     _f("-cb --cont-batching", "cont_batching", bool),
@@ -238,10 +245,14 @@ class LlamaServerArgs:
 
     def _check_types(self) -> None:
         for item in self.items:
-            if item.spec is None or item.value is None or item.spec.kind in (str, bool):
+            if item.spec is None or item.value is None or item.spec.kind is bool:
                 continue
             if item.value.startswith("${") and item.value.endswith("}"):
                 continue  # a macro bound at launch (`--port ${PORT}`); checked once it has its value
+            if item.spec.choices and item.value not in item.spec.choices:
+                raise ArgvError(f"{item.spelled} expects one of {', '.join(item.spec.choices)}, got {item.value!r}")
+            if item.spec.kind is str:
+                continue
             try:
                 item.spec.kind(item.value)
             except ValueError:
@@ -294,10 +305,26 @@ class LlamaServerArgs:
         """Whether an on/off/auto flag is given as off (llama.cpp takes off, 0, false, disabled)."""
         return str(self.get(dest) or "").lower() in ("off", "0", "false", "disabled")
 
-    def flash_attention(self) -> bool:
-        """Whether llama-server will use flash attention: `-fa auto` (the default) turns it on where the
-        backend has it, and the CPU and CUDA backends do."""
-        return not self.switched_off("flash_attn")
+    def switched_on(self, dest: str) -> bool:
+        """Whether an on/off/auto flag is given as on (llama.cpp takes on, 1, true, enabled; alone: on)."""
+        return str(self.get(dest) or "").lower() in ("on", "1", "true", "enabled")
+
+    def load_mode(self) -> str:
+        """How llama.cpp reads the weights (`--load-mode`, default auto: mapped). The flags it replaced
+        mean what they meant: `--no-mmap` none, `--mlock` mmap+mlock, both mlock, `--mmap` mmap."""
+        if self.get("load_mode"):
+            return str(self.get("load_mode"))
+        no_mmap, mlock = self.get("no_mmap"), self.get("mlock")
+        if no_mmap:
+            return "mlock" if mlock else "none"
+        if mlock:
+            return "mmap+mlock"
+        return "mmap" if self.get("mmap") else "auto"
+
+    def weights_mapped(self) -> bool:
+        """Whether host-resident weights stay pages of the mapped file (else they are copied into
+        anonymous memory): llama-model-loader.cpp maps the file for auto, mmap and mmap+mlock."""
+        return self.load_mode() in ("auto", "mmap", "mmap+mlock")
 
     def without(self, *dests: str) -> "LlamaServerArgs":
         """A copy without the flags of these dests (every occurrence, however spelled)."""

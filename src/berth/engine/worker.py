@@ -106,10 +106,10 @@ def build_params(args: LlamaServerArgs):
     if args.get("mmproj"):
         p.mmproj.path = args.get("mmproj")
     modes = xllamacpp.llama_load_mode
-    no_mmap, mlock = args.get("no_mmap"), args.get("mlock")
-    if no_mmap or mlock:
-        p.load_mode = (modes.LLAMA_LOAD_MODE_MLOCK if no_mmap and mlock else
-                       modes.LLAMA_LOAD_MODE_NONE if no_mmap else modes.LLAMA_LOAD_MODE_MMAP_MLOCK)
+    p.load_mode = {"auto": modes.LLAMA_LOAD_MODE_AUTO, "none": modes.LLAMA_LOAD_MODE_NONE,
+                   "mmap": modes.LLAMA_LOAD_MODE_MMAP, "mlock": modes.LLAMA_LOAD_MODE_MLOCK,
+                   "mmap+mlock": modes.LLAMA_LOAD_MODE_MMAP_MLOCK, "dio": modes.LLAMA_LOAD_MODE_DIRECT_IO,
+                   }[args.load_mode()]
     if args.get("alias"):
         p.model_alias = set(a.strip() for a in args.get("alias").split(",") if a.strip())
     if args.get("api_key"):

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 
 from berth.config import BerthConfig, ModelSpec
 from berth.core.units import rpc_device
-from berth.memory.devices import Device, measure_group, parse_buffer_log
+from berth.engine.launch import server_args
+from berth.memory.devices import Device, measure_group, parse_buffer_log, weight_files
 from berth.memory.planner import MemoryPlanner, ModelMemory, PlanSource
 from berth.runtime.agents import AgentDirectory
 from berth.runtime.process import ModelProcess
@@ -58,12 +59,15 @@ class MemoryService:
         definition) is what runs, so later starts with the same settings plan with it."""
         if process.pid is None:
             return None
-        usage = await asyncio.to_thread(measure_group, process.pid)
+        files = weight_files(server_args(process.planned_argv))
+        usage = await asyncio.to_thread(measure_group, process.pid, files)
         if not still_running() or not usage.get("host"):
             return None
         agents = {rpc_device(endpoint): rpc_device(agent) for endpoint, agent in process.agent_endpoints.items()}
-        for device, amount in parse_buffer_log(list(process.output)).items():
-            # GPUs NVML does not see, and rpc agents; the host's RSS is the fuller figure
+        logged = parse_buffer_log(list(process.output))
+        seen_by_nvml = {device for device in usage if device.startswith("gpu")}
+        for device, amount in logged.items():
+            # GPUs NVML does not see, and rpc agents; the host's own measurement is the fuller figure
             usage.setdefault(agents.get(device, device), amount)
         self.measured[process.spec.id] = usage
         running = process.spec
@@ -72,6 +76,9 @@ class MemoryService:
         current = spec.with_port(running.port) if spec.uses_port and running.port else spec
         if current.argv != running.argv:
             return None  # reloaded with other settings meanwhile
+        for gpu in seen_by_nvml:
+            await asyncio.to_thread(self.planner.learn_gpu_runtime, spec, process.planned_argv, gpu, usage[gpu],
+                                    logged.get(gpu))
         plan = await asyncio.to_thread(self.planner.learn, spec, process.planned_argv, usage)
         if plan.planned != self.plans.get(spec.id, ModelMemory(None, PlanSource.UNKNOWN)).planned:
             log.info(f"{spec.id}: planned memory now {plan.planned} ({plan.source})")

@@ -10,8 +10,8 @@ build would place it.
 from __future__ import annotations
 
 import functools
-
 import logging
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from berth.core.procfs import group_pids, peak_resident_bytes
+from berth.core.gguf import model_files
+from berth.core.procfs import anonymous_bytes, group_pids, mapped_resident_bytes
 from berth.core.units import HOST, rpc_device
+from berth.engine.llama_args import LlamaServerArgs
 from berth.engine.rpc import buffer_endpoint
+from berth.memory.backends import Backend
 
 log = logging.getLogger("berth.memory")
 
@@ -38,6 +41,13 @@ class Device:
     description: str
     total_bytes: int
     free_bytes: int
+    backend: str = ""  # a GPU's llama.cpp backend (memory.backends.Backend): "cuda" for what NVML lists
+    driver: str = ""  # a GPU's driver version
+
+    @property
+    def model_and_driver(self) -> str:
+        """What a GPU's runtime overhead depends on: the GPU model and its driver."""
+        return f"{self.description} (driver {self.driver or 'unknown'})"
 
 
 def _read_int(path: Path) -> int | None:
@@ -95,16 +105,20 @@ def gpu_devices() -> list[Device]:
             return []
         devices = []
         try:
+            driver = _text(nvml.nvmlSystemGetDriverVersion())
             for index in range(nvml.nvmlDeviceGetCount()):
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                name = nvml.nvmlDeviceGetName(handle)
-                devices.append(Device(f"gpu{index}", name.decode() if isinstance(name, bytes) else str(name),
-                                      int(memory.total), int(memory.free)))
+                devices.append(Device(f"gpu{index}", _text(nvml.nvmlDeviceGetName(handle)), int(memory.total),
+                                      int(memory.free), Backend.CUDA, driver))
         except nvml.NVMLError as exc:
             log.warning(f"NVML failed while listing GPUs ({exc}); planning without GPUs")
             return []
         return devices
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def inventory() -> dict[str, Device]:
@@ -155,11 +169,25 @@ def parse_buffer_log(lines: list[str]) -> dict[str, int]:
     return usage
 
 
-def measure_group(pgid: int) -> dict[str, int]:
-    """Bytes a process group uses: its members' peak resident host memory, and per GPU what NVML
-    reports for its pids (allocations there are committed at load, so current is peak)."""
+def weight_files(args: LlamaServerArgs | None) -> frozenset[str]:
+    """The real paths of the weight files a llama.cpp server maps: the model (every part of a split one),
+    the projector and the draft model."""
+    if args is None:
+        return frozenset()
+    paths = [args.get("model"), args.get("mmproj"), args.get("model_draft")]
+    return frozenset(os.path.realpath(part) for path in paths if path for part in model_files(path))
+
+
+def measure_group(pgid: int, weight_files: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Bytes a process group holds: on the host, its members' anonymous memory plus the resident
+    pages they map of `weight_files` (the model's weights that stay on the host), and per GPU what
+    NVML reports for its pids (allocations there are committed at load, so current is peak).
+
+    Not the peak resident size: loading maps the whole file and touches every page of it, also the
+    pages uploaded to a GPU and then dropped, so a fully offloaded model peaks near its file size and
+    keeps a fraction. Weights copied into anonymous memory (`--load-mode none`) count as anonymous."""
     pids = group_pids(pgid)
-    usage = {HOST: sum(peak_resident_bytes(pid) for pid in pids)}
+    usage = {HOST: sum(anonymous_bytes(pid) + mapped_resident_bytes(pid, weight_files) for pid in pids)}
     if not pids:
         return usage
     with _nvml() as nvml:

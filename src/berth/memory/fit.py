@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from berth.engine.llama_args import LlamaServerArgs
+from berth.memory.backends import Backend, GpuRuntime
 from berth.memory.estimate import CTX_PAD, GPU, MemoryEstimate, estimate
 from berth.memory.devices import cpu_repacked_types
 from berth.core.units import SizeError, device_key, parse_size
@@ -48,12 +49,15 @@ class FitResult:
 
 
 def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], headroom: float = 0.05,
-             max_context: bool = False, projector: GGUFHeader | None = None) -> FitResult | None:
+             max_context: bool = False, projector: GGUFHeader | None = None,
+             gpu: GpuRuntime | None = None) -> FitResult | None:
     """The most GPU layers (then the fewest CPU-held expert layers, then optionally the largest
-    context) whose estimate, with the `--mmproj` projector's share, fits every budget; None when even
-    all-on-host does not fit."""
+    context) whose estimate, with the `--mmproj` projector's share and `gpu`'s runtime overhead, fits
+    every budget; None when even all-on-host does not fit. A GPU budget without `gpu` plans for CUDA."""
     n_layer = int(header.arch_value("block_count") or 0)
     has_gpu = GPU in budget
+    if has_gpu and gpu is None:
+        gpu = GpuRuntime.default(Backend.CUDA)
     moe = any("_exps." in t.name for t in header.tensors)
 
     def trial(ngl: int, n_cpu_moe: int, ctx: int | None = None) -> MemoryEstimate:
@@ -63,7 +67,7 @@ def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], 
             trial_args.set("n_cpu_moe", n_cpu_moe)
         if ctx is not None:
             trial_args.set("ctx_size", ctx)
-        return estimate(header, trial_args, has_gpu, cpu_repacked_types(), projector)
+        return estimate(header, trial_args, gpu if has_gpu else None, cpu_repacked_types(), projector)
 
     flags: list[str] = []
     search_ctx = CTX_PAD if max_context else None  # placement first at the smallest context, then grow it
@@ -95,3 +99,12 @@ def find_fit(header: GGUFHeader, args: LlamaServerArgs, budget: dict[str, int], 
         flags += ["-c", str(low)]
         return FitResult(flags, trial(ngl, n_cpu_moe, low))
     return FitResult(flags, trial(ngl, n_cpu_moe))
+
+
+def swa_full_cost(header: GGUFHeader, args: LlamaServerArgs, gpu: GpuRuntime | None = None) -> int:
+    """The KV bytes `--swa-full` adds to these settings (0 without it, or without sliding-window layers)."""
+    if not args.get("swa_full"):
+        return 0
+    kv = [sum(d.kv_bytes for d in estimate(header, settings, gpu).devices.values())
+          for settings in (args, args.without("swa_full"))]
+    return kv[0] - kv[1]

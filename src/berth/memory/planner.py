@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from berth.config import BerthConfig, ModelSpec
@@ -24,6 +24,7 @@ from berth.engine.identity import launch_identity
 from berth.engine.launch import Launch, server_args
 from berth.engine.llama_args import LlamaServerArgs
 from berth.core.errors import BerthError
+from berth.memory.backends import Backend, GpuRuntime
 from berth.memory.devices import Device, cpu_repacked_types
 from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
 from berth.core.units import HOST, format_bytes
@@ -61,15 +62,18 @@ def budgets(devices: dict[str, Device], explicit: dict[str, int], headroom: int)
     return result
 
 
-def _spread_over_gpus(usage: dict[str, int], devices: dict[str, Device]) -> dict[str, int]:
-    """llama.cpp splits offloaded layers over GPUs in proportion to their memory by default."""
+def _spread_over_gpus(result: MemoryEstimate, devices: dict[str, Device],
+                      runtime: Callable[[str], GpuRuntime]) -> dict[str, int]:
+    """Bytes per device of an estimate made for one GPU: llama.cpp splits offloaded layers over GPUs in
+    proportion to their memory by default, and each GPU carries its own runtime overhead."""
+    usage = {name: d.total_bytes for name, d in result.devices.items() if d.total_bytes}
     gpus = sorted(n for n in devices if n.startswith("gpu"))
     if len(gpus) < 2 or GPU not in usage:
         return usage
     total = sum(devices[n].total_bytes for n in gpus)
-    on_gpu = usage.pop(GPU)
+    buffers = usage.pop(GPU) - result.devices[GPU].runtime_bytes
     for name in gpus:
-        usage[name] = usage.get(name, 0) + on_gpu * devices[name].total_bytes // total
+        usage[name] = usage.get(name, 0) + buffers * devices[name].total_bytes // total + runtime(name).runtime_bytes
     return usage
 
 
@@ -141,9 +145,10 @@ class LaunchFiles:
         projector = _read_header(args.get("mmproj"), projector=True) if args.get("mmproj") else None
         return cls(model, projector)
 
-    def estimate(self, args: LlamaServerArgs, has_gpu: bool) -> MemoryEstimate:
-        """The estimate for these flags on this machine's CPU (its repacked weight types); raises EstimateError."""
-        return estimate(self.model, args, has_gpu=has_gpu, repacked=cpu_repacked_types(), projector=self.projector)
+    def estimate(self, args: LlamaServerArgs, gpu: GpuRuntime | None) -> MemoryEstimate:
+        """The estimate for these flags with this GPU (None: none) and this machine's CPU (its repacked weight
+        types); raises EstimateError."""
+        return estimate(self.model, args, gpu, repacked=cpu_repacked_types(), projector=self.projector)
 
 
 def _read_header(path: str, projector: bool) -> GGUFHeader:
@@ -156,7 +161,10 @@ def _read_header(path: str, projector: bool) -> GGUFHeader:
 
 
 class MemoryLedger:
-    """Measured usage per (argv, model file), kept on disk so a restart plans with it."""
+    """Measured usage per (argv, model file), and the GPU runtime overhead per GPU model and driver,
+    kept on disk so a restart plans with them."""
+
+    GPU_RUNTIME = "gpu_runtime"  # the section of runtime overheads (launch keys are hex digests)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -166,11 +174,24 @@ class MemoryLedger:
             self._entries = {}
 
     def get(self, key: str) -> dict[str, int] | None:
-        entry = self._entries.get(key)
+        entry = self._entries.get(key) if key != self.GPU_RUNTIME else None
         return dict(entry["usage"]) if entry else None
 
     def record(self, key: str, model_id: str, usage: dict[str, int]) -> None:
         self._entries[key] = {"model": model_id, "usage": usage, "at": time.time()}
+        self._save()
+
+    def gpu_runtime(self, gpu: str) -> int | None:
+        """The runtime overhead measured on this GPU model and driver (`Device.model_and_driver`)."""
+        entry = self._entries.get(self.GPU_RUNTIME, {}).get(gpu)
+        return int(entry["bytes"]) if entry else None
+
+    def record_gpu_runtime(self, gpu: str, overhead: int, model_id: str) -> None:
+        self._entries.setdefault(self.GPU_RUNTIME, {})[gpu] = {"bytes": overhead, "model": model_id,
+                                                               "at": time.time()}
+        self._save()
+
+    def _save(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(".partial")
@@ -178,6 +199,17 @@ class MemoryLedger:
             partial.replace(self.path)
         except OSError as exc:
             log.warning(f"cannot save measured memory to {self.path}: {exc}")
+
+
+def gpu_runtime(device: Device, ledger: MemoryLedger, backend: Backend | None = None) -> GpuRuntime:
+    """A GPU's backend (`backend`, else the device's) and the runtime overhead a process carries there:
+    measured on its model and driver once a model has run on it, else the backend's default."""
+    own = Backend(device.backend or Backend.CUDA)
+    backend = Backend(backend or own)
+    learned = ledger.gpu_runtime(device.model_and_driver) if backend == own else None
+    if learned is None:
+        return GpuRuntime.default(backend)
+    return replace(GpuRuntime.default(backend), runtime_bytes=learned, source=f"measured on {device.model_and_driver}")
 
 
 class MemoryPlanner:
@@ -189,6 +221,9 @@ class MemoryPlanner:
 
     def budgets(self, config: BerthConfig) -> dict[str, int]:
         return budgets(self.devices, dict(config.memory.budget), config.memory.headroom_bytes)
+
+    def gpu_runtime(self, name: str = GPU) -> GpuRuntime:
+        return gpu_runtime(self.devices[name], self.ledger)
 
     def plan(self, spec: ModelSpec) -> ModelMemory:
         if spec.declared_memory:
@@ -204,16 +239,47 @@ class MemoryPlanner:
         result = self._estimate(argv)
         estimated = None
         if isinstance(result, MemoryEstimate):
-            usage = {name: d.total_bytes for name, d in result.devices.items() if d.total_bytes}
-            estimated = _spread_over_gpus(usage, self.devices)
+            estimated = _spread_over_gpus(result, self.devices, self.gpu_runtime)
         if measured is not None:
             return ModelMemory(_combine(measured, estimated), PlanSource.MEASURED, "from its last run with these settings")
         if estimated is None:
             return ModelMemory(None, PlanSource.UNKNOWN, str(result))
         fitted = fit_placement(estimated, server_args(argv), self.devices)
         if fitted is not None:
-            return ModelMemory(*fitted)
-        return ModelMemory(estimated, PlanSource.ESTIMATED, "from the GGUF header and its flags")
+            return ModelMemory(fitted[0], fitted[1], fitted[2] + self._runtime_note())
+        return ModelMemory(estimated, PlanSource.ESTIMATED, "from the GGUF header and its flags" + self._runtime_note())
+
+    def _runtime_note(self) -> str:
+        """Where each GPU's share includes the runtime overhead, and where that figure comes from."""
+        notes = [f"{name} includes {format_bytes(runtime.runtime_bytes)} of {runtime.backend} runtime "
+                 f"({runtime.source})" for name in sorted(self.devices) if name.startswith("gpu")
+                 for runtime in [self.gpu_runtime(name)]]
+        return "; " + "; ".join(notes) if notes else ""
+
+    def learn_gpu_runtime(self, spec: ModelSpec, argv: list[str], gpu: str, process_bytes: int,
+                          logged_buffers: int | None) -> int | None:
+        """Keep what a GPU process holds besides llama.cpp's buffers (NVML's figure for its pids less
+        the buffers its load log reports, or else the estimate's) as that GPU model and driver's runtime
+        overhead, the largest seen; None when nothing is learned (no buffers to subtract)."""
+        device = self.devices.get(gpu)
+        if device is None:
+            return None
+        buffers = logged_buffers
+        if buffers is None:
+            result = self._estimate(argv)
+            if not isinstance(result, MemoryEstimate) or GPU not in result.devices:
+                return None
+            planned = _spread_over_gpus(result, self.devices, self.gpu_runtime)
+            buffers = planned.get(gpu, 0) - self.gpu_runtime(gpu).runtime_bytes
+        overhead = process_bytes - buffers
+        if buffers <= 0 or overhead <= 0:
+            return None
+        known = self.ledger.gpu_runtime(device.model_and_driver)
+        if known is None or overhead > known:
+            self.ledger.record_gpu_runtime(device.model_and_driver, overhead, spec.id)
+            log.info(f"{gpu} ({device.model_and_driver}): a {device.backend or 'GPU'} process holds "
+                     f"{format_bytes(overhead)} besides llama.cpp's buffers; plans on it include that from now on")
+        return overhead
 
     def learn(self, spec: ModelSpec, argv: list[str], usage: dict[str, int]) -> ModelMemory:
         """Keep a measurement of `spec` run as `argv` (the peak per device so far); return the new plan."""
@@ -233,7 +299,7 @@ class MemoryPlanner:
         if not args.get("model"):
             return "no --model file to read"
         try:
-            return LaunchFiles.read(args).estimate(args, has_gpu=any(n.startswith("gpu") for n in self.devices))
+            return LaunchFiles.read(args).estimate(args, self.gpu_runtime() if GPU in self.devices else None)
         except UnreadableModelFile as exc:
             what = "the projector " if exc.projector else ""
             if exc.missing:
