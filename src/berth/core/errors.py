@@ -39,6 +39,16 @@ class BadRequest(BerthError):
     error_type = "invalid_request_error"
 
 
+class FlagsNotAccepted(BadRequest):
+    """A cmd with flags the installed engine does not take: it would exit as soon as it started."""
+
+    code = "flags_not_accepted"
+
+    def __init__(self, model: str, binary: str, problems: list[str]) -> None:
+        super().__init__(f"{model}: {binary} does not take " + "; ".join(problems) + "; fix `cmd` in the config")
+        self.model, self.problems = model, problems
+
+
 class Unauthorized(BerthError):
     status = 401
     error_type = "authentication_error"

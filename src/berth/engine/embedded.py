@@ -124,14 +124,18 @@ def _install(store: ModelStore) -> StoreEntry:
         raise EmbeddedModelError(exc.message) from None
 
 
-def _model_entry(model_id: str, path: Path, flags: str, description: str, aliases: list[str]) -> str:
+def _model_entry(model_id: str, path: Path, flags: str, description: str, aliases: list[str],
+                 sliding_window: bool = False) -> str:
     cmd = f"llama-server --host 127.0.0.1 --port ${{PORT}} -m {shlex.quote(str(path))} {flags}"
     return (
         f"  {model_id}:\n"
         f"    aliases: {json.dumps(aliases)}\n"
         f"    ttl: {EMBEDDED_TTL}\n"
         "    warmup: true\n"
-        f"    description: {json.dumps(description)}\n"
+        # saved slots of a sliding-window model are reused only with --swa-full, which berth adds only when
+        # asked: the embedded models keep their slots, and this small one can pay for the larger cache
+        + ("    kvPersistence: true\n" if sliding_window else "")
+        + f"    description: {json.dumps(description)}\n"
         f"    cmd: {json.dumps(cmd)}\n"  # a JSON string is a valid double-quoted YAML scalar
     )
 
@@ -151,7 +155,7 @@ def embedded_config_text(gemma_path: Path, smollm2_path: Path | None) -> str:
     # The Gemma GGUF carries no chat template, so name llama.cpp's built-in Gemma one.
     text += _model_entry(EMBEDDED_MODEL_ID, gemma_path, f"{common} --no-jinja --chat-template gemma",
                          "Gemma 3 270M base (Q4_K_M), installed with berth; continues text",
-                         [] if smollm2_path is not None else ["default"])
+                         [] if smollm2_path is not None else ["default"], sliding_window=True)
     return text
 
 

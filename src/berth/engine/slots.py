@@ -37,24 +37,39 @@ class SlotPlan:
         return self.directory.parent.parent
 
 
-def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path, per_model_max_bytes: int,
-                          total_max_bytes: int) -> SlotPlan | None:
-    """Add --slot-save-path, --slots (and --swa-full where needed) to `args`; None if no model file to key on."""
+SWA_FULL_UNASKED = ("sliding-window layers reuse a saved slot only with --swa-full, which keeps the whole "
+                    "context in every layer's cache; set kvPersistence: true to save slots at that cost")
+
+
+def sliding_window(args: LlamaServerArgs) -> bool | None:
+    """Whether the model file of `args` has sliding-window layers; None when it cannot be read."""
     model = args.get("model")
     if not model or not os.path.isfile(model):
         return None
     try:
-        sliding = bool(read_model_header(os.path.realpath(model)).arch_value("attention.sliding_window"))
+        return bool(read_model_header(os.path.realpath(model)).arch_value("attention.sliding_window"))
     except (GGUFInvalid, OSError):
         return None
+
+
+def plan_slot_persistence(model_id: str, args: LlamaServerArgs, slots_root: Path, per_model_max_bytes: int,
+                          total_max_bytes: int, asked: bool) -> SlotPlan | str:
+    """Add --slot-save-path and --slots to `args`, and --swa-full for a sliding-window model when
+    persistence was `asked` for (kvPersistence: true) rather than on by default, since it grows the KV
+    cache. Otherwise why slots are not saved: no model file to key on, or a sliding-window model that
+    did not ask."""
+    sliding = sliding_window(args)
+    if sliding is None:
+        return "no model file to key saved slots on"
     swa_full_added = sliding and not args.get("swa_full")
+    if swa_full_added and not asked:
+        return SWA_FULL_UNASKED
     if swa_full_added:
         args.set("swa_full", True)
-    args.items = args.without("no_slots").items
     args.set("slots", True)
     settings = launch_settings(args, KV_LAYOUT)
     if settings is None:
-        return None
+        return "no model file to key saved slots on"
     directory = slots_root / model_id / settings_digest(settings)
     args.set("slot_save_path", str(directory))
     return SlotPlan(directory, settings, swa_full_added, per_model_max_bytes, total_max_bytes)
