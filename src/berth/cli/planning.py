@@ -46,7 +46,7 @@ def check(config_path: str) -> None:
             launch = planned_launch(spec)
         except BadRequest as exc:
             fail(exc.message)
-        _print_launch(config, spec, launch, agents)
+        _print_launch(config, spec, launch, agents, planner)
         plan = planner.plan(spec)
         usage = ", ".join(f"{d} {format_bytes(b)}" for d, b in (plan.planned or {}).items()) or "unknown"
         click.echo(f"  memory:  {usage} ({plan.source}{': ' + plan.detail if plan.detail else ''})")
@@ -56,16 +56,19 @@ def check(config_path: str) -> None:
     click.echo(f"config OK: {len(config.models)} models, {len(config.warnings)} warnings")
 
 
-def _print_launch(config: BerthConfig, spec: ModelSpec, launch: Launch, agents: AgentDirectory) -> None:
+def _print_launch(config: BerthConfig, spec: ModelSpec, launch: Launch, agents: AgentDirectory,
+                  planner: MemoryPlanner) -> None:
     click.echo(f"  argv:    {' '.join(redact_argv(launch.argv))}")
     click.echo(f"  port:    {f'first free from {config.start_port}, chosen at each start' if spec.uses_port else '-'}")
     click.echo(f"  aliases: {', '.join(spec.aliases) or '-'}")
     click.echo(f"  group:   {spec.group}")
     click.echo(f"  ttl:     {f'{spec.ttl}s' if spec.ttl else 'never'}")
     if launch.slots is not None:
-        note = " (--swa-full added: sliding-window model, restored slots need it)" \
-            if launch.slots.swa_full_added else ""
+        note = f" (--swa-full added for kvPersistence: true: {format_bytes(planner.swa_full_cost(launch.argv))} " \
+               "more KV, restored slots of a sliding-window model need it)" if launch.slots.swa_full_added else ""
         click.echo(f"  kv:      slots saved in {launch.slots.directory}{note}")
+    elif launch.slots_off:
+        click.echo(f"  kv:      slots not saved: {launch.slots_off}")
     if spec.rpc is not None:
         offers = ", ".join(f"{a} offers {format_bytes(agents.offers[a])}" if a in agents.offers
                            else f"{a} did not answer (spread evenly)" for a in spec.rpc.agents)

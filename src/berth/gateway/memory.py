@@ -60,7 +60,8 @@ class MemoryService:
         if process.pid is None:
             return None
         files = weight_files(server_args(process.planned_argv))
-        usage = await asyncio.to_thread(measure_group, process.pid, files)
+        host_weights = await asyncio.to_thread(self.planner.host_mapped_bytes, process.planned_argv)
+        usage = await asyncio.to_thread(measure_group, process.pid, files, host_weights)
         if not still_running() or not usage.get("host"):
             return None
         agents = {rpc_device(endpoint): rpc_device(agent) for endpoint, agent in process.agent_endpoints.items()}

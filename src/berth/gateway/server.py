@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from berth.config import BerthConfig, load_config
+from berth.config import BerthConfig, ModelSpec, load_config
 from berth.core.paths import berth_home
-from berth.core.errors import ConfigError
+from berth.core.errors import BerthError, ConfigError, FlagsNotAccepted
+from berth.engine.launch import Launch
 from berth.gateway.app import Gateway
 from berth.gateway.connections import GatewayRunner
 from berth.gateway.ledger import RequestLedger
@@ -59,6 +60,7 @@ class _Parts:
 
     log_handler: _HubHandler  # added to berth's logger; removed at the end
     agents: AgentDirectory
+    planned_launch: Callable[[ModelSpec], Launch]  # each model's launch as a start would run it, nothing pulled
     factory: ProcessFactory
     ledger: RequestLedger
     pool: ModelPool
@@ -78,9 +80,13 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     sessions = UpstreamSessions()
     agents = AgentDirectory()
     await ask_agents(agents, config)
+
+    def planned_launch(spec: ModelSpec) -> Launch:
+        return launch_builder(spec, fetch=False, rpc=agents.planned_targets(spec.rpc))
+
+    await asyncio.to_thread(_report_refused_flags, config, planned_launch)
     planner = await asyncio.to_thread(  # reads /proc, NVML and the ledger file
-        lambda: MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"),
-                              lambda spec: launch_builder(spec, fetch=False, rpc=agents.planned_targets(spec.rpc))))
+        lambda: MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"), planned_launch))
     memory = MemoryService(planner, agents)
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics,
                                          agents, memory.planned_bytes), config.start_port)
@@ -89,7 +95,7 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     gateway = Gateway(pool, memory, logs, ledger, sessions, listen_host=host, metrics_port=metrics_port)
     runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
                            handler_cancellation=True, access_log=None)
-    return _Parts(handler, agents, factory, ledger, pool, gateway, runner)
+    return _Parts(handler, agents, planned_launch, factory, ledger, pool, gateway, runner)
 
 
 async def run_gateway(
@@ -196,6 +202,18 @@ async def ask_agents(agents: AgentDirectory, config: BerthConfig) -> None:
             await agents.refresh(session, specs)
 
 
+def _report_refused_flags(config: BerthConfig, planned_launch: Callable[[ModelSpec], Launch]) -> None:
+    """Log each model whose cmd has flags its llama-server would refuse: its starts are refused with
+    the same message, so it is said at load and reload rather than at the first request."""
+    for spec in config.models.values():
+        try:
+            planned_launch(spec)
+        except FlagsNotAccepted as exc:
+            log.error(exc.message)
+        except BerthError:
+            continue  # anything else is said when the model starts
+
+
 async def _reload(config_path: str | None, parts: _Parts) -> None:
     if config_path is None:
         log.warning("reload asked for, but berth runs without a config file")
@@ -209,6 +227,7 @@ async def _reload(config_path: str | None, parts: _Parts) -> None:
         log.warning(warning)
     parts.factory.ports.start = new.start_port
     await ask_agents(parts.agents, new)
+    await asyncio.to_thread(_report_refused_flags, new, parts.planned_launch)
     parts.ledger.configure(new.metrics_max_in_memory, new.log_requests)
     await parts.pool.reload(new)
 

@@ -178,16 +178,23 @@ def weight_files(args: LlamaServerArgs | None) -> frozenset[str]:
     return frozenset(os.path.realpath(part) for path in paths if path for part in model_files(path))
 
 
-def measure_group(pgid: int, weight_files: frozenset[str] = frozenset()) -> dict[str, int]:
-    """Bytes a process group holds: on the host, its members' anonymous memory plus the resident
-    pages they map of `weight_files` (the model's weights that stay on the host), and per GPU what
-    NVML reports for its pids (allocations there are committed at load, so current is peak).
+def measure_group(pgid: int, weight_files: frozenset[str] = frozenset(), host_weights: int | None = None
+                  ) -> dict[str, int]:
+    """Bytes a process group holds: on the host, its members' anonymous memory plus the resident pages
+    they map of `weight_files`, up to `host_weights` (the bytes of the weights that stay on the host, when
+    known); per GPU, what NVML reports for its pids (allocations there are committed at load, so current
+    is peak).
 
-    Not the peak resident size: loading maps the whole file and touches every page of it, also the
-    pages uploaded to a GPU and then dropped, so a fully offloaded model peaks near its file size and
-    keeps a fraction. Weights copied into anonymous memory (`--load-mode none`) count as anonymous."""
+    Not the peak resident size: loading maps the file and touches every page of it, the pages of tensors
+    uploaded to a device too, so a fully offloaded model peaks near its file size and keeps a fraction;
+    pages of device tensors that stay mapped between host tensors were read once and are the first the
+    kernel drops, hence the cap. Weights copied into anonymous memory (`--load-mode none`) count as
+    anonymous."""
     pids = group_pids(pgid)
-    usage = {HOST: sum(anonymous_bytes(pid) + mapped_resident_bytes(pid, weight_files) for pid in pids)}
+    mapped = sum(mapped_resident_bytes(pid, weight_files) for pid in pids)
+    if host_weights is not None:
+        mapped = min(mapped, host_weights)
+    usage = {HOST: sum(anonymous_bytes(pid) for pid in pids) + mapped}
     if not pids:
         return usage
     with _nvml() as nvml:

@@ -80,6 +80,7 @@ CACHE_TYPE_BYTES = {
 _SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 TOKEN_EMBEDDING = "token_embd.weight"
+OUTPUT_LAYER = ("output.", "output_norm.")  # llama-model.cpp creates both with the output layer's device
 # ggml type ids the CPU backend repacks, by instruction set (ggml-cpu/repack.cpp, x86)
 GGML_Q4_0, GGML_Q2_K, GGML_Q4_K, GGML_IQ4_NL, GGML_MXFP4 = 2, 10, 12, 20, 39
 REPACKED_WITH_AVX2 = frozenset({GGML_Q4_0, GGML_Q4_K, GGML_IQ4_NL, GGML_MXFP4})
@@ -120,6 +121,7 @@ class MemoryEstimate:
     swa_cells: int = 0  # per stream, sliding-window layers (0 when none)
     streams: int = 1
     flash_attention: bool = True  # as llama.cpp resolves -fa on these devices
+    host_mapped_bytes: int = 0  # the host's weights that stay pages of the mapped model file
 
     def device(self, name: str) -> DeviceEstimate:
         return self.devices.setdefault(name, DeviceEstimate())
@@ -361,14 +363,15 @@ def _add_weights(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerAr
     n_layer = placement.n_layer
     n_cpu_moe = n_layer if args.get("cpu_moe") else (args.get("n_cpu_moe") or 0)
     overrides = args.get("override_tensor")
-    repack, mapped = args.get("repack", default=True), args.weights_mapped()
+    repack = args.get("repack", default=True)
     placed = _PlacedWeights()
+    on_host: list[TensorInfo] = []
     for tensor in header.tensors:
         device = HOST
         layer = _LAYER.match(tensor.name)
         if layer is not None:
             device = placement.device(int(layer.group(1)))
-        elif tensor.name.startswith("output."):
+        elif tensor.name.startswith(OUTPUT_LAYER):
             device = placement.device(n_layer)
         experts = EXPERT_TENSOR.match(tensor.name)
         if experts is not None and int(experts.group(1)) < n_cpu_moe:
@@ -376,11 +379,24 @@ def _add_weights(result: MemoryEstimate, header: GGUFHeader, args: LlamaServerAr
         device = _override_device(tensor.name, overrides) or device
         if experts is not None and device != placement.device(int(experts.group(1))):
             placed.experts_on.add(device)
-        result.device(device).weights_bytes += tensor.nbytes
-        if device == HOST and repack and mapped and _repacked(tensor, repacked):
-            result.device(HOST).weights_bytes += tensor.nbytes  # the mapped original stays beside the copy
-        if device == HOST and len(tensor.dims) >= 2 and tensor.name != TOKEN_EMBEDDING:
+        if device != HOST:
+            result.device(device).weights_bytes += tensor.nbytes
+            continue
+        on_host.append(tensor)
+        if repack and _repacked(tensor, repacked):
+            result.device(HOST).weights_bytes += tensor.nbytes  # the repacked copy, beside the file's bytes
+        if len(tensor.dims) >= 2 and tensor.name != TOKEN_EMBEDDING:
             placed.largest_on_host = max(placed.largest_on_host, tensor.nbytes)
+    # Mapped, the file's pages of every host tensor stay resident, repacked ones beside their copy (llama.cpp
+    # reports the range from the first host tensor to the last as `CPU_Mapped`; device tensors inside that
+    # range were read once for the upload and are the first pages the kernel drops); copied (--load-mode
+    # none, mlock, dio), each host tensor once, repacked ones only as their copy.
+    if args.weights_mapped():
+        result.host_mapped_bytes = sum(t.nbytes for t in on_host)
+        result.device(HOST).weights_bytes += result.host_mapped_bytes
+    else:
+        result.device(HOST).weights_bytes += sum(t.nbytes for t in on_host
+                                                 if not (repack and _repacked(t, repacked)))
 
     output_device = placement.device(n_layer)
     if output_device != HOST and not any(t.name.startswith("output.") for t in header.tensors):

@@ -27,6 +27,7 @@ from berth.core.errors import BerthError
 from berth.memory.backends import Backend, GpuRuntime
 from berth.memory.devices import Device, cpu_repacked_types
 from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
+from berth.memory.fit import swa_full_cost
 from berth.core.units import HOST, format_bytes
 from berth.core.gguf import GGUFHeader, GGUFInvalid, read_model_header
 
@@ -290,6 +291,22 @@ class MemoryPlanner:
             if peak != previous:
                 self.ledger.record(key, spec.id, peak)
         return self.plan(spec)
+
+    def host_mapped_bytes(self, argv: list[str]) -> int | None:
+        """The bytes of a llama.cpp argv's weights that stay on the host as pages of the mapped file, as
+        estimated; None when there is no estimate."""
+        result = self._estimate(argv)
+        return result.host_mapped_bytes if isinstance(result, MemoryEstimate) else None
+
+    def swa_full_cost(self, argv: list[str]) -> int:
+        """The KV bytes `--swa-full` adds to a llama.cpp argv (0 without it, or when it cannot be read)."""
+        args = server_args(argv)
+        if args is None or not args.get("model"):
+            return 0
+        try:
+            return swa_full_cost(LaunchFiles.read(args).model, args, self.gpu_runtime() if GPU in self.devices else None)
+        except (UnreadableModelFile, EstimateError):
+            return 0
 
     def _estimate(self, argv: list[str]) -> MemoryEstimate | str:
         """The estimate, or why there is none."""
