@@ -24,13 +24,14 @@ def ask(b: BerthServer, model: str, content: str = LONG, **extra) -> dict:
     return r.json()
 
 
-def two_ids(engine: str, gguf: str, ctx_a: int = 2048, extra_a: str = "") -> str:
+def two_ids(engine: str, gguf: str, ctx_a: int = 2048, extra_a: str = "", persistence: str = "true") -> str:
+    """Gemma 3 has sliding-window layers: its slots are saved when kvPersistence asks for it (with --swa-full)."""
     common = f"-m {gguf} --port ${{PORT}} --no-jinja --chat-template gemma -np 1"
     return f"""
 memory: {{scheduling: false}}  # swap as llama-swap does: each request for the other id stops this one
 models:
-  a: {{cmd: "{engine} {common} -c {ctx_a} {extra_a}"}}
-  b: {{cmd: "{engine} {common} -c 1024"}}
+  a: {{cmd: "{engine} {common} -c {ctx_a} {extra_a}", kvPersistence: {persistence}}}
+  b: {{cmd: "{engine} {common} -c 1024", kvPersistence: {persistence}}}
 """
 
 
@@ -135,10 +136,36 @@ def test_crash_restores_the_last_good_save_and_says_so(berth, tmp_path, engine, 
         b.stop()
 
 
-def test_check_reports_persistence_and_swa_full(tmp_path, engine, gemma_gguf):
+def check(tmp_path, text: str) -> subprocess.CompletedProcess:
     config = tmp_path / "c.yaml"
-    config.write_text(two_ids(engine, gemma_gguf))
-    out = subprocess.run([sys.executable, "-m", "berth.cli", "check", "-c", str(config)], capture_output=True,
-                         text=True, env={**os.environ, "BERTH_HOME": str(tmp_path / "home")}).stdout
-    assert "--swa-full" in out and "--slot-save-path" in out and "--swa-full added" in out
+    config.write_text(text)
+    return subprocess.run([sys.executable, "-m", "berth.cli", "check", "-c", str(config)], capture_output=True,
+                          text=True, env={**os.environ, "BERTH_HOME": str(tmp_path / "home")})
+
+
+def argv_of(out: str, model: str) -> list[str]:
+    lines = out.splitlines()
+    return lines[lines.index(model) + 1].split()[1:]
+
+
+def test_check_reports_persistence_and_swa_full(tmp_path, engine, gemma_gguf):
+    out = check(tmp_path, two_ids(engine, gemma_gguf)).stdout
+    assert "--swa-full" in argv_of(out, "a") and "--slot-save-path" in argv_of(out, "a")
+    # what it costs: 15 of the 18 layers slide over a 512-token window, holding pad(512 + 512 ubatch) = 1024
+    # cells without --swa-full and all 2048 with it, each cell 1 KV head x (256 + 256) x f16: 15 x 1024 x 1 KiB
+    assert "--swa-full added for kvPersistence: true: 15.0 MiB more KV" in out
     assert json.dumps(str(tmp_path / "home" / "models" / ".slots" / "a"))[1:-1] in out
+
+
+def test_defaults_cost_nothing_unasked(tmp_path, engine, gemma_gguf):
+    """Without kvPersistence: true no --swa-full (the slots of a sliding-window model are then not saved, and
+    check says why); an explicit --no-slots means no slot persistence, and it contradicts kvPersistence: true."""
+    out = check(tmp_path, two_ids(engine, gemma_gguf, persistence="null")).stdout
+    assert not {"--swa-full", "--slots", "--slot-save-path"} & set(argv_of(out, "a"))
+    assert "slots not saved: sliding-window layers reuse a saved slot only with --swa-full" in out
+    out = check(tmp_path, two_ids(engine, gemma_gguf, extra_a="--no-slots", persistence="null")).stdout
+    assert "--no-slots" in argv_of(out, "a")
+    assert not {"--swa-full", "--slots", "--slot-save-path"} & set(argv_of(out, "a"))
+    assert "slots not saved: --no-slots in its cmd" in out
+    both = check(tmp_path, two_ids(engine, gemma_gguf, extra_a="--no-slots"))
+    assert both.returncode == 2 and "kvPersistence: true" in both.stderr and "--no-slots" in both.stderr
