@@ -53,6 +53,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from berth.engine.llama_args import LlamaServerArgs
@@ -306,17 +307,21 @@ class _Cache:
         return self.swa_cells if shape.sliding[layer] and self.swa_cells else self.kv_cells
 
 
-def _flash_attention(args: LlamaServerArgs, shape: _Shape, cache: _Cache, placement: _LayerPlacement,
-                     gpu: GpuRuntime | None) -> bool:
-    """llama.cpp's reading of -fa: off and on as given; auto (the default) on for a quantized V cache,
-    else on when every device holding a layer has a kernel for that layer's attention."""
+def _flash_as_asked(args: LlamaServerArgs, auto: Callable[[], bool]) -> bool:
+    """-fa off and on as given; auto (the default) as `auto` finds it."""
     if args.switched_off("flash_attn"):
         return False
-    if args.switched_on("flash_attn") or cache.type_v in QUANTIZED_CACHE_TYPES:
-        return True
-    return all(flash_attention_kernel(_backend(placement.device(layer), gpu), shape.key_length,
-                                      shape.value_length, shape.n_head // heads_kv, cache.type_k, cache.type_v)
-               for layer, heads_kv in enumerate(shape.heads_kv) if heads_kv)
+    return args.switched_on("flash_attn") or auto()
+
+
+def _flash_attention(args: LlamaServerArgs, shape: _Shape, cache: _Cache, placement: _LayerPlacement,
+                     gpu: GpuRuntime | None) -> bool:
+    """llama.cpp's reading of -fa auto: on for a quantized V cache (llama-context.cpp turns it on for that),
+    else on when every device holding a layer has a kernel for that layer's attention."""
+    return _flash_as_asked(args, lambda: cache.type_v in QUANTIZED_CACHE_TYPES or all(
+        flash_attention_kernel(_backend(placement.device(layer), gpu), shape.key_length, shape.value_length,
+                               shape.n_head // heads_kv, cache.type_k, cache.type_v)
+        for layer, heads_kv in enumerate(shape.heads_kv) if heads_kv))
 
 
 def estimate(header: GGUFHeader, args: LlamaServerArgs, gpu: GpuRuntime | None = None,
@@ -490,6 +495,13 @@ class _Graph:
         result.device(HOST).output_bytes += F32 * self.shape.n_vocab * self.cache.parallel
 
 
+# The vision encoder's stages per patch, beside what the docstring of projector_compute derives (calibrated
+# against clip.cpp's reserve_compute_meta figure): bytes per unit of the encoder's width
+IMAGE_CHANNELS = 3
+PROJECTOR_FLASH_WIDTH_BYTES = 20  # the attention with flash attention
+PROJECTOR_SCORES_WIDTH_BYTES = 24  # beside the f32 scores without it
+PROJECTOR_FFN_WIDTH_BYTES = 12  # beside the f32 feed-forward
+
 # Vision projectors whose warmup image is not `clip.vision.image_size` wide: llama.cpp's clip loader
 # (tools/mtmd/clip.cpp, load_hparams) warms them up with a square of this many output tokens, each
 # `merge` x `merge` patches, capped by --image-max-tokens. Value: (tokens, default merge, the key that
@@ -541,15 +553,13 @@ def projector_compute(projector: GGUFHeader, args: LlamaServerArgs, backend: Bac
     patches = (side // patch) ** 2
     kernel = next((t for t in projector.tensors if t.name == "v.patch_embd.weight"), None)
     kernel_bytes = kernel.nbytes / _elements(kernel) if kernel is not None and _elements(kernel) else 2
-    image = int(side * side * 3 * (4 + kernel_bytes))
+    image = int(side * side * IMAGE_CHANNELS * (F32 + kernel_bytes))
     head = width // heads
-    flash = not args.switched_off("flash_attn") and (
-        args.switched_on("flash_attn") or flash_attention_kernel(backend, head, head, 1, "f16", "f16"))
-    if flash:
-        attention = 20 * width * patches
+    if _flash_as_asked(args, lambda: flash_attention_kernel(backend, head, head, 1, "f16", "f16")):
+        attention = PROJECTOR_FLASH_WIDTH_BYTES * width * patches
     else:
-        attention = 4 * heads * patches * patches + 24 * width * patches
-    feed_forward = (4 * n_ff + 12 * width) * patches
+        attention = F32 * heads * patches * patches + PROJECTOR_SCORES_WIDTH_BYTES * width * patches
+    feed_forward = (F32 * n_ff + PROJECTOR_FFN_WIDTH_BYTES * width) * patches
     return max(image, attention, feed_forward)
 
 
