@@ -21,6 +21,8 @@ from berth.memory.backends import Backend, GpuRuntime
 from berth.memory.devices import Device, parse_buffer_log
 from berth.memory.estimate import GPU, estimate
 from berth.memory.planner import MemoryLedger, MemoryPlanner, PlanSource
+from berth.scheduler import GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, Scheduler
+from tests.support.scheduling import random_events
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from tiny_models import write_llama  # noqa: E402
@@ -158,44 +160,13 @@ def test_the_runtime_overhead_is_learned_from_nvml_less_the_logged_buffers(model
 def co_resident_nvml(plans: dict[str, dict[str, int]], budget: int, seed: int, nvml: dict[str, int]) -> list[int]:
     """Drive the scheduler with random requests for models of these plans under a GPU budget; after every
     event, the sum of what NVML measured for the models alive together (starting, ready or stopping)."""
-    import random
-
-    from berth.scheduler import (Admit, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, Scheduler, Start,
-                                 Stop)
-
     group = "(default)"
     scheduler = Scheduler.build({m: ModelPolicy(group, concurrency_limit=100, memory=plan) for m, plan in plans.items()},
                                 {group: GroupPolicy(swap=False, exclusive=False)},
                                 MemoryPolicy({"host": 64 << 30, GPU: budget}, group))
-    rng, now, next_id = random.Random(seed), 0.0, 0
-    admitted: dict[int, str] = {}
-    starting: set[str] = set()
-    stopping: set[str] = set()
-    totals = []
-    for _ in range(200):
-        now += rng.random()
-        choice = rng.random()
-        if choice < 0.4:
-            next_id += 1
-            actions = scheduler.request(next_id, rng.choice(sorted(plans)), now)
-        elif choice < 0.6 and admitted:
-            actions = scheduler.finished(admitted.pop(rng.choice(list(admitted))), now)
-        elif choice < 0.75 and starting:
-            actions = scheduler.started(starting.pop(), now)
-        elif choice < 0.9 and stopping:
-            actions = scheduler.stopped(stopping.pop(), now)
-        else:
-            actions = scheduler.tick(now)
-        for action in actions:
-            if isinstance(action, Start):
-                starting.add(action.model)
-            elif isinstance(action, Stop):
-                stopping.add(action.model)
-            elif isinstance(action, Admit):
-                admitted[action.request_id] = action.model
-        live = [m for m in plans if scheduler.state(m) in (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)]
-        totals.append(sum(nvml[m] for m in live))
-    return totals
+    live = (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)
+    return [sum(nvml[m] for m in plans if scheduler.state(m) in live)
+            for _ in random_events(scheduler, sorted(plans), seed, 200)]
 
 
 def test_co_residence_under_a_gpu_budget_never_exceeds_it_once_the_runtime_is_counted(models, tmp_path):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from berth.core.errors import InsufficientMemory, StartFailed
 from berth.scheduler import (
     Admit, Eviction, GroupPolicy, MemoryPolicy, ModelPolicy, ModelState, Reject, Scheduler, Start, Stop,
 )
+from tests.support.scheduling import random_events
 
 GiB = 1024**3
 GROUP = "(default)"
@@ -155,37 +154,13 @@ def test_later_request_cannot_take_the_room_an_earlier_one_waits_for():
 @pytest.mark.parametrize("seed", range(30))
 def test_random_event_sequences_never_plan_beyond_the_budget(seed):
     """Also: the model of unknown size `u` is never live beside another unpinned model."""
-    rng = random.Random(seed)
     sizes = {"a": 3, "b": 4, "c": 5, "d": 2, "u": None}
     s = shared(sizes, budget=9, pinned=("d",))
-    now, next_id = 0.0, 0
-    admitted: dict[int, str] = {}
-    starting: set[str] = set()
-    stopping: set[str] = set()
-    for _ in range(300):
-        now += rng.random()
-        choice = rng.random()
-        if choice < 0.4:
-            next_id += 1
-            actions = s.request(next_id, rng.choice("abcdu"), now)
-        elif choice < 0.6 and admitted:
-            actions = s.finished(admitted.pop(rng.choice(list(admitted))), now)
-        elif choice < 0.75 and starting:
-            actions = s.started(starting.pop(), now)
-        elif choice < 0.9 and stopping:
-            actions = s.stopped(stopping.pop(), now)
-        else:
-            actions = s.tick(now)
+    for actions, admitted in random_events(s, list("abcdu"), seed, 300):
         for action in actions:
-            if isinstance(action, Start):
-                assert action.model not in starting
-                starting.add(action.model)
-            elif isinstance(action, Stop):
+            if isinstance(action, Stop):
                 assert action.model not in admitted.values(), "stopped a model with requests in flight"
                 assert action.model != "d", "evicted a pinned model"
-                stopping.add(action.model)
-            elif isinstance(action, Admit):
-                admitted[action.request_id] = action.model
         live = [m for m in sizes if s.state(m) in (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)]
         assert sum(sizes[m] or 0 for m in live) <= 9, f"planned beyond the budget: {live}"
         assert "u" not in live or set(live) <= {"u", "d"}, f"the unknown-size model shares: {live}"
