@@ -27,6 +27,12 @@ PlanChanged = Callable[[str, ModelMemory], None]
 ReadyProcesses = Callable[[], Iterable[tuple[str, ModelProcess]]]
 
 
+def _respecified(spec: ModelSpec, running: ModelSpec) -> bool:
+    """Whether the config's definition of a model now runs another argv than the process it started."""
+    current = spec.with_port(running.port) if spec.uses_port and running.port else spec
+    return current.argv != running.argv
+
+
 class MemoryService:
     def __init__(self, planner: MemoryPlanner, agents: AgentDirectory | None = None) -> None:
         self.planner = planner
@@ -70,20 +76,18 @@ class MemoryService:
         for device, amount in logged.items():
             # GPUs NVML does not see, and rpc agents; the host's own measurement is the fuller figure
             usage.setdefault(agents.get(device, device), amount)
-        self.measured[process.spec.id] = usage
         running = process.spec
-        if spec is None:
-            return None  # removed from the config meanwhile
-        current = spec.with_port(running.port) if spec.uses_port and running.port else spec
-        if current.argv != running.argv:
-            return None  # reloaded with other settings meanwhile
+        if spec is None or _respecified(spec, running):  # removed, or reloaded with other settings meanwhile
+            self.measured[running.id] = usage
+            return None
         for gpu in seen_by_nvml:
             await asyncio.to_thread(self.planner.learn_gpu_runtime, spec, process.planned_argv, gpu, usage[gpu],
                                     logged.get(gpu))
         plan = await asyncio.to_thread(self.planner.learn, spec, process.planned_argv, usage)
         if plan.planned != self.plans.get(spec.id, ModelMemory(None, PlanSource.UNKNOWN)).planned:
             log.info(f"{spec.id}: planned memory now {plan.planned} ({plan.source})")
-        self.plans[spec.id] = plan
+        # the measurement and the plan it makes appear together (a reader never sees one without the other)
+        self.measured[running.id], self.plans[spec.id] = usage, plan
         return plan
 
     def start_measuring(self, ready: ReadyProcesses, specs: Callable[[], dict[str, ModelSpec]],
