@@ -178,10 +178,10 @@ def weight_files(args: LlamaServerArgs | None) -> frozenset[str]:
     return frozenset(os.path.realpath(part) for path in paths if path for part in model_files(path))
 
 
-def measure_group(pgid: int, weight_files: frozenset[str] = frozenset(), host_weights: int | None = None
+def measure_group(pgid: int, files: frozenset[str] = frozenset(), host_weights: int | None = None
                   ) -> dict[str, int]:
     """Bytes a process group holds: on the host, its members' anonymous memory plus the resident pages
-    they map of `weight_files`, up to `host_weights` (the bytes of the weights that stay on the host, when
+    they map of the weight `files`, up to `host_weights` (the bytes of the weights that stay on the host, when
     known); per GPU, what NVML reports for its pids (allocations there are committed at load, so current
     is peak).
 
@@ -191,7 +191,7 @@ def measure_group(pgid: int, weight_files: frozenset[str] = frozenset(), host_we
     kernel drops, hence the cap. Weights copied into anonymous memory (`--load-mode none`) count as
     anonymous."""
     pids = group_pids(pgid)
-    mapped = sum(mapped_resident_bytes(pid, weight_files) for pid in pids)
+    mapped = sum(mapped_resident_bytes(pid, files) for pid in pids)
     if host_weights is not None:
         mapped = min(mapped, host_weights)
     usage = {HOST: sum(anonymous_bytes(pid) for pid in pids) + mapped}

@@ -226,6 +226,10 @@ class MemoryPlanner:
     def gpu_runtime(self, name: str = GPU) -> GpuRuntime:
         return gpu_runtime(self.devices[name], self.ledger)
 
+    def _gpu(self) -> GpuRuntime | None:
+        """The GPU estimates place offloaded layers on (the first; None without one)."""
+        return self.gpu_runtime() if GPU in self.devices else None
+
     def plan(self, spec: ModelSpec) -> ModelMemory:
         if spec.declared_memory:
             return ModelMemory(dict(spec.declared_memory), PlanSource.DECLARED)
@@ -304,7 +308,7 @@ class MemoryPlanner:
         if args is None or not args.get("model"):
             return 0
         try:
-            return swa_full_cost(LaunchFiles.read(args).model, args, self.gpu_runtime() if GPU in self.devices else None)
+            return swa_full_cost(LaunchFiles.read(args).model, args, self._gpu())
         except (UnreadableModelFile, EstimateError):
             return 0
 
@@ -316,7 +320,7 @@ class MemoryPlanner:
         if not args.get("model"):
             return "no --model file to read"
         try:
-            return LaunchFiles.read(args).estimate(args, self.gpu_runtime() if GPU in self.devices else None)
+            return LaunchFiles.read(args).estimate(args, self._gpu())
         except UnreadableModelFile as exc:
             what = "the projector " if exc.projector else ""
             if exc.missing:
