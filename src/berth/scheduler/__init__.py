@@ -1,6 +1,7 @@
 from berth.scheduler.core import (
-    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop, StopReason,
+    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, QueuePolicy,
+    Reject, Scheduler, Start, Stop, StopReason, Wake,
 )
 
-__all__ = ["Action", "Admit", "Eviction", "GroupPolicy", "MatrixPolicy", "MemoryPolicy", "ModelPolicy", "ModelState", "ModelView", "Reject",
-           "Scheduler", "Start", "Stop", "StopReason"]
+__all__ = ["Action", "Admit", "Eviction", "GroupPolicy", "MatrixPolicy", "MemoryPolicy", "ModelPolicy", "ModelState", "ModelView",
+           "QueuePolicy", "Reject", "Scheduler", "Start", "Stop", "StopReason", "Wake"]

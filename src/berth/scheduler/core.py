@@ -23,8 +23,9 @@ BACKOFF_MAX_SECONDS = 60.0
 
 class ModelState(str, enum.Enum):
     STOPPED = "stopped"
-    STARTING = "starting"
+    STARTING = "starting"  # a start, or a wake from sleeping, under way
     READY = "ready"
+    SLEEPING = "sleeping"  # the process runs, its model left memory (llama-server's --sleep-idle-seconds)
     STOPPING = "stopping"
     FAILED = "failed"
 
@@ -57,6 +58,7 @@ class ModelPolicy:
     memory: Mapping[str, int] | None = None  # planned bytes per device; None = unknown (runs alone)
     pinned: bool = False  # never stopped to make room by memory
     priority: int = 0  # waiting requests for higher-priority models are served first (llama-swap's fifo.priority)
+    return_to: str | None = None  # after a TTL stop, start this model if nothing waits (the everyday model)
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,24 @@ class MemoryPolicy:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """When a swap waits for the loaded model's work (DESIGN.md, "Batching").
+
+    The defaults (0, 0) are plain arrival order: every waiting request that needs a swap has it at once."""
+
+    max_wait: float = 0.0  # seconds a request may wait for a busy model's turn to end; then it goes next
+    min_residency: float = 0.0  # seconds a freshly loaded model with work keeps its turn, even against those
+
+
+@dataclass(frozen=True)
 class Start:
+    model: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wake a sleeping model's process (its model loads again); `started` follows, or `stopped` if it dies."""
+
     model: str
 
 
@@ -126,7 +145,7 @@ class Reject:
     error: BerthError
 
 
-Action = Union[Start, Stop, Admit, Reject]
+Action = Union[Start, Wake, Stop, Admit, Reject]
 
 
 @dataclass
@@ -141,6 +160,17 @@ class _Model:
     oom_retry: bool = False  # the last start died of out-of-memory: retry once with everything else evicted
     failures: int = 0  # starts that failed in a row
     retry_at: float | None = None  # no start before this (back-off after repeated failures)
+    ready_at: float = 0.0  # when it last became ready (its residency counts from here)
+    sleeping_memory: Mapping[str, int] | None = None  # what its process keeps while sleeping, once measured
+    asleep: bool = False  # its process sleeps (SLEEPING, or STOPPING from there): it holds `sleeping_memory`
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A request in the queue. Issue 27's fairness key (the client's API key) goes here too."""
+
+    model: str
+    arrived: float
 
 
 @dataclass
@@ -155,6 +185,10 @@ class ModelView:
     retry_at: float | None = None  # when the next start may be tried, while backing off
 
 
+LIVE = (ModelState.STARTING, ModelState.READY, ModelState.SLEEPING, ModelState.STOPPING)  # a process exists
+IDLE_CAPABLE = (ModelState.READY, ModelState.SLEEPING)  # may be stopped by a swap, an eviction, a TTL
+
+
 @dataclass
 class Scheduler:
     """Decides which model processes run and which requests may proceed.
@@ -167,22 +201,27 @@ class Scheduler:
     groups: dict[str, GroupPolicy] = field(default_factory=dict)
     memory: MemoryPolicy | None = None
     matrix: MatrixPolicy | None = None  # when set, it decides which models run together (groups do not)
-    _queue: dict[int, str] = field(default_factory=dict)  # request id -> model, in arrival order
+    queue: QueuePolicy = field(default_factory=QueuePolicy)
+    _queue: dict[int, _Waiting] = field(default_factory=dict)  # request id -> what it waits for, in arrival order
     _in_flight: dict[int, str] = field(default_factory=dict)
     _removed: set[str] = field(default_factory=set)
+    _returning: set[str] = field(default_factory=set)  # return_to targets of models a TTL just stopped
     _closing: bool = False
+    _clock: float = 0.0  # the time of the last plan pass
 
     @classmethod
     def build(cls, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy],
-              memory: MemoryPolicy | None = None, matrix: MatrixPolicy | None = None) -> "Scheduler":
+              memory: MemoryPolicy | None = None, matrix: MatrixPolicy | None = None,
+              queue: QueuePolicy | None = None) -> "Scheduler":
         scheduler = cls()
-        scheduler.configure(models, groups, memory, matrix)
+        scheduler.configure(models, groups, memory, matrix, queue)
         return scheduler
 
     # -- configuration --------------------------------------------------------------
 
     def configure(self, models: dict[str, ModelPolicy], groups: dict[str, GroupPolicy],
-                  memory: MemoryPolicy | None = None, matrix: MatrixPolicy | None = None) -> None:
+                  memory: MemoryPolicy | None = None, matrix: MatrixPolicy | None = None,
+                  queue: QueuePolicy | None = None) -> None:
         """Replace policies, keeping the runtime state of models that still exist.
 
         A model that is gone but still running stays known until it has stopped.
@@ -200,6 +239,7 @@ class Scheduler:
         self.groups = dict(groups)
         self.memory = memory
         self.matrix = matrix
+        self.queue = queue or QueuePolicy()
 
     def set_memory(self, model: str, memory: Mapping[str, int] | None, now: float) -> list[Action]:
         """A better figure for a model's memory (measured after a start): later decisions use it."""
@@ -207,6 +247,14 @@ class Scheduler:
         if m is None:
             return []
         m.policy = replace(m.policy, memory=memory)
+        return self._plan(now)
+
+    def set_sleeping_memory(self, model: str, memory: Mapping[str, int], now: float) -> list[Action]:
+        """What the model's process keeps while it sleeps, as measured: the rest of its plan is free then."""
+        m = self.models.get(model)
+        if m is None:
+            return []
+        m.sleeping_memory = dict(memory)
         return self._plan(now)
 
     # -- events ---------------------------------------------------------------------
@@ -218,10 +266,9 @@ class Scheduler:
         m = self.models[model]
         if m.state is ModelState.FAILED and m.retry_at is not None and now < m.retry_at:
             return [Reject(request_id, model, StartBackedOff(model, m.failures, m.retry_at - now, m.last_error))]
-        waiting = sum(1 for q in self._queue.values() if q == model)
-        if m.in_flight + waiting >= m.policy.concurrency_limit:
+        if m.in_flight + self._waiting_for(model) >= m.policy.concurrency_limit:
             return [Reject(request_id, model, TooManyRequests(model, m.policy.concurrency_limit))]
-        self._queue[request_id] = model
+        self._queue[request_id] = _Waiting(model, now)
         return self._plan(now)
 
     def cancel(self, request_id: int, now: float) -> list[Action]:
@@ -240,14 +287,27 @@ class Scheduler:
         return self._plan(now)
 
     def started(self, model: str, now: float) -> list[Action]:
+        """The model is ready to serve: its start or wake finished, or a sleeping one woke by itself."""
         m = self.models[model]
-        if m.state is not ModelState.STARTING:
+        if m.state not in (ModelState.STARTING, ModelState.SLEEPING):
             return []
         m.state = ModelState.READY
-        m.idle_since = now
+        m.asleep = False
+        m.idle_since = m.ready_at = now
         m.last_error = None
         m.oom_retry = False
         m.failures, m.retry_at = 0, None
+        return self._plan(now)
+
+    def slept(self, model: str, observed_at: float, now: float) -> list[Action]:
+        """The model's server said at `observed_at` that it sleeps. Taken only if nothing used the model
+        since: a request admitted meanwhile has woken it (or will), and its memory is counted as in use."""
+        m = self.models.get(model)
+        if (m is None or m.state is not ModelState.READY or m.in_flight or self._waiting_for(model)
+                or m.idle_since > observed_at):
+            return []
+        m.state = ModelState.SLEEPING
+        m.asleep = True
         return self._plan(now)
 
     def start_failed(self, model: str, error: BerthError, now: float) -> list[Action]:
@@ -266,9 +326,7 @@ class Scheduler:
         m.failures += 1
         if m.failures >= 2:
             m.retry_at = now + min(BACKOFF_FIRST_SECONDS * 2 ** (m.failures - 2), BACKOFF_MAX_SECONDS)
-        rejected = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
-        for reject in rejected:
-            del self._queue[reject.request_id]
+        rejected = self._reject_waiting(model, error)
         self._forget_if_removed(model)
         return [*rejected, *self._plan(now)]
 
@@ -276,15 +334,16 @@ class Scheduler:
         """The model's process is gone (a planned stop finished, or it crashed)."""
         m = self.models[model]
         m.state = ModelState.STOPPED
+        m.asleep = False
         m.unload_reason = None
         reason, m.stop_reason = m.stop_reason, None
         rejected: list[Reject] = []
         if reason in (StopReason.UNLOAD, StopReason.SHUTDOWN):
             # Requests that waited for this model must not silently start it again.
-            error = ModelUnloaded(model, reason.value)
-            rejected = [Reject(r, model, error) for r, q in list(self._queue.items()) if q == model]
-            for reject in rejected:
-                del self._queue[reject.request_id]
+            rejected = self._reject_waiting(model, ModelUnloaded(model, reason.value))
+        if reason is StopReason.TTL and m.policy.return_to not in (None, model):
+            assert m.policy.return_to is not None
+            self._returning.add(m.policy.return_to)
         self._forget_if_removed(model)
         return [*rejected, *self._plan(now)]
 
@@ -294,7 +353,7 @@ class Scheduler:
         actions: list[Action] = []
         for model_id in targets:
             m = self.models[model_id]
-            if m.state is ModelState.STARTING:
+            if m.state in (ModelState.STARTING, ModelState.SLEEPING):
                 actions.append(self._begin_stop(model_id, reason))
             elif m.state is ModelState.READY:
                 if m.in_flight == 0 or force:
@@ -311,7 +370,7 @@ class Scheduler:
     def drain(self, now: float) -> list[Action]:
         """berth stops taking work: refuse waiting and new requests; in-flight ones go on, models stay."""
         self._closing = True
-        rejected: list[Action] = [Reject(r, q, ShuttingDown()) for r, q in self._queue.items()]
+        rejected: list[Action] = [Reject(r, w.model, ShuttingDown()) for r, w in self._queue.items()]
         self._queue.clear()
         return rejected
 
@@ -322,15 +381,15 @@ class Scheduler:
     def shutdown(self, now: float) -> list[Action]:
         """berth is exiting: refuse waiting and new requests, stop everything now."""
         self._closing = True
-        actions: list[Action] = [Reject(r, q, ShuttingDown()) for r, q in self._queue.items()]
+        actions: list[Action] = [Reject(r, w.model, ShuttingDown()) for r, w in self._queue.items()]
         self._queue.clear()
         for model_id, m in self.models.items():
-            if m.state in (ModelState.STARTING, ModelState.READY):
+            if m.state in (ModelState.STARTING, ModelState.READY, ModelState.SLEEPING):
                 actions.append(self._begin_stop(model_id, StopReason.SHUTDOWN))
         return actions
 
     def tick(self, now: float) -> list[Action]:
-        """Time passed: stop models whose TTL ran out."""
+        """Time passed: stop models whose TTL ran out, give turns to requests that waited long enough."""
         return self._plan(now)
 
     # -- queries ----------------------------------------------------------------------
@@ -343,7 +402,7 @@ class Scheduler:
         return ModelView(
             state=m.state,
             in_flight=m.in_flight,
-            queued=sum(1 for q in self._queue.values() if q == model),
+            queued=self._waiting_for(model),
             ttl_deadline=self._ttl_deadline(model),
             start_failures=m.failures,
             retry_at=m.retry_at if m.state is ModelState.FAILED else None,
@@ -353,17 +412,34 @@ class Scheduler:
         return len(self._queue)
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which `tick` may have something to do."""
+        """The earliest time at which `tick` may have something to do: a TTL, a waiting request
+        reaching `max_wait`, a loaded model's residency ending while others wait."""
         deadlines = [d for d in (self._ttl_deadline(m) for m in self.models) if d is not None]
-        return min(deadlines, default=None)
+        if self._queue:
+            deadlines += [w.arrived + self.queue.max_wait for w in self._queue.values()]
+            deadlines += [m.ready_at + self.queue.min_residency for m in self.models.values()
+                          if m.state is ModelState.READY]
+        later = [d for d in deadlines if d > self._clock]
+        return min(later, default=None)
+
+    def running(self) -> list[str]:
+        """Models whose processes exist: starting, ready, sleeping or stopping."""
+        return [m for m, s in self.models.items() if s.state in LIVE]
 
     # -- internals ------------------------------------------------------------------
 
+    def _waiting_for(self, model: str) -> int:
+        return sum(1 for w in self._queue.values() if w.model == model)
+
+    def _reject_waiting(self, model: str, error: BerthError) -> list[Reject]:
+        rejected = [Reject(r, model, error) for r, w in self._queue.items() if w.model == model]
+        for reject in rejected:
+            del self._queue[reject.request_id]
+        return rejected
+
     def _ttl_deadline(self, model: str) -> float | None:
         m = self.models[model]
-        if m.state is not ModelState.READY or m.in_flight or m.policy.ttl <= 0:
-            return None
-        if any(q == model for q in self._queue.values()):
+        if m.state not in IDLE_CAPABLE or m.in_flight or m.policy.ttl <= 0 or self._waiting_for(model):
             return None
         return m.idle_since + m.policy.ttl
 
@@ -379,11 +455,6 @@ class Scheduler:
         if model in self._removed and self.models[model].state in (ModelState.STOPPED, ModelState.FAILED):
             del self.models[model]
             self._removed.discard(model)
-
-    def running(self) -> list[str]:
-        """Models whose processes exist (and hold memory): starting, ready or stopping."""
-        live = (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)
-        return [m for m, s in self.models.items() if s.state in live]
 
     def _conflicts(self, model: str, other: str) -> bool:
         """Would starting `model` require `other` to be stopped?"""
@@ -403,9 +474,30 @@ class Scheduler:
             return self.matrix.evictions(model, self.running())
         return [o for o in self.running() if self._conflicts(model, o)]
 
-    def _queue_in_order(self) -> list[tuple[int, str]]:
-        """Waiting requests, higher-priority models first, then in arrival order (a stable sort)."""
-        return sorted(self._queue.items(), key=lambda item: -self.models[item[1]].policy.priority)
+    def _due(self, waiting: _Waiting, now: float) -> bool:
+        """Waited `max_wait`: it goes next, whatever the swap costs the loaded model's queue."""
+        return now - waiting.arrived >= self.queue.max_wait
+
+    def _queue_in_order(self, now: float) -> list[tuple[int, _Waiting]]:
+        """Waiting requests in the order the plan pass serves them: those past `max_wait` first, then
+        higher-priority models first, then arrival order (a stable sort keeps it within a key)."""
+        def key(item: tuple[int, _Waiting]) -> tuple[bool, int]:
+            waiting = item[1]
+            return (not self._due(waiting, now), -self.models[waiting.model].policy.priority)
+        return sorted(self._queue.items(), key=key)
+
+    def _keeps_turn(self, other: str, waiting: _Waiting, now: float, draining: set[str]) -> bool:
+        """Whether running `other` keeps serving instead of stopping for the `waiting` request's model:
+        it is ready and has work (requests in flight or waiting for it), and either is within its
+        `min_residency` or the request has not yet waited `max_wait`."""
+        o = self.models[other]
+        if o.state is not ModelState.READY or other in draining:
+            return False
+        if not o.in_flight and not self._waiting_for(other):
+            return False
+        if now < o.ready_at + self.queue.min_residency:
+            return True
+        return not self._due(waiting, now)
 
     def _clash(self, a: str, b: str) -> bool:
         return self._conflicts(a, b) or self._conflicts(b, a)
@@ -417,6 +509,18 @@ class Scheduler:
         m = self.models[model]
         return None if m.oom_retry else m.policy.memory
 
+    def _held(self, model: str) -> Mapping[str, int]:
+        """What a live model's process holds: its plan, or while it sleeps what it keeps (once measured)."""
+        m = self.models[model]
+        if m.asleep and m.sleeping_memory is not None:
+            return m.sleeping_memory
+        return m.policy.memory or {}
+
+    def _to_load(self, model: str, need: Mapping[str, int]) -> dict[str, int]:
+        """What starting (or waking) `model` adds: a sleeping process already holds part of it."""
+        held = self._held(model) if self.models[model].state is ModelState.SLEEPING else {}
+        return {device: max(amount - held.get(device, 0), 0) for device, amount in need.items()}
+
     def _too_big(self, model: str) -> InsufficientMemory | None:
         """The error for a model that cannot fit even with every unpinned model stopped."""
         need = self.models[model].policy.memory
@@ -427,7 +531,7 @@ class Scheduler:
         pinned = [o for o in self.running() if o != model and self.models[o].policy.pinned
                   and self._memory_scheduled(o)]
         for other in pinned:
-            for device, amount in (self.models[other].policy.memory or {}).items():
+            for device, amount in self._held(other).items():
                 held[device] = held.get(device, 0) + amount
         available = {d: budgets.get(d, 0) - held.get(d, 0) for d in need}
         if all(need[d] <= available[d] for d in need if need[d]):
@@ -438,42 +542,48 @@ class Scheduler:
     def _eviction_order(self, candidates: list[str]) -> list[str]:
         """Idle models before busy ones; then least recently used (or largest) first."""
         def size(model: str) -> int:
-            return sum((self.models[model].policy.memory or {}).values())
+            return sum(self._held(model).values())
 
         def key(model: str) -> tuple[bool, float, float]:
             m = self.models[model]
-            busy = m.in_flight > 0 or any(q == model for q in self._queue.values())
+            busy = m.in_flight > 0 or self._waiting_for(model) > 0
             if self.memory is not None and self.memory.eviction is Eviction.LARGEST:
                 return (busy, -size(model), m.idle_since)
             return (busy, m.idle_since, -size(model))
         return sorted(candidates, key=key)
 
-    def _plan_memory_start(self, model: str, ledger: "_MemoryLedger", draining: set[str],
-                           actions: list[Action]) -> bool:
-        """Make room for `model` by planned memory. True when it can start now."""
+    def _plan_memory_start(self, model: str, waiting: _Waiting, now: float, ledger: "_MemoryLedger",
+                           draining: set[str], actions: list[Action]) -> bool | None:
+        """Make room for `model` by planned memory. True when it can start now, False when it waits for
+        the stops begun here (or under way), None when making room would stop a model that keeps its turn."""
         need = self._need(model)
         others = [o for o in self.running() if o != model and self._memory_scheduled(o)
                   and not self.models[o].policy.pinned]
-        evictable = [o for o in others if self.models[o].state is ModelState.READY and o not in draining]
+        evictable = [o for o in others if self.models[o].state in IDLE_CAPABLE and o not in draining]
         # A model of unknown size (or retrying after an out-of-memory start) never shares: it runs alone
         # beside pinned models, and whatever starts next waits for it to go.
         alone = [o for o in evictable if self._need(o) is None]
+        load: dict[str, int] = {}
         if need is None:
             victims = evictable
             room = not others
-        elif not any(self._need(o) is None for o in others) and ledger.fits_now(need):
-            ledger.take(need)
-            return True
         else:
+            load = self._to_load(model, need)
+            if not any(self._need(o) is None for o in others) and ledger.fits_now(load):
+                ledger.take(load)
+                return True
             victims = list(alone)
             for other in self._eviction_order([o for o in evictable if o not in alone]):
-                if ledger.fits_later(need, victims):
+                if ledger.fits_later(load, victims):
                     break
                 victims.append(other)
-            if not ledger.fits_later(need, victims):
+            if not ledger.fits_later(load, victims):
                 victims = alone  # starts under way hold the rest: evict nothing else until they are ready
             room = False
-            ledger.reserve(need, victims)
+        if any(self._keeps_turn(o, waiting, now, draining) for o in victims):
+            return None
+        if need is not None:
+            ledger.reserve(load, victims)
         for other in victims:
             draining.add(other)
             if self.models[other].in_flight == 0:
@@ -481,23 +591,22 @@ class Scheduler:
         return room
 
     def _plan(self, now: float) -> list[Action]:
+        self._clock = now
         actions: list[Action] = []
         draining: set[str] = set()  # ready models that must stop so an earlier request's model can start
-        claimed: list[str] = []  # stopped models that earlier requests are waiting to start
+        claimed: list[str] = []  # stopped (or sleeping) models that earlier requests are waiting to start
         ledger = _MemoryLedger.of(self)
-        for request_id, model in self._queue_in_order():
+        for request_id, waiting in self._queue_in_order(now):
+            model = waiting.model
             if model in self._removed:
                 self._queue.pop(request_id)
                 actions.append(Reject(request_id, model, ModelUnloaded(model, "removed from the config")))
                 continue
             m = self.models[model]
             if m.state is ModelState.READY and model not in draining and m.unload_reason is None:
-                self._queue.pop(request_id)
-                self._in_flight[request_id] = model
-                m.in_flight += 1
-                actions.append(Admit(request_id, model))
+                actions.append(self._admit(request_id))
                 continue
-            if m.state not in (ModelState.STOPPED, ModelState.FAILED) or model in claimed:
+            if m.state not in (ModelState.STOPPED, ModelState.FAILED, ModelState.SLEEPING) or model in claimed:
                 continue  # waits for the start, the stop, or the drain under way
             too_big = self._too_big(model)
             if too_big is not None:
@@ -506,20 +615,25 @@ class Scheduler:
                 continue
             if any(self._clash(model, other) for other in claimed):
                 continue  # an earlier request's swap goes first
-            claimed.append(model)
             blockers = self._blockers(model)
+            if any(self._keeps_turn(other, waiting, now, draining) for other in blockers):
+                continue  # the loaded model serves its queue first (batching)
+            room: bool | None = True
+            if self._memory_scheduled(model):
+                room = self._plan_memory_start(model, waiting, now, ledger, draining, actions)
+                if room is None:
+                    continue  # the same, for a model that must make room by memory
+            claimed.append(model)
             for other in blockers:
                 o = self.models[other]
-                if o.state is ModelState.READY:
+                if o.state in IDLE_CAPABLE:
                     draining.add(other)
                     if o.in_flight == 0:
                         actions.append(self._begin_stop(other, StopReason.SWAP))
-            room = not self._memory_scheduled(model) or self._plan_memory_start(model, ledger, draining, actions)
             if not blockers and room:
-                m.state = ModelState.STARTING
-                actions.append(Start(model))
+                actions.append(self._begin_start(model))
         for model_id, m in self.models.items():
-            if m.state is not ModelState.READY or m.in_flight:
+            if m.state not in IDLE_CAPABLE or m.in_flight:
                 continue
             if m.unload_reason is not None:
                 actions.append(self._begin_stop(model_id, m.unload_reason))
@@ -529,7 +643,44 @@ class Scheduler:
                 deadline = self._ttl_deadline(model_id)
                 if deadline is not None and now >= deadline:
                     actions.append(self._begin_stop(model_id, StopReason.TTL))
+        returning, self._returning = self._returning, set()
+        for target in returning:
+            if self._may_return_to(target, now, ledger):
+                actions.append(self._begin_start(target))
         return actions
+
+    def _admit(self, request_id: int) -> Admit:
+        model = self._queue.pop(request_id).model
+        self._in_flight[request_id] = model
+        self.models[model].in_flight += 1
+        return Admit(request_id, model)
+
+    def _begin_start(self, model: str) -> Start | Wake:
+        m = self.models[model]
+        waking = m.state is ModelState.SLEEPING
+        m.state = ModelState.STARTING
+        m.asleep = False  # from now on its whole plan counts
+        return Wake(model) if waking else Start(model)
+
+    def _may_return_to(self, target: str, now: float, ledger: "_MemoryLedger") -> bool:
+        """A model's `return_to` starts after its TTL stop only when nothing waits and it needs nothing
+        stopped: no request is delayed and no other model loses its place for it."""
+        t = self.models.get(target)
+        if (t is None or self._queue or self._closing or target in self._removed
+                or t.state not in (ModelState.STOPPED, ModelState.FAILED)
+                or (t.retry_at is not None and now < t.retry_at)
+                or self._too_big(target) is not None or self._blockers(target)):
+            return False
+        if not self._memory_scheduled(target):
+            return True
+        need = self._need(target)
+        others = [o for o in self.running() if self._memory_scheduled(o) and not self.models[o].policy.pinned]
+        if need is None:
+            return not others
+        if any(self._need(o) is None for o in others) or not ledger.fits_now(need):
+            return False
+        ledger.take(need)
+        return True
 
 
 @dataclass
@@ -553,14 +704,14 @@ class _MemoryLedger:
         for model in scheduler.running():
             if not scheduler._memory_scheduled(model):
                 continue
-            for device, amount in (scheduler.models[model].policy.memory or {}).items():
+            for device, amount in scheduler._held(model).items():
                 now[device] = now.get(device, 0) - amount
                 if scheduler.models[model].state is not ModelState.STOPPING:
                     later[device] = later.get(device, 0) - amount
         return cls(scheduler, now, later)
 
     def _memory(self, model: str) -> Mapping[str, int]:
-        return self.scheduler.models[model].policy.memory or {}
+        return self.scheduler._held(model)
 
     def fits_now(self, need: Mapping[str, int]) -> bool:
         return all(amount <= self.now.get(d, 0) for d, amount in need.items() if amount)
