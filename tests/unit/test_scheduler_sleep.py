@@ -234,5 +234,5 @@ def test_random_sequences_with_sleep_and_return_keep_memory_within_budget():
                     admitted[action.request_id] = action.model
                 elif isinstance(action, Reject):
                     waiting.pop(action.request_id, None)
-            held = sum(s._held(m).get("host", 0) for m in s.running())
+            held = sum(s.held(m).get("host", 0) for m in s.running())
             assert held <= 10 * GiB, f"seed {seed}: {held / GiB:.1f} GiB held by {s.running()}"

@@ -84,6 +84,7 @@ def _resolve(reading: Reading) -> BerthConfig:
         "notes": _web_ui_notes(reading),
     }))
     routing.check_virtual_ids(reading, config)
+    routing.return_targets(reading, config)
     _check_api_keys(reading, config)
     config.preload = routing.preloads(reading, config)
     config.warnings = reading.findings()

@@ -45,6 +45,7 @@ def resolve_model(reading: Reading, model_id: str, model: schema.ModelConfig, gr
                                             model.capabilities.tools, model.capabilities.reranker,
                                             model.capabilities.context)
     resolved["model_ref"] = model.model
+    resolved["return_to"] = None  # a model id, once every model is known (routing.return_targets)
     resolved["rpc"] = _rpc(reading, macros, model.rpc, loc + ("rpc",)) if model.rpc else None
     if model.rpc and any(a == "--rpc" or a.startswith("--rpc=") for a in resolved["argv"]):
         raise reading.error(loc + ("cmd",), "berth writes --rpc from rpc.agents (with the ports the agents "

@@ -85,6 +85,8 @@ class ModelSpec:
     send_loading_state: bool = False  # stream progress while a streamed chat waits for this model's start
     capabilities: Capabilities = field(default_factory=lambda: Capabilities())
     rpc: RpcSpec | None = None
+    sleep_after: int = 0  # llama-server's --sleep-idle-seconds; 0: it never sleeps
+    return_to: str | None = None  # the model started after this one's TTL stop when nothing waits
     port: int | None = None  # the bound port, set by `with_port` only
 
     def with_port(self, port: int) -> "ModelSpec":
@@ -193,6 +195,8 @@ class BerthConfig:
     log_time_format: str | None = None  # a Go time layout name (llama-swap's); None: berth's timestamps
     log_requests: bool = False
     metrics_max_in_memory: int = 1000  # recent requests kept for the dashboard and /api/requests
+    max_wait: float = 30.0  # seconds a request waits for a busy model's turn before its swap goes next
+    min_residency: float = 10.0  # seconds a freshly loaded model with work keeps its turn
     upstream_ignore_paths: tuple[re.Pattern[str], ...] = ()  # /upstream paths that never load a model
     notes: list[str] = field(default_factory=list)  # informational lines for `berth check` and the log
     store_dir: Path | None = None  # None: $BERTH_HOME/models

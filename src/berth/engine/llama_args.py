@@ -153,6 +153,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("--reranking --rerank", "reranking", bool),
     _f("-sp --special", "special", bool),
     _f("--no-perf", "no_perf", bool),
+    # idle seconds before the server frees its model and keeps running (-1: never); what it holds awake is the same
+    _f("--sleep-idle-seconds", "sleep_idle_seconds", int, placement=True),
 )
 
 _BY_NAME: dict[str, FlagSpec] = {name: spec for spec in FLAGS for name in spec.names}

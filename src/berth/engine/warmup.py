@@ -14,7 +14,8 @@ WARMUP_TIMEOUT = 120.0
 WARMUP_BODY = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}
 
 
-def _model_api_key(argv: list[str]) -> str | None:
+def model_api_key(argv: list[str]) -> str | None:
+    """The first `--api-key` of a llama.cpp argv: what berth's own calls to the server must send."""
     try:
         key = LlamaServerArgs.parse(argv).get("api_key")
     except ArgvError:
@@ -25,7 +26,7 @@ def _model_api_key(argv: list[str]) -> str | None:
 async def chat_warmup(spec: ModelSpec, argv: list[str], session: aiohttp.ClientSession) -> None:
     """Send one short chat request; raise StartFailed unless the answer has content."""
     headers = {}
-    key = _model_api_key(argv)
+    key = model_api_key(argv)
     if key:
         headers["Authorization"] = f"Bearer {key}"
     url = spec.proxy + "/v1/chat/completions"

@@ -14,7 +14,7 @@ from berth.scheduler import ModelState
 
 _ROUTER_STATUS = {
     ModelState.STOPPED: "unloaded", ModelState.FAILED: "unloaded", ModelState.STARTING: "loading",
-    ModelState.READY: "loaded", ModelState.STOPPING: "loaded",
+    ModelState.READY: "loaded", ModelState.STOPPING: "loaded", ModelState.SLEEPING: "sleeping",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from berth.config import BerthConfig, ModelSpec
 from berth.core.units import rpc_device
@@ -90,6 +90,18 @@ class MemoryService:
         self.measured[running.id], self.plans[spec.id] = usage, plan
         return plan
 
+    async def measure_sleeping(self, process: ModelProcess) -> dict[str, int] | None:
+        """What a sleeping model's process group holds now (its anonymous host memory: llama.cpp has unmapped
+        the weights; and per GPU what NVML sees): the rest of its plan is free while it sleeps. Kept as the
+        latest figure for /running."""
+        if process.pid is None:
+            return None
+        usage = await asyncio.to_thread(measure_group, process.pid)  # its weights are unmapped: anonymous only
+        if not usage.get("host"):
+            return None
+        self.measured[process.spec.id] = usage
+        return usage
+
     def start_measuring(self, ready: ReadyProcesses, specs: Callable[[], dict[str, ModelSpec]],
                         on_plan: PlanChanged) -> None:
         self._task = asyncio.create_task(self._measure_periodically(ready, specs, on_plan))
@@ -108,14 +120,14 @@ class MemoryService:
         if self._task:
             self._task.cancel()
 
-    def devices(self, live: dict[str, Device], config: BerthConfig, active: Iterable[str]) -> dict[str, dict[str, int]]:
-        """Per device: total and free now (`live`, from `inventory()`), berth's budget, and what the
-        `active` models (starting, ready or stopping) are planned to hold."""
+    def devices(self, live: dict[str, Device], config: BerthConfig, held: Mapping[str, Mapping[str, int]]
+                ) -> dict[str, dict[str, int]]:
+        """Per device: total and free now (`live`, from `inventory()`), berth's budget, and what the live
+        models are planned to hold (`held`: each one's plan, or what it keeps while sleeping)."""
         budgets = self.budgets(config)
-        active = list(active)
         result = {}
         for name in sorted(set(live) | set(budgets)):
-            planned = sum((self.plans[m].planned or {}).get(name, 0) for m in active if m in self.plans)
+            planned = sum(amounts.get(name, 0) for amounts in held.values())
             device = live.get(name)
             result[name] = {"total_bytes": device.total_bytes if device else 0,
                             "free_bytes": device.free_bytes if device else 0,

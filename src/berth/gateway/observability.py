@@ -40,10 +40,12 @@ class Observability(Routes):
         return web.json_response({"status": "ready"})
 
     async def running(self, request: web.Request) -> web.Response:
-        """Models that run, start, stop or back off, with where they listen, their load and memory."""
+        """Models that run, start, sleep, stop, back off or have requests waiting, with where they listen,
+        their load and memory."""
         running = [self._running_entry(snapshot) for snapshot in self.context.pool.snapshots(gauges=True).values()
-                   if snapshot.state is not ModelState.STOPPED
-                   and not (snapshot.state is ModelState.FAILED and snapshot.retry_in_s is None)]
+                   if snapshot.queued  # listed while requests wait for it (its turn may not have come yet)
+                   or not (snapshot.state is ModelState.STOPPED
+                           or (snapshot.state is ModelState.FAILED and snapshot.retry_in_s is None))]
         return web.json_response({"running": running, "devices": await self._devices()})
 
     def _running_entry(self, snapshot: ModelSnapshot) -> dict[str, Any]:
@@ -71,7 +73,7 @@ class Observability(Routes):
 
     async def _devices(self) -> dict[str, dict[str, int]]:
         live = await asyncio.to_thread(inventory)
-        return self.context.memory.devices(live, self.context.config, self.context.pool.active_models())
+        return self.context.memory.devices(live, self.context.config, self.context.pool.held_memory())
 
     async def recent_requests(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.context.ledger.recent()})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from berth.config import DEFAULT_GROUP, BerthConfig
 from berth.core.errors import BerthError, StartFailed, UnknownModel
@@ -22,22 +22,24 @@ from berth.gateway.upstream import Upstream
 from berth.memory.planner import ModelMemory
 from berth.runtime.factory import SpawnProcess
 from berth.runtime.gauges import GaugeCollector
-from berth.runtime.process import ModelProcess, ProcessEvent, Started, StartFailedEvent
+from berth.runtime.process import ModelProcess, ProcessEvent, Slept, Started, StartFailedEvent, Woke
 from berth.runtime.snapshot import ModelSnapshot
 from berth.scheduler import (
-    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, Reject, Scheduler, Start, Stop,
-    StopReason,
+    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, QueuePolicy, Reject,
+    Scheduler, Start, Stop, StopReason, Wake,
 )
 
 log = logging.getLogger("berth.pool")
 
-def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[str, int],
-             ) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy, MatrixPolicy | None]:
+Policies = tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy, MatrixPolicy | None, QueuePolicy]
+
+
+def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[str, int]) -> Policies:
     """What the scheduler needs to know of a config and its memory plans."""
     persistent_groups = {g.name for g in config.groups.values() if g.persistent}
     models = {m.id: ModelPolicy(group=m.group, ttl=m.ttl, concurrency_limit=m.concurrency_limit,
                                 memory=_countable(plans[m.id].planned, budgets), pinned=m.persistent or m.group in persistent_groups,
-                                priority=m.priority)
+                                priority=m.priority, return_to=m.return_to)
               for m in config.models.values()}
     matrix = MatrixPolicy(config.matrix.sets, config.matrix.evict_costs) if config.matrix else None
     groups = {g.name: GroupPolicy(swap=g.swap, exclusive=g.exclusive, persistent=g.persistent)
@@ -45,7 +47,8 @@ def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[s
     scheduled = DEFAULT_GROUP if config.memory.scheduled else None
     if scheduled in groups:  # without groups, memory decides who runs together instead of swapping
         groups[scheduled] = GroupPolicy(swap=False, exclusive=False)
-    return models, groups, MemoryPolicy(budgets, scheduled, Eviction(config.memory.eviction)), matrix
+    return (models, groups, MemoryPolicy(budgets, scheduled, Eviction(config.memory.eviction)), matrix,
+            QueuePolicy(config.max_wait, config.min_residency))
 
 
 def _countable(planned: dict[str, int] | None, budgets: dict[str, int]) -> dict[str, int] | None:
@@ -250,14 +253,14 @@ class ModelPool:
         """Every configured model's snapshot, in the config's order."""
         return {model_id: self.snapshot(model_id, gauges) for model_id in self.config.models}
 
-    def active_models(self) -> list[str]:
-        """Models that hold memory now: starting, ready or stopping."""
-        return self._scheduler.running()
+    def held_memory(self) -> dict[str, Mapping[str, int]]:
+        """What each live model (starting, ready, sleeping or stopping) holds by the scheduler's count:
+        its plan, or what it keeps while sleeping."""
+        return {m: self._scheduler.held(m) for m in self._scheduler.running()}
 
     # -- the shell --------------------------------------------------------------------
 
-    def _policies(self, config: BerthConfig) -> tuple[dict[str, ModelPolicy], dict[str, GroupPolicy], MemoryPolicy,
-                                                      MatrixPolicy | None]:
+    def _policies(self, config: BerthConfig) -> Policies:
         return policies(config, self.memory.plan_all(config), self.memory.budgets(config))
 
     def _set_plan(self, model_id: str, plan: ModelMemory) -> None:
@@ -280,6 +283,11 @@ class ModelPool:
                     future.set_exception(action.error)
             elif isinstance(action, Start):
                 self._start(action.model)
+            elif isinstance(action, Wake):
+                log.info(f"waking {action.model}")
+                process = self._processes.get(action.model)
+                if process is not None:
+                    process.wake()
             elif isinstance(action, Stop):
                 log.info(f"stopping {action.model} ({action.reason.value})")
                 if action.reason in (StopReason.SWAP, StopReason.MEMORY):
@@ -288,7 +296,7 @@ class ModelPool:
                 if process is not None:
                     process.request_stop()
         self.metrics.queue_depth.set(self._scheduler.queue_depth())
-        if any(isinstance(a, (Start, Stop)) for a in actions):
+        if any(isinstance(a, (Start, Wake, Stop)) for a in actions):
             self._publish_states()
         self._timer.arm(self._scheduler.next_deadline())
 
@@ -317,6 +325,14 @@ class ModelPool:
             if self._gauges is not None and self._processes.get(model_id) is process:
                 self._gauges.ready(model_id)
             asyncio.create_task(self._measure(model_id, process))
+        elif isinstance(event, Slept):
+            self._apply(self._scheduler.slept(model_id, event.observed_at, now))
+            if self.state(model_id) is ModelState.SLEEPING:
+                log.info(f"{model_id} is sleeping (its model left memory; the next request wakes it)")
+                asyncio.create_task(self._measure_sleeping(model_id, process))
+        elif isinstance(event, Woke):
+            self._apply(self._scheduler.started(model_id, now))
+            asyncio.create_task(self._measure(model_id, process))
         else:  # the process is gone
             if self._processes.get(model_id) is process:
                 del self._processes[model_id]
@@ -336,6 +352,12 @@ class ModelPool:
 
     def _publish_states(self) -> None:
         self.metrics.set_states({m: self.state(m) for m in self._scheduler.models})
+
+    async def _measure_sleeping(self, model_id: str, process: ModelProcess) -> None:
+        usage = await self.memory.measure_sleeping(process)
+        if usage is not None and process.asleep and self._processes.get(model_id) is process:
+            log.info(f"{model_id} keeps {usage} while sleeping")
+            self._apply(self._scheduler.set_sleeping_memory(model_id, usage, self._now()))
 
     async def _measure(self, model_id: str, process: ModelProcess) -> None:
         plan = await self.memory.measure(self.config.models.get(model_id), process,

@@ -153,7 +153,8 @@ class GaugeCollector:
     async def _refresh(self, model_id: str, process: ModelProcess) -> None:
         facts = process.facts()
         files = await self._read_slot_files(facts)
-        kv = await self._scrape_kv(facts) if model_id in self._ready else None
+        # a server that may sleep is never asked: /slots would keep it awake, and wake it when it sleeps
+        kv = await self._scrape_kv(facts) if model_id in self._ready and not process.sleeps else None
         if self._processes.get(model_id) is not process:
             return  # gone (or replaced) meanwhile: these figures describe nothing running
         if files is not None:

@@ -1,8 +1,9 @@
 """One supervised model server process: spawn, drain logs, wait for health, stop.
 
 A `ModelProcess` is owned by exactly one asyncio task (`_run`). Other code only
-calls `request_stop()` and receives events through the `on_event` callback:
-`Started`, then exactly one of `StartFailedEvent` or `Stopped`. The output of
+calls `request_stop()` (and `wake()`) and receives events through the `on_event`
+callback: `Started`, then exactly one of `StartFailedEvent` or `Stopped`, with
+`Slept` and `Woke` in between for a server that sleeps when idle. The output of
 this run (the child's lines only) is kept on the process itself, so facts
 taken from it (out-of-memory evidence, buffer sizes) never depend on how
 berth words its own log lines.
@@ -24,15 +25,17 @@ from dataclasses import dataclass
 import aiohttp
 
 from berth.config import ModelSpec
-from berth.engine.launch import Launch
+from berth.engine.launch import Launch, server_args
 from berth.engine.rpc import RpcTargets
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SlotPlan
+from berth.engine.warmup import model_api_key
 from berth.core.errors import BerthError, StartFailed
 from berth.core.procfs import group_alive, oom_kill_count
 from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
 from berth.runtime.janitor import Janitor, signal_group
 from berth.runtime.logs import LogHub
+from berth.runtime.sleep import SleepWatch
 from berth.runtime.slots import SlotKeeper
 
 log = logging.getLogger("berth.runtime")
@@ -60,7 +63,20 @@ class Stopped:
     exit_code: int | None
 
 
-ProcessEvent = Started | StartFailedEvent | Stopped
+@dataclass(frozen=True)
+class Slept:
+    """The ready server fell asleep (its model left memory); seen by a check sent at `observed_at`
+    (the event loop's clock)."""
+
+    observed_at: float
+
+
+@dataclass(frozen=True)
+class Woke:
+    """The sleeping server has its model loaded again (berth woke it, or a request from elsewhere did)."""
+
+
+ProcessEvent = Started | StartFailedEvent | Stopped | Slept | Woke
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,7 @@ class ModelProcess:
         self._warmup = deps.warmup
         self._metrics = deps.metrics
         self._slot_keeper: SlotKeeper | None = None
+        self._sleep: SleepWatch | None = None  # while ready, for a server launched to sleep when idle
         self._agents, self._rpc_needs = deps.agents, deps.rpc_needs
         self._rpc: AgentLeases | None = None  # this run's rpc servers, with `rpc:`
         self._rpc_lost: asyncio.Task[str] | None = None  # ends, naming the agent, when a lease cannot be renewed
@@ -179,6 +196,21 @@ class ModelProcess:
     def launch(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"model:{self.spec.id}")
 
+    @property
+    def sleeps(self) -> bool:
+        """Launched to sleep when idle (llama-server's --sleep-idle-seconds)."""
+        args = server_args(self.argv)
+        return args is not None and (args.get("sleep_idle_seconds") or -1) > 0
+
+    @property
+    def asleep(self) -> bool:
+        return self._sleep is not None and self._sleep.asleep
+
+    def wake(self) -> None:
+        """Wake the sleeping server; `Woke` follows once its model is loaded (or `Stopped` if that fails)."""
+        if self._sleep is not None:
+            self._sleep.wake()
+
     def request_stop(self) -> None:
         self._stop_requested.set()
         self._cancel_launch.set()
@@ -203,7 +235,7 @@ class ModelProcess:
         def report(event: ProcessEvent) -> None:
             nonlocal started, ended
             started |= isinstance(event, Started)
-            ended |= not isinstance(event, Started)
+            ended |= isinstance(event, (StartFailedEvent, Stopped))
             self._on_event(event)
 
         try:
@@ -244,20 +276,25 @@ class ModelProcess:
                 self._log(f"ready after {self.load_seconds:.2f}s")
                 report(Started())
                 unresponsive = asyncio.create_task(self._until_unresponsive())
-                await asyncio.wait({exited, stop_wanted, unresponsive, agent_lost},
+                sleep_trouble = asyncio.create_task(self._watch_sleep(report))
+                await asyncio.wait({exited, stop_wanted, unresponsive, agent_lost, sleep_trouble},
                                    return_when=asyncio.FIRST_COMPLETED)
                 # a server whose rpc agent is gone may wait on its socket for good: as good as hung
-                hung = (unresponsive.done() or agent_lost.done()) and not exited.done()
+                hung = (unresponsive.done() or agent_lost.done() or sleep_trouble.done()) and not exited.done()
                 unresponsive.cancel()
+                sleep_trouble.cancel()
                 crashed = (exited.done() or hung) and not stop_wanted.done()
                 if agent_lost.done() and crashed:
                     self.failure = agent_lost.result()
                     self._log(f"stopping it: {self.failure} (the next request starts it again)")
+                elif sleep_trouble.done() and crashed:
+                    self._log(f"stopping it: it {sleep_trouble.result()} (the next request starts it again)")
                 elif exited.done() and crashed:
                     self.failure = await self._agent_trouble()
                     self._log(f"exited unexpectedly with code {self._proc.returncode}"
                               + (f": {self.failure}" if self.failure else ""))
-                elif not crashed and self._slot_keeper is not None and self._proc.returncode is None:
+                elif (not crashed and self._slot_keeper is not None and self._proc.returncode is None
+                      and not self.asleep):  # a sleeping server has no KV cache, and a save would wake it
                     await self._slot_keeper.save()  # a planned stop: in-flight requests have finished
                 await self._terminate(hung=hung)
                 report(Stopped(crashed=crashed, exit_code=self._proc.returncode))
@@ -400,6 +437,16 @@ class ModelProcess:
                 delay = min(delay * 1.5, HEALTH_MAX_DELAY)
         if self._warmup is not None and self.spec.warmup:
             await self._warmup(self.spec, self.argv, self._session)
+
+    async def _watch_sleep(self, report: Callable[[ProcessEvent], None]) -> str:
+        """For a server launched with --sleep-idle-seconds: report each sleep and wake (runtime/sleep.py).
+        Returns only when a wake failed (why); otherwise waits for good."""
+        if not self.sleeps:
+            return await _never()
+        self._sleep = SleepWatch(self.spec.proxy, self._session, model_api_key(self.argv),
+                                 lambda observed_at: report(Slept(observed_at)), lambda: report(Woke()),
+                                 self.spec.health_check_timeout)
+        return await self._sleep.run()
 
     async def _until_unresponsive(self) -> None:
         """Return once the ready server has missed LIVENESS_MISSES health checks in a row (a deadlock, a

@@ -509,7 +509,7 @@ class Scheduler:
         m = self.models[model]
         return None if m.oom_retry else m.policy.memory
 
-    def _held(self, model: str) -> Mapping[str, int]:
+    def held(self, model: str) -> Mapping[str, int]:
         """What a live model's process holds: its plan, or while it sleeps what it keeps (once measured)."""
         m = self.models[model]
         if m.asleep and m.sleeping_memory is not None:
@@ -518,7 +518,7 @@ class Scheduler:
 
     def _to_load(self, model: str, need: Mapping[str, int]) -> dict[str, int]:
         """What starting (or waking) `model` adds: a sleeping process already holds part of it."""
-        held = self._held(model) if self.models[model].state is ModelState.SLEEPING else {}
+        held = self.held(model) if self.models[model].state is ModelState.SLEEPING else {}
         return {device: max(amount - held.get(device, 0), 0) for device, amount in need.items()}
 
     def _too_big(self, model: str) -> InsufficientMemory | None:
@@ -531,7 +531,7 @@ class Scheduler:
         pinned = [o for o in self.running() if o != model and self.models[o].policy.pinned
                   and self._memory_scheduled(o)]
         for other in pinned:
-            for device, amount in self._held(other).items():
+            for device, amount in self.held(other).items():
                 held[device] = held.get(device, 0) + amount
         available = {d: budgets.get(d, 0) - held.get(d, 0) for d in need}
         if all(need[d] <= available[d] for d in need if need[d]):
@@ -542,7 +542,7 @@ class Scheduler:
     def _eviction_order(self, candidates: list[str]) -> list[str]:
         """Idle models before busy ones; then least recently used (or largest) first."""
         def size(model: str) -> int:
-            return sum(self._held(model).values())
+            return sum(self.held(model).values())
 
         def key(model: str) -> tuple[bool, float, float]:
             m = self.models[model]
@@ -704,14 +704,14 @@ class _MemoryLedger:
         for model in scheduler.running():
             if not scheduler._memory_scheduled(model):
                 continue
-            for device, amount in scheduler._held(model).items():
+            for device, amount in scheduler.held(model).items():
                 now[device] = now.get(device, 0) - amount
                 if scheduler.models[model].state is not ModelState.STOPPING:
                     later[device] = later.get(device, 0) - amount
         return cls(scheduler, now, later)
 
     def _memory(self, model: str) -> Mapping[str, int]:
-        return self.scheduler._held(model)
+        return self.scheduler.held(model)
 
     def fits_now(self, need: Mapping[str, int]) -> bool:
         return all(amount <= self.now.get(d, 0) for d, amount in need.items() if amount)
