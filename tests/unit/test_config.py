@@ -329,3 +329,42 @@ def test_model_keys_without_a_value_take_the_top_level_ones_of_the_same_name():
     a, b = config.models["a"], config.models["b"]
     assert (a.health_check_timeout, a.send_loading_state, a.health_check_interval) == (77, True, 3)
     assert (b.health_check_timeout, b.send_loading_state, b.health_check_interval) == (5, False, 0)
+
+
+def test_batching_sleep_and_return_to_keys():
+    config = parse_config(textwrap.dedent("""\
+        maxWait: 12
+        minResidency: 4
+        returnTo: everyday
+        models:
+          everyday:
+            cmd: x --port ${PORT}
+            aliases: [daily]
+          big:
+            cmd: x --port ${PORT}
+            sleepAfter: 120
+          special:
+            cmd: x --port ${PORT}
+            returnTo: daily
+        """), "c.yaml", environ={})
+    assert (config.max_wait, config.min_residency) == (12, 4)
+    assert config.models["big"].sleep_after == 120 and config.models["everyday"].sleep_after == 0
+    assert config.models["big"].return_to == "everyday"  # the top level's
+    assert config.models["special"].return_to == "everyday"  # its own, by alias
+    assert config.models["everyday"].return_to is None  # the baseline has nothing to return to
+    defaults = parse_config("models:\n  a:\n    cmd: x --port ${PORT}\n", "d.yaml", environ={})
+    assert (defaults.max_wait, defaults.min_residency, defaults.models["a"].return_to) == (30, 10, None)
+
+
+@pytest.mark.parametrize("text, line, key, words", [
+    ("returnTo: nope\nmodels:\n  a:\n    cmd: x --port ${PORT}\n", 1, "returnTo", "'nope', which is not a model"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n    returnTo: a\n", 4, "models.a.returnTo", "cannot return to itself"),
+    ("maxWait: -1\nmodels: {}\n", 1, "maxWait", "greater than or equal to 0"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n    sleepAfter: -5\n", 4, "models.a.sleepAfter", "greater than"),
+])
+def test_bad_batching_sleep_and_return_to_values_name_the_key(text, line, key, words):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "bad.yaml", environ={})
+    err = info.value
+    assert (err.path, err.line, err.key) == ("bad.yaml", line, key), err.message
+    assert words in err.message

@@ -192,3 +192,19 @@ def test_a_sigkill_counts_as_out_of_memory_only_when_the_oom_killer_acted():
     assert looks_out_of_memory(1, ["ggml_backend_cuda_buffer_type_alloc_buffer: cudaMalloc failed: out of memory"],
                                oom_kills_meanwhile=0)
     assert not looks_out_of_memory(1, ["error: unknown argument --frobnicate"], oom_kills_meanwhile=0)
+
+
+def test_sleep_after_is_written_as_llama_servers_flag_and_refused_for_other_engines():
+    from dataclasses import replace
+
+    from berth.core.errors import BadRequest
+
+    sleepy = replace(_spec("/app/llama-server -m a.gguf"), sleep_after=300)
+    argv = build_launch(sleepy).argv
+    assert argv[argv.index("--sleep-idle-seconds") + 1] == "300"
+    for program in ("berth worker -m a.gguf", "/opt/vllm serve a"):
+        with pytest.raises(BadRequest, match="sleepAfter, which needs llama.cpp's llama-server"):
+            build_launch(replace(_spec(program), sleep_after=300))
+    with pytest.raises(BadRequest, match="keep one"):
+        build_launch(replace(_spec("/app/llama-server -m a.gguf --sleep-idle-seconds 5"), sleep_after=300))
+    assert "--sleep-idle-seconds" not in build_launch(_spec("/app/llama-server -m a.gguf")).argv
