@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping
 
-from berth.config import DEFAULT_GROUP, BerthConfig
+from berth.config import DEFAULT_GROUP, BerthConfig, ModelSpec
 from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
 from berth.engine.redact import redact_argv
@@ -106,14 +106,18 @@ class Lease:
             on_release()
 
 
+Prefetch = Callable[[ModelSpec, str], None]  # read a model's files into the page cache (why, in words)
+
+
 class ModelPool:
     def __init__(self, config: BerthConfig, spawn: SpawnProcess, memory: MemoryService, metrics: Metrics,
-                 gauges: GaugeCollector | None = None) -> None:
+                 gauges: GaugeCollector | None = None, prefetch: Prefetch | None = None) -> None:
         self.config = config
         self.memory = memory
         self.metrics = metrics
         self._gauges = gauges  # told of every process from spawn to exit; None: no gauges (tests of the pool)
         self._spawn = spawn
+        self._prefetch = prefetch
         self._scheduler = Scheduler.build(*self._policies(config))
         self._processes: dict[str, ModelProcess] = {}
         self._waiters: dict[int, asyncio.Future[str]] = {}
@@ -292,6 +296,8 @@ class ModelPool:
                 log.info(f"stopping {action.model} ({action.reason.value})")
                 if action.reason in (StopReason.SWAP, StopReason.MEMORY):
                     self.metrics.swaps.inc()
+                elif action.reason is StopReason.TTL:
+                    self._prefetch_return(action.model)
                 process = self._processes.get(action.model)
                 if process is not None:
                     process.request_stop()
@@ -299,6 +305,16 @@ class ModelPool:
         if any(isinstance(a, (Start, Wake, Stop)) for a in actions):
             self._publish_states()
         self._timer.arm(self._scheduler.next_deadline())
+
+    def _prefetch_return(self, model_id: str) -> None:
+        """A TTL stop of a model with `returnTo`: its baseline is likely next, so its files are read now,
+        unless it runs already or could never fit."""
+        spec = self.config.models.get(model_id)
+        target = self.config.models.get(spec.return_to) if spec and spec.return_to else None
+        if (self._prefetch is not None and target is not None
+                and self.state(target.id) in (ModelState.STOPPED, ModelState.FAILED)
+                and self._scheduler.too_big(target.id) is None):
+            self._prefetch(target, f"{model_id}'s TTL stop returns to it")
 
     def _start(self, model_id: str) -> None:
         log.info(f"starting {model_id}")

@@ -24,13 +24,14 @@ from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
 from berth.gateway.sessions import UpstreamSessions
-from berth.memory.devices import inventory
+from berth.memory.devices import host_device, inventory
 from berth.memory.planner import MemoryLedger, MemoryPlanner
 from berth.runtime.agents import AgentDirectory
 from berth.runtime.factory import ProcessFactory
 from berth.runtime.gauges import GaugeCollector
 from berth.runtime.janitor import Janitor
 from berth.runtime.logs import LogHub
+from berth.runtime.pagecache import PageWarmer
 from berth.runtime.process import LaunchBuilder, ProcessDeps, Warmup
 
 log = logging.getLogger("berth")
@@ -88,10 +89,11 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     planner = await asyncio.to_thread(  # reads /proc, NVML and the ledger file
         lambda: MemoryPlanner(inventory(), MemoryLedger(berth_home() / "memory.json"), planned_launch))
     memory = MemoryService(planner, agents)
+    warmer = PageWarmer(lambda: host_device().free_bytes, config.memory.headroom_bytes)
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics,
-                                         agents, memory.planned_bytes), config.start_port)
+                                         agents, memory.planned_bytes, warmer), config.start_port)
     gauges = GaugeCollector(lambda: sessions.control)
-    pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges)
+    pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges, factory.prefetch)
     gateway = Gateway(pool, memory, logs, ledger, sessions, listen_host=host, metrics_port=metrics_port)
     runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
                            handler_cancellation=True, access_log=None)

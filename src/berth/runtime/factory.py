@@ -10,6 +10,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from berth.config import ModelSpec
+from berth.engine.launch import model_files
 from berth.runtime.janitor import Janitor
 from berth.runtime.ports import PortAllocator
 from berth.runtime.process import ModelProcess, ProcessDeps, ProcessEvent, Started
@@ -33,6 +34,12 @@ class ProcessFactory:
 
     def close(self) -> None:
         self._deps.janitor.close()
+
+    def prefetch(self, spec: ModelSpec, why: str) -> None:
+        """Read the model's files into the page cache in the background (a start is likely soon)."""
+        warmer, build = self._deps.warmer, self._deps.build_launch
+        if warmer is not None:
+            warmer.warm(spec.id, lambda: model_files(build(spec, fetch=False).argv), why)
 
     def spawn(self, spec: ModelSpec, on_event: Callable[[ProcessEvent], None]) -> ModelProcess:
         """Start `spec` on a free port (raises NoFreePort); the port is held until its group is gone."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from berth.config import ModelSpec
-from berth.engine.launch import Launch, server_args
+from berth.engine.launch import Launch, model_files, server_args
 from berth.engine.rpc import RpcTargets
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SlotPlan
@@ -35,6 +35,7 @@ from berth.core.procfs import group_alive, oom_kill_count
 from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
 from berth.runtime.janitor import Janitor, signal_group
 from berth.runtime.logs import LogHub
+from berth.runtime.pagecache import PageWarmer
 from berth.runtime.sleep import SleepWatch
 from berth.runtime.slots import SlotKeeper
 
@@ -105,6 +106,7 @@ class ProcessDeps:
     metrics: object | None = None
     agents: AgentDirectory | None = None  # what rpc agents offer (placement shares)
     rpc_needs: Callable[[ModelSpec], dict[str, int]] | None = None  # planned bytes per device, rpc:... included
+    warmer: PageWarmer | None = None  # reads a model's files into the page cache before its start
 
 
 # What llama.cpp (CPU, CUDA, HIP, Vulkan) and C++ print when an allocation fails.
@@ -169,6 +171,7 @@ class ModelProcess:
         self._slot_keeper: SlotKeeper | None = None
         self._sleep: SleepWatch | None = None  # while ready, for a server launched to sleep when idle
         self._agents, self._rpc_needs = deps.agents, deps.rpc_needs
+        self._warmer = deps.warmer
         self._rpc: AgentLeases | None = None  # this run's rpc servers, with `rpc:`
         self._rpc_lost: asyncio.Task[str] | None = None  # ends, naming the agent, when a lease cannot be renewed
         self.failure: str | None = None  # why the last run ended badly, when an rpc agent explains it
@@ -323,6 +326,9 @@ class ModelProcess:
         if self.slots is not None:
             self._slot_keeper = SlotKeeper(spec.id, self.slots, spec.proxy, self._session, self._log, self._metrics)
             await asyncio.to_thread(self._slot_keeper.prepare)  # may delete other settings' saves
+        if self._warmer is not None:  # the kernel reads the weights while the server starts up
+            argv = self.argv
+            self._warmer.warm(spec.id, lambda: model_files(argv), "before its start")
         env = dict(os.environ)
         env.update(dict(spec.env))
         try:

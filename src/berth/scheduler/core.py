@@ -521,7 +521,7 @@ class Scheduler:
         held = self.held(model) if self.models[model].state is ModelState.SLEEPING else {}
         return {device: max(amount - held.get(device, 0), 0) for device, amount in need.items()}
 
-    def _too_big(self, model: str) -> InsufficientMemory | None:
+    def too_big(self, model: str) -> InsufficientMemory | None:
         """The error for a model that cannot fit even with every unpinned model stopped."""
         need = self.models[model].policy.memory
         if self.memory is None or need is None:
@@ -608,7 +608,7 @@ class Scheduler:
                 continue
             if m.state not in (ModelState.STOPPED, ModelState.FAILED, ModelState.SLEEPING) or model in claimed:
                 continue  # waits for the start, the stop, or the drain under way
-            too_big = self._too_big(model)
+            too_big = self.too_big(model)
             if too_big is not None:
                 self._queue.pop(request_id)
                 actions.append(Reject(request_id, model, too_big))
@@ -669,7 +669,7 @@ class Scheduler:
         if (t is None or self._queue or self._closing or target in self._removed
                 or t.state not in (ModelState.STOPPED, ModelState.FAILED)
                 or (t.retry_at is not None and now < t.retry_at)
-                or self._too_big(target) is not None or self._blockers(target)):
+                or self.too_big(target) is not None or self._blockers(target)):
             return False
         if not self._memory_scheduled(target):
             return True
