@@ -50,8 +50,8 @@ class SlotsServer:
 class StandIn:
     """Stands where a ModelProcess would: the collector reads only its facts."""
 
-    def __init__(self, url: str, slots: SlotPlan | None = None) -> None:
-        self._facts = ProcessFacts("m", url, None, 4242, ("srv",), slots)
+    def __init__(self, url: str, slots: SlotPlan | None = None, sleeps: bool = False) -> None:
+        self._facts = ProcessFacts("m", url, None, 4242, ("srv",), slots, sleeps)
 
     def facts(self) -> ProcessFacts:
         return self._facts
@@ -124,3 +124,13 @@ async def test_saved_slots_are_counted_and_a_gone_process_leaves_no_figures(serv
     assert files is not None and (files.directory, files.files, files.bytes) == (str(directory), 1, 1000)
     collector.forget("m")
     assert collector.kv("m") is None and collector.slots_on_disk("m") is None
+
+
+async def test_a_server_that_may_sleep_is_never_asked_for_its_slots(served):
+    """llama-server counts /slots as work: asking would keep a model with sleepAfter awake for good."""
+    server, collector = served
+    collector.watch("m", StandIn(server.url, sleeps=True))
+    collector.ready("m")
+    collector.wanted()
+    await asyncio.sleep(20 * INTERVAL)
+    assert server.hits == 0 and collector.kv("m") is None

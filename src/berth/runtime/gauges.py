@@ -154,7 +154,7 @@ class GaugeCollector:
         facts = process.facts()
         files = await self._read_slot_files(facts)
         # a server that may sleep is never asked: /slots would keep it awake, and wake it when it sleeps
-        kv = await self._scrape_kv(facts) if model_id in self._ready and not process.sleeps else None
+        kv = await self._scrape_kv(facts) if model_id in self._ready and not facts.sleeps else None
         if self._processes.get(model_id) is not process:
             return  # gone (or replaced) meanwhile: these figures describe nothing running
         if files is not None:

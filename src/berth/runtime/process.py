@@ -90,6 +90,7 @@ class ProcessFacts:
     pid: int | None  # None until spawned
     argv: tuple[str, ...]  # as launched (the config's until then); secrets included: redact before showing
     slots: SlotPlan | None  # where its KV slots are saved, when they are
+    sleeps: bool = False  # launched to sleep when idle: no work may be sent to it that it does not need
 Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
 LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event, rpc=RpcTargets | None) -> Launch
 
@@ -189,7 +190,8 @@ class ModelProcess:
         return self._proc.pid if self._proc else None
 
     def facts(self) -> ProcessFacts:
-        return ProcessFacts(self.spec.id, self.spec.proxy, self.spec.port, self.pid, tuple(self.argv), self.slots)
+        return ProcessFacts(self.spec.id, self.spec.proxy, self.spec.port, self.pid, tuple(self.argv), self.slots,
+                            self.sleeps)
 
     def take_restore_hit(self) -> bool:
         """True once: for the first request after slots were restored (to measure the reuse)."""
