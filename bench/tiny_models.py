@@ -86,6 +86,12 @@ def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_head: int = 8
     return _finish(writer, path) if weights else _finish_header_only(writer, path)
 
 
+def write_big_llama(path: Path, n_layer: int = 12) -> Path:
+    """A llama-architecture GGUF of about 90 MB of f16 weights per layer (1 GB at 12): a file whose
+    reading shows in a start, for the page cache and sleep benchmarks."""
+    return write_llama(path, n_layer=n_layer, n_embd=2048, n_head=16, n_head_kv=4, n_ff=5632, context=4096)
+
+
 def write_gemma3_projector(path: Path, text_embd: int, image_size: int = 224, patch_size: int = 14,
                            n_embd: int = 128, n_ff: int = 256, n_layer: int = 2, n_head: int = 4,
                            merge: int = 4) -> Path:

@@ -143,6 +143,10 @@ def test_windows_paths_and_quotes_survive():
     ("macros:\n  PORT: 1\nmodels: {}\n", 2, "macros.PORT", "reserved"),
     ("macros:\n  a: ${b}\n  b: ${a}\nmodels:\n  m:\n    cmd: x ${a} --port ${PORT}\n", 6, "models.m.cmd", "cycle"),
     ("models:\n  a:\n    cmd: [unclosed\n", 4, "", "YAML syntax"),
+    ("returnTo: nope\nmodels:\n  a:\n    cmd: x --port ${PORT}\n", 1, "returnTo", "'nope', which is not a model"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n    returnTo: a\n", 4, "models.a.returnTo", "cannot return to itself"),
+    ("maxWait: -1\nmodels: {}\n", 1, "maxWait", "greater than or equal to 0"),
+    ("models:\n  a:\n    cmd: x --port ${PORT}\n    sleepAfter: -5\n", 4, "models.a.sleepAfter", "greater than"),
 ])
 def test_bad_configs_name_file_line_and_key(text, line, key, words):
     with pytest.raises(ConfigError) as info:
@@ -354,17 +358,3 @@ def test_batching_sleep_and_return_to_keys():
     assert config.models["everyday"].return_to is None  # the baseline has nothing to return to
     defaults = parse_config("models:\n  a:\n    cmd: x --port ${PORT}\n", "d.yaml", environ={})
     assert (defaults.max_wait, defaults.min_residency, defaults.models["a"].return_to) == (30, 10, None)
-
-
-@pytest.mark.parametrize("text, line, key, words", [
-    ("returnTo: nope\nmodels:\n  a:\n    cmd: x --port ${PORT}\n", 1, "returnTo", "'nope', which is not a model"),
-    ("models:\n  a:\n    cmd: x --port ${PORT}\n    returnTo: a\n", 4, "models.a.returnTo", "cannot return to itself"),
-    ("maxWait: -1\nmodels: {}\n", 1, "maxWait", "greater than or equal to 0"),
-    ("models:\n  a:\n    cmd: x --port ${PORT}\n    sleepAfter: -5\n", 4, "models.a.sleepAfter", "greater than"),
-])
-def test_bad_batching_sleep_and_return_to_values_name_the_key(text, line, key, words):
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "bad.yaml", environ={})
-    err = info.value
-    assert (err.path, err.line, err.key) == ("bad.yaml", line, key), err.message
-    assert words in err.message

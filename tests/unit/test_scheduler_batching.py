@@ -13,6 +13,7 @@ from berth.scheduler import (
     Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, QueuePolicy, Scheduler, Start,
     Stop, Wake,
 )
+from tests.support.scheduler_walk import RandomWalk
 
 GiB = 1024**3
 BATCHING = QueuePolicy(max_wait=30, min_residency=10)
@@ -237,48 +238,15 @@ def test_random_arrivals_never_wait_past_max_wait_plus_one_swap(seed):
 @pytest.mark.parametrize("seed", range(30))
 def test_random_event_sequences_under_batching_keep_the_invariants(seed):
     """Never two starts of one model, never a busy model stopped, never a start while a conflict runs,
-    never an admission to a model that is not ready."""
+    never an admission to a model that is not ready (RandomWalk checks the rest)."""
     rng = random.Random(seed)
     s = Scheduler.build({m: ModelPolicy("g", ttl=5, concurrency_limit=1000, priority=rng.choice([0, 0, 1]))
                          for m in "abc"}, {"g": GroupPolicy(swap=True, exclusive=True)},
                         queue=QueuePolicy(max_wait=rng.uniform(0, 5), min_residency=rng.uniform(0, 3)))
-    now, next_id = 0.0, 0
-    admitted: dict[int, str] = {}
-    waiting: dict[int, str] = {}
-    starting: set[str] = set()
-    stopping: set[str] = set()
+    walk = RandomWalk(s, "abc", rng)
     for _ in range(400):
-        now += rng.random()
-        choice = rng.random()
-        if choice < 0.35:
-            next_id += 1
-            waiting[next_id] = rng.choice("abc")
-            actions = s.request(next_id, waiting[next_id], now)
-        elif choice < 0.55 and admitted:
-            rid = rng.choice(list(admitted))
-            del admitted[rid]
-            actions = s.finished(rid, now)
-        elif choice < 0.7 and starting:
-            actions = s.started(starting.pop(), now)
-        elif choice < 0.85 and stopping:
-            actions = s.stopped(stopping.pop(), now)
-        elif choice < 0.9 and waiting:
-            rid = rng.choice(list(waiting))
-            del waiting[rid]
-            actions = s.cancel(rid, now)
-        else:
-            actions = s.tick(now)
-        for action in actions:
+        for action in walk.step():
             if isinstance(action, Start):
-                assert action.model not in starting, "two starts of one model"
                 running = {m for m in "abc" if s.state(m) in (ModelState.READY, ModelState.STOPPING)} - {action.model}
                 assert not running, f"start of {action.model} while {running} still run in its swap group"
-                starting.add(action.model)
-            elif isinstance(action, Stop):
-                assert action.model not in admitted.values(), "stopped a model with requests in flight"
-                stopping.add(action.model)
-            elif isinstance(action, Admit):
-                assert s.state(action.model) is ModelState.READY
-                waiting.pop(action.request_id)
-                admitted[action.request_id] = action.model
-        assert len(starting) <= 1
+        assert len(walk.starting) <= 1

@@ -178,11 +178,11 @@ def test_unload_rejects_waiters_of_a_sleeping_model_that_was_waking():
 
 def test_random_sequences_with_sleep_and_return_keep_memory_within_budget():
     """Sleeps, wakes, TTL stops and returns among models sharing 10 GiB: the memory live processes hold
-    (a sleeping one what it keeps) never exceeds the budget; one start or wake at a time per model;
-    never a busy model stopped; admissions only to ready models."""
+    (a sleeping one what it keeps) never exceeds the budget (RandomWalk checks the rest)."""
     import random
 
     from berth.scheduler import QueuePolicy
+    from tests.support.scheduler_walk import RandomWalk
 
     for seed in range(30):
         rng = random.Random(seed)
@@ -193,46 +193,16 @@ def test_random_sequences_with_sleep_and_return_keep_memory_within_budget():
                             {GROUP: GroupPolicy(swap=False, exclusive=False)},
                             MemoryPolicy({"host": 10 * GiB}, GROUP, Eviction.LRU),
                             queue=QueuePolicy(max_wait=rng.uniform(0, 4), min_residency=rng.uniform(0, 2)))
-        now, next_id = 0.0, 0
-        admitted: dict[int, str] = {}
-        waiting: dict[int, str] = {}
-        starting: set[str] = set()
-        stopping: set[str] = set()
+        walk = RandomWalk(s, "abc", rng)
+
+        def sleep_one(now: float) -> list:
+            model = rng.choice("abc")
+            actions = s.slept(model, now - rng.random(), now)
+            if s.state(model) is ModelState.SLEEPING and rng.random() < 0.7:
+                actions += s.set_sleeping_memory(model, {"host": GiB // 2}, now)
+            return actions
+
         for _ in range(400):
-            now += rng.random()
-            choice = rng.random()
-            if choice < 0.3:
-                next_id += 1
-                waiting[next_id] = rng.choice("abc")
-                actions = s.request(next_id, waiting[next_id], now)
-            elif choice < 0.45 and admitted:
-                rid = rng.choice(list(admitted))
-                del admitted[rid]
-                actions = s.finished(rid, now)
-            elif choice < 0.6 and starting:
-                actions = s.started(starting.pop(), now)
-            elif choice < 0.72 and stopping:
-                actions = s.stopped(stopping.pop(), now)
-            elif choice < 0.85:
-                model = rng.choice("abc")
-                actions = s.slept(model, now - rng.random(), now)
-                if s.state(model) is ModelState.SLEEPING and rng.random() < 0.7:
-                    actions += s.set_sleeping_memory(model, {"host": GiB // 2}, now)
-            else:
-                actions = s.tick(now)
-            for action in actions:
-                if isinstance(action, (Start, Wake)):
-                    assert action.model not in starting, "two starts of one model"
-                    starting.add(action.model)
-                elif isinstance(action, Stop):
-                    assert action.model not in admitted.values(), "stopped a model with requests in flight"
-                    starting.discard(action.model)
-                    stopping.add(action.model)
-                elif isinstance(action, Admit):
-                    assert s.state(action.model) is ModelState.READY
-                    waiting.pop(action.request_id)
-                    admitted[action.request_id] = action.model
-                elif isinstance(action, Reject):
-                    waiting.pop(action.request_id, None)
+            walk.step(sleep_one)
             held = sum(s.held(m).get("host", 0) for m in s.running())
             assert held <= 10 * GiB, f"seed {seed}: {held / GiB:.1f} GiB held by {s.running()}"

@@ -1,0 +1,69 @@
+"""Random event sequences for the pure scheduler, applied as the pool would apply them.
+
+`RandomWalk.step()` sends one random event (a request, a request's end, a start or stop completing, a
+cancel, a tick, or the caller's own kind) and checks what every policy keeps: never two starts (or
+wakes) of one model at once, never a model with requests in flight stopped, admissions only to ready
+models. Tests add their own checks on the actions and the state after each step.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from berth.scheduler import Action, Admit, ModelState, Reject, Scheduler, Start, Stop, Wake
+
+
+class RandomWalk:
+    def __init__(self, scheduler: Scheduler, models: str, rng: random.Random) -> None:
+        self.s, self.models, self.rng = scheduler, models, rng
+        self.now = 0.0
+        self.next_id = 0
+        self.waiting: dict[int, str] = {}
+        self.admitted: dict[int, str] = {}
+        self.starting: set[str] = set()
+        self.stopping: set[str] = set()
+
+    def step(self, other: Callable[[float], list[Action]] | None = None) -> list[Action]:
+        """One random event; `other(now)` takes a share of the ticks' turn when given."""
+        rng, s = self.rng, self.s
+        self.now += rng.random()
+        choice = rng.random()
+        if choice < 0.35:
+            self.next_id += 1
+            self.waiting[self.next_id] = rng.choice(self.models)
+            actions = s.request(self.next_id, self.waiting[self.next_id], self.now)
+        elif choice < 0.55 and self.admitted:
+            request_id = rng.choice(list(self.admitted))
+            del self.admitted[request_id]
+            actions = s.finished(request_id, self.now)
+        elif choice < 0.7 and self.starting:
+            actions = s.started(self.starting.pop(), self.now)
+        elif choice < 0.85 and self.stopping:
+            actions = s.stopped(self.stopping.pop(), self.now)
+        elif choice < 0.9 and self.waiting:
+            request_id = rng.choice(list(self.waiting))
+            del self.waiting[request_id]
+            actions = s.cancel(request_id, self.now)
+        elif other is not None and rng.random() < 0.7:
+            actions = other(self.now)
+        else:
+            actions = s.tick(self.now)
+        self.observe(actions)
+        return actions
+
+    def observe(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, (Start, Wake)):
+                assert action.model not in self.starting, "two starts of one model"
+                self.starting.add(action.model)
+            elif isinstance(action, Stop):
+                assert action.model not in self.admitted.values(), "stopped a model with requests in flight"
+                self.starting.discard(action.model)
+                self.stopping.add(action.model)
+            elif isinstance(action, Admit):
+                assert self.s.state(action.model) is ModelState.READY
+                self.waiting.pop(action.request_id)
+                self.admitted[action.request_id] = action.model
+            elif isinstance(action, Reject):
+                self.waiting.pop(action.request_id, None)
