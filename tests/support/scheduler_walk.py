@@ -3,7 +3,8 @@
 `RandomWalk.step()` sends one random event (a request, a request's end, a start or stop completing, a
 cancel, a tick, or the caller's own kind) and checks what every policy keeps: never two starts (or
 wakes) of one model at once, never a model with requests in flight stopped, admissions only to ready
-models. Tests add their own checks on the actions and the state after each step.
+models; with `one_at_a_time` (a swap group of them all), never a start while another model runs.
+Tests add their own checks on the actions and the state after each step.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from berth.scheduler import Action, Admit, ModelState, Reject, Scheduler, Start,
 
 
 class RandomWalk:
-    def __init__(self, scheduler: Scheduler, models: str, rng: random.Random) -> None:
+    def __init__(self, scheduler: Scheduler, models: str, rng: random.Random, one_at_a_time: bool = False) -> None:
         self.s, self.models, self.rng = scheduler, models, rng
+        self.one_at_a_time = one_at_a_time
         self.now = 0.0
         self.next_id = 0
         self.waiting: dict[int, str] = {}
@@ -56,6 +58,11 @@ class RandomWalk:
         for action in actions:
             if isinstance(action, (Start, Wake)):
                 assert action.model not in self.starting, "two starts of one model"
+                if self.one_at_a_time:
+                    running = {m for m in self.models if m != action.model
+                               and self.s.state(m) in (ModelState.READY, ModelState.STOPPING)}
+                    assert not running, f"start of {action.model} while {running} still run in its swap group"
+                    assert not self.starting, f"start of {action.model} while {self.starting} start"
                 self.starting.add(action.model)
             elif isinstance(action, Stop):
                 assert action.model not in self.admitted.values(), "stopped a model with requests in flight"
