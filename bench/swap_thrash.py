@@ -108,7 +108,8 @@ def main() -> None:
         max_wait, min_residency = POLICIES[name]
         with tempfile.TemporaryDirectory(prefix="berth-thrash-") as tmp:
             workdir = Path(tmp)
-            with running_berth(config(workdir, max_wait, min_residency, args.load), {"BERTH_HOME": str(workdir)}) as url:
+            berth_config = config(workdir, max_wait, min_residency, args.load)
+            with running_berth(berth_config, {"BERTH_HOME": str(workdir)}) as url:
                 latencies = run(url, args.requests, args.every, args.answer)
                 start = load_seconds(url)
             starts = len((workdir / "starts.log").read_text().splitlines())

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from berth.scheduler import (
-    Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, QueuePolicy, Scheduler, Start,
-    Stop, Wake,
+    Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, QueuePolicy, Scheduler, Start, Stop, Wake,
 )
 from tests.support.scheduler_walk import RandomWalk
 
@@ -238,7 +237,7 @@ def test_random_arrivals_never_wait_past_max_wait_plus_one_swap(seed):
 @pytest.mark.parametrize("seed", range(30))
 def test_random_event_sequences_under_batching_keep_the_invariants(seed):
     """Never two starts of one model, never a busy model stopped, never a start while a conflict runs,
-    never an admission to a model that is not ready (RandomWalk checks the rest)."""
+    never an admission to a model that is not ready (RandomWalk checks each, at every step)."""
     rng = random.Random(seed)
     s = Scheduler.build({m: ModelPolicy("g", ttl=5, concurrency_limit=1000, priority=rng.choice([0, 0, 1]))
                          for m in "abc"}, {"g": GroupPolicy(swap=True, exclusive=True)},
