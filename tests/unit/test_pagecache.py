@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from berth.engine.launch import model_files
-from berth.runtime.pagecache import PageWarmer, cached_bytes, drop, read_ahead
+from berth.runtime.pagecache import PageWarmer, cached_bytes, drop, launch_files, read_ahead
 from tests.support.harness import wait_until
 
 MiB = 1024**2
@@ -47,6 +46,6 @@ def test_a_file_the_host_cannot_hold_is_not_read_at_all(tmp_path):
 def test_the_files_a_start_reads_include_every_split_part_the_projector_and_the_draft():
     argv = ["/opt/llama-server", "-m", "/m/q-00001-of-00003.gguf", "--mmproj", "/m/proj.gguf",
             "-md", "/m/draft.gguf", "--port", "1"]
-    assert model_files(argv) == [Path("/m/q-00001-of-00003.gguf"), Path("/m/q-00002-of-00003.gguf"),
-                                 Path("/m/q-00003-of-00003.gguf"), Path("/m/proj.gguf"), Path("/m/draft.gguf")]
-    assert model_files(["/opt/vllm", "serve", "x"]) == []
+    assert launch_files(argv) == [Path("/m/draft.gguf"), Path("/m/proj.gguf"), Path("/m/q-00001-of-00003.gguf"),
+                                  Path("/m/q-00002-of-00003.gguf"), Path("/m/q-00003-of-00003.gguf")]
+    assert launch_files(["/opt/vllm", "serve", "x"]) == []

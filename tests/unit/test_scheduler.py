@@ -266,7 +266,7 @@ def test_random_event_sequences_keep_invariants(seed):
     """Random interleavings: never two starts, never a busy model stopped, never a start while a conflict runs."""
     import random
 
-    from tests.support.scheduler_walk import RandomWalk
+    from tests.support.scheduling import RandomWalk
 
     s = one_swap_group("a", "b", "c", ttl=5, limit=1000)
     walk = RandomWalk(s, "abc", random.Random(seed), one_at_a_time=True)

@@ -12,7 +12,7 @@ import pytest
 from berth.scheduler import (
     Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, QueuePolicy, Scheduler, Start, Stop, Wake,
 )
-from tests.support.scheduler_walk import RandomWalk
+from tests.support.scheduling import RandomWalk
 
 GiB = 1024**3
 BATCHING = QueuePolicy(max_wait=30, min_residency=10)

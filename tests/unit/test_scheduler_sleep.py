@@ -182,7 +182,7 @@ def test_random_sequences_with_sleep_and_return_keep_memory_within_budget():
     import random
 
     from berth.scheduler import QueuePolicy
-    from tests.support.scheduler_walk import RandomWalk
+    from tests.support.scheduling import RandomWalk
 
     for seed in range(30):
         rng = random.Random(seed)

@@ -7,7 +7,6 @@ import re
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
@@ -96,30 +95,6 @@ def server_args(argv: list[str]) -> LlamaServerArgs | None:
         return LlamaServerArgs.parse(["llama-server", *rest])
     except ArgvError:
         return None
-
-
-_SPLIT_PART = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
-
-
-def model_files(argv: list[str]) -> list[Path]:
-    """The GGUF files a llama.cpp server argv reads at its start: the model (every part of a split
-    one), the projector and a draft model. Empty for other engines."""
-    args = server_args(argv)
-    if args is None:
-        return []
-    files = []
-    for dest in ("model", "mmproj", "model_draft"):
-        value = args.get(dest)
-        if not value:
-            continue
-        path = Path(value)
-        split = _SPLIT_PART.match(path.name)
-        if split is None:
-            files.append(path)
-            continue
-        count = int(split.group(3))
-        files += [path.with_name(f"{split.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    return files
 
 
 def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threading.Event | None = None,

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from berth.config import ModelSpec
-from berth.engine.launch import model_files
 from berth.runtime.janitor import Janitor
+from berth.runtime.pagecache import launch_files
 from berth.runtime.ports import PortAllocator
 from berth.runtime.process import ModelProcess, ProcessDeps, ProcessEvent, Started
 
@@ -39,7 +39,7 @@ class ProcessFactory:
         """Read the model's files into the page cache in the background (a start is likely soon)."""
         warmer, build = self._deps.warmer, self._deps.build_launch
         if warmer is not None:
-            warmer.warm(spec.id, lambda: model_files(build(spec, fetch=False).argv), why)
+            warmer.warm(spec.id, lambda: launch_files(build(spec, fetch=False).argv), why)
 
     def spawn(self, spec: ModelSpec, on_event: Callable[[ProcessEvent], None]) -> ModelProcess:
         """Start `spec` on a free port (raises NoFreePort); the port is held until its group is gone."""

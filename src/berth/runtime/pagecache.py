@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from berth.core.errors import BerthError
+from berth.engine.launch import server_args
+from berth.memory.devices import weight_files
 
 log = logging.getLogger("berth.pagecache")
 
@@ -39,6 +41,11 @@ def readahead_window(fd: int) -> int:
             continue
         return max(window * 1024, SMALLEST_WINDOW)
     return SMALLEST_WINDOW
+
+
+def launch_files(argv: list[str]) -> list[Path]:
+    """The weight files a llama.cpp server argv reads at its start (none for other engines)."""
+    return [Path(path) for path in sorted(weight_files(server_args(argv)))]
 
 
 def cached_bytes(path: Path) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from berth.config import ModelSpec
-from berth.engine.launch import Launch, model_files, server_args
+from berth.engine.launch import Launch, server_args
 from berth.engine.rpc import RpcTargets
 from berth.engine.redact import redact_argv
 from berth.engine.slots import SlotPlan
@@ -35,7 +35,7 @@ from berth.core.procfs import group_alive, oom_kill_count
 from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
 from berth.runtime.janitor import Janitor, signal_group
 from berth.runtime.logs import LogHub
-from berth.runtime.pagecache import PageWarmer
+from berth.runtime.pagecache import PageWarmer, launch_files
 from berth.runtime.sleep import SleepWatch
 from berth.runtime.slots import SlotKeeper
 
@@ -330,7 +330,7 @@ class ModelProcess:
             await asyncio.to_thread(self._slot_keeper.prepare)  # may delete other settings' saves
         if self._warmer is not None:  # the kernel reads the weights while the server starts up
             argv = self.argv
-            self._warmer.warm(spec.id, lambda: model_files(argv), "before its start")
+            self._warmer.warm(spec.id, lambda: launch_files(argv), "before its start")
         env = dict(os.environ)
         env.update(dict(spec.env))
         try:
