@@ -25,8 +25,8 @@ from berth.runtime.gauges import GaugeCollector
 from berth.runtime.process import ModelProcess, ProcessEvent, Slept, Started, StartFailedEvent, Woke
 from berth.runtime.snapshot import ModelSnapshot
 from berth.scheduler import (
-    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, QueuePolicy, Reject,
-    Scheduler, Start, Stop, StopReason, Wake,
+    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, QueuePolicy,
+    Reject, Scheduler, Start, Stop, StopReason, Wake,
 )
 
 log = logging.getLogger("berth.pool")

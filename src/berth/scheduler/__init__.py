@@ -3,5 +3,5 @@ from berth.scheduler.core import (
     Reject, Scheduler, Start, Stop, StopReason, Wake,
 )
 
-__all__ = ["Action", "Admit", "Eviction", "GroupPolicy", "MatrixPolicy", "MemoryPolicy", "ModelPolicy", "ModelState", "ModelView",
-           "QueuePolicy", "Reject", "Scheduler", "Start", "Stop", "StopReason", "Wake"]
+__all__ = ["Action", "Admit", "Eviction", "GroupPolicy", "MatrixPolicy", "MemoryPolicy", "ModelPolicy", "ModelState",
+           "ModelView", "QueuePolicy", "Reject", "Scheduler", "Start", "Stop", "StopReason", "Wake"]
