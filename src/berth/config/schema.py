@@ -234,7 +234,7 @@ class BerthConfigFile(_Section):
     # seconds between liveness checks of ready models (0: none); three missed in a row restart the model
     health_check_interval: float = Field(10.0, alias="healthCheckInterval", ge=0)
     global_ttl: int = Field(0, alias="globalTTL", ge=0)
-    # batching (README "Swaps in batches"): seconds a request may wait for a busy model's turn to end, and
+    # batching (README "Whose turn"): seconds a request may wait for a busy model's turn to end, and
     # seconds a freshly loaded model with work keeps its turn; both 0: plain arrival order
     max_wait: float = Field(30.0, alias="maxWait", ge=0)
     min_residency: float = Field(10.0, alias="minResidency", ge=0)
