@@ -25,7 +25,8 @@ from tests.support.harness import children_of, free_port, kill_quietly, pid_aliv
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from tiny_models import write_llama  # noqa: E402
 
-KEY = "agent-key"
+KEY = "gateway-key"  # the gateway's client key (apiKeys)
+AGENT_KEY = "agent-key"  # the agents' own key (rpc.apiKey, `berth agent --api-key`)
 PROMPT = "hello world"
 _BUFFER = re.compile(r"\[(\S+)\] .*?RPC0\[([^\]]+)\]\s+(model|KV|compute) buffer size =\s+([\d.]+) MiB")
 
@@ -39,17 +40,20 @@ def moe_gguf(tmp_path_factory) -> str:
 class Agent:
     """A real `berth agent` subprocess, optionally inside a network namespace."""
 
-    def __init__(self, log: Path, host: str, port: int, *extra: str, netns: str | None = None) -> None:
+    def __init__(self, log: Path, host: str, port: int, *extra: str, netns: str | None = None,
+                 key: str | None = AGENT_KEY, prefix: tuple[str, ...] = ()) -> None:
         self.host, self.port, self.extra, self.netns, self.log_path = host, port, extra, netns, log
+        self.key, self.prefix = key, prefix
         self.address = f"{host}:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Agent":
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        prefix = [*(["ip", "netns", "exec", self.netns] if self.netns else []), *self.prefix]
         self._log = open(self.log_path, "ab")
+        env = {k: v for k, v in os.environ.items() if k != "BERTH_AGENT_KEY"}
         self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "berth.cli", "agent", "--listen", self.address,
-                                      "--api-key", KEY, *self.extra],
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                      *(["--api-key", self.key] if self.key else []), *self.extra],
+                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
         def up() -> bool:
             if self.proc.poll() is not None:
@@ -62,9 +66,12 @@ class Agent:
         wait_until(up, 20, f"agent {self.address}")
         return self
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
     def inventory(self) -> dict:
-        return requests.get(f"http://{self.address}/v1/inventory", headers={"Authorization": f"Bearer {KEY}"},
-                            timeout=5).json()
+        return requests.get(f"http://{self.address}/v1/inventory", headers=self.headers, timeout=5).json()
 
     def rpc_pids(self) -> list[int]:
         return [lease["rpc_server_pid"] for lease in self.inventory()["leases"]]
@@ -78,13 +85,15 @@ class Agent:
 
 @pytest.fixture
 def agents(tmp_path):
-    """Start agents: `agents(*extra_args, port=None, host="127.0.0.1", netns=None)`; all stopped after, and
-    any rpc server one leaves behind killed (the test checks there is none)."""
+    """Start agents: `agents(*extra_args, port=None, host="127.0.0.1", netns=None, key=AGENT_KEY, prefix=())`;
+    all stopped after, and any rpc server one leaves behind killed (the test checks there is none)."""
     rpc_server_binary()
     started: list[Agent] = []
 
-    def start(*extra: str, port: int | None = None, host: str = "127.0.0.1", netns: str | None = None) -> Agent:
-        agent = Agent(tmp_path / f"agent-{len(started)}.log", host, port or free_port(), *extra, netns=netns)
+    def start(*extra: str, port: int | None = None, host: str = "127.0.0.1", netns: str | None = None,
+              key: str | None = AGENT_KEY, prefix: tuple[str, ...] = ()) -> Agent:
+        agent = Agent(tmp_path / f"agent-{len(started)}.log", host, port or free_port(), *extra, netns=netns,
+                      key=key, prefix=prefix)
         started.append(agent)
         return agent.start()
 
@@ -107,13 +116,13 @@ def config(model: str, a: Agent, b: Agent, extra_models: str = "") -> str:
             cmd: {cmd}
           experts:
             cmd: {cmd}
-            rpc: {{agents: ["{a.address}", "{b.address}"], placement: experts}}
+            rpc: {{agents: ["{a.address}", "{b.address}"], placement: experts, apiKey: {AGENT_KEY}}}
           layers:
             cmd: {cmd}
-            rpc: {{agents: ["{a.address}", "{b.address}"], placement: layers}}
+            rpc: {{agents: ["{a.address}", "{b.address}"], placement: layers, apiKey: {AGENT_KEY}}}
           custom:
             cmd: {cmd} -ngl 0 -ot 'blk\\.(1|2)\\.ffn_.*_exps\\.=RPC0[{b.address}]'
-            rpc: {{agents: ["{a.address}", "{b.address}"], placement: custom}}
+            rpc: {{agents: ["{a.address}", "{b.address}"], placement: custom, apiKey: {AGENT_KEY}}}
         """) + textwrap.indent(textwrap.dedent(extra_models), "  ")
 
 
@@ -142,8 +151,15 @@ def buffers(server, model: str) -> dict[str, dict[str, float]]:
     return found
 
 
+def rpc_endpoints(running: dict, leased: list[str]) -> dict[str, str]:
+    """Agent address -> the endpoint in the model's `--rpc` (this machine's forwarder to it), for the agents
+    the model leased from, in rpc.agents order."""
+    argv = running["cmd"].split()
+    return dict(zip(leased, argv[argv.index("--rpc") + 1].split(",")))
+
+
 def test_a_model_split_over_two_agents_answers_as_the_local_one(berth, agents, moe_gguf, tmp_path):
-    a, b = agents(), agents()
+    a, b = agents("--memory", "4GiB"), agents("--memory", "4GiB")  # even offers (free RAM moves between two starts)
     server = berth(config(moe_gguf, a, b), env=home(tmp_path))
     check = subprocess.run([sys.executable, "-m", "berth.cli", "check", "-c", str(server.config_path)],
                            capture_output=True, text=True, env={**os.environ, **home(tmp_path)})
@@ -158,9 +174,11 @@ def test_a_model_split_over_two_agents_answers_as_the_local_one(berth, agents, m
     # each agent lent one rpc server per split model, sized as the gateway planned it
     running = {r["model"]: r for r in requests.get(server.url + "/running", headers={"Authorization": f"Bearer {KEY}"},
                                                    timeout=5).json()["running"]}
+    leases_of = {agent.address: {lease["model"]: lease for lease in agent.inventory()["leases"]} for agent in (a, b)}
+    assert set(leases_of[b.address]) == {"experts", "layers", "custom"}
+    assert set(leases_of[a.address]) == {"experts", "layers"}  # custom's -ot puts nothing on a: no lease there
     for agent in (a, b):
-        leases = {lease["model"]: lease for lease in agent.inventory()["leases"]}
-        assert set(leases) == {"experts", "layers", "custom"}
+        leases = leases_of[agent.address]
         for model, lease in leases.items():
             assert lease["bytes_to_server"] > 0  # the weights went through the relay
             estimated = json.loads(subprocess.run(
@@ -168,9 +186,9 @@ def test_a_model_split_over_two_agents_answers_as_the_local_one(berth, agents, m
                 capture_output=True, text=True, check=True, env={**os.environ, **home(tmp_path)}).stdout)
             planned = estimated["devices"].get(f"rpc:{agent.address}", {})
             assert lease["need_bytes"] == planned.get("total_bytes", 0), (model, agent.address)
-            # what llama.cpp itself allocated there
-            endpoint = f"{agent.host}:{lease['port']}"
-            real = buffers(server, model).get(endpoint, {})
+            # what llama.cpp itself allocated there, reached through the forwarder --rpc names for this agent
+            endpoint = rpc_endpoints(running[model], [x.address for x in (a, b) if model in leases_of[x.address]])
+            real = buffers(server, model).get(endpoint[agent.address], {})
             mib = 1024 * 1024
             assert planned.get("weights_bytes", 0) / mib == pytest.approx(real.get("model", 0), rel=0.01, abs=0.02)
             assert planned.get("kv_bytes", 0) / mib == pytest.approx(real.get("KV", 0), rel=0.01, abs=0.02)
@@ -229,7 +247,7 @@ def test_a_split_that_does_not_fit_an_agent_is_refused_before_anything_starts(be
     server = berth(config(moe_gguf, a, b, extra_models=f"""\
         pinned:
           cmd: llama-server -m {moe_gguf} --port ${{PORT}} -c 512
-          rpc: {{agents: ["{a.address}", "{b.address}"], layers: {{"{a.address}": 0-3}}}}
+          rpc: {{agents: ["{a.address}", "{b.address}"], layers: {{"{a.address}": 0-3}}, apiKey: {AGENT_KEY}}}
         """), env=home(tmp_path))
     with pytest.raises(openai.APIStatusError) as refused:
         greedy(server, "pinned")
@@ -239,7 +257,8 @@ def test_a_split_that_does_not_fit_an_agent_is_refused_before_anything_starts(be
     assert not any("llama-server" in _cmdline(p) for p in children_of(server.proc.pid))
     # spread by what the agents offer, the experts all go to the one with room
     assert greedy(server, "experts") == greedy(server, "local")
-    assert [lease["need_bytes"] for lease in a.inventory()["leases"]] == [0]
+    assert a.inventory()["leases"] == []  # nothing planned there: nothing leased (no rpc server started)
+    assert [lease["model"] for lease in b.inventory()["leases"]] == ["experts"]
 
 
 def test_two_splits_that_do_not_fit_an_agent_together_take_turns(berth, agents, moe_gguf, tmp_path):
@@ -248,7 +267,7 @@ def test_two_splits_that_do_not_fit_an_agent_together_take_turns(berth, agents, 
     pinned = "\n".join(f"""\
         {name}:
           cmd: llama-server -m {moe_gguf} --port ${{PORT}} -c 512
-          rpc: {{agents: ["{a.address}", "{b.address}"], layers: {{"{a.address}": 0-3}}}}""" for name in ("p1", "p2"))
+          rpc: {{agents: ["{a.address}", "{b.address}"], layers: {{"{a.address}": 0-3}}, apiKey: {AGENT_KEY}}}""" for name in ("p1", "p2"))
     server = berth(config(moe_gguf, a, b, extra_models=pinned + "\n"), env=home(tmp_path))
     first = greedy(server, "p1")
     assert [lease["model"] for lease in a.inventory()["leases"]] == ["p1"]
@@ -297,7 +316,7 @@ def test_agent_command_line_mistakes_exit_2_with_the_fix():
     rpc_server_binary()
     run = [sys.executable, "-m", "berth.cli", "agent"]
     no_key = subprocess.run([*run, "--listen", "0.0.0.0:7070"], capture_output=True, text=True, env={
-        k: v for k, v in os.environ.items() if k != "BERTH_API_KEY"})
+        k: v for k, v in os.environ.items() if k != "BERTH_AGENT_KEY"})
     assert no_key.returncode == 2 and "--api-key" in no_key.stderr
     bad_size = subprocess.run([*run, "--listen", "127.0.0.1:7070", "--memory", "lots"], capture_output=True, text=True)
     assert bad_size.returncode == 2 and "--memory" in bad_size.stderr and "24GiB" in bad_size.stderr

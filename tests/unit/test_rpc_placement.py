@@ -32,21 +32,21 @@ def rpc_config(placement: str = "experts", extra: str = "", cmd_extra: str = "")
         """) + textwrap.indent(textwrap.dedent(extra), " " * 6)
 
 
-def placed(tmp_path, placement: str, offers=(0, 0), extra: str = "", cmd: str = "", local_gpus=()):
+def placed(tmp_path, placement: str, offers=(0, 0), extra: str = "", cmd: str = "", local_gpus=(),
+           endpoints=("10.0.0.2:41001", "10.0.0.3:41002")):
     model = write_model(tmp_path / "moe.gguf", moe_experts=4)
     spec = parse_config(rpc_config(placement, extra)).models["m"]
     assert spec.rpc is not None
     args = LlamaServerArgs.parse(["llama-server", "-m", str(model), "-c", "512", *cmd.split()])
     header = read_gguf_header(model)
-    apply_rpc(args, spec.rpc, RpcTargets(("10.0.0.2:41001", "10.0.0.3:41002"), offers, local_gpus),
-              [t.name for t in header.tensors], N_LAYER)
+    apply_rpc(args, spec.rpc, RpcTargets(endpoints, offers, local_gpus), [t.name for t in header.tensors], N_LAYER)
     return args, header
 
 
-def test_the_rpc_section_takes_the_gateways_key_and_checks_what_it_can():
+def test_the_rpc_section_checks_what_it_can():
     spec = parse_config(rpc_config(extra="layers: {'10.0.0.2:7070': '0-1', '10.0.0.3:7070': 2}\n")).models["m"]
     assert spec.rpc is not None
-    assert spec.rpc.agents == (A, B) and spec.rpc.placement == "experts" and spec.rpc.api_key == "gateway-key"
+    assert spec.rpc.agents == (A, B) and spec.rpc.placement == "experts"
     assert spec.rpc.layer_ranges == ((A, 0, 1), (B, 2, 2))
     cases = [
         (rpc_config().replace(f'"{B}"', '"10.0.0.3"'), "must be HOST:PORT"),
@@ -62,6 +62,21 @@ def test_the_rpc_section_takes_the_gateways_key_and_checks_what_it_can():
         with pytest.raises(ConfigError, match=words):
             parse_config(text, "rpc.yaml")
     assert device_key(f"rpc:{A}") == f"rpc:{A}"
+
+
+def test_the_agents_key_is_a_secret_of_its_own_never_a_client_key():
+    """A client key that doubled as the agents' key let every chat client lease raw rpc servers."""
+    keyless = parse_config(rpc_config())
+    assert keyless.models["m"].rpc.api_key == ""  # not the gateway's first apiKeys entry
+    assert any("models.m.rpc.apiKey: not set" in w and "${env.BERTH_AGENT_KEY}" in w and "--api-key" in w
+               for w in keyless.warnings), keyless.warnings
+    shared = parse_config(rpc_config(extra="apiKey: gateway-key\n"))
+    assert shared.models["m"].rpc.api_key == "gateway-key"
+    assert any("models.m.rpc.apiKey: also one of apiKeys" in w for w in shared.warnings), shared.warnings
+    own = parse_config(rpc_config(extra="apiKey: agents-own-key\n"))
+    assert own.models["m"].rpc.api_key == "agents-own-key" and not any("rpc.apiKey" in w for w in own.warnings)
+    local = parse_config(rpc_config().replace(A, "127.0.0.1:7070").replace(B, "localhost:7071"))
+    assert not any("rpc.apiKey" in w for w in local.warnings)  # a keyless agent may listen on loopback
 
 
 def test_split_counts_follow_the_offers_and_share_evenly_without_any():
@@ -117,7 +132,24 @@ def test_layers_placement_splits_whole_layers_and_their_kv_by_counts(tmp_path):
 def test_custom_placement_points_the_users_rules_at_the_leased_servers(tmp_path):
     args, header = placed(tmp_path, "custom", cmd=rf"-ngl 0 -ot blk\.3\.ffn_up_exps\.=RPC0[{B}]")
     assert args.get("override_tensor") == [r"blk\.3\.ffn_up_exps\.=RPC0[10.0.0.3:41002]"]
-    assert args.get("rpc") == "10.0.0.2:41001,10.0.0.3:41002"
+    assert args.get("rpc") == "10.0.0.3:41002"  # A holds nothing: no server of its in --rpc
     plan = estimate(header, args)
     assert plan.devices["rpc:10.0.0.3:41002"].weights_bytes == EXPERTS
-    assert "rpc:10.0.0.2:41001" not in plan.devices or not plan.devices["rpc:10.0.0.2:41001"].weights_bytes
+    assert "rpc:10.0.0.2:41001" not in plan.devices
+    spread, _ = placed(tmp_path, "custom", cmd="-ngl 99")  # llama.cpp spreads layers over every device itself
+    assert spread.get("rpc") == "10.0.0.2:41001,10.0.0.3:41002"
+
+
+def test_only_agents_a_placement_puts_something_on_get_a_server(tmp_path):
+    """An rpc server that holds nothing still costs its agent a process and a lease: such agents are left out
+    of --rpc, so their plan is 0 bytes and the gateway leases nothing there."""
+    experts, header = placed(tmp_path, "experts", offers=(1, 8 << 30))  # too little for a layer's experts
+    assert experts.get("rpc") == "10.0.0.3:41002"
+    assert set(estimate(header, experts).devices) == {"host", "rpc:10.0.0.3:41002"}
+    layers, _ = placed(tmp_path, "layers", offers=(1, 8 << 30))
+    assert (layers.get("rpc"), layers.get("tensor_split")) == ("10.0.0.3:41002", "5")
+    # the run leases by the plan; a placement that still needs an agent left unleased is refused by name
+    unleased = (None, "10.0.0.3:41002")
+    assert placed(tmp_path, "experts", offers=(1, 8 << 30), endpoints=unleased)[0].get("rpc") == "10.0.0.3:41002"
+    with pytest.raises(PlacementError, match=f"rpc agent {A} holds part of this model, but this run leased nothing"):
+        placed(tmp_path, "experts", offers=(1, 1), endpoints=unleased)

@@ -1,43 +1,71 @@
 """`berth agent`: lends this machine's memory to gateways as llama.cpp RPC servers.
 
-A gateway leases an rpc server for one run of one model: the agent starts `ggml-rpc-server` on a
-loopback port and opens a relay port on its own address that accepts connections only from the
-address the lease was asked from, because llama.cpp's RPC protocol has no authentication of its
-own (README "Across machines", threat model). A lease lives while the gateway renews it; one that
-is released, or not renewed in time (the gateway died or lost the network), has its server
-stopped. Every rpc server is registered with a janitor, so none outlives the agent, SIGKILL
-included.
+A gateway leases an rpc server for one run of one model: the agent starts `ggml-rpc-server` in a
+network namespace of its own where the OS allows it (agent/rpc_host.py) and opens a relay port on
+its own address. llama.cpp's RPC protocol has no authentication, so the relay connects only
+connections from the address that asked for the lease which begin with the lease's secret
+(runtime/relay.py; README "Security"). Only that address may renew or release the lease. A lease
+lives while the gateway renews it; one that is released, or not renewed in time (the gateway died
+or lost the network), has its server stopped. Every rpc server is registered with a janitor, so
+none outlives the agent, SIGKILL included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import secrets
-import signal
-import socket
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from berth.agent.rpc_host import ISOLATED, RpcHost, RpcServerFailed
+from berth.core.credentials import same_secret
 from berth.core.errors import BadRequest, BerthError, Unauthorized
-from berth.core.procfs import group_alive, listens_on
+from berth.core.hosts import LOCAL_NAMES, host_name
 from berth.core.units import format_bytes
 from berth.memory.devices import inventory
 from berth.runtime.agents import LEASES_PATH, INVENTORY_PATH, AgentRefused
-from berth.runtime.janitor import Janitor, signal_group
+from berth.runtime.janitor import Janitor
 from berth.runtime.ports import unused_port
+from berth.runtime.relay import SECRET_BYTES, read_secret, splice
 
 log = logging.getLogger("berth.agent")
 
-RELAY_CHUNK = 1 << 20
 PORT_ATTEMPTS = 3
-SERVER_READY_TIMEOUT = 20.0
-STOP_GRACE = 3.0
+MAX_MODEL_NAME = 200
+
+
+class NotTheLessee(BerthError):
+    status = 403
+    error_type = "permission_error"
+    code = "not_the_lessee"
+
+
+class LeaseNotFound(BerthError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "lease_not_found"
+
+
+class LeaseLimit(BerthError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "lease_limit"
+
+
+class ForeignHost(BerthError):
+    status = 403
+    error_type = "permission_error"
+    code = "host_not_allowed"
+
+
+class NotJson(BerthError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 @dataclass
@@ -46,22 +74,27 @@ class RpcLease:
 
     id: str
     model: str
-    peer: str  # the only address its relay accepts
+    peer: str  # the only address its relay accepts, and the only one that may renew or release it
     need_bytes: int
-    server_port: int  # ggml-rpc-server on 127.0.0.1
-    process: asyncio.subprocess.Process
+    host: RpcHost
+    secret: bytes  # what a connection to the relay must begin with
     expires_at: float
     relay: asyncio.base_events.Server | None = None
     relay_port: int = 0
     bytes_to_server: int = 0
     bytes_from_server: int = 0
     refused_connections: int = 0
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     connections: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def moved(self, count: int, to_server: bool) -> None:
+        if to_server:
+            self.bytes_to_server += count
+        else:
+            self.bytes_from_server += count
 
     def describe(self) -> dict:
         return {"id": self.id, "model": self.model, "peer": self.peer, "need_bytes": self.need_bytes,
-                "port": self.relay_port, "rpc_server_pid": self.process.pid,
+                "port": self.relay_port, "rpc_server_pid": self.host.server_pid, "isolation": self.host.isolation,
                 "bytes_to_server": self.bytes_to_server, "bytes_from_server": self.bytes_from_server,
                 "refused_connections": self.refused_connections,
                 "expires_in": round(max(self.expires_at - time.monotonic(), 0.0), 1)}
@@ -69,19 +102,21 @@ class RpcLease:
 
 class Agent:
     def __init__(self, rpc_server: str, listen_host: str, api_key: str, offer_bytes: int, lease_seconds: float,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, max_leases: int = 8, max_leases_per_address: int = 4) -> None:
         self.rpc_server, self.listen_host, self.api_key = rpc_server, listen_host, api_key
         self.offer_bytes, self.lease_seconds, self.threads = offer_bytes, lease_seconds, threads
+        self.max_leases, self.max_leases_per_address = max_leases, max_leases_per_address
         self.leases: dict[str, RpcLease] = {}
         self._janitor = Janitor()
         self._ids = itertools.count(1)
         self._reaper: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one lease decision at a time: two gateways must not both fit
+        self._warned_unisolated = False
 
     # -- lifecycle ----------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth])
+        app = web.Application(middlewares=[self._errors, self._guard, self._auth])
         app.router.add_get("/health", self._health)
         app.router.add_get(INVENTORY_PATH, self._inventory)
         app.router.add_post(LEASES_PATH, self._lease)
@@ -108,8 +143,8 @@ class Agent:
             for lease in [l for l in self.leases.values() if l.expires_at < now]:
                 await self._end(lease, f"not renewed for {self.lease_seconds:g}s (its gateway is gone or "
                                        "cannot reach this agent)")
-            for lease in [l for l in self.leases.values() if l.process.returncode is not None]:
-                await self._end(lease, f"its rpc server exited with code {lease.process.returncode}")
+            for lease in [l for l in self.leases.values() if l.host.process.returncode is not None]:
+                await self._end(lease, f"its rpc server exited with code {lease.host.process.returncode}")
 
     # -- HTTP ---------------------------------------------------------------------
 
@@ -121,13 +156,27 @@ class Agent:
             return web.json_response(exc.to_openai(), status=exc.status)
 
     @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """What a web page could otherwise do to an agent on this machine: without a key, reach it under
+        a name of its own (DNS rebinding); with or without one, send a form or text/plain POST, which
+        browsers send anywhere without asking."""
+        host = host_name(request.headers.get("Host", ""))
+        if not self.api_key and host and host not in LOCAL_NAMES and host != self.listen_host:
+            raise ForeignHost(f"this agent has no key, so it answers only to localhost names, not to Host {host!r}; "
+                              "start it with --api-key to reach it under another name")
+        if request.method == "POST" and request.content_type != "application/json":
+            raise NotJson(f"{request.path} takes a JSON body (Content-Type: application/json), not "
+                          f"{request.content_type}")
+        return await handler(request)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         if request.path != "/health" and self.api_key:
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             given = given or request.headers.get("X-Api-Key", "")
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                raise Unauthorized("missing or wrong key for this agent: send the gateway's key (rpc.apiKey, "
-                                   "or the first of apiKeys) as Authorization: Bearer KEY")
+            if not same_secret(given, self.api_key):
+                raise Unauthorized("missing or wrong key for this agent: send the key the agent was started with "
+                                   "(--api-key; the gateway's rpc.apiKey) as Authorization: Bearer KEY")
         return await handler(request)
 
     async def _health(self, _request: web.Request) -> web.Response:
@@ -142,43 +191,78 @@ class Agent:
             "offer_bytes": self.offer_bytes,
             "leased_bytes": self.leased_bytes(),
             "lease_seconds": self.lease_seconds,
+            "max_leases": self.max_leases,
+            "max_leases_per_address": self.max_leases_per_address,
             "devices": {name: {"description": d.description, "total_bytes": d.total_bytes,
                                "free_bytes": d.free_bytes} for name, d in devices.items()},
             "leases": [lease.describe() for lease in self.leases.values()],
         })
 
-    async def _lease(self, request: web.Request) -> web.Response:
+    @staticmethod
+    async def _lease_request(request: web.Request) -> tuple[str, int]:
+        """(model, need_bytes) of a lease request; BadRequest naming what is wrong."""
+        shape = 'a lease request is JSON {"model": NAME, "need_bytes": N} with N a whole number of bytes above 0'
         try:
             body = await request.json()
-            model, need = str(body["model"]), int(body.get("need_bytes", 0))
-        except (ValueError, KeyError, TypeError):
-            raise BadRequest('a lease request is JSON {"model": ID, "need_bytes": N}') from None
+        except ValueError:
+            raise BadRequest(f"the body is not JSON; {shape}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(shape)
+        model, need = body.get("model"), body.get("need_bytes")
+        if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_NAME:
+            raise BadRequest(f"model must be a name of 1 to {MAX_MODEL_NAME} characters, not {model!r:.80}; {shape}")
+        if isinstance(need, bool) or not isinstance(need, int):
+            raise BadRequest(f"need_bytes must be a whole number of bytes, not {need!r:.80}; {shape}")
+        if need <= 0:
+            raise BadRequest(f"need_bytes must be above 0, not {need} (a gateway leases only from agents its "
+                             "plan puts something on); " + shape)
+        return model, need
+
+    async def _lease(self, request: web.Request) -> web.Response:
+        model, need = await self._lease_request(request)
         peer = request.remote or ""
         async with self._lock:
+            if len(self.leases) >= self.max_leases:
+                raise LeaseLimit(f"this agent already lends {len(self.leases)} rpc servers, its limit (--max-leases "
+                                 f"{self.max_leases}); wait for one to be released, or raise --max-leases")
+            held = sum(1 for lease in self.leases.values() if lease.peer == peer)
+            if held >= self.max_leases_per_address:
+                raise LeaseLimit(f"{peer} already holds {held} rpc servers of this agent, the limit per address "
+                                 f"(--max-leases-per-address {self.max_leases_per_address}); release one, or raise "
+                                 "the limit")
             free = self.offer_bytes - self.leased_bytes()
             if need > free:
                 raise AgentRefused(f"this agent offers {format_bytes(self.offer_bytes)}, of which "
                                    f"{format_bytes(max(free, 0))} are not leased; {model!r} needs "
                                    f"{format_bytes(need)} here")
             lease = await self._start(model, peer, need)
-        log.info(f"lease {lease.id}: {model} for {peer}, rpc server pid {lease.process.pid} on "
-                 f"127.0.0.1:{lease.server_port}, relay port {lease.relay_port}, {format_bytes(need)}")
-        return web.json_response({"id": lease.id, "port": lease.relay_port, "renew_seconds": self.lease_seconds / 3,
-                                  "lease_seconds": self.lease_seconds}, status=201)
+        log.info(f"lease {lease.id}: {model} for {peer}, rpc server pid {lease.host.server_pid} "
+                 f"({lease.host.isolation}), relay port {lease.relay_port}, {format_bytes(need)}")
+        if lease.host.isolation != ISOLATED and not self._warned_unisolated:
+            self._warned_unisolated = True
+            log.warning(f"rpc servers are not isolated: {lease.host.isolation}")
+        return web.json_response({"id": lease.id, "port": lease.relay_port, "secret": lease.secret.hex(),
+                                  "renew_seconds": self.lease_seconds / 3, "lease_seconds": self.lease_seconds},
+                                 status=201)
 
-    def _lease_of(self, request: web.Request) -> RpcLease:
-        lease = self.leases.get(request.match_info["id"])
+    def _held_lease(self, request: web.Request) -> RpcLease:
+        """The lease the path names, if the caller is its lessee (no one else may renew or end it)."""
+        lease_id = request.match_info["id"]
+        lease = self.leases.get(lease_id)
         if lease is None:
-            raise web.HTTPNotFound(text=f"no lease {request.match_info['id']} (it expired, or the agent restarted)")
+            raise LeaseNotFound(f"no lease {lease_id} (it expired, or the agent restarted)")
+        if request.remote != lease.peer:
+            raise NotTheLessee(f"lease {lease_id} belongs to {lease.peer}; {request.remote} may not renew or "
+                               "release it")
         return lease
 
     async def _renew(self, request: web.Request) -> web.Response:
-        lease = self._lease_of(request)
+        lease = self._held_lease(request)
         lease.expires_at = time.monotonic() + self.lease_seconds
         return web.json_response(lease.describe())
 
     async def _release(self, request: web.Request) -> web.Response:
-        lease = self._lease_of(request)
+        lease = self._held_lease(request)
         await self._end(lease, "released by its gateway")
         return web.json_response(lease.describe())
 
@@ -191,87 +275,59 @@ class Agent:
     async def _start(self, model: str, peer: str, need: int) -> RpcLease:
         lease_id = f"{next(self._ids)}-{secrets.token_hex(4)}"
         for attempt in range(PORT_ATTEMPTS):
-            # ggml-rpc-server takes no port 0; a port the kernel just handed out is rarely taken again
-            # at once, and a server that lost the race exits: try another port then
+            # ggml-rpc-server takes no port 0. In a namespace of its own any port is free; on this machine's
+            # loopback a port the kernel just handed out is rarely taken again at once, and a server that
+            # lost the race exits: try another port then
             port = unused_port()
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *self.rpc_server_argv(port), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                host = await RpcHost.spawn(self.rpc_server_argv(port), port)
             except OSError as exc:
                 raise AgentRefused(f"cannot run the rpc server {self.rpc_server!r}: {exc}", status=500) from None
-            self._janitor.register(process.pid)
-            lease = RpcLease(lease_id, model, peer, need, port, process, time.monotonic() + self.lease_seconds)
+            self._janitor.register(host.process.pid)
+            lease = RpcLease(lease_id, model, peer, need, host, secrets.token_bytes(SECRET_BYTES),
+                             time.monotonic() + self.lease_seconds)
             self.leases[lease_id] = lease
-            asyncio.create_task(self._drain(lease))
             try:
-                await self._wait_listening(lease)
+                await host.wait_ready()
                 lease.relay = await asyncio.start_server(lambda r, w: self._relay(lease, r, w), self.listen_host, 0)
                 lease.relay_port = lease.relay.sockets[0].getsockname()[1]
                 return lease
-            except AgentRefused:
+            except RpcServerFailed as exc:
                 await self._end(lease, "its rpc server did not start")
                 if attempt == PORT_ATTEMPTS - 1:
-                    raise
+                    raise AgentRefused(str(exc), status=500) from None
             except BaseException:
                 await self._end(lease, "its rpc server did not start")
                 raise
         raise AssertionError("unreachable")
 
-    async def _drain(self, lease: RpcLease) -> None:
-        assert lease.process.stdout is not None
-        while line := await lease.process.stdout.readline():
-            lease.output.append(line.decode(errors="replace").rstrip())
-
-    async def _wait_listening(self, lease: RpcLease) -> None:
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if lease.process.returncode is not None:
-                raise AgentRefused(f"the rpc server exited with code {lease.process.returncode}: "
-                                   + " / ".join(list(lease.output)[-5:]), status=500)
-            if await asyncio.to_thread(listens_on, lease.process.pid, lease.server_port):
-                return  # this very process listens (another one on the port would not do)
-            await asyncio.sleep(0.05)
-        raise AgentRefused(f"the rpc server did not listen within {SERVER_READY_TIMEOUT:g}s", status=500)
-
     async def _relay(self, lease: RpcLease, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
         if peer != lease.peer:
-            lease.refused_connections += 1
-            log.warning(f"lease {lease.id}: refused a connection from {peer}; it belongs to {lease.peer}")
-            writer.close()
+            self._refuse(lease, writer, f"refused a connection from {peer}; it belongs to {lease.peer}")
+            return
+        if not same_secret(await read_secret(reader), lease.secret):
+            self._refuse(lease, writer, f"refused a connection from {peer} that did not begin with the lease's secret")
             return
         try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", lease.server_port)
-        except OSError:
+            server = await lease.host.connect()
+        except OSError as exc:
+            log.warning(f"lease {lease.id}: cannot reach its rpc server: {exc}")
             writer.close()
             return
-        for w in (writer, server_writer):  # RPC is one small message after another: no Nagle delays
-            w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_server: bool) -> None:
-            try:
-                while chunk := await src.read(RELAY_CHUNK):
-                    dst.write(chunk)
-                    if to_server:
-                        lease.bytes_to_server += len(chunk)
-                    else:
-                        lease.bytes_from_server += len(chunk)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
         task = asyncio.current_task()
         assert task is not None
         lease.connections.add(task)
         try:
-            await asyncio.gather(pipe(reader, server_writer, True), pipe(server_reader, writer, False))
+            await splice((reader, writer), server, lease.moved)
         finally:
             lease.connections.discard(task)
-            writer.close()  # a lease that ends cuts its connections: the gateway's llama-server sees it at once
-            server_writer.close()
+
+    @staticmethod
+    def _refuse(lease: RpcLease, writer: asyncio.StreamWriter, why: str) -> None:
+        lease.refused_connections += 1
+        log.warning(f"lease {lease.id}: {why}")
+        writer.close()
 
     async def _end(self, lease: RpcLease, why: str) -> None:
         if self.leases.pop(lease.id, None) is None:
@@ -279,16 +335,8 @@ class Agent:
         if lease.relay is not None:
             lease.relay.close()
         for task in list(lease.connections):
-            task.cancel()
-        pgid = lease.process.pid
-        signal_group(pgid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(lease.process.wait(), STOP_GRACE)
-        except asyncio.TimeoutError:
-            pass
-        if await asyncio.to_thread(group_alive, pgid):
-            signal_group(pgid, signal.SIGKILL)
-            await lease.process.wait()
-        self._janitor.unregister(pgid)
+            task.cancel()  # a lease that ends cuts its connections: the gateway's llama-server sees it at once
+        await lease.host.stop()
+        self._janitor.unregister(lease.host.process.pid)
         log.info(f"lease {lease.id} ({lease.model}) ended: {why}; moved {lease.bytes_to_server} bytes to and "
                  f"{lease.bytes_from_server} bytes from its rpc server")

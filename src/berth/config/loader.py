@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -92,13 +91,13 @@ def _resolve(reading: Reading) -> BerthConfig:
 
 
 def _check_api_keys(reading: Reading, config: BerthConfig) -> None:
-    """Keys are not empty; rpc agents take the gateway's first key unless given their own."""
+    """Keys are not empty; an rpc agents' key is a secret of its own, never a client's."""
     for i, key in enumerate(config.api_keys):
         if not key.strip():
             raise reading.error(("apiKeys", str(i)), "API key is empty; remove it or set a value")
     for rpc_model, spec in config.models.items():
-        if spec.rpc is not None and not spec.rpc.api_key and config.api_keys:
-            config.models[rpc_model] = replace(spec, rpc=replace(spec.rpc, api_key=config.api_keys[0]))
+        if spec.rpc is not None and (problem := spec.rpc.key_problem(rpc_model, config.api_keys)):
+            reading.warn(("models", rpc_model, "rpc", "apiKey"), problem)
 
 
 def _store_dir(reading: Reading) -> Path | None:

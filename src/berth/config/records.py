@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from berth.core.hosts import is_loopback
+
 DEFAULT_GROUP = "(default)"
 DEFAULT_CONCURRENCY_LIMIT = 10  # requests in flight or waiting per model, as llama-swap
 PORT_MACRO = "${PORT}"  # stays in a spec until a start binds a port (`ModelSpec.with_port`)
@@ -116,7 +118,18 @@ class RpcSpec:
     agents: tuple[str, ...]
     placement: str  # experts | layers | custom
     layer_ranges: tuple[tuple[str, int, int], ...] = ()  # (agent, first, last), inclusive
-    api_key: str = ""
+    api_key: str = ""  # the agents' key: a secret of their own, never one of the gateway's apiKeys
+
+    def key_problem(self, model_id: str, api_keys: list[str]) -> str | None:
+        """What is wrong with the agents' key, if anything: none for agents off this machine, or a client's key."""
+        fix = (f"set models.{model_id}.rpc.apiKey to a secret of the agents' own (e.g. ${{env.BERTH_AGENT_KEY}}) "
+               "and start each `berth agent` with the same --api-key")
+        if not self.api_key and not all(is_loopback(agent.rpartition(":")[0]) for agent in self.agents):
+            return f"not set, so agents on other machines refuse this gateway: {fix}"
+        if self.api_key in api_keys:
+            return (f"also one of apiKeys, so every client holding it can lease rpc servers on the agents and end "
+                    f"this gateway's leases: {fix}")
+        return None
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class RpcConfig(_Section):
     agents: list[str] = Field(min_length=1)  # host:port of each `berth agent --listen`
     placement: Literal["experts", "layers", "custom"] = "experts"
     layers: dict[str, str | int] = Field(default_factory=dict)  # experts only: agent -> "first-last" or one layer
-    api_key: str = Field("", alias="apiKey")  # the agents' key; default: the first of apiKeys
+    api_key: str = Field("", alias="apiKey")  # the agents' key (`berth agent --api-key`), never one of apiKeys
 
 
 class ModelConfig(_Section):

@@ -164,7 +164,8 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     if spec.rpc is not None and rpc is not None:
         planned = argv
         for agent, endpoint in zip(spec.rpc.agents, rpc.endpoints):
-            planned = [arg.replace(endpoint, agent) for arg in planned]
+            if endpoint is not None:
+                planned = [arg.replace(endpoint, agent) for arg in planned]
     return Launch(argv, plan, planned, slots_off if llama_cpp else "")
 
 

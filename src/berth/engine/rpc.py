@@ -47,11 +47,12 @@ def buffer_endpoint(name: str) -> str | None:
 class RpcTargets:
     """Where each agent's rpc server listens (in `rpc.agents` order) and the bytes it offers.
 
-    Offers of 0 everywhere spread evenly. `local_gpus` are the free bytes of this machine's GPUs,
-    which share whole layers with the agents under placement `layers`.
+    An endpoint of None is an agent this run leases nothing from (its plan puts nothing there): it is
+    left out of `--rpc`. Offers of 0 everywhere spread evenly. `local_gpus` are the free bytes of this
+    machine's GPUs, which share whole layers with the agents under placement `layers`.
     """
 
-    endpoints: tuple[str, ...]
+    endpoints: tuple[str | None, ...]
     offers: tuple[int, ...]
     local_gpus: tuple[int, ...] = ()
 
@@ -104,19 +105,41 @@ def experts_per_agent(rpc: RpcSpec, targets: RpcTargets, tensor_names: list[str]
     return result
 
 
+def _named_agents(args: LlamaServerArgs, rpc: RpcSpec) -> set[str]:
+    """The agents a custom placement's own `-ot` rules name."""
+    named = {m.group(1).lower() for item in args.items if item.spec is not None and item.spec.dest == "override_tensor"
+             and item.value for m in _BRACKETED.finditer(item.value)}
+    return named & set(rpc.agents)
+
+
 def apply_rpc(args: LlamaServerArgs, rpc: RpcSpec, targets: RpcTargets, tensor_names: list[str],
               n_layer: int) -> None:
-    """Write `--rpc` (first) and the placement's `-ot`/`-ts`/`-ngl` into `args`."""
-    endpoints = list(targets.endpoints)
+    """Write `--rpc` (first) and the placement's `-ot`/`-ts`/`-ngl` into `args`.
+
+    Only the agents the placement puts something on go into `--rpc` (an rpc server holding nothing still
+    costs its agent a process and a lease): with experts, those given expert layers; with layers, those
+    given a layer; with custom, those its `-ot` names, or every agent when cmd spreads layers itself
+    (`-ngl` above 0 or `-ts`)."""
+    endpoints = dict(zip(rpc.agents, targets.endpoints))
+
+    def server_of(agent: str) -> str:
+        endpoint = endpoints[agent]
+        if endpoint is None:
+            raise PlacementError(f"rpc agent {agent} holds part of this model, but this run leased nothing from it "
+                                 "(the memory plan put nothing there); `berth fit` shows the plan")
+        return endpoint
+
     if rpc.placement == "experts":
-        rules = [f"{_layer_pattern(layers)}={buffer_type(endpoint)}"
-                 for layers, endpoint in zip(experts_per_agent(rpc, targets, tensor_names), endpoints) if layers]
-        if not rules:
+        placed = [(agent, layers) for agent, layers in zip(rpc.agents, experts_per_agent(rpc, targets, tensor_names))
+                  if layers]
+        if not placed:
             raise PlacementError("rpc.layers places no expert layer on any agent; give ranges that hold "
                                  f"expert layers ({expert_layers(tensor_names)[0]}-{expert_layers(tensor_names)[-1]})")
-        args.add("override_tensor", ",".join(rules))
+        holding = [agent for agent, _ in placed]
+        args.add("override_tensor", ",".join(f"{_layer_pattern(layers)}={buffer_type(server_of(agent))}"
+                                             for agent, layers in placed))
         if targets.local_gpus:  # whole layers on this machine's GPUs, none on the agents
-            _set_default(args, "tensor_split", ",".join(["0"] * len(endpoints) + ["1"] * len(targets.local_gpus)))
+            _set_default(args, "tensor_split", ",".join(["0"] * len(holding) + ["1"] * len(targets.local_gpus)))
         elif args.get("n_gpu_layers") not in (None, "0"):
             raise PlacementError(f"placement: experts keeps whole layers on this machine, which has no GPU, but "
                                  f"cmd sets -ngl {args.get('n_gpu_layers')} (that sends layers to the agents): "
@@ -128,14 +151,19 @@ def apply_rpc(args: LlamaServerArgs, rpc: RpcSpec, targets: RpcTargets, tensor_n
             raise PlacementError("placement: layers writes -ts from what the agents offer; remove -ts from cmd "
                                  "(or use placement: custom to place layers yourself)")
         counts = split_counts(n_layer + 1, [*targets.offers, *targets.local_gpus])
+        agent_counts = [(agent, count) for agent, count in zip(rpc.agents, counts) if count]
+        holding = [agent for agent, _ in agent_counts]
         args.set("n_gpu_layers", str(n_layer + 1))
-        args.set("tensor_split", ",".join(map(str, counts)))
+        args.set("tensor_split", ",".join(str(count) for count in
+                                          [c for _, c in agent_counts] + counts[len(rpc.agents):]))
     else:  # custom: the user's -ot name agents by the address in the config; point them at the servers
-        by_agent = dict(zip(rpc.agents, endpoints))
+        spreads = args.get("n_gpu_layers") not in (None, "0") or args.get("tensor_split") is not None
+        holding = list(rpc.agents) if spreads else [a for a in rpc.agents if a in _named_agents(args, rpc)]
+        servers = {agent: server_of(agent) for agent in holding}
         for item in args.items:
             if item.spec is not None and item.spec.dest == "override_tensor" and item.value:
-                item.value = _BRACKETED.sub(lambda m: f"[{by_agent.get(m.group(1).lower(), m.group(1))}]", item.value)
-    args.add("rpc", ",".join(endpoints), front=True)
+                item.value = _BRACKETED.sub(lambda m: f"[{servers.get(m.group(1).lower(), m.group(1))}]", item.value)
+    args.add("rpc", ",".join(server_of(agent) for agent in holding), front=True)
 
 
 def _set_default(args: LlamaServerArgs, dest: str, value: str) -> None:

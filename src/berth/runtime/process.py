@@ -357,13 +357,14 @@ class ModelProcess:
         """An rpc server from each agent (renewed from now on, while the model pulls, loads and runs)."""
         spec = self.spec
         assert spec.rpc is not None
-        self._rpc = AgentLeases(self._session, spec.id, spec.rpc)
+        self._rpc = AgentLeases(self._session, spec.id, spec.rpc, lambda: self.pid)
         try:
             await self._rpc.acquire(self._rpc_needs(spec) if self._rpc_needs else {})
         except AgentFailure as exc:
             raise StartFailed(spec.id, str(exc)) from None
         self._rpc_lost = asyncio.create_task(self._rpc.until_lost())
-        self.agent_endpoints = dict(zip(self._rpc.endpoints, spec.rpc.agents))
+        self.agent_endpoints = {endpoint: agent for endpoint, agent in zip(self._rpc.endpoints, spec.rpc.agents)
+                                if endpoint is not None}
         offers = self._agents.offers_for(spec.rpc) if self._agents else (0,) * len(spec.rpc.agents)
         return RpcTargets(self._rpc.endpoints, offers)
 
