@@ -4,9 +4,11 @@ llama-server, a generated mixture-of-experts GGUF, the openai client."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 import requests
 
@@ -320,6 +323,139 @@ def test_agent_command_line_mistakes_exit_2_with_the_fix():
     assert no_key.returncode == 2 and "--api-key" in no_key.stderr
     bad_size = subprocess.run([*run, "--listen", "127.0.0.1:7070", "--memory", "lots"], capture_output=True, text=True)
     assert bad_size.returncode == 2 and "--memory" in bad_size.stderr and "24GiB" in bad_size.stderr
+
+
+# -- who may use an agent ---------------------------------------------------------------
+
+
+def call(agent: Agent, method: str, path: str, body: object = None, source: str = "127.0.0.1",
+         headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    """One HTTP request to `agent` from the address `source` (any 127.x address is this machine)."""
+    conn = http.client.HTTPConnection(agent.host, agent.port, timeout=30, source_address=(source, 0))
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers={**agent.headers, "Content-Type": "application/json",
+                                                       **(headers or {})})
+        response = conn.getresponse()
+        text = response.read()
+    finally:
+        conn.close()
+    return response.status, json.loads(text) if text.startswith(b"{") else {"text": text.decode(errors="replace")}
+
+
+def test_only_the_lessee_renews_or_releases_a_lease(agents):
+    """The key lets a gateway lease; renewing and ending a lease is for the address that took it."""
+    a = agents()
+    status, lease = call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": 1 << 20})
+    assert status == 201, lease
+    for method, path in (("POST", f"/v1/leases/{lease['id']}/renew"), ("DELETE", f"/v1/leases/{lease['id']}")):
+        status, refused = call(a, method, path, {} if method == "POST" else None, source="127.0.0.2")
+        assert status == 403 and "belongs to 127.0.0.1" in refused["error"]["message"], (method, refused)
+    assert [l["id"] for l in a.inventory()["leases"]] == [lease["id"]]
+    assert call(a, "POST", f"/v1/leases/{lease['id']}/renew", {})[0] == 200
+    assert call(a, "DELETE", f"/v1/leases/{lease['id']}")[0] == 200
+    assert a.inventory()["leases"] == []
+
+
+def test_lease_requests_are_checked_capped_and_guarded_against_web_pages(agents):
+    a = agents("--memory", "1GiB", "--max-leases", "2", "--max-leases-per-address", "1", key=None)  # loopback
+    for need, words in ((-1, "above 0"), (0, "above 0"), (True, "whole number"), ("12", "whole number"),
+                        (1.5, "whole number"), (None, "whole number")):
+        status, answer = call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": need})
+        assert status == 400 and words in answer["error"]["message"], (need, answer)
+    status, answer = call(a, "POST", "/v1/leases", raw=b'{"model": "m", "need_bytes": 1e400}')
+    assert status == 400 and "whole number" in answer["error"]["message"], answer
+    status, answer = call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": 2 << 30})
+    assert status == 507 and "1.0 GiB" in answer["error"]["message"], answer
+    # what a web page can send without asking: a text/plain POST; a name of its own for 127.0.0.1 (DNS rebinding)
+    status, answer = call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": 1}, headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in answer["error"]["message"], answer
+    status, answer = call(a, "GET", "/v1/inventory", headers={"Host": f"evil.example:{a.port}"})
+    assert status == 403 and "evil.example" in answer["error"]["message"], answer
+    assert a.inventory()["leases"] == []
+    # one lease per address, two in all
+    assert call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": 1})[0] == 201
+    status, answer = call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": 1})
+    assert status == 429 and "--max-leases-per-address 1" in answer["error"]["message"], answer
+    assert call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": 1}, source="127.0.0.2")[0] == 201
+    status, answer = call(a, "POST", "/v1/leases", {"model": "m", "need_bytes": 1}, source="127.0.0.3")
+    assert status == 429 and "--max-leases 2" in answer["error"]["message"], answer
+    assert len(a.inventory()["leases"]) == 2
+
+
+def test_a_credential_that_is_not_utf8_is_refused_not_a_crash(agents):
+    a = agents()
+    with socket.create_connection((a.host, a.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/inventory HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\xc3\r\n"
+                     b"Connection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b"Traceback" not in a.log_path.read_bytes()
+
+
+def _listening_ports(pid: int) -> list[int]:
+    return [c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+
+
+def _closed_at_once(address: tuple[str, int], first: bytes = b"") -> bool:
+    """Whether a connection to `address` is closed by the other side without an answer."""
+    with socket.create_connection(address, timeout=10) as sock:
+        if first:
+            sock.sendall(first)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False  # held open: something behind it waits for more
+
+
+def test_only_the_gateways_llama_server_reaches_a_leased_rpc_server(berth, agents, moe_gguf, tmp_path):
+    a, b = agents(), agents()
+    server = berth(config(moe_gguf, a, b), env=home(tmp_path))
+    expected = greedy(server, "local")
+    assert greedy(server, "experts") == expected
+    lease = next(l for l in a.inventory()["leases"] if l["model"] == "experts")
+    # on the agent's machine: the rpc server has a network namespace of its own, so no local user reaches it
+    assert lease["isolation"] == "network namespace"
+    assert os.readlink(f"/proc/{lease['rpc_server_pid']}/ns/net") != os.readlink("/proc/self/ns/net")
+    for port in _listening_ports(lease["rpc_server_pid"]):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    # at the relay, the lessee's own address is not enough: a connection must begin with the lease's secret
+    relayed = lease["bytes_to_server"]
+    assert _closed_at_once((a.host, lease["port"]), b"\0" * 64)
+    wait_until(lambda: next(l for l in a.inventory()["leases"] if l["model"] == "experts")["refused_connections"] == 1,
+               5, "the refusal to be counted")
+    # on the gateway's machine: the forwarder llama-server's --rpc names takes only llama-server's own connections
+    running = {r["model"]: r for r in requests.get(server.url + "/running", headers={"Authorization": f"Bearer {KEY}"},
+                                                   timeout=5).json()["running"]}
+    for endpoint in rpc_endpoints(running["experts"], [a.address, b.address]).values():
+        host, _, port = endpoint.rpartition(":")
+        assert _closed_at_once((host, int(port)))
+    lease = next(l for l in a.inventory()["leases"] if l["model"] == "experts")
+    assert lease["refused_connections"] == 1 and lease["bytes_to_server"] == relayed  # nothing reached the agent
+    assert greedy(server, "experts") == expected  # the gateway's own connections are untouched
+
+
+def test_an_agent_that_is_not_root_isolates_its_rpc_servers_too(berth, agents, moe_gguf, tmp_path):
+    """Not root: the rpc server gets a user namespace of its own, and a network namespace inside it. The agent
+    runs as uid 65534 without capabilities, in a user namespace this test makes (so that it still reads this
+    machine's Python, which an ordinary user here may not)."""
+    as_nobody = ("unshare", "--user", "--map-user=65534", "--map-group=65534")
+    if shutil.which("unshare") is None or subprocess.run([*as_nobody, "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a user namespace here")
+    nobody = agents(prefix=as_nobody)
+    server = berth(config(moe_gguf, nobody, agents()), env=home(tmp_path))
+    assert greedy(server, "experts") == greedy(server, "local")
+    lease = next(l for l in nobody.inventory()["leases"] if l["model"] == "experts")
+    assert lease["isolation"] == "network namespace", lease
+    agent_ns, server_ns = f"/proc/{nobody.proc.pid}/ns", f"/proc/{lease['rpc_server_pid']}/ns"
+    assert os.readlink(f"{agent_ns}/user") != os.readlink("/proc/self/ns/user")  # the agent is not root here
+    for namespace in ("net", "user"):
+        assert os.readlink(f"{server_ns}/{namespace}") != os.readlink(f"{agent_ns}/{namespace}"), namespace
 
 
 # -- across a network namespace ----------------------------------------------------------

@@ -223,3 +223,35 @@ def _post_quietly(url: str) -> None:
         requests.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=60)
     except requests.RequestException:
         pass
+
+
+@pytest.mark.parametrize("listed", ["../escaped-Q4_K_M.gguf", "files/../../../escaped-Q4_K_M.gguf",
+                                    "{outside}/escaped-Q4_K_M.gguf", "..\\escaped-Q4_K_M.gguf"])
+def test_a_hub_that_lists_a_path_outside_the_store_is_refused(hub, home, tmp_path, listed):
+    """A lying hub: its listing names a file outside the model's directory (with a matching sha256, since
+    the hash comes from the same hub). Nothing may be written there, linked or marked verified."""
+    outside = tmp_path / "outside"
+    listed = listed.format(outside=outside)
+    hub.lies = True  # and serves the file at whatever URL the client makes of that name
+    hub.add(REPO, listed, write_gguf(tmp_path / "upstream" / "escaped-Q4_K_M.gguf"))
+    result = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", "--retry-delay", "0.05")
+    assert result.returncode == 1, result.stderr
+    assert "refusing to write it" in result.stderr and "escaped-Q4_K_M.gguf" in result.stderr
+    assert sum(hub.gets.values()) == 0  # refused before any download
+    written = [p for p in tmp_path.rglob("escaped-Q4_K_M.gguf*") if "upstream" not in p.parts]
+    assert written == []
+    assert not list((home / "models").rglob("berth-model.json"))
+
+
+def test_store_names_are_one_plain_directory_name(hub, home, tmp_path):
+    publish(hub, tmp_path, "tiny-Q4_K_M.gguf")
+    for name in ("..", "../elsewhere", ".hidden", "a/b"):
+        refused = berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M", "--name", name)
+        assert refused.returncode == 2 and "is not a store name" in refused.stderr, (name, refused.stderr)
+    assert sum(hub.gets.values()) == 0 and not (home / "files").exists() and not (home / "elsewhere").exists()
+    bad_ref = berth_cli(home, hub, "pull", f"{REPO}/../tiny-Q4_K_M.gguf")
+    assert bad_ref.returncode == 2 and "'..'" in bad_ref.stderr
+    assert berth_cli(home, hub, "pull", f"{REPO}:Q4_K_M").returncode == 0
+    escape = berth_cli(home, None, "rm", "tiny-llm-q4_k_m/../..")  # would be BERTH_HOME itself
+    assert escape.returncode == 2 and "is not a store name" in escape.stderr
+    assert (home / "models" / "tiny-llm-q4_k_m" / "berth-model.json").exists()

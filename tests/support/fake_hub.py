@@ -4,7 +4,10 @@ Speaks: model info with file metadata (`/api/models/{repo}[/revision/{rev}]`),
 `resolve` (HEAD and GET) answering with a redirect to a blob URL and the
 `X-Repo-Commit`, `X-Linked-Etag`, `X-Linked-Size` headers, and byte ranges on
 the blob. Faults can be injected per file: drop the connection after N bytes,
-or serve corrupted bytes once. Runs in a thread of the test process.
+or serve corrupted bytes once. A lying hub (`lies = True`) also answers any
+other path ending in a listed file's name with that file, as a hub that
+lists `../x.gguf` would (clients collapse the `..` in the URL). Runs in a
+thread of the test process.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class FakeHub:
         self.drop_after: dict[str, int] = {}  # file -> bytes; the next GET is cut there (once)
         self.corrupt_once: set[str] = set()
         self.seconds_per_block = 0.0  # > 0 makes downloads slow (64 KiB blocks)
+        self.lies = False  # serve a listed file at any path that ends in its name
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -66,6 +70,8 @@ class FakeHub:
     async def _resolve(self, request: web.Request) -> web.Response:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"
         entry = self.repos.get(repo, {}).get(request.match_info["path"])
+        if entry is None and self.lies:
+            return await self._anywhere(request)
         if entry is None:
             return web.json_response({"error": "Entry not found"}, status=404,
                                      headers={"X-Error-Code": "EntryNotFound"})
@@ -74,9 +80,19 @@ class FakeHub:
             "Location": blob, "X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{entry.sha256}"',
             "X-Linked-Size": str(entry.size), "ETag": f'"{entry.sha256[:40]}"'})
 
+    async def _anywhere(self, request: web.Request) -> web.StreamResponse:
+        tail = request.path.rsplit("/", 1)[-1]
+        for repo, files in self.repos.items():
+            for name in files:
+                if self.lies and name.replace("\\", "/").rsplit("/", 1)[-1] == tail:
+                    return await self._send(request, repo, name)
+        return web.json_response({"error": "Entry not found"}, status=404, headers={"X-Error-Code": "EntryNotFound"})
+
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"
-        name = request.match_info["path"]
+        return await self._send(request, repo, request.match_info["path"])
+
+    async def _send(self, request: web.Request, repo: str, name: str) -> web.StreamResponse:
         entry = self.repos[repo][name]
         start = 0
         if request.http_range.start is not None:
@@ -128,6 +144,7 @@ class FakeHub:
             app.router.add_get("/api/models/{owner}/{name}/revision/{rev}", self._info)
             app.router.add_route("*", "/{owner}/{name}/resolve/{rev}/{path:.+}", self._resolve)
             app.router.add_route("*", "/blobs/{owner}/{name}/{path:.+}", self._blob)
+            app.router.add_route("*", "/{tail:.+}", self._anywhere)
             self._runner = web.AppRunner(app, access_log=None)
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -120,6 +120,6 @@ def rm(name: str, slots_only: bool, config_path: str | None) -> None:
         return
     try:
         store.remove(name)
-    except NotInStore as exc:
+    except (NotInStore, BadSelection) as exc:
         fail(exc.message)
     click.echo(f"removed {name}")

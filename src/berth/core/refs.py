@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from berth.core.errors import BadRequest
 
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/(?!\.+$)[\w.-]+$")  # a name of dots alone would be a path step
 SPLIT_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
@@ -49,6 +49,9 @@ def parse_ref(text: str, revision: str | None = None) -> ModelRef:
             return ModelRef(repo, quant=quant, revision=revision)
     else:
         parts = body.split("/")
+        if any(part in ("", ".", "..") or "\\" in part for part in parts[2:]):
+            raise BadModelRef(f"{raw!r} names a file with an empty, '.' or '..' part or a backslash; write the "
+                              "file's path inside the repo as the hub lists it")
         if len(parts) >= 3 and parts[-1].lower().endswith(".gguf") and _REPO.match("/".join(parts[:2])):
             return ModelRef("/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision)
         if len(parts) == 2 and _REPO.match(body):

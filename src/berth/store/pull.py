@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from berth.core.refs import ModelRef
-from berth.store.store import BadSelection, ModelStore, NotInStore, RemoteFile, StoreEntry, StoreError
+from berth.store.store import BadSelection, ModelStore, NotInStore, RemoteFile, StoreEntry, StoreError, contained_path
 from berth.store.store import select_mmproj, select_model_files
 
 
@@ -99,7 +99,7 @@ def download_file(ref: ModelRef, remote: RemoteFile, files_dir: Path, commit: st
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    target = files_dir / remote.path
+    target = contained_path(files_dir, remote.path, ref.repo)
     partial = target.with_name(target.name + ".partial")
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and (remote.size is None or target.stat().st_size == remote.size):

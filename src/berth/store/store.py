@@ -59,6 +59,45 @@ class BadSelection(StoreError):
     code = "model_not_found_in_repo"
 
 
+class BadStoreName(BadSelection):
+    """A store name that is not one directory name (user input: CLI exit 2)."""
+
+    code = "invalid_store_name"
+
+
+class UnsafeRemotePath(StoreError):
+    """A hub listed a file whose name would be written outside the model's directory."""
+
+    status = 502
+    code = "unsafe_remote_path"
+
+
+_STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def check_store_name(name: str) -> str:
+    """`name` if it can be a store entry: one directory name, not hidden, no path in it."""
+    if not _STORE_NAME.fullmatch(name):
+        raise BadStoreName(f"{name!r} is not a store name: use letters, digits, '.', '_' and '-' (at most 200, "
+                           "starting with a letter or digit), e.g. --name qwen3-8b-q4_k_m")
+    return name
+
+
+def contained_path(root: Path, relative: str, what: str) -> Path:
+    """`root / relative` for a file name that came from elsewhere (a hub's listing); UnsafeRemotePath when it
+    is absolute, has `..`, `.` or empty parts or backslashes, or resolves outside `root` (a symlink on the way)."""
+    parts = relative.split("/")
+    if (not relative or relative.startswith("/") or "\\" in relative or "\0" in relative
+            or any(part in ("", ".", "..") for part in parts)):
+        raise UnsafeRemotePath(f"{what} lists the file {relative!r}, which is not a plain relative path; refusing to "
+                               "write it (absolute paths, '..' and backslashes could land outside the store)")
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafeRemotePath(f"{what} lists the file {relative!r}, which resolves outside {root}; refusing to "
+                               "write it")
+    return path
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     path: str
@@ -176,9 +215,13 @@ class ModelStore:
 
     # -- reading ------------------------------------------------------------------------
 
+    def directory(self, name: str) -> Path:
+        """Where the entry `name` lives (BadStoreName for a name that is not one plain directory name)."""
+        return self.root / check_store_name(name)
+
     def entry(self, name: str) -> StoreEntry | None:
         """A verified entry, or None (a directory without a valid marker does not count)."""
-        directory = self.root / name
+        directory = self.directory(name)
         try:
             marker = json.loads((directory / MARKER).read_text())
         except (OSError, ValueError):
@@ -192,7 +235,7 @@ class ModelStore:
     def entries(self) -> list[StoreEntry]:
         if not self.root.is_dir():
             return []
-        found = (self.entry(d.name) for d in sorted(self.root.iterdir()) if d.is_dir() and not d.name.startswith("."))
+        found = (self.entry(d.name) for d in sorted(self.root.iterdir()) if d.is_dir() and _STORE_NAME.fullmatch(d.name))
         return [e for e in found if e is not None]
 
     def touch(self, entry: StoreEntry) -> None:
@@ -205,7 +248,7 @@ class ModelStore:
         """Hold the model's pull lock; waiting for it stops when `cancel` is set."""
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{name}.lock", "w") as fh:
+        with open(locks / f"{check_store_name(name)}.lock", "w") as fh:
             while True:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,8 +263,8 @@ class ModelStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def remove(self, name: str) -> None:
-        directory = self.root / name
-        if not directory.is_dir() or name.startswith("."):
+        directory = self.directory(name)
+        if not directory.is_dir():
             names = ", ".join(e.name for e in self.entries()) or "(the store is empty)"
             raise NotInStore(f"no model named {name!r} in the store at {self.root}; stored: {names}")
         with self.lock(name):
@@ -233,15 +276,15 @@ class ModelStore:
 
         `expected_sha256` replaces the hub's hash of a single-file model.
         """
-        directory = self.root / name
+        directory = self.directory(name)
         files_dir = directory / "files"
-        files_dir.mkdir(parents=True, exist_ok=True)
         wanted = model_files + ([mmproj] if mmproj else [])
+        files_dir.mkdir(parents=True, exist_ok=True)
+        local_paths = [contained_path(files_dir, remote.path, ref.repo) for remote in wanted]
         self._check_disk_space(files_dir, wanted)
         records = []
-        for remote in wanted:
+        for remote, local in zip(wanted, local_paths):
             sha = expected_sha256 if expected_sha256 and remote is model_files[0] else remote.sha256
-            local = files_dir / remote.path
             for attempt in range(1, attempts + 1):
                 fetch(remote, files_dir)
                 problem = self._verify(local, remote.size, sha)
@@ -252,9 +295,9 @@ class ModelStore:
                     raise StoreError(f"{remote.path} from {ref.repo} failed verification {attempts} times "
                                      f"({problem}); the upstream file or the connection is damaged")
             records.append({"path": remote.path, "size": local.stat().st_size, "sha256": sha or sha256_of(local)})
-        _replace_symlink(directory / "model.gguf", files_dir / model_files[0].path)
+        _replace_symlink(directory / "model.gguf", local_paths[0])
         if mmproj:
-            _replace_symlink(directory / "mmproj.gguf", files_dir / mmproj.path)
+            _replace_symlink(directory / "mmproj.gguf", local_paths[-1])
         marker = {"ref": str(ref), "repo": ref.repo, "quant": ref.quant, "revision": ref.revision,
                   "files": records, "verified_at": time.time()}
         tmp = directory / f".{MARKER}.tmp"
