@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,26 @@ def test_prefix_is_reused_after_a_swap(berth, tmp_path, engine, gemma_gguf):
     removed = subprocess.run([sys.executable, "-m", "berth.cli", "rm", "--slots", "a"], capture_output=True, env=env)
     assert removed.returncode == 0
     assert not (tmp_path / "home" / "models" / ".slots" / "a").exists()
+
+
+def test_saved_slots_and_the_ledger_are_for_berths_user_alone(berth, tmp_path, engine, gemma_gguf):
+    """Saved slots hold users' token ids; the ledger says what runs here. Whatever the umask."""
+    home = tmp_path / "home"  # not there yet: berth makes it
+    b = start(berth, tmp_path, two_ids(engine, gemma_gguf))
+    ask(b, "a")
+    wait_until(lambda: (home / "memory.json").exists(), 30, "a's measured memory to be kept")
+    ask(b, "b", "hi")  # a saves its slot and stops
+    b.stop()
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    slots = home / "models" / ".slots"
+    assert mode(home) == 0o700 and mode(home / "memory.json") == 0o600
+    for directory in (slots, slots / "a", *(slots / "a").iterdir()):
+        assert mode(directory) == 0o700, directory
+    saved = list((slots / "a").rglob("slot-*.bin"))
+    assert saved and all(mode(path) == 0o600 for path in saved), [(p, oct(mode(p))) for p in saved]
 
 
 def test_incompatible_save_is_discarded_not_restored(berth, tmp_path, engine, gemma_gguf):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.deploy import DEPLOY, by_kind, deploy_tool, pod_spec, render
+from tests.support.deploy import CONTAINERFILE, DEPLOY, by_kind, deploy_tool, pod_spec, render
 
 RENDERINGS = {"cpu": "overlays/cpu", "cuda": "overlays/cuda", "scale-out": "scale-out"}
 CUSTOM_KINDS = ("ServiceMonitor", "InferencePool", "HTTPRoute")  # no schemas offline: checked below
@@ -168,3 +168,59 @@ def test_the_scale_out_pool_and_picker_point_at_the_berths():
     route = by_kind(objects, "HTTPRoute")
     assert route["spec"]["rules"][0]["backendRefs"][0] == {
         "group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}
+
+
+PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16")  # pods, services, metadata
+
+
+def test_the_network_policy_takes_labelled_clients_and_lets_out_only_dns_and_https_outside_the_cluster(rendered):
+    import ipaddress
+
+    _, objects, _ = rendered
+    spec = by_kind(objects, "NetworkPolicy")["spec"]
+    api = [rule for rule in spec["ingress"] if any(p["port"] == 8080 for p in rule["ports"])]
+    assert api and all(rule.get("from") for rule in api)  # a rule without `from` admits everyone
+    for peer in (peer for rule in api for peer in rule["from"]):
+        assert set(peer) == {"namespaceSelector"} and peer["namespaceSelector"].get("matchLabels"), peer
+    assert {"berth/api-client": "true"} in [p["namespaceSelector"]["matchLabels"] for r in api for p in r["from"]]
+    assert spec["egress"] and all(rule.get("to") for rule in spec["egress"])  # no rule open to every address
+    for rule in spec["egress"]:
+        ports = {p["port"] for p in rule["ports"]}
+        assert ports in ({53}, {443}), rule
+        if ports == {53}:
+            assert rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
+            continue
+        blocks = [peer["ipBlock"] for peer in rule["to"]]
+        assert all(set(peer) == {"ipBlock"} for peer in rule["to"]), rule
+        v4 = [b for b in blocks if ipaddress.ip_network(b["cidr"]).version == 4]
+        for block in v4:
+            excepted = [ipaddress.ip_network(e) for e in block.get("except", [])]
+            for private in map(ipaddress.ip_network, PRIVATE_RANGES):
+                assert any(private.subnet_of(e) for e in excepted), (private, block)
+        for block in blocks:
+            if ipaddress.ip_network(block["cidr"]).version == 6:
+                assert ipaddress.ip_network("fc00::/7") in map(ipaddress.ip_network, block.get("except", []))
+
+
+def test_the_image_is_built_from_a_pinned_base_and_hashed_packages():
+    import tomllib
+
+    text = CONTAINERFILE.read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"ghcr\.io/ggml-org/llama\.cpp:server-b\d+@sha256:[0-9a-f]{64}", base.group(1))
+    assert re.findall(r"^FROM .*$", text, re.M) == ["FROM ${BASE_IMAGE}"]
+    installs = re.findall(r"pip install [^\\\n]*", text)
+    assert installs == ["pip install --no-cache-dir --require-hashes -r /tmp/berth-src/requirements.lock ",
+                        "pip install --no-cache-dir --no-deps --no-build-isolation /tmp/berth-src "], installs
+    lock = (CONTAINERFILE.parent / "requirements.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 2)[2])  # each pinned package with its hashes
+    pinned = {}
+    for entry in entries:
+        name, version = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", entry).groups()
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), entry[:200]
+        pinned[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    for requirement in wanted:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)).lower()
+        assert name in pinned, f"{requirement} is not in requirements.lock: regenerate it (the command at its top)"

@@ -208,3 +208,25 @@ def test_sleep_after_is_written_as_llama_servers_flag_and_refused_for_other_engi
     with pytest.raises(BadRequest, match="keep one"):
         build_launch(replace(_spec("/app/llama-server -m a.gguf --sleep-idle-seconds 5"), sleep_after=300))
     assert "--sleep-idle-seconds" not in build_launch(_spec("/app/llama-server -m a.gguf")).argv
+
+
+def test_secrets_inside_shell_strings_and_environment_assignments_are_redacted():
+    argv = ["sh", "-c", "exec llama-server -m /m.gguf --api-key k1 -hft 'hub token' --hf-token=t2 --port 1",
+            "env", "HF_TOKEN=t3", "BERTH_API_KEY=k4", "TOKENIZERS_PARALLELISM=false", "--alias", "visible"]
+    shown = " ".join(redact_argv(argv))
+    for secret in ("k1", "hub token", "t2", "t3", "k4"):
+        assert secret not in shown.split() and f"'{secret}'" not in shown, secret
+    assert shown == ("sh -c exec llama-server -m /m.gguf --api-key <redacted> -hft <redacted> --hf-token=<redacted> "
+                     "--port 1 env HF_TOKEN=<redacted> BERTH_API_KEY=<redacted> TOKENIZERS_PARALLELISM=false "
+                     "--alias visible")
+
+
+def test_model_processes_get_berths_credentials_only_when_the_config_passes_them():
+    from berth.engine.redact import child_environment
+
+    berths = {"PATH": "/usr/bin", "HOME": "/home/b", "BERTH_API_KEY": "k", "HF_TOKEN": "t", "OPENAI_API_KEY": "o",
+              "AWS_SECRET_ACCESS_KEY": "a", "GITHUB_TOKEN": "g", "LLAMA_API_KEY": "l", "BERTH_AGENT_KEY": "ak",
+              "DB_PASSWORD": "p", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "0"}
+    env = child_environment(berths, [("HF_TOKEN", "t"), ("EXTRA", "1")])
+    assert env == {"PATH": "/usr/bin", "HOME": "/home/b", "TOKENIZERS_PARALLELISM": "false",
+                   "CUDA_VISIBLE_DEVICES": "0", "HF_TOKEN": "t", "EXTRA": "1"}

@@ -31,6 +31,7 @@ import time
 from collections import deque
 
 from berth.core.procfs import group_alive, listens_on
+from berth.engine.redact import child_environment
 from berth.runtime.janitor import signal_group
 from berth.runtime.relay import Stream
 
@@ -153,7 +154,8 @@ class RpcHost:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "berth.agent.rpc_host", "--control-fd", str(theirs.fileno()), "--port",
                 str(port), "--", *server_argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, pass_fds=(theirs.fileno(),), start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT, pass_fds=(theirs.fileno(),), start_new_session=True,
+                env=child_environment(os.environ, ()))  # the agent's key stays with the agent
         except BaseException:
             ours.close()
             raise

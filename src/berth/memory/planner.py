@@ -24,6 +24,7 @@ from berth.engine.identity import launch_identity
 from berth.engine.launch import Launch, server_args
 from berth.engine.llama_args import LlamaServerArgs
 from berth.core.errors import BerthError
+from berth.core.paths import write_private
 from berth.memory.backends import Backend, GpuRuntime
 from berth.memory.devices import Device, cpu_repacked_types
 from berth.memory.estimate import GPU, EstimateError, MemoryEstimate, estimate
@@ -194,10 +195,7 @@ class MemoryLedger:
 
     def _save(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(".partial")
-            partial.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
-            partial.replace(self.path)
+            write_private(self.path, json.dumps(self._entries, indent=1, sort_keys=True))
         except OSError as exc:
             log.warning(f"cannot save measured memory to {self.path}: {exc}")
 

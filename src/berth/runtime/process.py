@@ -27,7 +27,7 @@ import aiohttp
 from berth.config import ModelSpec
 from berth.engine.launch import Launch, server_args
 from berth.engine.rpc import RpcTargets
-from berth.engine.redact import redact_argv
+from berth.engine.redact import child_environment, redact_argv
 from berth.engine.slots import SlotPlan
 from berth.engine.warmup import model_api_key
 from berth.core.errors import BerthError, StartFailed
@@ -46,6 +46,7 @@ HEALTH_MAX_DELAY = 0.1  # a load that ends between two polls waits at most this 
 GROUP_GONE_TIMEOUT = 5.0
 LIVENESS_MISSES = 3  # health checks missed in a row before a ready model counts as hung
 RUN_OUTPUT_LINES = 2000  # the child's last lines kept per run (buffer sizes come early, failures late)
+CHILD_UMASK = 0o077  # what a model server writes (saved KV slots hold users' tokens) is for berth's user alone
 
 
 @dataclass(frozen=True)
@@ -331,15 +332,14 @@ class ModelProcess:
         if self._warmer is not None:  # the kernel reads the weights while the server starts up
             argv = self.argv
             self._warmer.warm(spec.id, lambda: launch_files(argv), "before its start")
-        env = dict(os.environ)
-        env.update(dict(spec.env))
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=env,
+                env=child_environment(os.environ, spec.env),
+                umask=CHILD_UMASK,
                 start_new_session=True,  # own process group: a stop reaches every descendant
             )
         except FileNotFoundError:
@@ -503,11 +503,12 @@ class ModelProcess:
 
     async def _run_stop_command(self, pid: int) -> None:
         argv = [arg.replace("${PID}", str(pid)) for arg in self.spec.stop_argv]
-        self._log(f"running cmdStop: {' '.join(argv)}")
+        self._log(f"running cmdStop: {' '.join(redact_argv(argv))}")
         try:
             stopper = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                stderr=asyncio.subprocess.DEVNULL, env=child_environment(os.environ, self.spec.env),
+                start_new_session=True)
             await asyncio.wait_for(stopper.wait(), self.spec.unload_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self._log(f"cmdStop failed ({exc!r}); sending SIGTERM")

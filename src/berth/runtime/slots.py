@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
+from berth.core.paths import PRIVATE_DIR, private_dir
 from berth.engine.slots import SlotPlan
 
 SAVE_BUDGET_SECONDS = 10.0
@@ -45,7 +46,9 @@ class SlotKeeper:
                     self._log(f"discarding saved slots in {other.name}: made with other launch settings "
                               f"({_settings_difference(other, self.plan.settings)})")
                     shutil.rmtree(other, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
+        for own in (self.plan.slots_root, self.plan.model_root, directory):  # made 0700 by an older berth or not
+            own.chmod(PRIVATE_DIR)
         (directory / _SETTINGS_FILE).write_text(json.dumps(self.plan.settings, indent=2))
         saved = sorted(directory.glob("slot-*.bin"))
         if (directory / _RUNNING_MARKER).exists() and saved:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from berth.core.paths import private_dir
 from berth.core.refs import ModelRef
 from berth.store.store import BadSelection, ModelStore, NotInStore, RemoteFile, StoreEntry, StoreError, contained_path
 from berth.store.store import select_mmproj, select_model_files
@@ -101,7 +102,7 @@ def download_file(ref: ModelRef, remote: RemoteFile, files_dir: Path, commit: st
 
     target = contained_path(files_dir, remote.path, ref.repo)
     partial = target.with_name(target.name + ".partial")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent)
     if target.exists() and (remote.size is None or target.stat().st_size == remote.size):
         return
     url = hf_hub_url(ref.repo, remote.path, revision=commit)

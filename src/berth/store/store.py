@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from berth.core.paths import berth_home
+from berth.core.paths import berth_home, private_dir
 from berth.core.errors import BerthError
 from berth.core.gguf import GGUFInvalid, check_gguf
 from berth.core.refs import SPLIT_SUFFIX, ModelRef
@@ -246,8 +246,7 @@ class ModelStore:
     @contextmanager
     def lock(self, name: str, cancel: threading.Event | None = None) -> Iterator[None]:
         """Hold the model's pull lock; waiting for it stops when `cancel` is set."""
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
+        locks = private_dir(self.root / ".locks")
         with open(locks / f"{check_store_name(name)}.lock", "w") as fh:
             while True:
                 try:
@@ -279,7 +278,7 @@ class ModelStore:
         directory = self.directory(name)
         files_dir = directory / "files"
         wanted = model_files + ([mmproj] if mmproj else [])
-        files_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(files_dir)
         local_paths = [contained_path(files_dir, remote.path, ref.repo) for remote in wanted]
         self._check_disk_space(files_dir, wanted)
         records = []
