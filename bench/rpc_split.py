@@ -2,7 +2,8 @@
 
 Starts two agents and one berth whose config serves the same GGUF three ways (all local; experts
 spread over the agents; whole layers spread over them), and, for the relay's cost, one llama-server
-with the same expert placement wired straight to two bare ggml-rpc-servers. For each: time to first
+with the same expert placement wired straight to two bare ggml-rpc-servers (no forwarder, no relay,
+no secret, no network namespace). For each: time to first
 token and decode tokens/s of streamed greedy completions, and the bytes that crossed the agents'
 relays per generated token (prompt processing included). Loopback shows what RPC itself costs; a
 real network adds its round trips on top (each token crosses to the agents once per layer placed
@@ -38,7 +39,8 @@ from berth.engine.launch import build_launch  # noqa: E402
 from berth.engine.rpc import RpcTargets  # noqa: E402
 from berth.store import ModelStore  # noqa: E402
 
-KEY = "bench-key"
+KEY = "bench-key"  # the gateway's client key
+AGENT_KEY = "bench-agent-key"  # the agents' own (rpc.apiKey)
 PROMPT = "The capital of France is"
 
 
@@ -86,7 +88,7 @@ def stream_once(url: str, model: str | None, tokens: int, headers: dict[str, str
 def relayed_bytes(agents: list[str]) -> int:
     total = 0
     for agent in agents:
-        inventory = requests.get(f"http://{agent}/v1/inventory", headers={"Authorization": f"Bearer {KEY}"},
+        inventory = requests.get(f"http://{agent}/v1/inventory", headers={"Authorization": f"Bearer {AGENT_KEY}"},
                                  timeout=5).json()
         total += sum(l["bytes_to_server"] + l["bytes_from_server"] for l in inventory["leases"])
     return total
@@ -118,9 +120,9 @@ def main() -> None:
         agents = [f"127.0.0.1:{free_port()}" for _ in range(2)]
         for agent in agents:
             stack.enter_context(process([sys.executable, "-m", "berth.cli", "agent", "--listen", agent,
-                                         "--api-key", KEY], f"http://{agent}/health", f"agent {agent}"))
+                                         "--api-key", AGENT_KEY], f"http://{agent}/health", f"agent {agent}"))
         cmd = f"llama-server -m {model} --port ${{PORT}} -c 1024 -np 1"
-        rpc = f'agents: ["{agents[0]}", "{agents[1]}"]'
+        rpc = f'agents: ["{agents[0]}", "{agents[1]}"], apiKey: {AGENT_KEY}'
         config = work / "config.yaml"  # no KV slot saving: a stop costs nothing extra in any setup
         config.write_text(f"apiKeys: [{KEY}]\nmodels:\n  local:\n    cmd: {cmd}\n    kvPersistence: false\n"
                           f"  experts:\n    cmd: {cmd}\n    kvPersistence: false\n"
@@ -155,7 +157,8 @@ def main() -> None:
         print(f"{name:32} {row['ttft'] * 1000:>9.1f} {row['tps']:>8.1f} {row['tps'] / base['tps']:>8.2f}x "
               f"{per_token:>16}")
     relay = rows["berth experts"]["tps"] / rows["llama-server experts, no relay"]["tps"]
-    print(f"berth's relay: experts split at {relay:.2f}x the tokens/s of the same split without it")
+    print(f"berth's way to the agents (forwarder, relay): experts split at {relay:.2f}x the tokens/s of the same "
+          "split without them")
 
 
 if __name__ == "__main__":

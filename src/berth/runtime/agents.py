@@ -127,7 +127,7 @@ class AgentLeases:
     """The rpc servers of one run of one model: one from each agent its plan puts something on.
 
     `lessee` is the model server's pid once it runs: the forwarders connect only its own connections
-    (any other process on this machine's loopback is refused and counted in `refused_connections`).
+    (any other process on this machine's loopback is refused, with a warning in the log).
     """
 
     def __init__(self, session: aiohttp.ClientSession, model: str, rpc: RpcSpec,
@@ -135,7 +135,6 @@ class AgentLeases:
         self._session, self.model, self.rpc, self._lessee = session, model, rpc, lessee
         self.leases: dict[str, _Lease] = {}  # agent -> its lease
         self.renew_seconds = 5.0
-        self.refused_connections = 0
 
     @property
     def endpoints(self) -> tuple[str | None, ...]:
@@ -180,7 +179,6 @@ class AgentLeases:
         peer, ours = writer.get_extra_info("peername")[:2], writer.get_extra_info("sockname")[:2]
         lessee = self._lessee()
         if lessee is None or not await asyncio.to_thread(holds_connection, lessee, peer, ours):
-            self.refused_connections += 1
             log.warning(f"{self.model}: refused a connection to the rpc forwarder {lease.endpoint} from "
                         f"{peer[0]}:{peer[1]}: not the model's own server process")
             writer.close()
