@@ -23,7 +23,9 @@ from aiohttp import web
 
 from berth.agent.rpc_host import ISOLATED, RpcHost, RpcServerFailed
 from berth.core.credentials import same_secret
-from berth.core.errors import BadRequest, BerthError, Unauthorized
+from berth.core.errors import (
+    BadRequest, BerthError, ForeignHost, LeaseLimit, LeaseNotFound, NotJson, NotTheLessee, Unauthorized,
+)
 from berth.core.hosts import LOCAL_NAMES, host_name
 from berth.core.units import format_bytes
 from berth.memory.devices import inventory
@@ -36,36 +38,6 @@ log = logging.getLogger("berth.agent")
 
 PORT_ATTEMPTS = 3
 MAX_MODEL_NAME = 200
-
-
-class NotTheLessee(BerthError):
-    status = 403
-    error_type = "permission_error"
-    code = "not_the_lessee"
-
-
-class LeaseNotFound(BerthError):
-    status = 404
-    error_type = "invalid_request_error"
-    code = "lease_not_found"
-
-
-class LeaseLimit(BerthError):
-    status = 429
-    error_type = "rate_limit_error"
-    code = "lease_limit"
-
-
-class ForeignHost(BerthError):
-    status = 403
-    error_type = "permission_error"
-    code = "host_not_allowed"
-
-
-class NotJson(BerthError):
-    status = 415
-    error_type = "invalid_request_error"
-    code = "unsupported_media_type"
 
 
 @dataclass

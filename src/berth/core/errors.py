@@ -77,6 +77,44 @@ class HostNotAllowed(BerthError):
             "accepted. If you reach berth under this name, add it to allowedHosts in the config")
 
 
+class ForeignHost(BerthError):
+    """A request under a Host name a keyless server does not answer to (DNS rebinding)."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "host_not_allowed"
+
+
+class NotJson(BerthError):
+    """A state-changing request whose body is not JSON (what a web page can send without asking)."""
+
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class NotTheLessee(BerthError):
+    """An rpc lease renewed or ended from an address other than the one that took it."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "not_the_lessee"
+
+
+class LeaseNotFound(BerthError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "lease_not_found"
+
+
+class LeaseLimit(BerthError):
+    """An agent that already lends as many rpc servers as it may (in all, or to one address)."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "lease_limit"
+
+
 class RequestTimeout(BerthError):
     status = 408
     error_type = "invalid_request_error"
