@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.e2e.conftest import rpc_server_binary
-from tests.support.harness import children_of, free_port, kill_quietly, pid_alive, wait_until
+from tests.support.harness import children_of, closed_by_server, free_port, kill_quietly, pid_alive, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from tiny_models import write_llama  # noqa: E402
@@ -403,16 +403,11 @@ def _listening_ports(pid: int) -> list[int]:
 
 
 def _closed_at_once(address: tuple[str, int], first: bytes = b"") -> bool:
-    """Whether a connection to `address` is closed by the other side without an answer."""
+    """Whether a connection to `address` is closed by the other side without an answer (not held open, as by
+    something behind it that waits for more)."""
     with socket.create_connection(address, timeout=10) as sock:
-        if first:
-            sock.sendall(first)
-        try:
-            return sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-        except socket.timeout:
-            return False  # held open: something behind it waits for more
+        sock.sendall(first)
+        return closed_by_server(sock, 10)
 
 
 def test_only_the_gateways_llama_server_reaches_a_leased_rpc_server(berth, agents, moe_gguf, tmp_path):

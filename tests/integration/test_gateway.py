@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.support.harness import (
-    FAKE_SERVER, children_of, fake_cmd, free_port, pid_alive, start_log_lines, wait_until,
+    FAKE_SERVER, children_of, closed_by_server, fake_cmd, free_port, pid_alive, start_log_lines, wait_until,
 )
 
 
@@ -818,18 +818,6 @@ def _slowloris(port: int, count: int) -> list:
     return held
 
 
-def _closed_by_server(sock, wait: float) -> bool:
-    import socket
-
-    sock.settimeout(wait)
-    try:
-        return sock.recv(1024) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
-
-
 def test_slow_clients_are_dropped_and_bodies_must_arrive(berth, start_port):
     import socket
 
@@ -838,7 +826,7 @@ def test_slow_clients_are_dropped_and_bodies_must_arrive(berth, start_port):
     port = int(b.url.rsplit(":", 1)[1])
     slow = _slowloris(port, 20)
     try:
-        assert all(_closed_by_server(sock, 10) for sock in slow)  # dropped, not held forever
+        assert all(closed_by_server(sock, 10) for sock in slow)  # dropped, not held forever
         with socket.create_connection(("127.0.0.1", port), timeout=10) as trickled:
             trickled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
                              b"\r\n{\"model\": ")
@@ -861,9 +849,9 @@ def test_connections_over_max_connections_are_closed_at_once(berth, start_port):
         deadline = time.monotonic() + 20
         while len(closed) < 5 and time.monotonic() < deadline:
             readable, _, _ = select.select([s for s in slow if s not in closed], [], [], 0.5)
-            closed.update(sock for sock in readable if _closed_by_server(sock, 1))
+            closed.update(sock for sock in readable if closed_by_server(sock, 1))
         readable, _, _ = select.select([s for s in slow if s not in closed], [], [], 1)
-        closed.update(sock for sock in readable if _closed_by_server(sock, 1))
+        closed.update(sock for sock in readable if closed_by_server(sock, 1))
         held = len(slow) - len(closed)
         # ten places: at most ten are held, at least nine (another client may hold one), the rest refused
         assert 9 <= held <= 10

@@ -17,7 +17,7 @@ import requests
 from berth.core.procfs import descendants as children_of
 from berth.core.procfs import pid_alive
 
-__all__ = ["BerthServer", "children_of", "fake_cmd", "free_port", "free_port_block", "kill_quietly", "pid_alive",
+__all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "kill_quietly", "pid_alive",
            "start_log_lines", "wait_until"]
 
 FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
@@ -128,6 +128,17 @@ class BerthServer:
     def pid_of(self, model: str) -> int | None:
         entry = self.running().get(model)
         return entry["pid"] if entry else None
+
+
+def closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """Whether the other side closes `sock` within `wait` seconds without sending anything more."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
 
 
 def start_log_lines(path: Path) -> list[str]:

@@ -287,13 +287,7 @@ class Agent:
             log.warning(f"lease {lease.id}: cannot reach its rpc server: {exc}")
             writer.close()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        lease.connections.add(task)
-        try:
-            await splice((reader, writer), server, lease.moved)
-        finally:
-            lease.connections.discard(task)
+        await splice((reader, writer), server, lease.connections, lease.moved)
 
     @staticmethod
     def _refuse(lease: RpcLease, writer: asyncio.StreamWriter, why: str) -> None:

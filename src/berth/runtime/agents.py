@@ -183,19 +183,13 @@ class AgentLeases:
                         f"{peer[0]}:{peer[1]}: not the model's own server process")
             writer.close()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        lease.connections.add(task)
         try:
-            try:
-                server = await asyncio.open_connection(*lease.relay)
-            except OSError:
-                writer.close()
-                return
-            server[1].write(lease.secret)
-            await splice((reader, writer), server)
-        finally:
-            lease.connections.discard(task)
+            server = await asyncio.open_connection(*lease.relay)
+        except OSError:
+            writer.close()
+            return
+        server[1].write(lease.secret)
+        await splice((reader, writer), server, lease.connections)
 
     async def until_lost(self) -> str:
         """Renew the leases until one cannot be renewed; return what happened (naming the agent)."""

@@ -34,9 +34,11 @@ async def read_secret(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
-async def splice(client: Stream, server: Stream, moved: Callable[[int, bool], None] | None = None) -> None:
-    """Copy bytes both ways until either side closes, then close both. `moved(count, to_server)` hears
-    of every chunk."""
+async def splice(client: Stream, server: Stream, connections: set[asyncio.Task[None]],
+                 moved: Callable[[int, bool], None] | None = None) -> None:
+    """Copy bytes both ways until either side closes, then close both. The calling task is in
+    `connections` meanwhile (cancelling it cuts both sides: how a lease that ends cuts its connections);
+    `moved(count, to_server)` hears of every chunk."""
 
     async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_server: bool) -> None:
         try:
@@ -52,8 +54,12 @@ async def splice(client: Stream, server: Stream, moved: Callable[[int, bool], No
 
     for _, writer in (client, server):
         no_delay(writer)
+    task = asyncio.current_task()
+    assert task is not None
+    connections.add(task)
     try:
         await asyncio.gather(pipe(client[0], server[1], True), pipe(server[0], client[1], False))
     finally:
-        client[1].close()  # a cancelled splice (its lease ended) cuts both sides at once
+        connections.discard(task)
+        client[1].close()
         server[1].close()
