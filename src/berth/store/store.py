@@ -220,8 +220,11 @@ class ModelStore:
         return self.root / check_store_name(name)
 
     def entry(self, name: str) -> StoreEntry | None:
-        """A verified entry, or None (a directory without a valid marker does not count)."""
-        directory = self.directory(name)
+        """A verified entry, or None (a directory without a valid marker does not count, nor a name that
+        is no store name: a lookup by anything, a path included, finds nothing outside the store)."""
+        if not _STORE_NAME.fullmatch(name):
+            return None
+        directory = self.root / name
         try:
             marker = json.loads((directory / MARKER).read_text())
         except (OSError, ValueError):
@@ -235,7 +238,7 @@ class ModelStore:
     def entries(self) -> list[StoreEntry]:
         if not self.root.is_dir():
             return []
-        found = (self.entry(d.name) for d in sorted(self.root.iterdir()) if d.is_dir() and _STORE_NAME.fullmatch(d.name))
+        found = (self.entry(d.name) for d in sorted(self.root.iterdir()) if d.is_dir())
         return [e for e in found if e is not None]
 
     def touch(self, entry: StoreEntry) -> None:
