@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import base64
 import hmac
-import ipaddress
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from berth.core.errors import (
     BerthError, BodyTooLarge, HostNotAllowed, RouteNotFound, StartBackedOff, TooManyRequests, Unauthorized,
 )
+from berth.core.hosts import LOCAL_NAMES, host_name, is_loopback
 from berth.gateway.context import GatewayContext
 
 PROBE_PATHS = ("/metrics", "/health", "/ready")  # what the metrics socket answers
 KEYLESS_PATHS = ("/health", "/ready")  # probes carry no key
-_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 def error_response(error: BerthError) -> web.Response:
@@ -61,9 +60,9 @@ class Middlewares:
         names berth is known by get an answer."""
         allowed = self.context.config.allowed_hosts
         listen_host = self.context.listen_host
-        if "*" not in allowed and (allowed or _is_loopback(listen_host)):
-            host = _host_name(request.headers.get("Host", ""))
-            if host and host not in _LOCAL_NAMES and host != listen_host and host not in allowed:
+        if "*" not in allowed and (allowed or is_loopback(listen_host)):
+            host = host_name(request.headers.get("Host", ""))
+            if host and host not in LOCAL_NAMES and host != listen_host and host not in allowed:
                 raise HostNotAllowed(host)
         return await handler(request)
 
@@ -96,21 +95,6 @@ def _presented_key(request: web.Request) -> str | None:
         except ValueError:
             return None
     return request.headers.get("X-Api-Key")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_name(header: str) -> str:
-    """The name in a Host header, without port or IPv6 brackets, lower case."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def _local_port(request: web.Request) -> int | None:
