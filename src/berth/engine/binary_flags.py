@@ -17,7 +17,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from berth.core.paths import berth_home
+from berth.core.paths import berth_home, write_private
 from berth.engine.llama_args import LlamaServerArgs
 
 log = logging.getLogger("berth.engine")
@@ -138,10 +138,7 @@ def binary_flags(binary: str) -> BinaryFlags | None:
         stored = {k: v for k, v in stored.items() if not k.startswith(path + "|")}  # older builds at this path
         stored[disk_key] = {"accepted": sorted(found.accepted), "removed": found.removed}
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache_file.with_suffix(".partial")
-            partial.write_text(json.dumps(stored, indent=1, sort_keys=True))
-            partial.replace(cache_file)
+            write_private(cache_file, json.dumps(stored, indent=1, sort_keys=True))
         except OSError as exc:
             log.debug(f"cannot cache {binary}'s flags in {cache_file}: {exc}")
     _CACHE[key] = found
