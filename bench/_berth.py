@@ -46,8 +46,8 @@ def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float 
 
 
 @contextmanager
-def running_berth(config: Path, env: dict[str, str] | None = None, *extra: str) -> Iterator[str]:
-    """Run `berth serve -c config` on a free port until the block ends; yields its URL."""
+def berth_process(config: Path, env: dict[str, str] | None = None, *extra: str) -> Iterator[tuple[str, int]]:
+    """Run `berth serve -c config` on a free port until the block ends; yields its URL and pid."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     berth = subprocess.Popen([sys.executable, "-m", "berth.cli", "serve", "-c", str(config), "--listen",
@@ -55,7 +55,14 @@ def running_berth(config: Path, env: dict[str, str] | None = None, *extra: str) 
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(url + "/health", berth, "berth", 30)
-        yield url
+        yield url, berth.pid
     finally:
         berth.send_signal(signal.SIGTERM)
         berth.wait(120)
+
+
+@contextmanager
+def running_berth(config: Path, env: dict[str, str] | None = None, *extra: str) -> Iterator[str]:
+    """Run `berth serve -c config` on a free port until the block ends; yields its URL."""
+    with berth_process(config, env, *extra) as (url, _):
+        yield url

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.support.harness import BerthServer, children_of, free_port_block, kill_quietly
+from tests.support.harness import BerthServer, children_of, free_port_block, kill_quietly, start_stand_in
 
 _LAYERS = ("unit", "integration", "e2e", "lint")
 
@@ -41,6 +41,23 @@ def berth(tmp_path):
             server.stop()
         for pid in leftovers:
             kill_quietly(pid)
+
+
+@pytest.fixture
+def stand_in():
+    """`stand_in(*flags)`: the GPU-speed stand-in for llama-server (tests/support/gpu_speed_server.py),
+    started bare on a free port; returns its URL. Every one is stopped afterwards."""
+    started = []
+
+    def start(*flags: str) -> str:
+        process, url = start_stand_in(*flags)
+        started.append(process)
+        return url
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.support.harness import fake_cmd, free_port, start_log_lines, wait_until
+from tests.support.harness import fake_cmd, free_port, healthy, start_log_lines, wait_until
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
 
@@ -100,13 +99,6 @@ def test_swap_scenario_alternates_models(berth, start_port, tmp_path):
     assert [r["model"] for r in results(out)["requests"]] == ["a", "b", "a", "b"]
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).ok
-    except requests.ConnectionError:
-        return False
-
-
 @pytest.fixture
 def bare_server():
     """A model server that is not berth (the fake one, alone on a free port): yields its URL."""
@@ -114,7 +106,7 @@ def bare_server():
     server = subprocess.Popen(fake_cmd("bare").replace("${PORT}", str(port)).split(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 20, "fake server")
+        wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), 20, "fake server")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
@@ -153,6 +145,15 @@ def test_bad_bench_input_names_the_problem(berth, start_port, tmp_path):
         (["--url", b.url, "--model", "a", "--prompt", "x", "--scenario", "cold", "--concurrency", "4"],
          "drop --concurrency"),
     ]
+    cases += [
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--compare-model", "b"], "give --compare"),
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--compare", b.url, "--compare-model", "a",
+          "--compare-model", "b"], "once per --model"),
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--compare", "ftp://127.0.0.1:9"], "must start with http"),
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--compare", "http://127.0.0.1:9"], "check --compare"),
+        (["--url", b.url, "--model", "a", "--prompt", "x", "--compare", b.url, "--compare-model", "nope"],
+         "not served"),
+    ]
     bad_schema = tmp_path / "bad.json"
     bad_schema.write_text('{"type": "no-such-type"}')
     cases.append((["--url", b.url, "--model", "a", "--prompt", "x", "--json-schema", str(bad_schema)],
@@ -162,3 +163,82 @@ def test_bad_bench_input_names_the_problem(berth, start_port, tmp_path):
         assert run.returncode == 2, (args, run.stderr)
         assert message in run.stderr, (args, run.stderr)
     assert start_log_lines(tmp_path / "starts.log") == []  # nothing was sent
+
+
+def test_aliases_and_unlisted_names_the_target_routes_are_accepted(berth, start_port, tmp_path):
+    """`--model default` as the README writes it: berth lists the alias under meta.llamaswap.aliases, and an
+    unlisted model is not in /v1/models at all, so bench asks the target instead of refusing the name."""
+    log = tmp_path / "starts.log"
+    b = berth(f"""
+startPort: {start_port}
+models:
+  a:
+    cmd: {fake_cmd('a', '--start-log', str(log))}
+    aliases: [default]
+  hidden:
+    cmd: {fake_cmd('hidden', '--start-log', str(log))}
+    unlisted: true
+""")
+    out = tmp_path / "out"
+    run = bench("--url", b.url, "--model", "default", "--model", "hidden", "--requests", "2", "--prompt", "hi",
+                "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = {row["model"]: row for row in results(out)["summary"]}
+    assert rows["default"]["succeeded"] == 2 and rows["hidden"]["succeeded"] == 2
+    assert {line.split()[0] for line in start_log_lines(log)} == {"a", "hidden"}  # the alias reached a
+
+
+def test_connections_the_server_closes_after_an_answer_are_retried_and_counted_not_errors(stand_in, tmp_path):
+    """llama-server closes the connection after every streamed answer while announcing keep-alive; the
+    stand-in does the same unless --keep-streams-open, the control."""
+    for flags, closes in (((), True), (("--keep-streams-open",), False)):
+        out = tmp_path / f"out-{closes}"
+        run = bench("--url", stand_in("--token-ms", "0.2", *flags), "--model", "gpu-speed", "--requests", "20",
+                    "--concurrency", "1,4", "--prompt", "hi", "--max-tokens", "4", "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        rows = results(out)["summary"]
+        assert [(row["succeeded"], row["errors"]) for row in rows] == [(20, {}), (20, {})], flags
+        retries = sum(row["retries"] for row in rows)
+        assert retries > 0 if closes else retries == 0, (flags, retries)
+        assert sum(r["retries"] for r in results(out)["requests"]) == retries
+        assert "| retries |" in (out / "summary.md").read_text()
+
+
+def test_compare_sends_both_targets_the_same_request_list_interleaved_and_prints_ratios(berth, start_port, tmp_path,
+                                                                                        stand_in):
+    first = stand_in("--token-ms", "2")
+    b = berth(config(start_port, tmp_path, flags_a="--error-every 5"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"one"\n"one two"\n"one two three"\n')  # the servers count words as prompt tokens
+    out = tmp_path / "out"
+    run = bench("--url", first, "--model", "gpu-speed", "--compare", b.url, "--compare-model", "a",
+                "--requests", "4", "--rounds", "3", "--concurrency", "1,2", "--prompt-file", str(prompts),
+                "--max-tokens", "4", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    found = results(out)
+    assert found["targets"] == {"A": {"url": first, "models": ["gpu-speed"]}, "B": {"url": b.url, "models": ["a"]}}
+    sent = {t: {(r["concurrency"], r["round"], r["index"]): r for r in found["requests"] if r["target"] == t}
+            for t in "AB"}
+    expected = {(c, round_, i) for c in (1, 2) for round_ in range(3) for i in range(4)}
+    assert sent["A"].keys() == sent["B"].keys() == expected
+    for key, a in sent["A"].items():
+        other = sent["B"][key]
+        assert a["prompt_index"] == other["prompt_index"] == key[2] % 3
+        if other["ok"]:  # each server reports the words it was sent: the same prompt reached both
+            assert a["prompt_tokens"] == other["prompt_tokens"] == key[2] % 3 + 1
+    for c in (1, 2):  # A's block, then B's, round after round
+        blocks = [[r for r in sent[t].values() if r["concurrency"] == c and r["round"] == round_]
+                  for round_ in range(3) for t in "AB"]
+        spans = [(min(r["started"] for r in block), max(r["started"] + r["e2e_s"] for r in block)) for block in blocks]
+        assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1)), spans
+    for row in found["compare"]:
+        c = row["concurrency"]
+        failed = sorted([key[1], key[2]] for key, r in sent["B"].items() if key[0] == c and not r["ok"])
+        assert failed and row["removed"] == {"A": {}, "B": {"fake_overload": failed}}  # a fails every 5th request
+        assert row["pairs"] == 12 - len(failed)
+        for name in ("ttft_p50", "itl_p50", "e2e_p50", "output_tokens_per_s"):
+            spread = row["ratio"][name]
+            assert len(spread["rounds"]) == 3 and spread["min"] <= spread["median"] <= spread["max"], (name, spread)
+    summary = (out / "summary.md").read_text()
+    assert "| model | conc | pairs | TTFT p50 A / B | TTFT B/A | ITL B/A | E2E B/A | tok/s B/A |" in summary
+    assert "| target | model | conc | ok |" in summary and "fake_overload x" in summary

@@ -17,10 +17,11 @@ import requests
 from berth.core.procfs import descendants as children_of
 from berth.core.procfs import pid_alive
 
-__all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "kill_quietly", "pid_alive",
-           "start_log_lines", "wait_until"]
+__all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "kill_quietly",
+           "pid_alive", "start_log_lines", "start_stand_in", "wait_until"]
 
 FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
+GPU_SPEED_SERVER = Path(__file__).with_name("gpu_speed_server.py")
 
 
 def free_port() -> int:
@@ -64,6 +65,28 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(url + "/health", timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+def start_stand_in(*flags: str) -> tuple[subprocess.Popen, str]:
+    """The GPU-speed stand-in on a free port, answering: (its process, its URL). The caller stops it."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(GPU_SPEED_SERVER), "--port", str(port), *flags],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(url), 20, "the GPU-speed stand-in")
+    except AssertionError:
+        process.kill()
+        process.wait()
+        raise
+    return process, url
 
 
 class BerthServer:

