@@ -1,6 +1,6 @@
 """berth's proxy against direct, side by side in one run, at GPU speed and against the real llama-server.
 
-    python bench/proxy_speed.py [--rounds 5] [--max-tokens 64] [--json results.json]
+    python bench/proxy_speed.py [--rounds 5] [--max-tokens 64] [--json results.json] [--profile stacks.txt]
 
 Streams (one request list per phase, sent `--rounds` times to each path in turn: direct, through
 berth, direct, ... by `berth bench --compare`'s runner, so machine noise falls on both):
@@ -21,8 +21,9 @@ client's: from the old process's exit to the new one's first line (less the inte
 measured in the same run), and from the new one's readiness to the first byte forwarded to the
 client (less the stand-in's own time to first token).
 
-Prints Markdown tables; --json writes every figure. The load generator, berth and the upstreams
-share the machine.
+Prints Markdown tables; --json writes every figure. With --profile FILE, py-spy samples berth's
+process during the stand-in phases (collapsed stacks in FILE) and the output adds where its CPU time
+went. The load generator, berth and the upstreams share the machine.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -70,10 +76,10 @@ def listening_pid(port: int) -> int:
 
 
 async def stream_phase(name: str, direct: str, berth: str, model: str, concurrency: int, requests: int,
-                       args: argparse.Namespace, berth_pid: int, upstream_pid: int) -> dict:
+                       args: argparse.Namespace, rounds: int, berth_pid: int, upstream_pid: int) -> dict:
     """One phase: the same request list direct (A) and through berth (B), interleaved by round."""
     settings = BenchSettings(direct, [model], requests, [concurrency], [PROMPT], args.max_tokens,
-                             compare_url=berth, rounds=args.rounds, timeout=120)
+                             compare_url=berth, rounds=rounds, timeout=120)
     berth_cpu, upstream_cpu, own_cpu = cpu_seconds(berth_pid), cpu_seconds(upstream_pid), time.process_time()
     began = time.perf_counter()
     records = await run(settings)
@@ -85,7 +91,7 @@ async def stream_phase(name: str, direct: str, berth: str, model: str, concurren
     tokens = {t: sum(r.output_tokens for r in records if r.target == t and r.ok) for t in ("A", "B")}
     rows = {row["target"]: row for row in report.summarize(records)}
     return {
-        "upstream": name, "concurrency": concurrency, "requests": requests, "rounds": args.rounds,
+        "upstream": name, "concurrency": concurrency, "requests": requests, "rounds": rounds,
         "pairs": compared["pairs"], "wall_s": wall,
         "ttft_p50_ms": {"direct": ms(compared["A"]["ttft_p50"]), "berth": ms(compared["B"]["ttft_p50"])},
         "ttft_p50_added_ms": ms(compared["B"]["ttft_p50"] - compared["A"]["ttft_p50"])
@@ -123,11 +129,47 @@ async def gpu_speed_phases(args: argparse.Namespace, workdir: Path, env: dict[st
     with berth_process(config, env) as (url, pid):
         await _load(url, "gpu-speed")
         upstream = listening_pid(port)
-        for concurrency in args.concurrency:
-            requests = max(20, 8 * concurrency)
-            phases.append(await stream_phase("GPU-speed stand-in", f"http://127.0.0.1:{port}", url, "gpu-speed",
-                                             concurrency, requests, args, pid, upstream))
+        with profiled(pid, args.profile):
+            for concurrency in args.concurrency:
+                requests = max(20, 8 * concurrency)
+                phases.append(await stream_phase("GPU-speed stand-in", f"http://127.0.0.1:{port}", url,
+                                                 "gpu-speed", concurrency, requests, args, args.rounds, pid,
+                                                 upstream))
     return phases
+
+
+@contextmanager
+def profiled(pid: int, path: str | None) -> Iterator[None]:
+    """With a path: py-spy samples the process meanwhile, as collapsed stacks (py-spy's raw format)."""
+    if path is None:
+        yield
+        return
+    if shutil.which("py-spy") is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+                            "--function", "--nonblocking", "--output", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+        spy.wait(60)
+
+
+def profile_summary(path: str, top: int = 12) -> dict:
+    """Where the sampled process spent its time: the share of samples by the function on top of the stack
+    (self time), and by the module it lives in."""
+    by_function: Counter[str] = Counter()
+    by_module: Counter[str] = Counter()
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        by_function[leaf] += int(count)
+        function, _, where = leaf.partition(" (")
+        by_module[where.split(":")[0].rsplit("site-packages/", 1)[-1].rsplit("src/", 1)[-1] or function] += int(count)
+    total = sum(by_function.values()) or 1
+    return {"samples": total,
+            "functions": [(name, n / total) for name, n in by_function.most_common(top)],
+            "modules": [(name, n / total) for name, n in by_module.most_common(top)]}
 
 
 async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> list[dict]:
@@ -144,8 +186,9 @@ async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[
     with berth_process(config, env) as (url, pid):
         await _load(url, "tiny")
         upstream = listening_pid(port)
-        return [await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny", 8, 64, args,
-                                   pid, upstream)]
+        # smaller blocks, more rounds: the model's threads and the proxy compete for the cores, so rounds vary
+        return [await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny", 8, 32, args,
+                                   2 * args.rounds, pid, upstream)]
 
 
 async def _load(url: str, model: str) -> None:
@@ -257,6 +300,12 @@ def markdown(found: dict) -> str:
                   f"| {s['request_to_old_exit_ms']:.1f} ms | {s['exit_to_start_ms']:.1f} ms "
                   f"| {s['ready_to_first_byte_ms']:.1f} ms | {s['berth_share_ms']:.1f} ms "
                   f"| {s['client_ttft_ms']:.1f} ms |"]
+    profile = found.get("profile")
+    if profile:
+        lines += ["", f"Where berth's process spent the stand-in phases ({profile['samples']} py-spy samples, "
+                      "self time):", "", "| module | share | | function | share |", "|---|---:|---|---|---:|"]
+        for (module, m_share), (function, f_share) in zip(profile["modules"], profile["functions"]):
+            lines.append(f"| {module} | {m_share:.1%} | | {function} | {f_share:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +321,8 @@ async def measure(args: argparse.Namespace) -> dict:
                        f"aiohttp {aiohttp.__version__}; stand-in: {args.ttft_ms} ms to the first token, "
                        f"{args.token_ms} ms per token; {args.max_tokens} tokens per request, {args.rounds} rounds "
                        "per phase; the load generator, berth and the upstream share the machine",
-            "settings": vars(args), "streams": streams, "swap": swap}
+            "settings": vars(args), "streams": streams, "swap": swap,
+            "profile": profile_summary(args.profile) if args.profile else None}
 
 
 def main() -> None:
@@ -286,6 +336,8 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=10, help="swaps each way (0: none)")
     parser.add_argument("--skip-llama-server", action="store_true")
     parser.add_argument("--json", dest="json_path", help="also write every figure to this file")
+    parser.add_argument("--profile", help="sample berth with py-spy during the stand-in phases; collapsed stacks "
+                                          "go to this file and a summary to the output")
     args = parser.parse_args()
     found = asyncio.run(measure(args))
     print(markdown(found))
