@@ -254,8 +254,9 @@ async def swap_phase(args: argparse.Namespace, workdir: Path, env: dict[str, str
                       "exit_to_start_ms": exit_to_start * 1000, "ready_to_first_byte_ms": ready_to_byte * 1000,
                       "berth_share_ms": (exit_to_start + ready_to_byte) * 1000,
                       "client_ttft_ms": (first_byte - sent) * 1000})
-    summary = {name: statistics.median(s[name] for s in swaps) for name in swaps[0]}
-    return {"swaps": len(swaps), "interpreter_start_ms": interpreter * 1000, "p50": summary, "each": swaps}
+    return {"swaps": len(swaps), "interpreter_start_ms": interpreter * 1000,
+            **{f"p{p}": {name: report.percentile([s[name] for s in swaps], p) for name in swaps[0]} for p in (50, 90)},
+            "each": swaps}
 
 
 def _cell(value: float | None, digits: int = 1) -> str:
@@ -274,7 +275,7 @@ def _errors(errors: dict[str, int]) -> str:
 
 def markdown(found: dict) -> str:
     lines = [found["machine"], "",
-             "| upstream | conc | pairs | TTFT p50 direct / berth (ms) | berth adds (ms) | ITL p50 berth/direct "
+             "| upstream | conc | pairs | TTFT p50 direct / berth (ms) | berth adds (ms) | ITL mean berth/direct "
              "| E2E p50 berth/direct | out tok/s direct / berth | tok/s berth/direct | berth CPU µs/token "
              "| upstream / client CPU µs/token | errors direct / berth | retries direct / berth |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -283,7 +284,7 @@ def markdown(found: dict) -> str:
         lines.append("| " + " | ".join([
             p["upstream"], str(p["concurrency"]), f"{p['pairs']}/{p['requests'] * p['rounds']}",
             f"{_cell(p['ttft_p50_ms']['direct'])} / {_cell(p['ttft_p50_ms']['berth'])}",
-            _cell(p["ttft_p50_added_ms"], 2), _spread(p["ratio"]["itl_p50"]), _spread(p["ratio"]["e2e_p50"]),
+            _cell(p["ttft_p50_added_ms"], 2), _spread(p["ratio"]["itl_mean"]), _spread(p["ratio"]["e2e_p50"]),
             f"{_cell(rate['direct'], 0)} / {_cell(rate['berth'], 0)}", _spread(p["ratio"]["output_tokens_per_s"]),
             _cell(p["berth_cpu_us_per_token"]),
             f"{_cell(p['upstream_cpu_us_per_token'])} / {_cell(p['client_cpu_us_per_token'])}",
@@ -291,15 +292,14 @@ def markdown(found: dict) -> str:
             f"{p['retries']['A']} / {p['retries']['B']}"]) + " |")
     swap = found.get("swap")
     if swap:
-        s = swap["p50"]
-        lines += ["", f"Swaps between two stand-in models ({swap['swaps']}, medians; Python's own start of "
+        names = ("request_to_old_exit_ms", "exit_to_start_ms", "ready_to_first_byte_ms", "berth_share_ms",
+                 "client_ttft_ms")
+        lines += ["", f"Swaps between two stand-in models ({swap['swaps']}; p50 / p90 in ms; Python's own start of "
                       f"{swap['interpreter_start_ms']:.1f} ms is taken out of exit → start):", "",
                   "| request → old exit | old exit → new start | new ready → first byte forwarded "
                   "| berth's share | client TTFT |",
                   "|---:|---:|---:|---:|---:|",
-                  f"| {s['request_to_old_exit_ms']:.1f} ms | {s['exit_to_start_ms']:.1f} ms "
-                  f"| {s['ready_to_first_byte_ms']:.1f} ms | {s['berth_share_ms']:.1f} ms "
-                  f"| {s['client_ttft_ms']:.1f} ms |"]
+                  "| " + " | ".join(f"{swap['p50'][n]:.1f} / {swap['p90'][n]:.1f}" for n in names) + " |"]
     profile = found.get("profile")
     if profile:
         lines += ["", f"Where berth's process spent the stand-in phases ({profile['samples']} py-spy samples, "

@@ -236,9 +236,9 @@ def test_compare_sends_both_targets_the_same_request_list_interleaved_and_prints
         failed = sorted([key[1], key[2]] for key, r in sent["B"].items() if key[0] == c and not r["ok"])
         assert failed and row["removed"] == {"A": {}, "B": {"fake_overload": failed}}  # a fails every 5th request
         assert row["pairs"] == 12 - len(failed)
-        for name in ("ttft_p50", "itl_p50", "e2e_p50", "output_tokens_per_s"):
+        for name in ("ttft_p50", "itl_mean", "e2e_p50", "output_tokens_per_s"):
             spread = row["ratio"][name]
             assert len(spread["rounds"]) == 3 and spread["min"] <= spread["median"] <= spread["max"], (name, spread)
     summary = (out / "summary.md").read_text()
-    assert "| model | conc | pairs | TTFT p50 A / B | TTFT B/A | ITL B/A | E2E B/A | tok/s B/A |" in summary
+    assert "| model | conc | pairs | TTFT p50 A / B | TTFT B/A | ITL mean B/A | E2E B/A | tok/s B/A |" in summary
     assert "| target | model | conc | ok |" in summary and "fake_overload x" in summary
