@@ -74,13 +74,18 @@ class Events:
 
     def __init__(self, path: str | None) -> None:
         self._file: IO[str] | None = open(path, "a", buffering=1) if path else None  # noqa: SIM115
-        self.first_request_seen = False
-        self.first_byte_seen = False
+        self._seen: set[str] = set()
 
     def write(self, event: str, at: float | None = None) -> None:
         if self._file is not None:
             self._file.write(json.dumps({"event": event, "t": time.monotonic() if at is None else at,
                                          "pid": os.getpid()}) + "\n")
+
+    def once(self, event: str) -> None:
+        """`event` stamped the first time it happens only (the first request, its first byte)."""
+        if event not in self._seen:
+            self._seen.add(event)
+            self.write(event)
 
 
 def _json(value: object) -> bytes:
@@ -167,16 +172,16 @@ class Generation:
     def _end(self) -> bytes:
         if not self.stream:
             return b""  # the connection writes the whole JSON answer
+        def extended(event: bytes, fields: bytes) -> bytes:  # more fields before the event's closing brace
+            return event[:-len(b"}\n\n")] + fields + b"}\n\n"
+
         timings = b',"timings":' + _json(self._timings())
         finish = self._event(b'{"finish_reason":"length","index":0,"delta":{}}')
-        if self.include_usage:
-            usage = (b'data: {"choices":[],"created":%d,"id":"%s","model":%s,"system_fingerprint":"%s",'
-                     b'"object":"chat.completion.chunk","usage":%s%s}\n\n'
-                     % (self.created, self.id.encode(), _json(self.conn.server.args.alias), BUILD.encode(),
-                        _json(self._usage()), timings))
+        if self.include_usage:  # OpenAI's usage chunk: no choices; llama-server puts the timings on the last event
+            last = finish + extended(self._event(b""), b',"usage":' + _json(self._usage()) + timings)
         else:
-            finish, usage = finish[:-3] + timings + b"}\n\n", b""
-        return _chunk(finish + usage) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+            last = extended(finish, timings)
+        return _chunk(last) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
     def answer(self) -> dict:
         """The non-streamed answer."""
@@ -308,7 +313,7 @@ class Connection(asyncio.Protocol):
         while self.busy is None and self.transport is not None and not self.transport.is_closing():
             request = self._take_request()
             if request is None:
-                if len(self.buffer) > MAX_HEADER_BYTES:
+                if b"\r\n\r\n" not in self.buffer and len(self.buffer) > MAX_HEADER_BYTES:
                     self._respond(431, _json({"error": {"code": 431, "message": "Request Header Fields Too Large",
                                                         "type": "invalid_request_error"}}))
                 return
@@ -357,15 +362,13 @@ class Connection(asyncio.Protocol):
         if path in ("/v1/chat/completions", "/chat/completions") and method == "POST":
             try:
                 payload = json.loads(body)
-                assert isinstance(payload, dict)
-            except (ValueError, AssertionError):
+            except ValueError:
+                payload = None
+            if not isinstance(payload, dict):
                 self._respond(400, _json({"error": {"code": 400, "message": "request body is not a JSON object",
                                                     "type": "invalid_request_error"}}))
                 return
-            events = self.server.events
-            if not events.first_request_seen:
-                events.first_request_seen = True
-                events.write("first_request")
+            self.server.events.once("first_request")
             self.busy = Generation(self.server, self, payload, arrived)
             self.server.start(self.busy)
             return
@@ -414,10 +417,7 @@ class Connection(asyncio.Protocol):
             data = (b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
                     b"X-Accel-Buffering: no\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
                     b"%s\r\n" % connection) + data
-            events = self.server.events
-            if not events.first_byte_seen:
-                events.first_byte_seen = True
-                events.write("first_byte")
+            self.server.events.once("first_byte")
         self.transport.write(data)
         if generation.done():
             self.busy = None
@@ -434,9 +434,9 @@ def _dechunk(data: bytes) -> tuple[bytes, int] | None:
             return None
         size = int(data[at:line_end].split(b";")[0] or b"0", 16)
         start = line_end + 2
-        if size == 0:
-            trailer_end = data.find(b"\r\n", start)
-            return (b"".join(body), trailer_end + 2) if trailer_end >= 0 else None
+        if size == 0:  # then any trailer fields, and an empty line
+            end = data.find(b"\r\n\r\n", line_end)
+            return (b"".join(body), end + 4) if end >= 0 else None
         if len(data) < start + size + 2:
             return None
         body.append(data[start:start + size])

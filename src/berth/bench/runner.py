@@ -6,14 +6,16 @@ latency is the gap between content chunks.
 
 Every run sends one request list (`planned_requests`), built once and, with a
 second target (`--compare`), sent to both: the same prompts in the same order,
-target A's block then target B's, round after round, so the machine's noise
-falls on both.
+so the machine's noise falls on both. `warm` sends target A the whole list at
+the concurrency level, then B, round after round; `cold` and `swap`, which send
+one request at a time, alternate A and B request by request.
 
-Connections are pooled and kept alive. A server may close an idle one at any
-moment (llama-server's cpp-httplib after 5 s idle or 100 requests, uvicorn
-after 5 s), and the next request on it fails before any answer arrives. Such a
-request is sent again on another connection and counted as a retry, not as an
-error: it failed on the client's stale connection, not on the server.
+Connections are pooled and kept alive. A server may close one the client still
+holds: llama-server (cpp-httplib) after every streamed answer though it
+announces keep-alive, and after 5 s idle; uvicorn after 5 s idle. The next
+request on it fails before any answer arrives. Such a request is sent again on
+another connection and counted as a retry, not as an error: it failed on the
+client's stale connection, not on the server.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
 import aiohttp
@@ -177,8 +179,8 @@ def _tracing() -> aiohttp.TraceConfig:
 async def _post(session: aiohttp.ClientSession, url: str, body: dict, headers: dict[str, str],
                 record: RequestRecord, origin: float) -> tuple[aiohttp.ClientResponse, float]:
     """POST and wait for the answer's headers, sending again while a pooled connection proves closed.
-    Returns the answer and when the attempt that got it began: the failed attempts never reached the
-    server, so their time is the client's, not the server's, and is not measured."""
+    Returns the answer and when the attempt that got it began (also set as `record.started`): the
+    failed attempts never reached the server, so their time is the client's and is not measured."""
     while True:
         begun = time.perf_counter()
         record.started = begun - origin
@@ -311,7 +313,8 @@ async def _refusal(session: aiohttp.ClientSession, settings: BenchSettings, targ
     """Ask the target whether it routes `model` (a one-token request, as the warm-up would send): what it
     answered if it says no such model (404, or the code model_not_found), else None. Any other failure
     is the run's to measure, not a wrong name."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "stream": False}
+    asking = replace(settings, max_tokens=1, stream=False, json_schema=None)
+    body = request_body(asking, model, PlannedRequest(0, 0, "hi"))
     try:
         async with session.post(target.url + "/v1/chat/completions", json=body, headers=_headers(settings)) as resp:
             text = await resp.text()
