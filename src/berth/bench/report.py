@@ -171,12 +171,13 @@ def markdown(settings: BenchSettings, rows: list[dict], compared: list[dict] | N
     targets = settings.targets()
     several = len(targets) > 1
     rounds = f", {settings.rounds} rounds" if settings.rounds > 1 else ""
+    against = " and ".join(f"{t.label} {t.url}" if several else t.url for t in targets)
     lines = [
-        f"# berth bench: {settings.scenario} against {' and '.join(f'{t.label} {t.url}' if several else t.url for t in targets)}",
+        f"# berth bench: {settings.scenario} against {against}",
         "",
-        f"{settings.requests} requests per model and concurrency{rounds}, max_tokens {settings.max_tokens}, "
-        f"{'streaming' if settings.stream else 'not streaming'}. Times in ms; errors name the requests they "
-        "removed (#place in the request list).",
+        (f"{settings.requests} requests per model and concurrency{rounds}, max_tokens {settings.max_tokens}, "
+         f"{'streaming' if settings.stream else 'not streaming'}. Times in ms; errors name the requests they "
+         "removed (#place in the request list)."),
         "",
         ("| target " if several else "") + "| model | conc | ok | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 "
         "| TPOT p50 | E2E p50 | E2E p90 | E2E p99 | out tok/s | req/s | errors | retries |"
@@ -203,11 +204,11 @@ def markdown(settings: BenchSettings, rows: list[dict], compared: list[dict] | N
             "",
             "## B against A (same request list, interleaved A, B per round)",
             "",
-            "Ratios B/A over the requests both answered; median over rounds (min–max). Below 1: B is faster "
-            "(for tok/s: slower).",
+            ("Ratios B/A over the requests both answered; median over rounds (min–max). Below 1: B is faster "
+             "(for tok/s: slower)."),
             "",
-            "| model | conc | pairs | TTFT p50 A / B | TTFT B/A | ITL mean B/A | E2E B/A | tok/s B/A | removed A "
-            "| removed B |",
+            ("| model | conc | pairs | TTFT p50 A / B | TTFT B/A | ITL mean B/A | E2E B/A | tok/s B/A | removed A "
+             "| removed B |"),
             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for row in compared:

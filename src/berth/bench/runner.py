@@ -228,7 +228,7 @@ async def _send(session: aiohttp.ClientSession, settings: BenchSettings, target:
             record.output_tokens = int(usage.get("completion_tokens") or len(record.itl_s) + bool(content))
             record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             record.ok = True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         record.error = "timeout"
     except aiohttp.ClientError as exc:
         record.error = _connection_error_kind(exc)
@@ -318,7 +318,7 @@ async def _refusal(session: aiohttp.ClientSession, settings: BenchSettings, targ
     try:
         async with session.post(target.url + "/v1/chat/completions", json=body, headers=_headers(settings)) as resp:
             text = await resp.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return None
     if resp.status == 401:
         raise BenchSetupError(f"{target.url} wants an API key; pass --api-key or set OPENAI_API_KEY")
@@ -354,7 +354,7 @@ async def check_target(settings: BenchSettings) -> None:
                 for model in target.models:
                     if model not in listed and (answer := await _refusal(session, settings, target, model)):
                         refused[model] = answer
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise BenchSetupError(f"cannot reach {target.url} ({exc.__class__.__name__}: {exc}); "
                                   f"check --{'url' if target.label == 'A' else 'compare'}") from None
         if refused:
