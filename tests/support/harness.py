@@ -17,7 +17,8 @@ import requests
 from berth.core.procfs import descendants as children_of
 from berth.core.procfs import pid_alive
 
-__all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "kill_quietly",
+__all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "healthy",
+           "kill_quietly",
            "pid_alive", "start_log_lines", "start_stand_in", "wait_until"]
 
 FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
@@ -68,6 +69,7 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
 
 
 def healthy(url: str) -> bool:
+    """Whether the server at `url` answers 200 on /health now."""
     try:
         return requests.get(url + "/health", timeout=1).ok
     except requests.ConnectionError:
