@@ -18,8 +18,7 @@ from berth.core.procfs import descendants as children_of
 from berth.core.procfs import pid_alive
 
 __all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "healthy",
-           "kill_quietly",
-           "pid_alive", "start_log_lines", "start_stand_in", "wait_until"]
+           "kill_quietly", "pid_alive", "start_log_lines", "start_stand_in", "wait_until"]
 
 FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
 GPU_SPEED_SERVER = Path(__file__).with_name("gpu_speed_server.py")
