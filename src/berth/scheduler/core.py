@@ -6,6 +6,7 @@ See DESIGN.md next to this file for the states and invariants.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
 from collections.abc import Mapping
 from typing import Union
@@ -163,6 +164,7 @@ class _Model:
     ready_at: float = 0.0  # when it last became ready (its residency counts from here)
     sleeping_memory: Mapping[str, int] | None = None  # what its process keeps while sleeping, once measured
     asleep: bool = False  # its process sleeps (SLEEPING, or STOPPING from there): it holds `sleeping_memory`
+    keep_alive: float | None = None  # a client's idle TTL for this run (0: stop when idle, inf: never); None: the policy's
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,8 @@ class Scheduler:
         m.asleep = False
         m.unload_reason = None
         reason, m.stop_reason = m.stop_reason, None
+        if reason is None:
+            m.keep_alive = None  # it died: a client's keep_alive was for that run
         rejected: list[Reject] = []
         if reason in (StopReason.UNLOAD, StopReason.SHUTDOWN):
             # Requests that waited for this model must not silently start it again.
@@ -361,6 +365,16 @@ class Scheduler:
                 else:
                     m.unload_reason = reason
         return actions + self._plan(now)
+
+    def keep_alive(self, model: str, seconds: float | None, now: float) -> list[Action]:
+        """A client sets how long `model` stays loaded once idle (Ollama's keep_alive): `0` stops it as soon
+        as it is idle, `math.inf` never, None goes back to its policy's TTL. It holds for the current run
+        (or the next one, when the model is not running) and ends when that run's stop begins."""
+        m = self.models.get(model)
+        if m is None:
+            return []
+        m.keep_alive = seconds
+        return self._plan(now)
 
     def forgive(self, model: str) -> None:
         """Its definition changed: the next request may try a start at once."""
@@ -439,15 +453,17 @@ class Scheduler:
 
     def _ttl_deadline(self, model: str) -> float | None:
         m = self.models[model]
-        if m.state not in IDLE_CAPABLE or m.in_flight or m.policy.ttl <= 0 or self._waiting_for(model):
+        ttl = _idle_ttl(m)
+        if m.state not in IDLE_CAPABLE or m.in_flight or ttl == math.inf or self._waiting_for(model):
             return None
-        return m.idle_since + m.policy.ttl
+        return m.idle_since + ttl
 
     def _begin_stop(self, model: str, reason: StopReason) -> Stop:
         m = self.models[model]
         m.state = ModelState.STOPPING
         m.unload_reason = None
         m.stop_reason = reason
+        m.keep_alive = None  # a client's keep_alive was for the run that ends here
         return Stop(model, reason)
 
     def _forget_if_removed(self, model: str) -> None:
@@ -681,6 +697,13 @@ class Scheduler:
             return False
         ledger.take(need)
         return True
+
+
+def _idle_ttl(m: _Model) -> float:
+    """Seconds an idle ready model stays loaded: a client's keep_alive, else its policy (0 there: never)."""
+    if m.keep_alive is not None:
+        return m.keep_alive
+    return m.policy.ttl if m.policy.ttl > 0 else math.inf
 
 
 @dataclass
