@@ -137,6 +137,8 @@ def main() -> None:
             active.pop(number, None)
 
     async def answer(request, payload, number, prompt_tokens, sleep, chunks, delay, crash_after):
+        if payload.get("tools"):
+            return await call_tool(request, payload, prompt_tokens)
         if not payload.get("stream"):
             await asyncio.sleep(sleep)
             return web.json_response({
@@ -167,6 +169,31 @@ def main() -> None:
         await response.write(b'data: {"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d}}\n\n'
                              % (prompt_tokens, chunks))
         await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def call_tool(request, payload, prompt_tokens):
+        """A request with tools: the first tool is called with {"city": "Paris"}, the arguments streamed in
+        pieces as OpenAI-compatible servers stream them."""
+        name = payload["tools"][0]["function"]["name"]
+        pieces = ['{"city"', ': "Par', 'is"}']
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces)}
+        if not payload.get("stream"):
+            call = {"id": "call_fake", "type": "function", "function": {"name": name, "arguments": "".join(pieces)}}
+            return web.json_response({"object": "chat.completion", "model": payload.get("model"), "usage": usage,
+                                      "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                                          "role": "assistant", "content": None, "tool_calls": [call]}}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        deltas = [{"index": 0, "id": "call_fake", "type": "function", "function": {"name": name, "arguments": ""}}]
+        deltas += [{"index": 0, "function": {"arguments": piece}} for piece in pieces]
+        for delta in deltas:
+            chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"tool_calls": [delta]},
+                                                                     "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        end = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+        await response.write(f"data: {json.dumps(end)}\n\ndata: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                             "data: [DONE]\n\n".encode())
         await response.write_eof()
         return response
 

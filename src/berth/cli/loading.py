@@ -29,4 +29,4 @@ def print_warnings(config: BerthConfig) -> None:
 
 def store_for(config: BerthConfig | None = None) -> ModelStore:
     """The config's `modelStore`, else $BERTH_HOME/models."""
-    return ModelStore(config.store_dir) if config and config.store_dir else ModelStore.default()
+    return ModelStore.at(config.store_dir if config else None)

@@ -8,6 +8,7 @@ milliseconds even for large files; the sha256 check covers the data bytes.
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import os
 import struct
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from berth.core.refs import SPLIT_SUFFIX
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 GGUF_MAGIC = b"GGUF"
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -94,6 +95,10 @@ class TensorInfo:
     offset: int  # from the start of the data section
     nbytes: int
 
+    @property
+    def elements(self) -> int:
+        return math.prod(self.dims)
+
 
 @dataclass(frozen=True)
 class GGUFHeader:
@@ -111,6 +116,21 @@ class GGUFHeader:
     def arch_value(self, key: str, default: Any = None) -> Any:
         """A `<architecture>.<key>` metadata value."""
         return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    @property
+    def parameter_count(self) -> int:
+        """The weights' elements, as llama.cpp counts a model's parameters."""
+        return sum(t.elements for t in self.tensors)
+
+    @property
+    def file_type(self) -> str | None:
+        """The quantization of the file as a whole (`general.file_type`: Q4_K_M, F16 ...), None if unset."""
+        code = self.metadata.get("general.file_type")
+        try:
+            name = LlamaFileType(code).name if isinstance(code, int) else None
+        except ValueError:
+            return None
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_") if name else None
 
 
 def read_gguf_header(path: str | Path) -> GGUFHeader:

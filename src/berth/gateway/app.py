@@ -10,7 +10,8 @@ behaviour lives:
     logs           /logs, /logs/stream, the dashboard's log events
     dashboard      /ui
     inference      OpenAI and llama-server inference routes by the body's model, uploads
-                   (it uses serving: lease + proxy + ledger; loading: sendLoadingState)
+                   (routing: model names to routes; serving: lease + proxy + ledger; loading: sendLoadingState)
+    ollama         Ollama's /api/* translated onto the same routing and serving, answers translated back
     passthrough    /upstream/{model}/..., any path with ?model=, and the catch-all (last)
 
 Handlers see models through the pool's snapshots; requests are counted by the ledger (ledger.py) and
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from berth.gateway import admin, dashboard, inference, listings, logs, observability, passthrough
+from berth.gateway import admin, dashboard, inference, listings, logs, observability, ollama, passthrough
 from berth.gateway.context import GatewayContext
 from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
@@ -42,6 +43,7 @@ ROUTE_FAMILIES: tuple[RouteFamily, ...] = (
     logs.register,
     dashboard.register,
     inference.register,
+    ollama.register,
     passthrough.register,  # its catch-all answers any path: it stays last
 )
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from berth.config import BerthConfig
-from berth.core.errors import BadRequest, RequestTimeout
+from berth.core.errors import BadRequest, BerthError, RequestTimeout
 from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -21,6 +22,13 @@ from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import Proxy
 from berth.runtime.logs import LogHub
 from berth.runtime.snapshot import ModelSnapshot
+
+
+ErrorShape = Callable[[BerthError], dict[str, Any]]  # the body an error answer has
+
+
+def openai_shape(error: BerthError) -> dict[str, Any]:
+    return error.to_openai()
 
 
 @dataclass
@@ -35,6 +43,8 @@ class GatewayContext:
     naming: Naming = field(default_factory=Naming)  # the active profile, selectors' requests in flight
     started_at: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
+    # routes whose error answers take another API's shape (Ollama's), by path; others answer in OpenAI's
+    error_shapes: dict[str, ErrorShape] = field(default_factory=dict)
 
     @property
     def config(self) -> BerthConfig:

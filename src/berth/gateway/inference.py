@@ -1,22 +1,17 @@
 """Inference routes (OpenAI's, llama-server's, uploads): the model named in the body decides where a request
-goes, after the active profile's pins and selectors; a peer's models go to the peer. The model's filters
-(stripParams, setParams, setParamsByID, useModelName) shape the body on the way."""
+goes (routing.py: the active profile's pins and selectors, a local model or a peer's, the model's filters)."""
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
 
 from aiohttp import web
 
-from berth.config import PeerSpec
 from berth.core.errors import BadRequest
 from berth.gateway import serving
 from berth.gateway.context import GatewayContext, Routes, parse_json
 from berth.gateway.loading import serve_while_loading
-from berth.gateway.proxy import Outbound
-from berth.gateway.upstream import Upstream
+from berth.gateway.routing import forward, routed
 from berth.scheduler import ModelState
 
 INFERENCE_PATHS = (
@@ -52,44 +47,12 @@ class Inference(Routes):
         payload = parse_json(body) if body else {}
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object with a `model` field")
-        requested = payload.get("model")
-        if requested is not None and not isinstance(requested, str):
-            raise BadRequest("`model` must be a string")
-        if not requested:
-            model_id = context.default_or_named("request has no `model`")
-            return await self._serve_local(request, model_id, model_id, path, payload, body)
-        with context.naming.chosen(context.config, requested, self._state_of) as name:
-            if name != requested:  # a profile's pin or a selector's choice: the request names it from here
-                payload["model"] = name
-                body = json.dumps(payload).encode()
-            if context.config.resolve(name) is None and (peer := context.config.resolve_peer(name)) is not None:
-                return await self._serve_peer(request, *peer, path, payload)
-            return await self._serve_local(request, context.pool.resolve(name), name, path, payload, body)
-
-    def _state_of(self, name: str) -> ModelState | None:
-        model_id = self.context.config.resolve(name)
-        return self.context.pool.state(model_id) if model_id is not None else None
-
-    async def _serve_local(self, request: web.Request, model_id: str, requested: str, path: str,
-                           payload: dict[str, Any], body: bytes) -> web.StreamResponse:
-        context = self.context
-        spec = context.config.models[model_id]
-        by_id = dict(spec.set_params_by_id).get(requested, ())  # the setParamsByID entry of the id asked for
-        if apply_filters(payload, spec.strip_params, (*spec.set_params, *by_id), spec.use_model_name):
-            body = json.dumps(payload).encode()
-        if (payload.get("stream") is True and path.endswith("/chat/completions") and spec.send_loading_state
-                and context.pool.state(model_id) is not ModelState.READY):
-            return await serve_while_loading(context, request, model_id, path, body)
-        return await serving.answer(context, request, model_id, path, body)
-
-    async def _serve_peer(self, request: web.Request, peer: PeerSpec, model: str, path: str,
-                          payload: dict[str, Any]) -> web.StreamResponse:
-        """A peer's model: its filters, its model id in the body, its key in place of the client's."""
-        apply_filters(payload, peer.strip_params, peer.set_params, model)
-        headers = (("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)) if peer.api_key else ()
-        target = Upstream(f"{peer.id}/{model}", peer.proxy, peer.timeouts, headers)
-        record = self.context.ledger.begin(target.model, path)
-        return await self.context.proxy.answer(request, Outbound(target, path, json.dumps(payload).encode()), record)
+        with routed(context, payload, body) as route:
+            if (route.peer is None and payload.get("stream") is True and path.endswith("/chat/completions")
+                    and context.config.models[route.model].send_loading_state
+                    and context.pool.state(route.model) is not ModelState.READY):
+                return await serve_while_loading(context, request, route.model, path, route.body)
+            return await forward(context, request, route, path)
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
         """An upload (multipart form) names its model in the `model` field; the body goes on as sent,
@@ -108,24 +71,6 @@ class Inference(Routes):
             if rename:
                 body = body[:field[0]] + rename.encode() + body[field[1]:]
         return await serving.answer(context, request, model_id, request.path, body)
-
-
-def apply_filters(payload: dict[str, Any], strip: tuple[str, ...], params: tuple[tuple[str, Any], ...],
-                  model: str) -> bool:
-    """stripParams, then the parameters to set, then `model` (when given) into a request body, in place;
-    whether anything changed. A local model's and a peer's filters mean the same."""
-    changed = False
-    for key in strip:
-        if key in payload:
-            del payload[key]
-            changed = True
-    for key, value in params:
-        payload[key] = value
-        changed = True
-    if model:
-        payload["model"] = model
-        changed = True
-    return changed
 
 
 def _boundary(content_type: str) -> str:

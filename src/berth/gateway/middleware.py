@@ -12,14 +12,14 @@ from berth.core.errors import (
     BerthError, BodyTooLarge, HostNotAllowed, RouteNotFound, StartBackedOff, TooManyRequests, Unauthorized,
 )
 from berth.core.hosts import LOCAL_NAMES, host_name, is_loopback
-from berth.gateway.context import GatewayContext
+from berth.gateway.context import ErrorShape, GatewayContext, openai_shape
 
 PROBE_PATHS = ("/metrics", "/health", "/ready")  # what the metrics socket answers
 KEYLESS_PATHS = ("/health", "/ready")  # probes carry no key
 
 
-def error_response(error: BerthError) -> web.Response:
-    response = web.json_response(error.to_openai(), status=error.status)
+def error_response(error: BerthError, shape: ErrorShape = openai_shape) -> web.Response:
+    response = web.json_response(shape(error), status=error.status)
     if isinstance(error, (TooManyRequests, StartBackedOff)):
         response.headers["Retry-After"] = str(error.retry_after)
     return response
@@ -37,11 +37,16 @@ class Middlewares:
         try:
             return await handler(request)
         except BerthError as exc:
-            return error_response(exc)
+            return error_response(exc, self._shape(request))
         except web.HTTPRequestEntityTooLarge:
             return error_response(BodyTooLarge(
                 f"request body is larger than the limit of {self.context.config.max_body_bytes} bytes; "
-                "send less or raise maxBodyBytes in the config"))
+                "send less or raise maxBodyBytes in the config"), self._shape(request))
+
+    def _shape(self, request: web.Request) -> ErrorShape:
+        """The shape of the route's error answers: OpenAI's unless its family registered another."""
+        resource = request.match_info.route.resource
+        return self.context.error_shapes.get(resource.canonical, openai_shape) if resource else openai_shape
 
     @web.middleware
     async def metrics_listener(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -189,6 +189,12 @@ class ModelPool:
         return Lease(self._processes[model_id],
                      lambda: self._apply(self._scheduler.finished(request_id, self._now())))
 
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """How long `model_id` stays loaded once idle, for its current (or next) run: `0` unloads it as soon
+        as no request runs on it (at once when none does), `math.inf` never, None its config's TTL again
+        (Ollama's keep_alive; serving.answer sets it once a request is admitted)."""
+        self._apply(self._scheduler.keep_alive(model_id, seconds, self._now()))
+
     async def load(self, model_id: str) -> None:
         (await self.acquire(model_id)).release()
 

@@ -1,8 +1,9 @@
 """Forwarding one request to a model server and streaming the answer back unbuffered.
 
 Three ways to hand the answer on, one function each: `answer` (a response of its own, error answers in
-OpenAI's shape), `pass_through` (as the model server sent it: /upstream) and `continue_stream` (appended to
-an event stream already under way: sendLoadingState). Each request is counted in the shared ledger.
+OpenAI's shape, or with a `Reframe` another API's answer made from it as it arrives: Ollama's),
+`pass_through` (as the model server sent it: /upstream) and `continue_stream` (appended to an event stream
+already under way: sendLoadingState). Each request is counted in the shared ledger.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from berth.config import UpstreamTimeouts
-from berth.core.errors import UpstreamError, UpstreamTimeout
+from berth.core.errors import BerthError, UpstreamError, UpstreamTimeout
 from berth.gateway.ledger import Outcome, RequestLedger, RequestRecord
 from berth.gateway.sessions import UpstreamSessions
 from berth.gateway.upstream import Upstream
@@ -64,6 +65,35 @@ def openai_error(status: int, body: bytes) -> dict[str, Any] | None:
         code = kind if isinstance(error, dict) and isinstance(error.get("type"), str) else f"upstream_http_{status}"
     return {"error": {"message": message, "type": kind, "code": code,
                       "upstream": parsed if parsed is not None else text}}
+
+
+def error_message(status: int, body: bytes) -> str:
+    """The message of a model server's error answer, whatever its shape."""
+    shaped = openai_error(status, body)
+    if shaped is None:  # in OpenAI's shape already
+        shaped = json.loads(body)
+    message: str = shaped["error"]["message"]
+    return message
+
+
+class Reframe(Protocol):
+    """Another API's answer, made from a model server's OpenAI-shaped one as it arrives (Ollama's NDJSON from
+    an event stream, or one object from a JSON body). The proxy still counts the request, reads its usage
+    from what the model server sent, and notices a client that leaves."""
+
+    content_type: str  # of the answer the client gets
+
+    def refused(self, status: int, message: str) -> web.Response:
+        """The model server answered with an error (a whole body, not a stream)."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The next bytes of the model server's answer in; what to send the client now out."""
+
+    def close(self, record: RequestRecord) -> bytes:
+        """The answer ended: what is left to send (`record` says when the request came and went on)."""
+
+    def failed(self, error: BerthError) -> bytes:
+        """The answer broke off (the model server died, went silent): what tells the client so."""
 
 
 _AUTH_HEADERS = {"authorization", "x-api-key"}
@@ -120,6 +150,7 @@ class Outbound:
     target: Upstream
     path: str
     body: bytes | None
+    method: str | None = None  # the client's method when None
 
 
 class Proxy:
@@ -128,17 +159,25 @@ class Proxy:
         self._ledger = ledger
         self._keys_in_use = keys_in_use  # the client's key was for berth: it does not go on
 
-    async def answer(self, request: web.Request, outbound: Outbound, record: RequestRecord) -> web.StreamResponse:
+    async def answer(self, request: web.Request, outbound: Outbound, record: RequestRecord,
+                     reframe: Reframe | None = None) -> web.StreamResponse:
         """The model server's answer as the response; an error answer (4xx/5xx, not a stream) in OpenAI's
-        error shape."""
+        error shape. With `reframe`, the answer `reframe` makes of it."""
         async with self._exchange(request, outbound, record) as exchange:
             if exchange.is_plain_error():
                 raw = await exchange.error_body()
                 status = exchange.upstream.status
+                if reframe is not None:
+                    return reframe.refused(status, error_message(status, raw))
                 rewritten = openai_error(status, raw)
                 if rewritten is not None:
                     return web.json_response(rewritten, status=status)
                 return web.Response(body=raw, status=status, content_type="application/json")
+            if reframe is not None:
+                response = web.StreamResponse(status=exchange.upstream.status,
+                                              headers={"Content-Type": reframe.content_type})
+                await response.prepare(request)
+                return await exchange.relay(response, exchange.is_event_stream(), reframe)
             return await exchange.relay(await exchange.respond(), exchange.is_event_stream())
 
     async def pass_through(self, request: web.Request, outbound: Outbound,
@@ -171,7 +210,7 @@ class Proxy:
         headers = _request_headers(request, self._keys_in_use() or bool(target.headers))
         headers.update(target.headers)
         self._ledger.sent(record)
-        opening = _open(self._sessions.proxy, request.method, url, outbound.body, headers,
+        opening = _open(self._sessions.proxy, outbound.method or request.method, url, outbound.body, headers,
                         _client_timeout(timeouts, url.startswith("https:")))
         outcome = Outcome.FAILED
         try:
@@ -226,12 +265,17 @@ class _Exchange:
         await response.prepare(self.request)
         return response
 
-    async def relay(self, response: web.StreamResponse, is_sse: bool) -> web.StreamResponse:
-        """Stream the answer's body into `response` as it arrives, then read its token counts."""
+    async def relay(self, response: web.StreamResponse, is_sse: bool,
+                    reframe: Reframe | None = None) -> web.StreamResponse:
+        """Stream the answer's body into `response` as it arrives (through `reframe` when given), then read
+        its token counts."""
         tail = b""
+        broke_off = False
         try:
             async for chunk in self.upstream.content.iter_any():
-                await response.write(chunk)
+                out = chunk if reframe is None else reframe.feed(chunk)
+                if out:
+                    await response.write(out)
                 tail = (tail + chunk)[-_TAIL_BYTES:]
         except ConnectionResetError:
             self._cut_short(499, Outcome.CLIENT_GONE)  # leaving the block cancels the upstream request
@@ -242,7 +286,7 @@ class _Exchange:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             timed_out = isinstance(exc, asyncio.TimeoutError)
             self._cut_short(504 if timed_out else 502, Outcome.FAILED)
-            if not is_sse:  # the status line is gone; a cut connection is the only honest signal left
+            if not is_sse and reframe is None:  # the status line is gone; a cut connection is the only signal left
                 if self.request.transport is not None:
                     self.request.transport.close()
                 return response
@@ -250,8 +294,12 @@ class _Exchange:
                    else f"stopped answering mid-stream: {exc or type(exc).__name__}"
                    + await self.target.failure_detail())
             error = UpstreamError(f"model {self.target.model!r} {why}")
-            await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
+            broke_off = True
+            await response.write(reframe.failed(error) if reframe is not None
+                                 else b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
         self.ledger.read_usage(self.record, tail, self.target.restore_hit)
+        if reframe is not None and not broke_off:
+            await response.write(reframe.close(self.record))
         await response.write_eof()
         return response
 

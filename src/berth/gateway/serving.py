@@ -12,7 +12,7 @@ from berth.core.errors import BerthError
 from berth.gateway.context import GatewayContext
 from berth.gateway.ledger import RequestRecord
 from berth.gateway.pool import Lease
-from berth.gateway.proxy import Outbound
+from berth.gateway.proxy import Outbound, Reframe
 
 
 @asynccontextmanager
@@ -32,10 +32,15 @@ async def leased(context: GatewayContext, model_id: str, path: str) -> AsyncIter
 
 
 async def answer(context: GatewayContext, request: web.Request, model_id: str, path: str,
-                 body: bytes | None) -> web.StreamResponse:
-    """The model's answer, error answers in OpenAI's shape."""
+                 body: bytes | None, reframe: Reframe | None = None,
+                 keep_alive: float | None = None) -> web.StreamResponse:
+    """The model's answer, error answers in OpenAI's shape (or what `reframe` makes of them). `keep_alive`
+    (a client's idle TTL for the model, see ModelPool.keep_alive) is set once the request is admitted, so
+    that a `0` stops the model after this answer rather than before it."""
     async with leased(context, model_id, path) as (lease, record):
-        return await context.proxy.answer(request, Outbound(lease.upstream(), path, body), record)
+        if keep_alive is not None:
+            context.pool.keep_alive(model_id, keep_alive)
+        return await context.proxy.answer(request, Outbound(lease.upstream(), path, body), record, reframe)
 
 
 async def pass_through(context: GatewayContext, request: web.Request, model_id: str, path: str,

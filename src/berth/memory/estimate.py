@@ -552,7 +552,7 @@ def projector_compute(projector: GGUFHeader, args: LlamaServerArgs, backend: Bac
         patch *= int(meta.get(_SCALE_FACTOR) or 3)
     patches = (side // patch) ** 2
     kernel = next((t for t in projector.tensors if t.name == "v.patch_embd.weight"), None)
-    kernel_bytes = kernel.nbytes / _elements(kernel) if kernel is not None and _elements(kernel) else 2
+    kernel_bytes = kernel.nbytes / kernel.elements if kernel is not None and kernel.elements else 2
     image = int(side * side * IMAGE_CHANNELS * (F32 + kernel_bytes))
     head = width // heads
     if _flash_as_asked(args, lambda: flash_attention_kernel(backend, head, head, 1, "f16", "f16")):
@@ -576,10 +576,6 @@ def _warmup_side(meta: dict, family: str, patch: int, image_max_tokens: int | No
     if image_max_tokens and image_max_tokens > 0 and tokens > image_max_tokens:
         per_side = max(1, math.isqrt(image_max_tokens))
     return per_side * patch * merge
-
-
-def _elements(tensor: TensorInfo) -> int:
-    return math.prod(tensor.dims)
 
 
 def _repacked(tensor: TensorInfo, types: frozenset[int]) -> bool:

@@ -228,6 +228,14 @@ class MemoryPlanner:
         """The GPU estimates place offloaded layers on (the first; None without one)."""
         return self.gpu_runtime() if GPU in self.devices else None
 
+    def launch_args(self, spec: ModelSpec) -> LlamaServerArgs | None:
+        """The llama.cpp flags `spec` runs with (its model file among them) as planned, without pulling;
+        None for other engines, or a launch that cannot be planned."""
+        try:
+            return server_args(self._plan_launch(spec).argv)
+        except (BerthError, OSError):
+            return None
+
     def plan(self, spec: ModelSpec) -> ModelMemory:
         if spec.declared_memory:
             return ModelMemory(dict(spec.declared_memory), PlanSource.DECLARED)

@@ -106,7 +106,8 @@ def download_file(ref: ModelRef, remote: RemoteFile, files_dir: Path, commit: st
     if target.exists() and (remote.size is None or target.stat().st_size == remote.size):
         return
     url = hf_hub_url(ref.repo, remote.path, revision=commit)
-    task = progress.add_task(remote.path, total=remote.size) if progress is not None else None
+    # rich's Progress keeps `sha256` as a field of the task; other progress sinks (Ollama's pull) show it
+    task = progress.add_task(remote.path, total=remote.size, sha256=remote.sha256) if progress is not None else None
 
     def attempt() -> None:
         _check_cancel(cancel, f"downloading {remote.path}")

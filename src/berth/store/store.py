@@ -213,6 +213,11 @@ class ModelStore:
     def default(cls) -> "ModelStore":
         return cls(berth_home() / "models")
 
+    @classmethod
+    def at(cls, root: str | Path | None) -> "ModelStore":
+        """The store at `root` (a config's `modelStore`), else at $BERTH_HOME/models."""
+        return cls(Path(root)) if root else cls.default()
+
     # -- reading ------------------------------------------------------------------------
 
     def directory(self, name: str) -> Path:
@@ -240,6 +245,22 @@ class ModelStore:
             return []
         found = (self.entry(d.name) for d in sorted(self.root.iterdir()) if d.is_dir())
         return [e for e in found if e is not None]
+
+    def recorded_sha256(self, path: str | Path) -> str | None:
+        """The sha256 a file in the store was verified against when it was pulled; None for other files."""
+        resolved = Path(path).resolve()
+        try:
+            name = resolved.relative_to(self.root.resolve()).parts[0]
+        except (ValueError, IndexError):
+            return None
+        entry = self.entry(name)
+        if entry is None:
+            return None
+        for record in entry.files:
+            if (entry.directory / "files" / record.get("path", "")).resolve() == resolved:
+                sha = record.get("sha256")
+                return sha if isinstance(sha, str) else None
+        return None
 
     def touch(self, entry: StoreEntry) -> None:
         (entry.directory / "last-used").touch()
