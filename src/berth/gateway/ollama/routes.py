@@ -102,17 +102,17 @@ class OllamaRoutes(Routes):
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
+        translated = requests.chat(body)  # checks every field, also of a request that only loads
         if not body.get("messages"):
             return await self._load_or_unload(body, chat=True)
-        translated = requests.chat(body)
         return await self._forward(request, body, translated,
                                    Generation(requests.model_name(body), translated.stream, chat=True))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
+        translated = requests.generate(body)
         if not body.get("prompt") and not body.get("images"):
             return await self._load_or_unload(body, chat=False)
-        translated = requests.generate(body)
         return await self._forward(request, body, translated,
                                    Generation(requests.model_name(body), translated.stream, chat=False))
 
