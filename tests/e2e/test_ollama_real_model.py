@@ -60,11 +60,12 @@ def test_the_ollama_client_against_the_default_model(berth, smollm2_home):
     city = json.loads(c.chat(model="default", messages=[{"role": "user", "content": "Name a city in France."}],
                              format=CITY, options={"temperature": 0, "num_predict": 64}).message.content)
     assert isinstance(city["city"], str)
-    tools = c.chat(model="default", options=GREEDY, tools=[WEATHER],
+    tools = c.chat(model="default", options={**GREEDY, "num_ctx": 8192}, tools=[WEATHER],
                    messages=[{"role": "user", "content": "What is the weather in Paris? Use the tool."}])
     for call in tools.message.tool_calls or []:  # this 135M model's template has no tools: it rarely calls one
         assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
     assert tools.done and (tools.message.content or tools.message.tool_calls)
+    assert "a client asks for num_ctx 8192; the model runs with 2048 tokens per slot" in b.output()
 
     generated = c.generate(model="default", prompt="Write one word: hello", options=GREEDY)
     assert generated.response and generated.done and generated.eval_count > 0

@@ -88,15 +88,15 @@ class OllamaRoutes(Routes):
         metadata; for a model that is not running, what the GGUF and its cmd's flags say (nothing starts)."""
         context = self.context
         name = requests.model_name(await self._request(request))
-        model_id = context.pool.resolve(local_name(context.config, name))
-        file = await asyncio.to_thread(self._file, context.config.models[model_id])
-        if file is None:
-            return web.json_response(no_file_show(context.started_at))
-        if context.pool.state(model_id) is not ModelState.READY:
-            return web.json_response(show(file, None))
-        async with serving.leased(context, model_id, "/props") as (lease, record):
-            return await context.proxy.answer(request, Outbound(lease.upstream(), "/props", None, method="GET"),
-                                              record, PropsAnswer(file))
+        with routed(context, {"model": local_name(context.config, name)}, b"") as route:
+            file = None if route.peer else await asyncio.to_thread(self._file, context.config.models[route.model])
+            if file is None:  # a peer's model, or another engine's
+                return web.json_response(no_file_show(context.started_at))
+            if context.pool.state(route.model) is not ModelState.READY:
+                return web.json_response(show(file, None))
+            async with serving.leased(context, route.model, "/props") as (lease, record):
+                return await context.proxy.answer(request, Outbound(lease.upstream(), "/props", None, method="GET"),
+                                                  record, PropsAnswer(file))
 
     # -- inference ---------------------------------------------------------------------
 
