@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import ollama
@@ -74,7 +74,7 @@ def test_the_ollama_client_against_the_default_model(berth, smollm2_home):
 
     [loaded] = c.ps().models
     assert loaded.model == "smollm2-135m" and loaded.size > 0 and loaded.context_length == 2048
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert now < loaded.expires_at <= now + timedelta(seconds=900)
     pid = b.pid_of("smollm2-135m")
     last = c.generate(model="default", prompt="Hi", options={"num_predict": 4}, keep_alive=0)
@@ -125,8 +125,8 @@ def test_counts_and_durations_are_llama_servers_timings_for_that_request(relayed
         assert_timings_equal(final, exchange.timings())
         usage = [e["usage"] for e in exchange.events() if "usage" in e][-1]
         assert final.eval_count == usage["completion_tokens"]
-        for prompt, raw, path in (("The sky is", False, "/v1/chat/completions"), ("The sky is", True, "/v1/completions")):
-            answer = c.generate(model="smol", prompt=prompt, raw=raw, options=options, stream=stream)
+        for raw, path in ((False, "/v1/chat/completions"), (True, "/v1/completions")):
+            answer = c.generate(model="smol", prompt="The sky is", raw=raw, options=options, stream=stream)
             parts = list(answer) if stream else [answer]
             exchange = relay.answers_to(path)[-1]
             assert_timings_equal(parts[-1], exchange.timings())

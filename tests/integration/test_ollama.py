@@ -4,7 +4,7 @@ stand-in hub: translation both ways, errors in Ollama's shape, keep_alive, pull 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import ollama
@@ -12,12 +12,13 @@ import pytest
 import requests
 
 from tests.support.fake_hub import FakeHub
-from tests.support.harness import fake_cmd, pid_alive, wait_until
 from tests.support.ggufs import write_gguf
+from tests.support.harness import fake_cmd, pid_alive, wait_until
 
 REPO = "acme/tiny-llm-GGUF"
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 HI = [{"role": "user", "content": "say hello to me"}]
 
 
@@ -117,7 +118,7 @@ def test_keep_alive_sets_the_idle_ttl_and_zero_unloads_after_the_answer(berth, s
     c.chat(model="m", messages=HI, keep_alive="1h")
     assert 3590 < b.running()["m"]["ttl_remaining_s"] <= 3600
     [running] = c.ps().models
-    left = (running.expires_at - datetime.now(timezone.utc)).total_seconds()
+    left = (running.expires_at - datetime.now(UTC)).total_seconds()
     assert running.model == "m" and 3500 < left <= 3600
     c.chat(model="m", messages=HI, keep_alive=-1)
     assert b.running()["m"]["ttl_remaining_s"] is None and c.ps().models[0].expires_at.year > 2300

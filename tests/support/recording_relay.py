@@ -66,7 +66,7 @@ class RecordingRelay:
                 await response.write_eof()
         return response
 
-    def start(self) -> "RecordingRelay":
+    def start(self) -> RecordingRelay:
         ready = threading.Event()
 
         def serve() -> None:

@@ -164,7 +164,7 @@ class _Model:
     ready_at: float = 0.0  # when it last became ready (its residency counts from here)
     sleeping_memory: Mapping[str, int] | None = None  # what its process keeps while sleeping, once measured
     asleep: bool = False  # its process sleeps (SLEEPING, or STOPPING from there): it holds `sleeping_memory`
-    keep_alive: float | None = None  # a client's idle TTL for this run (0: stop when idle, inf: never); None: the policy's
+    keep_alive: float | None = None  # a client's idle TTL for this run (0: when idle, inf: never); None: the policy's
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -25,9 +25,13 @@ NS_PER_MS = 1_000_000
 _BODY_LIMIT = 64 * 1024 * 1024  # a whole (not streamed) answer is read before it is rewritten
 
 
+def iso(moment: datetime) -> str:
+    """A moment as Ollama writes times (RFC 3339, UTC)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def created_at() -> str:
-    """Now, as Ollama writes `created_at` (RFC 3339, UTC)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return iso(datetime.now(UTC))
 
 
 def ndjson(value: dict[str, Any]) -> bytes:

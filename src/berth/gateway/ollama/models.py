@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from berth.core.errors import BerthError
 from berth.core.gguf import GGUFHeader, GGUFInvalid, read_model_header
 from berth.engine.llama_args import LlamaServerArgs
 from berth.gateway.ledger import RequestRecord
-from berth.gateway.ollama.answers import WholeBody
+from berth.gateway.ollama.answers import WholeBody, iso
 from berth.runtime.snapshot import ModelSnapshot
 
 FOREVER = timedelta(seconds=(2**63 - 1) / 1e9)  # Go's largest duration: Ollama's expiry of keep_alive -1
@@ -28,7 +28,8 @@ FOREVER = timedelta(seconds=(2**63 - 1) / 1e9)  # Go's largest duration: Ollama'
 _PARAMETERS = (  # (Ollama's name, /props params name, LlamaServerArgs dest)
     ("temperature", "temperature", "temp"), ("top_k", "top_k", "top_k"), ("top_p", "top_p", "top_p"),
     ("min_p", "min_p", "min_p"), ("typical_p", "typical_p", None), ("repeat_last_n", "repeat_last_n", None),
-    ("repeat_penalty", "repeat_penalty", "repeat_penalty"), ("presence_penalty", "presence_penalty", "presence_penalty"),
+    ("repeat_penalty", "repeat_penalty", "repeat_penalty"),
+    ("presence_penalty", "presence_penalty", "presence_penalty"),
     ("frequency_penalty", "frequency_penalty", "frequency_penalty"), ("mirostat", "mirostat", None),
     ("mirostat_tau", "mirostat_tau", None), ("mirostat_eta", "mirostat_eta", None), ("seed", "seed", "seed"),
     ("num_predict", "n_predict", "n_predict"), ("num_keep", "n_keep", None),
@@ -43,10 +44,6 @@ def human_number(count: int) -> str:
             number = count / size
             return f"{number:.0f}{unit}" if number == int(number) else f"{number:.{decimals}f}{unit}"
     return f"{count / 1000:.0f}K" if count >= 1000 else str(count)
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ class ModelFile:
 
     @property
     def modified_at(self) -> str:
-        return iso(datetime.fromtimestamp(self.path.stat().st_mtime, timezone.utc))
+        return iso(datetime.fromtimestamp(self.path.stat().st_mtime, UTC))
 
     @property
     def context(self) -> int:
@@ -102,7 +99,7 @@ NO_DETAILS = {"parent_model": "", "format": "", "family": "", "families": [], "p
 
 def listing(name: str, file: ModelFile | None, started_at: int) -> dict[str, Any]:
     """One /api/tags entry."""
-    modified = file.modified_at if file else iso(datetime.fromtimestamp(started_at, timezone.utc))
+    modified = file.modified_at if file else iso(datetime.fromtimestamp(started_at, UTC))
     return {"name": name, "model": name, "modified_at": modified, "size": file.size if file else 0,
             "digest": file.digest if file else "", "details": file.details() if file else dict(NO_DETAILS)}
 
@@ -112,7 +109,7 @@ def running(name: str, file: ModelFile | None, snapshot: ModelSnapshot) -> dict[
     runs out."""
     memory = snapshot.measured or (snapshot.plan.planned if snapshot.plan else None) or {}
     left = snapshot.ttl_remaining_s
-    expires = datetime.now(timezone.utc) + (FOREVER if left is None else timedelta(seconds=left))
+    expires = datetime.now(UTC) + (FOREVER if left is None else timedelta(seconds=left))
     return {"name": name, "model": name, "size": sum(memory.values()),
             "digest": file.digest if file else "", "details": file.details() if file else dict(NO_DETAILS),
             "expires_at": iso(expires),
@@ -171,7 +168,7 @@ def no_file_show(started_at: int) -> dict[str, Any]:
     """/api/show for a model berth cannot read a GGUF of (another engine's cmd)."""
     return {"license": "", "modelfile": "", "parameters": "", "template": "", "details": dict(NO_DETAILS),
             "model_info": {}, "capabilities": ["completion"],
-            "modified_at": iso(datetime.fromtimestamp(started_at, timezone.utc))}
+            "modified_at": iso(datetime.fromtimestamp(started_at, UTC))}
 
 
 class PropsAnswer:

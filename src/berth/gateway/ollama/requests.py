@@ -182,7 +182,8 @@ def tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     for i, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise BadRequest(f"{where}.tool_calls[{i}] must be {{\"function\": {{\"name\": ..., \"arguments\": {{...}}}}}}")
+            raise BadRequest(f"{where}.tool_calls[{i}] must be "
+                             "{\"function\": {\"name\": ..., \"arguments\": {...}}}")
         entry: dict[str, Any] = {"type": "function",
                                  "function": {"name": function["name"], "arguments": function.get("arguments") or {}}}
         if isinstance(call.get("id"), str):
