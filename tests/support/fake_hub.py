@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+
+from tests.support.threaded_server import ThreadedServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -41,9 +42,7 @@ class FakeHub:
         self.seconds_per_block = 0.0  # > 0 makes downloads slow (64 KiB blocks)
         self.lies = False  # serve a listed file at any path that ends in its name
         self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._server = ThreadedServer()
 
     def add(self, repo: str, filename: str, source: Path) -> HubFile:
         digest = hashlib.sha256()
@@ -135,33 +134,15 @@ class FakeHub:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> "FakeHub":
-        ready = threading.Event()
-
-        def serve() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_get("/api/models/{owner}/{name}", self._info)
-            app.router.add_get("/api/models/{owner}/{name}/revision/{rev}", self._info)
-            app.router.add_route("*", "/{owner}/{name}/resolve/{rev}/{path:.+}", self._resolve)
-            app.router.add_route("*", "/blobs/{owner}/{name}/{path:.+}", self._blob)
-            app.router.add_route("*", "/{tail:.+}", self._anywhere)
-            self._runner = web.AppRunner(app, access_log=None)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            port = site._server.sockets[0].getsockname()[1]
-            self.url = f"http://127.0.0.1:{port}"
-            ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=serve, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application()
+        app.router.add_get("/api/models/{owner}/{name}", self._info)
+        app.router.add_get("/api/models/{owner}/{name}/revision/{rev}", self._info)
+        app.router.add_route("*", "/{owner}/{name}/resolve/{rev}/{path:.+}", self._resolve)
+        app.router.add_route("*", "/blobs/{owner}/{name}/{path:.+}", self._blob)
+        app.router.add_route("*", "/{tail:.+}", self._anywhere)
+        self._server.serve(app)
+        self.url = self._server.url
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        self._server.stop()

@@ -6,13 +6,13 @@ server itself sent for that very request (its `timings`, its `usage`). Runs in a
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+
+from tests.support.threaded_server import ThreadedServer
 
 
 @dataclass
@@ -41,8 +41,7 @@ class RecordingRelay:
         self.target = target  # the model server's base URL
         self.exchanges: list[Exchange] = []
         self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._server = ThreadedServer()
 
     def answers_to(self, path: str) -> list[Exchange]:
         return [e for e in self.exchanges if e.path == path]
@@ -67,29 +66,11 @@ class RecordingRelay:
         return response
 
     def start(self) -> RecordingRelay:
-        ready = threading.Event()
-
-        def serve() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_route("*", "/{path:.*}", self._relay)
-            runner = web.AppRunner(app, access_log=None)
-            self._loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-            ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=serve, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._relay)
+        self._server.serve(app)
+        self.url = self._server.url
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._thread is not None:
-                self._thread.join(10)
+        self._server.stop()
