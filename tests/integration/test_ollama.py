@@ -183,6 +183,8 @@ def test_pulling_a_model_no_config_model_names_keeps_it_in_the_store_and_says_so
     assert any("berth serves it once a model of the config names it" in s for s in statuses if s)
     assert (home / "models" / "tiny-llm-q8_0" / "berth-model.json").exists()
     assert [m.model for m in c.list().models] == ["m"]  # berth serves its config's models
+    statuses = [p.status for p in c.pull("m", stream=True)]  # a config model that runs a file of its own
+    assert statuses[-1] == "success" and "nothing to pull" in statuses[0]
     with pytest.raises(ollama.ResponseError) as registry:
         c.pull("llama3.2")
     assert registry.value.status_code == 400 and "Ollama's registry" in registry.value.error

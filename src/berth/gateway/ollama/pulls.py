@@ -109,25 +109,30 @@ def _store(context: GatewayContext) -> ModelStore:
     return ModelStore.at(context.config.store_dir)
 
 
-async def stream_pull(context: GatewayContext, request: web.Request, target: PullTarget | str,
+async def answer_nothing_to_pull(request: web.Request, note: str, stream: bool) -> web.StreamResponse:
+    """A configured model that runs a file of its own: the pull succeeds at once, and says so."""
+    if not stream:
+        return web.json_response({"status": "success"})
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    await response.prepare(request)
+    await response.write(ndjson({"status": note}) + ndjson({"status": "success"}))
+    await response.write_eof()
+    return response
+
+
+async def stream_pull(context: GatewayContext, request: web.Request, target: PullTarget,
                       stream: bool) -> web.StreamResponse:
     """Pull, streaming progress (or, with stream false, answering once it is done)."""
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     cancel = threading.Event()
-    notes: list[dict[str, Any]] = []
-    if isinstance(target, str):
-        job: asyncio.Future[Any] = loop.create_future()
-        job.set_result(None)
-        notes.append({"status": target})
-    else:
-        def emit(event: dict[str, Any]) -> None:  # called in the pull's thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        progress = PullProgress(emit)
-        job = asyncio.ensure_future(asyncio.to_thread(
-            pull, _store(context), target.ref, mmproj=target.mmproj, progress=progress, cancel=cancel))
-    response = web.StreamResponse(headers={"Content-Type": NDJSON if stream else "application/json"})
+    def emit(event: dict[str, Any]) -> None:  # called in the pull's thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    job = asyncio.ensure_future(asyncio.to_thread(pull, _store(context), target.ref, mmproj=target.mmproj,
+                                                  progress=PullProgress(emit), cancel=cancel))
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
     try:
         if stream:
             await response.prepare(request)
@@ -141,18 +146,18 @@ async def stream_pull(context: GatewayContext, request: web.Request, target: Pul
                 await response.write(ndjson(getting.result()))
         try:
             entry = job.result()
-        except BerthError as exc:
+        except Exception as exc:  # the store's typed errors, and whatever the hub's client raised
+            status, message = (exc.status, exc.message) if isinstance(exc, BerthError) else (502, f"pull failed: {exc}")
             if not stream:
-                return error_object(exc.status, exc.message)
-            await response.write(ndjson({"error": exc.message}))
+                return error_object(status, message)
+            await response.write(ndjson({"error": message}))
             return response
-        if entry is not None and isinstance(target, PullTarget) and not target.models:
-            notes.append({"status": f"stored as {entry.name} in {entry.directory.parent}; berth serves it once a "
-                                    f"model of the config names it (model: {target.ref})"})
         if not stream:
             return web.json_response({"status": "success"})
-        for note in notes:
-            await response.write(ndjson(note))
+        if not target.models:
+            await response.write(ndjson({"status": f"stored as {entry.name} in {entry.directory.parent}; berth "
+                                                   f"serves it once a model of the config names it "
+                                                   f"(model: {target.ref})"}))
         await response.write(ndjson({"status": "success"}))
         await response.write_eof()
         return response

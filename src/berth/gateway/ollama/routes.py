@@ -20,7 +20,7 @@ from berth.gateway.ollama import requests
 from berth.gateway.ollama.answers import Embeddings, Generation, created_at
 from berth.gateway.ollama.models import ModelFile, PropsAnswer, listing, no_file_show, running, show
 from berth.gateway.ollama.names import local_name
-from berth.gateway.ollama.pulls import delete, pull_target, stream_pull
+from berth.gateway.ollama.pulls import answer_nothing_to_pull, delete, pull_target, stream_pull
 from berth.gateway.proxy import Outbound, Reframe
 from berth.gateway.routing import Route, forward, routed
 from berth.scheduler import ModelState
@@ -182,8 +182,10 @@ class OllamaRoutes(Routes):
 
     async def pull(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
-        target = pull_target(self.context, requests.model_name(body))
-        return await stream_pull(self.context, request, target, requests.streams(body))
+        target, stream = pull_target(self.context, requests.model_name(body)), requests.streams(body)
+        if isinstance(target, str):
+            return await answer_nothing_to_pull(request, target, stream)
+        return await stream_pull(self.context, request, target, stream)
 
     async def delete(self, request: web.Request) -> web.Response:
         return await delete(self.context, requests.model_name(await self._request(request)))
