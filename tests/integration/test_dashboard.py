@@ -40,6 +40,7 @@ models:
     cmd: {fake_cmd('a')}
     ttl: 120
     memory: {{ram: 1GiB}}
+    capabilities: {{in: [text, image]}}
   b:
     cmd: {fake_cmd('b')}
     memory: {{ram: 1GiB}}
@@ -64,6 +65,8 @@ def test_dashboard_loads_unloads_streams_logs_and_chats(berth, start_port, tmp_p
             row = page.locator('tr[data-model="a"]')
             expect(row.locator(".state")).to_have_text("stopped")
             expect(row.locator(".planned")).to_contain_text("host 1024 MiB (declared)")
+            expect(row.locator(".model .badge.vision")).to_have_text("vision")  # takes images
+            expect(page.locator('tr[data-model="b"] .model')).to_have_text("b")  # no badge
 
             row.locator("button.load").click()
             expect(row.locator(".state")).to_have_text("ready", timeout=20_000)

@@ -230,3 +230,40 @@ def test_model_processes_get_berths_credentials_only_when_the_config_passes_them
     env = child_environment(berths, [("HF_TOKEN", "t"), ("EXTRA", "1")])
     assert env == {"PATH": "/usr/bin", "HOME": "/home/b", "TOKENIZERS_PARALLELISM": "false",
                    "CUDA_VISIBLE_DEVICES": "0", "HF_TOKEN": "t", "EXTRA": "1"}
+
+
+def _stored(store, name: str, projector: bool) -> None:
+    """A verified store entry, as a pull leaves it (marker, model, and the projector when it has one)."""
+    directory = store.root / name
+    (directory / "files").mkdir(parents=True)
+    for file in ("model.gguf", *(("mmproj.gguf",) if projector else ())):
+        (directory / "files" / file).write_bytes(b"GGUF")
+        (directory / file).symlink_to(f"files/{file}")
+    (directory / "berth-model.json").write_text('{"ref": "acme/vl-GGUF:Q4_K_M", "files": []}')
+
+
+def test_a_launch_says_whether_its_server_gets_a_projector(tmp_path, monkeypatch):
+    from berth.store import ModelStore
+
+    monkeypatch.setenv("BERTH_LLAMA_SERVER", "/opt/llama-server")
+    store = ModelStore(tmp_path / "models")
+
+    def projector(model: str) -> bool | None:
+        return build_launch(parse_config(f"models:\n  m:\n{model}").models["m"], store).projector
+
+    assert projector("    cmd: llama-server -m a.gguf --mmproj p.gguf --port ${PORT}\n") is True
+    assert projector("    cmd: berth worker -m a.gguf -mm p.gguf --port ${PORT}\n") is True
+    assert projector("    cmd: llama-server -m a.gguf --mmproj-url http://h/p.gguf --port ${PORT}\n") is True
+    assert projector("    cmd: llama-server -m a.gguf --port ${PORT}\n") is False
+    assert projector("    cmd: /opt/vllm serve m --port ${PORT}\n") is None  # another engine: nothing says
+    # a store model that requires its projector has one at its first start (the pull fails otherwise)
+    assert projector("    model: acme/vl-GGUF:Q4_K_M\n    mmproj: true\n    cmd: llama-server --port ${PORT}\n") is True
+    assert projector("    model: acme/vl-GGUF:Q4_K_M\n    cmd: llama-server --port ${PORT}\n") is False
+    # `-hf` takes the repo's projector if it has one: known once pulled
+    hf = "    cmd: llama-server -hf acme/vl-GGUF:Q4_K_M --port ${PORT}\n"
+    assert projector(hf) is None
+    _stored(store, "vl-q4_k_m", projector=True)
+    assert projector(hf) is True
+    assert projector("    cmd: llama-server -hf acme/vl-GGUF:Q4_K_M --no-mmproj --port ${PORT}\n") is False
+    _stored(store, "plain-q4_k_m", projector=False)
+    assert projector("    cmd: llama-server -hf acme/plain-GGUF:Q4_K_M --port ${PORT}\n") is False

@@ -28,6 +28,7 @@ class FakeProcess:
         self.spec, self.on_event = spec, on_event
         self.argv, self.output, self.slots, self.pid, self.load_seconds = list(spec.argv), deque(), None, None, 0.0
         self.stop_requested = False
+        self.projector: bool | None = None  # what its launch said of a projector
         self.closed = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -40,7 +41,8 @@ class FakeProcess:
         return False
 
     def facts(self) -> ProcessFacts:
-        return ProcessFacts(self.spec.id, "http://127.0.0.1:5999", 5999, 4242, tuple(self.argv), None)
+        return ProcessFacts(self.spec.id, "http://127.0.0.1:5999", 5999, 4242, tuple(self.argv), None,
+                            projector=self.projector)
 
     def ready(self) -> None:
         self.on_event(Started())
@@ -81,11 +83,12 @@ def config_text(scheduling: bool = True, ttl: int = 0, extra_b: str = "") -> str
 async def pool(tmp_path):
     made: list[tuple[ModelPool, FakeFactory]] = []
 
-    async def make(text: str = config_text()) -> tuple[ModelPool, FakeFactory]:
+    async def make(text: str = config_text(), planned_launch=None) -> tuple[ModelPool, FakeFactory]:
         factory = FakeFactory()
         planner = MemoryPlanner({"host": Device("host", "RAM", 16 * GIB, 16 * GIB)},
                                 MemoryLedger(tmp_path / "memory.json"), lambda spec: None)
-        created = ModelPool(parse_config(text), factory.spawn, MemoryService(planner), Metrics())
+        created = ModelPool(parse_config(text), factory.spawn, MemoryService(planner), Metrics(),
+                            planned_launch=planned_launch)
         await created.open()
         made.append((created, factory))
         return created, factory
@@ -248,3 +251,33 @@ async def test_a_snapshot_shows_the_run_without_its_secrets_and_the_ttl_left(poo
     idle = p.snapshots()["a"]
     assert idle.in_flight == 0 and idle.ttl_remaining_s is not None and 0 < idle.ttl_remaining_s <= 60
     assert idle.kv is None and idle.slots_on_disk is None  # no gauges were asked for (nor gathered here)
+
+
+async def test_whether_a_model_reads_images_comes_from_its_launch_or_its_declaration(pool, tmp_path, monkeypatch):
+    from berth.engine.launch import build_launch
+    from berth.store import ModelStore
+
+    monkeypatch.setenv("BERTH_LLAMA_SERVER", "/opt/llama-server")
+    store, planned = ModelStore(tmp_path / "models"), []
+
+    def planned_launch(spec: ModelSpec):
+        planned.append(spec.id)
+        return build_launch(spec, store)
+
+    models = {"vl": "cmd: 'llama-server -m a.gguf --mmproj p.gguf", "text": "cmd: 'llama-server -m a.gguf",
+              "other": "cmd: 'srv", "said": "capabilities: {in: [text, image]}, cmd: 'srv",
+              "hf": "cmd: 'llama-server -hf acme/vl-GGUF:Q4_K_M"}
+    p, factory = await pool("models:\n" + "".join(f"  {m}: {{{fields} --port ${{PORT}}', memory: {{ram: 1GiB}}}}\n"
+                                                  for m, fields in models.items()), planned_launch)
+    assert {m: p.reads_images(m) for m in models} == {"vl": True, "text": False, "other": None, "said": True,
+                                                      "hf": None}
+    assert {m: s.reads_images for m, s in p.snapshots().items()} == {m: p.reads_images(m) for m in models}
+    asked = len(planned)
+    assert p.reads_images("vl") and p.reads_images("text") is False and len(planned) == asked  # known: kept
+    # a run's own launch settles what the planned one could not (its pull brought a projector)
+    first = asyncio.create_task(p.acquire("hf"))
+    await settle()
+    factory.of("hf")[-1].projector = True
+    factory.of("hf")[-1].ready()
+    (await first).release()
+    assert p.reads_images("hf") is True

@@ -159,6 +159,9 @@ def _start_local_berth(config_path: str | None) -> InProcessGateway:
     return InProcessGateway(config, "127.0.0.1", port, _launch_builder(config), chat_warmup).start()
 
 
+_VISION_SHOWN = {True: "yes", False: "-", None: "?"}  # /running's `vision`: a projector, none, nothing says
+
+
 @click.command()
 @url_option
 @key_option
@@ -177,14 +180,15 @@ def ps(url: str, api_key: str | None, as_json: bool) -> None:
         click.echo("no models loaded")
         return
     mib = 2**20
-    click.echo(f"{'MODEL':28} {'STATE':9} {'PID':>7} {'PORT':>6} {'PLANNED':>10} {'MEASURED':>10} {'TTL LEFT':>9} "
-               f"{'IN FLIGHT':>9} {'QUEUED':>6}")
+    click.echo(f"{'MODEL':28} {'STATE':9} {'PID':>7} {'PORT':>6} {'VISION':>6} {'PLANNED':>10} {'MEASURED':>10} "
+               f"{'TTL LEFT':>9} {'IN FLIGHT':>9} {'QUEUED':>6}")
     for m in models:
         memory = m.get("memory") or {}
         planned = sum((memory.get("planned_bytes") or {}).values())
         measured = sum((memory.get("measured_bytes") or {}).values())
         ttl = m.get("ttl_remaining_s")
-        click.echo(f"{m['model']:28} {m['state']:9} {m.get('pid') or '-':>7} {m.get('port') or '-':>6} "
+        vision = _VISION_SHOWN[m.get("vision")]
+        click.echo(f"{m['model']:28} {m['state']:9} {m.get('pid') or '-':>7} {m.get('port') or '-':>6} {vision:>6} "
                    f"{f'{planned / mib:.0f} MiB' if planned else '?':>10} "
                    f"{f'{measured / mib:.0f} MiB' if measured else '-':>10} "
                    f"{'never' if ttl is None else f'{ttl:.0f}s':>9} {m.get('in_flight', 0):>9} "

@@ -7,11 +7,11 @@ contract in pyproject.toml holds them to it), so the modules behind it can chang
 from berth.config.loader import load_config, parse_config
 from berth.config.records import (
     DEFAULT_CONCURRENCY_LIMIT, DEFAULT_GROUP, PORT_MACRO, BerthConfig, Capabilities, GroupSpec, MatrixSpec,
-    MemorySettings, ModelSpec, PeerSpec, ProfileSpec, RpcSpec, SelectorSpec, UpstreamTimeouts,
+    MemorySettings, ModelSpec, PeerSpec, ProfileSpec, RemoteImages, RpcSpec, SelectorSpec, UpstreamTimeouts,
 )
 
 __all__ = [
     "DEFAULT_CONCURRENCY_LIMIT", "DEFAULT_GROUP", "PORT_MACRO", "BerthConfig", "Capabilities", "GroupSpec",
-    "MatrixSpec", "MemorySettings", "ModelSpec", "PeerSpec", "ProfileSpec", "RpcSpec", "SelectorSpec",
-    "UpstreamTimeouts", "load_config", "parse_config",
+    "MatrixSpec", "MemorySettings", "ModelSpec", "PeerSpec", "ProfileSpec", "RemoteImages", "RpcSpec",
+    "SelectorSpec", "UpstreamTimeouts", "load_config", "parse_config",
 ]

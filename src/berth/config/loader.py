@@ -18,7 +18,7 @@ from berth.config import routing, schema
 from berth.config.macros import check_macro_names, expand_env
 from berth.config.models import resolve_model, resolve_peer, sizes
 from berth.config.reading import Reading, carried, unknown_keys
-from berth.config.records import BerthConfig, MemorySettings, ProfileSpec, SelectorSpec
+from berth.config.records import BerthConfig, MemorySettings, ProfileSpec, RemoteImages, SelectorSpec
 from berth.config.yamlines import LineDict, empty_mapping, line_at, load_yaml
 from berth.core.errors import ConfigError
 from berth.core.units import SizeError, parse_size
@@ -78,6 +78,7 @@ def _resolve(reading: Reading) -> BerthConfig:
         "allowed_hosts": [h.strip().lower() for h in p.allowed_hosts],
         "store_dir": _store_dir(reading),
         "memory": _memory_settings(reading, scheduled=not layout.groups and layout.matrix is None),
+        "remote_images": _remote_images(reading),
         "log_time_format": p.log_time_format or None,
         "upstream_ignore_paths": _ignore_paths(reading, p.upstream.ignore_paths),
         "notes": _web_ui_notes(reading),
@@ -115,6 +116,18 @@ def _memory_settings(reading: Reading, scheduled: bool) -> MemorySettings:
     return MemorySettings(scheduled=memory.scheduling and scheduled,
                           budget=sizes(reading, memory.budget, ("memory", "budget")), headroom_bytes=headroom,
                           eviction=memory.eviction)
+
+
+def _remote_images(reading: Reading) -> RemoteImages:
+    written = reading.parsed.remote_images
+    try:
+        max_bytes = parse_size(written.max_bytes)
+    except SizeError as exc:
+        raise reading.error(("remoteImages", "maxBytes"), str(exc)) from None
+    if max_bytes <= 0:
+        raise reading.error(("remoteImages", "maxBytes"), "must be more than 0 bytes; to refuse image URLs, "
+                            "set fetch: false")
+    return RemoteImages(**carried(written, RemoteImages, {"max_bytes": max_bytes}))
 
 
 def _ignore_paths(reading: Reading, patterns: list[str]) -> tuple[re.Pattern[str], ...]:

@@ -42,6 +42,21 @@ class Capabilities:
     def empty(self) -> bool:
         return self == Capabilities()
 
+    def reads_images(self, projector: bool | None) -> bool | None:
+        """Whether the model takes images: declared (`in: [image]`) or given a projector (`--mmproj`);
+        None when neither the declaration nor the launch says (another engine, a projector not pulled yet)."""
+        if "image" in self.inputs or projector:
+            return True
+        if projector is False or self.inputs:
+            return False
+        return None
+
+    def with_image_input(self) -> Capabilities:
+        """These capabilities with images among the inputs (text in, text out unless declared otherwise)."""
+        if "image" in self.inputs:
+            return self
+        return replace(self, inputs=(*(self.inputs or ("text",)), "image"), outputs=self.outputs or ("text",))
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -182,6 +197,17 @@ class MemorySettings:
     eviction: str = "lru"
 
 
+@dataclass(frozen=True)
+class RemoteImages:
+    """How berth treats http(s) image, audio and video URLs in requests (`remoteImages:`): it fetches them
+    itself within these limits and sends the bytes inline; a model server is never given such a URL."""
+
+    fetch: bool = True
+    max_bytes: int = 10 * 1024**2  # one file
+    timeout: float = 10.0  # seconds for one file, redirects included
+    allow_private_addresses: bool = False  # loopback, private, link-local, shared and reserved addresses
+
+
 @dataclass
 class BerthConfig:
     path: str
@@ -214,6 +240,7 @@ class BerthConfig:
     notes: list[str] = field(default_factory=list)  # informational lines for `berth check` and the log
     store_dir: Path | None = None  # None: $BERTH_HOME/models
     memory: MemorySettings = field(default_factory=lambda: MemorySettings())
+    remote_images: RemoteImages = field(default_factory=lambda: RemoteImages())
     warnings: list[str] = field(default_factory=list)
 
     def resolve(self, name: str) -> str | None:

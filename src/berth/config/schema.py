@@ -194,6 +194,17 @@ class RoutingConfig(_Section):
     scheduler: QueueConfig = Field(default_factory=QueueConfig)
 
 
+class RemoteImagesConfig(_Section):
+    """Image (and audio, video) URLs in requests: berth fetches them and sends the bytes inline, so no model
+    server fetches a URL a client chose."""
+
+    fetch: bool = True  # false: requests with http(s) media URLs are refused (send base64 data URLs)
+    max_bytes: str | int = Field("10MiB", alias="maxBytes")  # one file, as llama-server's own fetch limit
+    timeout: float = Field(10.0, gt=0)  # seconds for one file: connecting, redirects and the body
+    # loopback, private (RFC 1918, unique local), link-local (cloud metadata), shared and reserved addresses
+    allow_private_addresses: bool = Field(False, alias="allowPrivateAddresses")
+
+
 class MemoryConfig(_Section):
     scheduling: bool = True  # without groups, run models together while they fit (False: llama-swap's swap)
     budget: dict[str, str | int] = Field(default_factory=dict)  # per device; default: free at startup
@@ -257,6 +268,8 @@ class BerthConfigFile(_Section):
     model_store: str = Field("", alias="modelStore")  # default: $BERTH_HOME/models
     kv_persistence_total_max_bytes: int = Field(8 * 1024**3, alias="kvPersistenceTotalMaxBytes", ge=0)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    remote_images: RemoteImagesConfig = Field(default_factory=lambda: RemoteImagesConfig.model_validate({}),
+                                              alias="remoteImages")
 
     @field_validator("log_level")
     @classmethod

@@ -49,6 +49,31 @@ class FlagsNotAccepted(BadRequest):
         self.model, self.problems = model, problems
 
 
+class MediaNotSupported(BadRequest):
+    """Images (or audio, video) for a model whose server has no multimodal projector: refused before any load."""
+
+    code = "model_not_multimodal"
+
+    def __init__(self, model: str, kinds: list[str]) -> None:
+        super().__init__(
+            f"model {model!r} cannot read {' or '.join(kinds)}: it has no multimodal projector. Send them to a "
+            "model that lists `capabilities.vision` in GET /v1/models, or give this one its projector: "
+            "--mmproj FILE in its cmd, or `mmproj: true` beside `model: owner/repo:QUANT`")
+        self.model = model
+
+
+class MediaUrlRefused(BadRequest):
+    """A media URL berth will not fetch (its scheme, its address, or remote fetching turned off)."""
+
+    code = "media_url_not_allowed"
+
+
+class MediaUrlFailed(BadRequest):
+    """A media URL berth tried and failed to fetch within remoteImages' limits."""
+
+    code = "invalid_image_url"
+
+
 class Unauthorized(BerthError):
     status = 401
     error_type = "authentication_error"

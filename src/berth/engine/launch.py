@@ -71,6 +71,9 @@ class Launch:
     # which change at every start; here each agent's own address stands for them again
     planned_argv: list[str] | None = None
     slots_off: str = ""  # why a llama.cpp engine's slots are not saved, when they are not
+    # whether the server gets a multimodal projector (reads images): None when the launch cannot tell
+    # (another engine; a store model whose projector comes with its first pull, if the repo has one)
+    projector: bool | None = None
 
 
 def is_llama_cpp(argv: list[str]) -> bool:
@@ -140,8 +143,7 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
         # berth reaches it over loopback, and nothing else should reach it unauthenticated.
         args.set("host", "127.0.0.1")
     store = store or ModelStore.default()
-    if wanted is not None:
-        _use_store_model(args, store, *wanted, fetch, cancel)
+    pulled = _use_store_model(args, store, *wanted, fetch, cancel) if wanted is not None else True
     if spec.rpc is not None:
         if not is_llama_server_binary(prefix):
             raise BadRequest(f"{spec.id} has rpc: agents, which needs llama.cpp's llama-server (built with "
@@ -166,7 +168,18 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
         for agent, endpoint in zip(spec.rpc.agents, rpc.endpoints):
             if endpoint is not None:
                 planned = [arg.replace(endpoint, agent) for arg in planned]
-    return Launch(argv, plan, planned, slots_off if llama_cpp else "")
+    return Launch(argv, plan, planned, slots_off if llama_cpp else "",
+                  _projector(args, llama_cpp, wanted[1] if wanted is not None else False, pulled))
+
+
+def _projector(args: LlamaServerArgs, llama_cpp: bool, wish: bool | None, pulled: bool) -> bool | None:
+    """Whether a launch gets a projector: `--mmproj` (or `--mmproj-url`), or a store model that requires one
+    (pulled with it); unknown until the first pull when it takes the repo's if there is one."""
+    if args.get("mmproj") or args.get("mmproj_url") or wish is True:
+        return True
+    if not llama_cpp or (wish is None and not pulled):
+        return None
+    return False
 
 
 def _check_flags(spec: ModelSpec, program: str, args: LlamaServerArgs) -> None:
@@ -198,7 +211,8 @@ def _place_over_agents(spec: ModelSpec, args: LlamaServerArgs, targets: RpcTarge
 
 
 def _use_store_model(args: LlamaServerArgs, store, ref: ModelRef, mmproj: bool | None, fetch: bool,
-                     cancel: threading.Event | None) -> None:
+                     cancel: threading.Event | None) -> bool:
+    """Point the args at the store's files (pulling them first when `fetch`); whether they are in the store."""
     from berth.store.pull import pull
     from berth.store.store import StoreEntry
 
@@ -211,3 +225,4 @@ def _use_store_model(args: LlamaServerArgs, store, ref: ModelRef, mmproj: bool |
     args.set("model", str(entry.launch_model_path))
     if entry.mmproj_path is not None and mmproj is not False:
         args.set("mmproj", str(entry.mmproj_path))
+    return entry.verified

@@ -147,6 +147,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     _f("--no-webui", "no_webui", bool),
     _f("--webui", "webui", bool),
     _f("--check-tensors", "check_tensors", bool),
+    _f("-mmu --mmproj-url", "mmproj_url"),  # llama-server downloads the projector itself
     _f("--no-mmproj", "no_mmproj", bool),
     _f("--no-mmproj-offload", "no_mmproj_offload", bool),
     _f("--offline", "offline", bool),

@@ -11,7 +11,7 @@ from berth.core.errors import BadRequest
 from berth.gateway import serving
 from berth.gateway.context import GatewayContext, Routes, parse_json
 from berth.gateway.loading import serve_while_loading
-from berth.gateway.routing import forward, routed
+from berth.gateway.routing import forward, routed, with_media
 from berth.scheduler import ModelState
 
 INFERENCE_PATHS = (
@@ -48,6 +48,7 @@ class Inference(Routes):
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object with a `model` field")
         with routed(context, payload, body) as route:
+            route = await with_media(context, route, payload)
             if (route.peer is None and payload.get("stream") is True and path.endswith("/chat/completions")
                     and context.config.models[route.model].send_loading_state
                     and context.pool.state(route.model) is not ModelState.READY):

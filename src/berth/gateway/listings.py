@@ -54,7 +54,8 @@ class Listings(Routes):
 
     def _model_entry(self, model_id: str, listed_as: str) -> dict[str, Any]:
         """One /v1/models record in llama-swap's shape (its metadata under meta.llamaswap, status,
-        capabilities), with berth's `state`, `alias_of` and `memory` beside it."""
+        capabilities: declared, and `vision` for a model with a projector), with berth's `state`, `alias_of`
+        and `memory` beside it."""
         spec = self.context.config.models[model_id]
         snapshot = self.context.pool.snapshot(model_id)
         state = snapshot.state
@@ -64,7 +65,8 @@ class Listings(Routes):
             entry["name"] = spec.name.strip()
         if spec.description:
             entry["description"] = spec.description.strip()
-        declared = capability_fields(spec.capabilities)
+        caps = spec.capabilities.with_image_input() if snapshot.reads_images else spec.capabilities
+        declared = capability_fields(caps)
         entry.update(declared)
         port = snapshot.port if state is not ModelState.STOPPED else None
         listing = {k: v for k, v in bind_port(dict(spec.metadata), port).items()
@@ -77,8 +79,8 @@ class Listings(Routes):
             listing.update(type="alias", modelID=model_id)
             entry["alias_of"] = model_id
         entry["meta"] = {"llamaswap": listing}
-        if spec.capabilities.context:
-            entry["meta"]["n_ctx"] = spec.capabilities.context
+        if caps.context:
+            entry["meta"]["n_ctx"] = caps.context
         entry["status"] = {"value": "loaded" if state is ModelState.READY else "unloaded"}
         entry["state"] = state.value
         entry["memory"] = memory_entry(snapshot)

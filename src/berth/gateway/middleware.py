@@ -12,6 +12,7 @@ from berth.core.errors import (
     BerthError, BodyTooLarge, HostNotAllowed, RouteNotFound, StartBackedOff, TooManyRequests, Unauthorized,
 )
 from berth.core.hosts import LOCAL_NAMES, host_name, is_loopback
+from berth.core.units import format_bytes
 from berth.gateway.context import ErrorShape, GatewayContext, openai_shape
 
 PROBE_PATHS = ("/metrics", "/health", "/ready")  # what the metrics socket answers
@@ -39,9 +40,11 @@ class Middlewares:
         except BerthError as exc:
             return error_response(exc, self._shape(request))
         except web.HTTPRequestEntityTooLarge:
+            limit = self.context.config.max_body_bytes
             return error_response(BodyTooLarge(
-                f"request body is larger than the limit of {self.context.config.max_body_bytes} bytes; "
-                "send less or raise maxBodyBytes in the config"), self._shape(request))
+                f"request body is larger than maxBodyBytes ({format_bytes(limit)}, {limit} bytes); images sent "
+                "inline as base64 count at 4/3 of their file size: send smaller images, or their http(s) URLs "
+                "(berth fetches those), or raise maxBodyBytes in the config"), self._shape(request))
 
     def _shape(self, request: web.Request) -> ErrorShape:
         """The shape of the route's error answers: OpenAI's unless its family registered another."""

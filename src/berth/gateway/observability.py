@@ -55,7 +55,7 @@ class Observability(Routes):
             "ttl": self.context.config.models[snapshot.model].ttl, "ttl_remaining_s": snapshot.ttl_remaining_s,
             "pid": snapshot.pid, "in_flight": snapshot.in_flight, "queued": snapshot.queued,
             "cmd": " ".join(snapshot.command), "start_failures": snapshot.start_failures,
-            "retry_in_s": snapshot.retry_in_s,
+            "retry_in_s": snapshot.retry_in_s, "vision": snapshot.reads_images,
             "kv_slots": None if files is None else {"directory": files.directory, "files": files.files,
                                                     "bytes": files.bytes},
             "memory": memory_entry(snapshot),

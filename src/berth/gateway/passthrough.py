@@ -9,6 +9,7 @@ from aiohttp import web
 from berth.core.errors import ModelNotLoaded, RouteNotFound, UnknownModel
 from berth.gateway import serving
 from berth.gateway.context import GatewayContext, Routes
+from berth.gateway.media import checked_body
 from berth.scheduler import ModelState
 
 # GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
@@ -44,7 +45,7 @@ class PassThrough(Routes):
         ignored = any(p.search(path) for p in context.config.upstream_ignore_paths)  # unanchored, as Go's
         if ignored and context.pool.state(model_id) is not ModelState.READY:
             raise ModelNotLoaded(model_id, path)
-        body = await context.read_body(request)
+        body = await checked_body(context, model_id, await context.read_body(request))
         # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
         return await serving.pass_through(context, request, model_id, path, body or None)
 
@@ -55,5 +56,6 @@ class PassThrough(Routes):
             name = context.default_or_named(f"{request.path} needs ?model=<id> when several models are configured")
         if not name:
             raise RouteNotFound(request.path)
-        body = await context.read_body(request)
-        return await serving.answer(context, request, context.pool.resolve(name), request.path, body or None)
+        model_id = context.pool.resolve(name)
+        body = await checked_body(context, model_id, await context.read_body(request))
+        return await serving.answer(context, request, model_id, request.path, body or None)

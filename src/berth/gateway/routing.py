@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +17,7 @@ from berth.config import PeerSpec
 from berth.core.errors import BadRequest
 from berth.gateway import serving
 from berth.gateway.context import GatewayContext
+from berth.gateway.media import take_media
 from berth.gateway.proxy import Outbound, Reframe
 from berth.gateway.upstream import Upstream
 from berth.scheduler import ModelState
@@ -71,6 +72,14 @@ def _peer(peer: PeerSpec, model: str, payload: dict[str, Any]) -> Route:
     headers = (("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)) if peer.api_key else ()
     target = Upstream(f"{peer.id}/{model}", peer.proxy, peer.timeouts, headers)
     return Route(target.model, json.dumps(payload).encode(), target)
+
+
+async def with_media(context: GatewayContext, route: Route, payload: dict[str, Any]) -> Route:
+    """A local model's route with the request's images taken (media.py): refused before any load when the
+    model has no projector, remote URLs fetched by berth and sent inline. A peer fetches its own."""
+    if route.peer is None and await take_media(context, route.model, payload, len(route.body)):
+        return replace(route, body=json.dumps(payload).encode())
+    return route
 
 
 async def forward(context: GatewayContext, request: web.Request, route: Route, path: str,

@@ -93,7 +93,8 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics,
                                          agents, memory.planned_bytes, warmer), config.start_port)
     gauges = GaugeCollector(lambda: sessions.control)
-    pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges, factory.prefetch)
+    pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges, factory.prefetch,
+                                   planned_launch)
     gateway = Gateway(pool, memory, logs, ledger, sessions, listen_host=host, metrics_port=metrics_port)
     runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
                            handler_cancellation=True, access_log=None)

@@ -92,6 +92,7 @@ class ProcessFacts:
     argv: tuple[str, ...]  # as launched (the config's until then); secrets included: redact before showing
     slots: SlotPlan | None  # where its KV slots are saved, when they are
     sleeps: bool = False  # launched to sleep when idle: no work may be sent to it that it does not need
+    projector: bool | None = None  # whether its launch gave it a multimodal projector (None: unknown, not launched)
 Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
 LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event, rpc=RpcTargets | None) -> Launch
 
@@ -160,6 +161,7 @@ class ModelProcess:
     def __init__(self, spec: ModelSpec, deps: ProcessDeps, on_event: Callable[[ProcessEvent], None]) -> None:
         self.spec = spec  # with its port bound: where this run listens
         self.slots: SlotPlan | None = None
+        self.projector: bool | None = None  # set from its launch
         self.argv: list[str] = list(spec.argv)  # replaced by the resolved argv at spawn
         self.planned_argv: list[str] = self.argv  # the same, as planned (rpc agents' addresses for their ports)
         self.output: deque[str] = deque(maxlen=RUN_OUTPUT_LINES)  # this run's child output
@@ -192,7 +194,7 @@ class ModelProcess:
 
     def facts(self) -> ProcessFacts:
         return ProcessFacts(self.spec.id, self.spec.proxy, self.spec.port, self.pid, tuple(self.argv), self.slots,
-                            self.sleeps)
+                            self.sleeps, self.projector)
 
     def take_restore_hit(self) -> bool:
         """True once: for the first request after slots were restored (to measure the reuse)."""
@@ -321,7 +323,7 @@ class ModelProcess:
         targets = await self._lease_agents() if spec.rpc is not None else None
         try:  # may pull the model from the store first: minutes, so off the event loop
             launch = await asyncio.to_thread(self._build_launch, spec, cancel=self._cancel_launch, rpc=targets)
-            self.argv, self.slots = launch.argv, launch.slots
+            self.argv, self.slots, self.projector = launch.argv, launch.slots, launch.projector
             self.planned_argv = launch.planned_argv or launch.argv
         except BerthError as exc:
             raise StartFailed(spec.id, exc.message) from None

@@ -30,3 +30,4 @@ class ModelSnapshot:
     # the gauges, as last gathered, in a snapshot asked for with them (None otherwise):
     kv: KvUse | None  # its KV cache in use; None unless it is ready and its server reported it
     slots_on_disk: SlotFiles | None  # its saved KV slots, when its run saves them
+    reads_images: bool | None = None  # a projector or a declaration says it takes images; None: nothing says
