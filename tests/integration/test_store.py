@@ -83,6 +83,50 @@ def test_split_model_and_mmproj(hub, home, tmp_path):
     assert one_hash.returncode == 2 and "has 2 parts" in one_hash.stderr
 
 
+@pytest.mark.parametrize("files, quant, model, projector", [
+    # unsloth / Qwen style: the projector named after the model, in several precisions, the model at F16 too
+    (("Qwen3-VL-4B-Instruct-Q4_K_M.gguf", "Qwen3-VL-4B-Instruct-F16.gguf", "mmproj-Qwen3-VL-4B-Instruct-BF16.gguf",
+      "mmproj-Qwen3-VL-4B-Instruct-F16.gguf", "mmproj-Qwen3-VL-4B-Instruct-F32.gguf",
+      "mmproj-Qwen3-VL-4B-Instruct-Q8_0.gguf"),
+     "F16", "Qwen3-VL-4B-Instruct-F16.gguf", "mmproj-Qwen3-VL-4B-Instruct-F16.gguf"),
+    # ggml-org / MiniCPM style: one name for the projector, whatever the model
+    (("ggml-model-Q4_K_M.gguf", "ggml-model-Q8_0.gguf", "mmproj-model-f16.gguf", "mmproj-model-bf16.gguf"),
+     "Q4_K_M", "ggml-model-Q4_K_M.gguf", "mmproj-model-f16.gguf"),
+    # `*.mmproj.gguf` beside a model of the same precision: the projector is no candidate for the model
+    (("vl-Q4_K_M.gguf", "vl-F16.gguf", "vl-F32.mmproj.gguf", "vl-F16.mmproj.gguf"), "f16", "vl-F16.gguf",
+     "vl-F16.mmproj.gguf"),
+    # projectors of two models in one repo: the one named like the model pulled
+    (("Vis-4B-Q4_K_M.gguf", "Vis-8B-Q4_K_M.gguf", "mmproj-Vis-4B-F16.gguf", "mmproj-Vis-8B-F16.gguf"),
+     "Q4_K_M", None, None),
+    (("llava-v1.5-7b-Q4_K.gguf", "llava-v1.5-7b-mmproj-model-f16.gguf"), "Q4_K", "llava-v1.5-7b-Q4_K.gguf",
+     "llava-v1.5-7b-mmproj-model-f16.gguf"),
+])
+def test_projectors_are_found_as_real_repos_name_them(hub, home, tmp_path, files, quant, model, projector):
+    publish(hub, tmp_path, *files)
+    result = berth_cli(home, hub, "pull", f"{REPO}:{quant}", "--mmproj")
+    if model is None:  # two models match the quant: named by file, each gets its own projector
+        assert result.returncode == 2 and "matches several models" in result.stderr
+        for size in ("4B", "8B"):
+            named = berth_cli(home, hub, "pull", f"{REPO}/Vis-{size}-Q4_K_M.gguf", "--mmproj")
+            assert named.returncode == 0, named.stderr
+            entry = home / "models" / f"vis-{size.lower()}-q4_k_m"
+            assert os.readlink(entry / "mmproj.gguf") == f"files/mmproj-Vis-{size}-F16.gguf"
+        return
+    assert result.returncode == 0, result.stderr
+    entry = home / "models" / f"tiny-llm-{quant.lower()}"
+    assert os.readlink(entry / "model.gguf") == f"files/{model}"
+    assert os.readlink(entry / "mmproj.gguf") == f"files/{projector}"
+    assert sorted(hub.gets) == sorted([model, projector])  # nothing else was downloaded
+    listing = berth_cli(home, None, "models").stdout.splitlines()
+    assert "PROJECTOR (vision)" in listing[0]
+    row = next(line for line in listing if line.startswith(f"tiny-llm-{quant.lower()} "))
+    assert projector in row.split()
+    plain = berth_cli(home, hub, "pull", f"{REPO}:{quant}", "--name", "without-projector")
+    assert plain.returncode == 0, plain.stderr
+    row = next(line for line in berth_cli(home, None, "models").stdout.splitlines() if line.startswith("without-"))
+    assert row.split()[4] == "-"  # NAME SIZE QUANT VERIFIED PROJECTOR
+
+
 def test_resume_after_connection_drop_transfers_little_twice(hub, home, tmp_path):
     files = publish(hub, tmp_path, "tiny-Q4_K_M.gguf", elements=1 << 19)  # 8 MiB
     size = files["tiny-Q4_K_M.gguf"].size

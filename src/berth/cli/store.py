@@ -77,11 +77,12 @@ def models(config_path: str | None) -> None:
     entries = store.entries()
     if not entries:
         click.echo(f"no models in {store.root}")
-    click.echo(f"{'NAME':40} {'SIZE':>10} {'QUANT':12} {'VERIFIED':8} LAST USED")
+    click.echo(f"{'NAME':40} {'SIZE':>10} {'QUANT':12} {'VERIFIED':8} {'PROJECTOR (vision)':40} LAST USED")
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "never"
+        projector = e.mmproj_path.resolve().name if e.mmproj_path is not None else "-"
         click.echo(f"{e.name:40} {e.size / 2**20:>7.1f}MiB {e.quant or '-':12} {'yes' if e.verified else 'no':8} "
-                   f"{used}")
+                   f"{projector:40} {used}")
     _print_embedded_models(store)
     slots_root = store.root / SLOTS_DIR
     models_with_slots = sorted(d for d in slots_root.iterdir() if d.is_dir()) if slots_root.is_dir() else []

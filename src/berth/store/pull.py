@@ -159,7 +159,7 @@ def pull(store: ModelStore, ref: ModelRef, *, name: str | None = None, mmproj: b
         if sha256 and len(model_files) != 1:
             raise BadSelection(f"--sha256 names one file, but {ref} has {len(model_files)} parts; "
                                "drop --sha256 (each part is checked against the hub's hash)")
-        projector = select_mmproj(listing) if mmproj is not False else None
+        projector = select_mmproj(listing, model_files[0]) if mmproj is not False else None
         if mmproj is True and projector is None:
             raise BadSelection(f"{ref.repo} has no mmproj*.gguf projector; pull without --mmproj")
 

@@ -34,6 +34,7 @@ from berth.core.refs import SPLIT_SUFFIX, ModelRef
 
 MARKER = "berth-model.json"
 _MMPROJ_PREFERENCE = ("f16", "f32", "bf16")
+_MMPROJ_WORD = re.compile(r"(^|[-_.])mmproj([-_.]|$)", re.IGNORECASE)
 _DISK_MARGIN = 64 * 1024 * 1024
 
 
@@ -153,7 +154,9 @@ def _quant_matches(filename: str, quant: str) -> bool:
 
 
 def _is_mmproj(path: str) -> bool:
-    return path.rsplit("/", 1)[-1].lower().startswith("mmproj") and path.lower().endswith(".gguf")
+    """A projector as repos name them: `mmproj-*-F16.gguf`, `mmproj-model-f16.gguf`, `*.mmproj.gguf`,
+    `*-mmproj-f16.gguf`: `mmproj` as a word of the file name."""
+    return _MMPROJ_WORD.search(path.rsplit("/", 1)[-1]) is not None and path.lower().endswith(".gguf")
 
 
 def select_model_files(ref: ModelRef, listing: list[RemoteFile]) -> list[RemoteFile]:
@@ -186,13 +189,26 @@ def select_model_files(ref: ModelRef, listing: list[RemoteFile]) -> list[RemoteF
                        "name the file instead (owner/repo/path/file.gguf)")
 
 
-def select_mmproj(listing: list[RemoteFile]) -> RemoteFile | None:
+def select_mmproj(listing: list[RemoteFile], model: RemoteFile | None = None) -> RemoteFile | None:
+    """The repo's projector: F16 preferred, then F32, BF16, others; among several of that precision (a repo
+    with projectors for several models), the one whose name shares the longest start with `model`'s once
+    `mmproj` is taken out of it."""
     projectors = sorted((f for f in listing if _is_mmproj(f.path)), key=lambda f: f.path)
     for precision in _MMPROJ_PREFERENCE:
-        for f in projectors:
-            if re.search(rf"(^|[-_.]){precision}([-_.]|$)", f.path.rsplit("/", 1)[-1], re.IGNORECASE):
-                return f
-    return projectors[0] if projectors else None
+        matching = [f for f in projectors if _quant_matches(f.path, precision)]
+        if matching:
+            projectors = matching
+            break
+    if model is None or not projectors:
+        return projectors[0] if projectors else None
+    model_name = model.path.rsplit("/", 1)[-1].lower()
+
+    def shared(f: RemoteFile) -> int:
+        name = _MMPROJ_WORD.sub(lambda m: m.group(1) if m.group(1) and m.group(2) else "",
+                                f.path.rsplit("/", 1)[-1]).lower()
+        return len(os.path.commonprefix([name, model_name]))
+
+    return max(projectors, key=shared)  # the first of the best, in name order
 
 
 def _replace_symlink(link: Path, target: Path) -> None:
