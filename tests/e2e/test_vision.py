@@ -6,6 +6,8 @@ openai client and Anthropic's /v1/messages; a model without a projector refuses 
 from __future__ import annotations
 
 import base64
+import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import requests
 
 from berth.core.gguf import read_model_header
 from tests.e2e.conftest import llama_server_binary
-from tests.support.image_server import ImageServer, image_bytes
+from tests.support.image_server import ImageServer, image_bytes, write_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from tiny_models import write_gemma3_projector  # noqa: E402
@@ -130,3 +132,99 @@ def test_images_for_a_model_without_a_projector_are_refused_before_it_starts(ber
     column = header.split().index("VISION")
     assert {row.split()[0]: row.split()[column] for row in rows} == {"vision": "yes", "text": "-"}
     assert {m: entry["vision"] for m, entry in b.running().items()} == {"vision": True, "text": False}
+
+
+SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["score"], "additionalProperties": False}
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "berth.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_bench_over_an_album_ranks_two_vision_models(berth, start_port, gemma_gguf, projector, tmp_path):
+    """`berth bench --images --json-schema --score-field` over the projector model and a second entry of it with
+    other flags. A random projector says nothing about the photos, but the schema (sent as response_format,
+    which llama-server turns into a grammar) makes every answer JSON, so the figures can be checked against
+    the answers they come from."""
+    import csv
+
+    import jsonschema
+
+    binary = llama_server_binary()
+    second = (f"  vision-np1:\n    cmd: {binary} -m {gemma_gguf} --mmproj {projector} -c 1024 -np 1 "
+              f"--host 127.0.0.1 --port ${{PORT}} -t 2 --no-jinja --chat-template gemma\n")
+    b = berth(vision_config(start_port, gemma_gguf, projector, extra_model=second))
+    album = tmp_path / "album"
+    photos = [p.name for p in write_images(album, 5)]  # PNG, JPEG, WebP in turn
+    (album / "notes.txt").write_text("not a photo")
+    schema = tmp_path / "score.schema.json"
+    schema.write_text(json.dumps(SCORE_SCHEMA))
+    out = tmp_path / "out"
+    models = ["vision", "vision-np1"]
+    run = bench("--url", b.url, "--model", models[0], "--model", models[1], "--images", str(album),
+                "--json-schema", str(schema), "--score-field", "score", "--prompt", "Rate this photo from 0 to 9.",
+                "--max-tokens", "48", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "not images, not sent: notes.txt" in run.stderr and "sent as PNG" in run.stderr
+    found = json.loads((out / "results.json").read_text())
+    sent = {i["name"]: i for i in found["settings"]["images"]}
+    assert list(sent) == photos and sent["photo-02.webp"]["converted_from"] == "WEBP"
+
+    table = found["per_image"]
+    for model in models:  # every photo once per model, in the same order
+        assert [row["image"] for row in table if row["model"] == model] == photos
+    figures = {}
+    for model in models:
+        rows = [row for row in table if row["model"] == model]
+        parsed = []
+        for row in rows:
+            try:
+                jsonschema.validate(json.loads(row["answer"] or ""), SCORE_SCHEMA)
+                parsed.append(json.loads(row["answer"])["score"])
+            except (ValueError, jsonschema.ValidationError):
+                pass
+            try:
+                answered = json.loads(row["answer"] or "")
+            except ValueError:
+                answered = None
+            assert row["score"] == (answered.get("score") if isinstance(answered, dict) else None)
+        latencies = sorted(row["latency_s"] for row in rows if row["latency_s"] is not None)
+        figures[model] = (len(parsed) / len(rows), statistics.median(latencies), parsed)
+    assert sum(len(f[2]) for f in figures.values()) > 0  # the grammar held: some answers parsed
+    ranked = found["ranking"]
+    assert [row["model"] for row in ranked] == sorted(models, key=lambda m: (-figures[m][0], figures[m][1]))
+    for row in ranked:
+        rate, p50, scores = figures[row["model"]]
+        assert row["parse_rate"] == rate and row["parsed"] == len(scores) and row["requests"] == len(photos)
+        assert row["e2e_p50_s"] == pytest.approx(p50)
+        score = row["score"]
+        assert score["scored"] == len(scores) and score["top"] == max(scores)
+        assert score["ties_at_top"] == scores.count(max(scores))
+        assert score["ties_at_top_share"] == scores.count(max(scores)) / len(scores)
+        assert score["counts"] == {f"{v:g}": scores.count(v) for v in sorted(set(scores))}
+
+    with open(out / "per_image.csv", newline="") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [(r["image"], r["model"], r["answer"], r["score"]) for r in csv_rows] == [
+        (t["image"], t["model"], t["answer"], "" if t["score"] is None else f"{t['score']:g}") for t in table]
+    assert all(float(r["latency_ms"]) > 0 for r in csv_rows)
+    from PIL import Image
+
+    with Image.open(out / "scores.png") as plot:
+        assert plot.format == "PNG" and plot.height > plot.width / 2  # one panel per model
+    summary = (out / "summary.md").read_text()
+    assert "## Models ranked (parse rate, then p50 latency)" in summary
+    ranked_lines = [line for line in summary.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert [line.split("|")[2].strip() for line in ranked_lines] == [row["model"] for row in ranked]
+
+    # swap: the models take turns on each photo, so both see the photos in the same order
+    swapped = tmp_path / "swap"
+    run = bench("--url", b.url, "--model", models[0], "--model", models[1], "--images", str(album), "--requests", "2",
+                "--scenario", "swap", "--prompt", "What is this?", "--max-tokens", "4", "--out", str(swapped))
+    assert run.returncode == 0, run.stderr
+    table = json.loads((swapped / "results.json").read_text())["per_image"]
+    order = sorted(table, key=lambda row: row["index"])
+    assert [(row["model"], row["image"]) for row in order] == [
+        (models[0], photos[0]), (models[1], photos[0]), (models[0], photos[1]), (models[1], photos[1])]

@@ -158,6 +158,24 @@ def test_bad_bench_input_names_the_problem(berth, start_port, tmp_path):
     bad_schema.write_text('{"type": "no-such-type"}')
     cases.append((["--url", b.url, "--model", "a", "--prompt", "x", "--json-schema", str(bad_schema)],
                   "not a valid JSON Schema"))
+    scored = tmp_path / "scored.json"
+    scored.write_text(json.dumps({"type": "object", "properties": {"score": {"type": "integer"},
+                                                                   "why": {"type": "string"}}}))
+    not_images = tmp_path / "not-images"
+    not_images.mkdir()
+    (not_images / "a.txt").write_text("x")
+    (not_images / "broken.png").write_bytes(b"\x89PNG but not really")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases += [
+        (["--url", b.url, "--model", "a", "--images", str(tmp_path / "nowhere")], "is not a directory"),
+        (["--url", b.url, "--model", "a", "--images", str(empty)], "has no .jpg, .jpeg, .png, .webp files"),
+        (["--url", b.url, "--model", "a", "--images", str(not_images)], "broken.png is not a readable image"),
+        (["--url", b.url, "--model", "a", "--json-schema", str(scored), "--score-field", "rating"],
+         "not a property of --json-schema"),
+        (["--url", b.url, "--model", "a", "--json-schema", str(scored), "--score-field", "why"],
+         "must be a number or an integer"),
+    ]
     for args, message in cases:
         run = bench(*args, "--out", out)
         assert run.returncode == 2, (args, run.stderr)

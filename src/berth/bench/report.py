@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+from berth.bench import choice
 from berth.bench.runner import BenchSettings, RequestRecord
-
-PERCENTILES = (50, 90, 99)
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _distribution(values: list[float]) -> dict:
-    result = {f"p{p}": percentile(values, p) for p in PERCENTILES}
-    result["mean"] = _mean(values)
-    return result
-
+from berth.bench.stats import PERCENTILES, distribution, mean, percentile
 
 def busy_seconds(records: list[RequestRecord]) -> float:
     """How long at least one of `records` was in flight: the union of their intervals (so time spent on
@@ -75,10 +53,10 @@ def summarize(records: list[RequestRecord]) -> list[dict]:
             "errors": dict(Counter(r.error for r in group if not r.ok)),
             "removed": removed_by_kind(group),
             "retries": sum(r.retries for r in group),
-            "ttft_s": _distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
-            "itl_s": _distribution([gap for r in ok for gap in r.itl_s]),
-            "tpot_s": _distribution(_tpot(ok)),
-            "e2e_s": _distribution([r.e2e_s for r in ok]),
+            "ttft_s": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
+            "itl_s": distribution([gap for r in ok for gap in r.itl_s]),
+            "tpot_s": distribution(_tpot(ok)),
+            "e2e_s": distribution([r.e2e_s for r in ok]),
             "output_tokens": sum(r.output_tokens for r in ok),
             "output_tokens_per_s": sum(r.output_tokens for r in ok) / busy if busy > 0 else None,
             "requests_per_s": len(ok) / busy if busy > 0 else None,
@@ -99,7 +77,7 @@ def _figures(paired: list[RequestRecord]) -> dict[str, float | None]:
     were in flight (a request only one side answered counts on neither)."""
     busy = busy_seconds(paired)
     return {"ttft_p50": percentile([r.ttft_s for r in paired if r.ttft_s is not None], 50),
-            "itl_mean": _mean([gap for r in paired for gap in r.itl_s]),
+            "itl_mean": mean([gap for r in paired for gap in r.itl_s]),
             "e2e_p50": percentile([r.e2e_s for r in paired], 50),
             "output_tokens_per_s": sum(r.output_tokens for r in paired) / busy if busy > 0 else None}
 
@@ -166,7 +144,8 @@ def _ratio_cell(spread: dict) -> str:
     return f"{spread['median']:.3f} ({spread['min']:.3f}–{spread['max']:.3f})"
 
 
-def markdown(settings: BenchSettings, rows: list[dict], compared: list[dict] | None = None) -> str:
+def markdown(settings: BenchSettings, rows: list[dict], compared: list[dict] | None = None,
+             ranked: list[dict] | None = None) -> str:
     schema = settings.json_schema is not None
     targets = settings.targets()
     several = len(targets) > 1
@@ -218,7 +197,8 @@ def markdown(settings: BenchSettings, rows: list[dict], compared: list[dict] | N
                 row["model"], str(row["concurrency"]), f"{row['pairs']}/{row['requests']['A']}",
                 f"{_ms(row['A']['ttft_p50'])} / {_ms(row['B']['ttft_p50'])}",
                 *(_ratio_cell(row["ratio"][name]) for name in RATIOS), *removed]) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + "\n" + choice.markdown(settings, ranked) if ranked else text
 
 
 def plots(records: list[RequestRecord], rows: list[dict], out: Path) -> list[Path]:
@@ -265,10 +245,19 @@ def plots(records: list[RequestRecord], rows: list[dict], out: Path) -> list[Pat
     return written
 
 
+def choosing(settings: BenchSettings) -> bool:
+    """Whether the run is one to choose a model by (images, or scores in the answers): per-image table,
+    ranking, score distributions."""
+    return bool(settings.images) or settings.score_field is not None
+
+
 def results(settings: BenchSettings, records: list[RequestRecord]) -> dict:
     """What results.json holds: the settings, the targets, every request, the summary and, with two
     targets, the comparison."""
-    found = {"settings": {k: v for k, v in asdict(settings).items() if k not in ("api_key", "prompts")},
+    shown = {k: v for k, v in asdict(settings).items() if k not in ("api_key", "prompts", "images")}
+    shown["images"] = [{"name": i.name, "sent_as": i.media_type, "converted_from": i.converted_from}
+                       for i in settings.images]
+    found = {"settings": shown,
              "targets": {t.label: {"url": t.url, "models": list(t.models)} for t in settings.targets()},
              "prompts": len(settings.prompts), "summary": summarize(records),
              "requests": [r.as_dict() for r in records]}
@@ -282,7 +271,9 @@ def results(settings: BenchSettings, records: list[RequestRecord]) -> dict:
 def write(settings: BenchSettings, records: list[RequestRecord], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     found = results(settings, records)
+    if choosing(settings):
+        found.update(choice.write(settings, records, out))
     (out / "results.json").write_text(json.dumps(found, indent=1))
-    (out / "summary.md").write_text(markdown(settings, found["summary"], found.get("compare")))
+    (out / "summary.md").write_text(markdown(settings, found["summary"], found.get("compare"), found.get("ranking")))
     plots(records, found["summary"], out)
     return found

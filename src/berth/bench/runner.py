@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
 import aiohttp
+
+from berth.bench.images import BenchImage
 
 
 class BenchSetupError(Exception):
@@ -60,6 +63,8 @@ class BenchSettings:
     compare_url: str | None = None  # a second target sent the same request list
     compare_models: list[str] | None = None  # its names for `models` (None: the same names)
     rounds: int = 1  # the request list is sent this many times (per target, interleaved)
+    images: list[BenchImage] = field(default_factory=list)  # --images: one per request, with the prompt
+    score_field: str | None = None  # --score-field: the number each answer's JSON holds under this key
 
     def targets(self) -> list[Target]:
         targets = [Target("A", self.url, tuple(self.models))]
@@ -84,18 +89,27 @@ class PlannedRequest:
     index: int
     prompt_index: int
     prompt: str
+    image: BenchImage | None = None  # with --images
 
 
 def planned_requests(settings: BenchSettings) -> list[PlannedRequest]:
-    """The request list: `requests` entries (swap: per model), taking the prompts in turn."""
-    count = settings.requests * (len(settings.models) if settings.scenario == "swap" else 1)
-    return [PlannedRequest(i, i % len(settings.prompts), settings.prompts[i % len(settings.prompts)])
+    """The request list: `requests` entries (swap: per model), taking the prompts in turn, and the images
+    in name order: every model gets them in the same order (swap: each image once per model in a row)."""
+    per_image = len(settings.models) if settings.scenario == "swap" else 1
+    count = settings.requests * per_image
+    images = settings.images
+    return [PlannedRequest(i, i % len(settings.prompts), settings.prompts[i % len(settings.prompts)],
+                           images[i // per_image % len(images)] if images else None)
             for i in range(count)]
 
 
 def request_body(settings: BenchSettings, model: str, planned: PlannedRequest) -> dict:
     """The chat request sent for `planned` as `model`: the one place a bench request is built."""
-    body: dict = {"model": model, "messages": [{"role": "user", "content": planned.prompt}],
+    content: str | list[dict] = planned.prompt
+    if planned.image is not None:
+        content = [{"type": "text", "text": planned.prompt},
+                   {"type": "image_url", "image_url": {"url": planned.image.data_url}}]
+    body: dict = {"model": model, "messages": [{"role": "user", "content": content}],
                   "max_tokens": settings.max_tokens, "stream": settings.stream}
     if settings.stream:
         body["stream_options"] = {"include_usage": True}
@@ -124,6 +138,9 @@ class RequestRecord:
     index: int = 0  # the entry of the request list
     prompt_index: int = 0
     retries: int = 0  # sent again after a pooled connection turned out closed
+    image: str | None = None  # with --images: the image's file name
+    answer: str | None = None  # the answer's text, kept with --images or --score-field
+    score: float | None = None  # with --score-field: the number the answer's JSON holds there
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -240,6 +257,22 @@ async def _send(session: aiohttp.ClientSession, settings: BenchSettings, target:
         record.e2e_s = time.perf_counter() - begun
     if record.ok and settings.json_schema is not None:
         record.json_valid = _validate("".join(content), settings.json_schema)
+    if record.ok and (settings.images or settings.score_field):
+        record.answer = "".join(content)
+        record.score = score_of(record.answer, settings.score_field) if settings.score_field else None
+
+
+def score_of(answer: str, field_name: str) -> float | None:
+    """The number an answer's JSON object holds under `field_name`; None when it is not JSON, not an object,
+    lacks the field, or holds no number there (true and false are not numbers)."""
+    try:
+        parsed = json.loads(answer)
+    except ValueError:
+        return None
+    value = parsed.get(field_name) if isinstance(parsed, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, begun: float, record: RequestRecord,
@@ -393,7 +426,8 @@ async def run(settings: BenchSettings, progress: Progress | None = None) -> list
                       round_: int) -> None:
             record = RequestRecord(settings.models[model_index], concurrency, settings.scenario, ok=False,
                                    target=target.label, round=round_, index=planned.index,
-                                   prompt_index=planned.prompt_index)
+                                   prompt_index=planned.prompt_index,
+                                   image=planned.image.name if planned.image is not None else None)
             await _send(session, settings, target, target.models[model_index], planned, record, origin)
             records.append(record)
             if progress:
