@@ -1,7 +1,8 @@
 """Images through berth to the real llama-server with a projector: Gemma 3 270M with a generated Gemma-3-style
 `--mmproj` (random weights: the answers mean nothing, but the image is encoded into the prompt, which its
 token count shows). Base64 data URLs and http URLs (berth fetches those), streamed and not, through the
-openai client and Anthropic's /v1/messages; a model without a projector refuses images before it starts."""
+openai client, Anthropic's /v1/messages and the ollama client; a model without a projector refuses images
+before it starts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ollama
 import openai
 import pytest
 import requests
@@ -102,6 +104,23 @@ def test_base64_and_url_images_answered_through_berth_streamed_and_not(berth, st
             "model": "vision", "max_tokens": 4, "messages": with_image(data_url("image/webp", image_bytes("WEBP")))})
         assert webp.status_code == 400 and "Failed to load image" in webp.json()["error"]["message"]
 
+        # Ollama's API: base64 images in messages[].images (/api/chat) and in `images` (/api/generate)
+        c = ollama.Client(host=b.url, timeout=300)
+        unseen = image_bytes("PNG", (80, 80), color=(10, 200, 60))  # nothing of it is in llama-server's cache
+        chatted = c.chat(model="vision", options={"num_predict": 4},
+                         messages=[{"role": "user", "content": QUESTION, "images": [unseen]}])
+        assert chatted.done and chatted.prompt_eval_count >= image_tokens  # the image was encoded
+        streamed = list(c.chat(model="vision", options={"num_predict": 4}, stream=True,
+                               messages=[{"role": "user", "content": QUESTION, "images": [JPEG]}]))
+        assert streamed[-1].done and streamed[-1].eval_count > 0
+        generated = c.generate(model="vision", prompt=QUESTION, images=[image_bytes("JPEG", (72, 40))],
+                               options={"num_predict": 4})
+        assert generated.done and generated.prompt_eval_count >= image_tokens
+        # the bytes reach llama-server's decoder: a WebP fails there, with its message
+        with pytest.raises(ollama.ResponseError) as undecoded:
+            c.chat(model="vision", messages=[{"role": "user", "content": QUESTION, "images": [image_bytes("WEBP")]}])
+        assert undecoded.value.status_code == 400 and "Failed to load image" in undecoded.value.error
+
 
 def test_images_for_a_model_without_a_projector_are_refused_before_it_starts(berth, start_port, gemma_gguf,
                                                                             projector):
@@ -117,6 +136,14 @@ def test_images_for_a_model_without_a_projector_are_refused_before_it_starts(ber
         {"role": "user", "content": [{"type": "image", "source": {
             "type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}}]}]})
     assert anthropic.status_code == 400 and anthropic.json()["error"]["code"] == "model_not_multimodal"
+    c = ollama.Client(host=b.url, timeout=30)
+    for send in (lambda: c.chat(model="text", messages=[{"role": "user", "content": QUESTION, "images": [PNG]}]),
+                 lambda: c.generate(model="text", prompt=QUESTION, images=[PNG]),
+                 lambda: c.generate(model="text", images=[PNG])):  # an image and no prompt is a request too
+        with pytest.raises(ollama.ResponseError) as refused_ollama:
+            send()
+        assert refused_ollama.value.status_code == 400
+        assert "model 'text' cannot read images: it has no multimodal projector" in refused_ollama.value.error
     assert b.running() == {}  # nothing was started for them
 
     # the listings: vision where the cmd has --mmproj, in llama-swap's capabilities shape, and in `berth ps`
@@ -228,3 +255,13 @@ def test_bench_over_an_album_ranks_two_vision_models(berth, start_port, gemma_gg
     order = sorted(table, key=lambda row: row["index"])
     assert [(row["model"], row["image"]) for row in order] == [
         (models[0], photos[0]), (models[1], photos[0]), (models[0], photos[1]), (models[1], photos[1])]
+
+    # cold: the model is unloaded before each photo, so each answer includes a start with its projector
+    cold = tmp_path / "cold"
+    run = bench("--url", b.url, "--model", models[1], "--images", str(album), "--requests", "2", "--scenario", "cold",
+                "--prompt", "What is this?", "--max-tokens", "4", "--out", str(cold))
+    assert run.returncode == 0, run.stderr
+    found = json.loads((cold / "results.json").read_text())
+    assert [(row["model"], row["image"]) for row in sorted(found["per_image"], key=lambda row: row["index"])] == [
+        (models[1], photos[0]), (models[1], photos[1])]
+    assert found["summary"][0]["scenario"] == "cold" and found["summary"][0]["succeeded"] == 2

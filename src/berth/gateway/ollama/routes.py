@@ -22,7 +22,7 @@ from berth.gateway.ollama.models import ModelFile, PropsAnswer, listing, no_file
 from berth.gateway.ollama.names import local_name
 from berth.gateway.ollama.pulls import answer_nothing_to_pull, delete, pull_target, stream_pull
 from berth.gateway.proxy import Outbound, Reframe
-from berth.gateway.routing import Route, forward, routed
+from berth.gateway.routing import Route, forward, routed, with_media
 from berth.scheduler import ModelState
 from berth.store import ModelStore
 
@@ -142,6 +142,7 @@ class OllamaRoutes(Routes):
         payload = translated.body
         payload["model"] = local_name(context.config, payload["model"])
         with routed(context, payload, json.dumps(payload).encode()) as route:
+            route = await with_media(context, route, payload)
             if route.peer is None and translated.num_ctx is not None:
                 await self._note_num_ctx(route.model, translated.num_ctx)
             return await forward(context, request, route, translated.path, reframe, keep_alive)
