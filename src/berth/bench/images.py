@@ -37,11 +37,12 @@ def _image(name: str, media_type: str, data: bytes, converted_from: str | None =
 def load_images(directory: Path) -> tuple[list[BenchImage], list[str]]:
     """The directory's images in name order, and the names of the other files there (not sent)."""
     if not directory.is_dir():
-        raise BadImages(f"--images {directory} is not a directory")
+        raise BadImages(f"--images {directory} is not a directory; give the directory that holds the images to send")
     files = sorted(p for p in directory.iterdir() if p.is_file())
     found = [_read(p) for p in files if p.suffix.lower() in SUFFIXES]
     if not found:
-        raise BadImages(f"--images {directory} has no {', '.join(SUFFIXES)} files")
+        raise BadImages(f"--images {directory} has no {', '.join(SUFFIXES)} files; put the images to send there, "
+                        "or name the directory that holds them")
     return found, [p.name for p in files if p.suffix.lower() not in SUFFIXES]
 
 
@@ -58,5 +59,6 @@ def _read(path: Path) -> BenchImage:
             converted = io.BytesIO()
             image.save(converted, "PNG")
     except (UnidentifiedImageError, OSError) as exc:
-        raise BadImages(f"--images: {path.name} is not a readable image ({exc})") from None
+        raise BadImages(f"--images: {path.name} is not a readable image ({exc}); replace it, or move it out of "
+                        "the directory") from None
     return _image(path.name, "image/png", converted.getvalue(), converted_from=kind or "unknown")
