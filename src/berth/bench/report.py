@@ -11,6 +11,7 @@ from berth.bench import choice
 from berth.bench.runner import BenchSettings, RequestRecord
 from berth.bench.stats import PERCENTILES, distribution, mean, percentile
 
+
 def busy_seconds(records: list[RequestRecord]) -> float:
     """How long at least one of `records` was in flight: the union of their intervals (so time spent on
     another target, or unloading between cold requests, does not count)."""

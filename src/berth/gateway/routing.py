@@ -1,7 +1,8 @@
 """Where a JSON request goes by the model its body names: the active profile's pins and selectors first,
 then a local model (id or alias) or a peer's; the model's filters (stripParams, setParams, setParamsByID,
-useModelName) shape the body on the way. Every API berth speaks by model name (OpenAI's, Ollama's) routes
-and forwards through here."""
+useModelName) shape the body on the way, and a local model's images are taken (media.py: refused without a
+projector, remote URLs fetched). Every API berth speaks by model name (OpenAI's, Ollama's) routes and forwards
+through here."""
 
 from __future__ import annotations
 
