@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.support.harness import BerthServer, children_of, free_port_block, kill_quietly, start_stand_in
+from tests.support.harness import (
+    FAKE_SERVER, BerthServer, children_of, free_port, free_port_block, healthy, kill_quietly, start_stand_in, wait_until,
+)
 
 _LAYERS = ("unit", "integration", "e2e", "lint")
 
@@ -58,6 +62,20 @@ def stand_in():
     for process in started:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture
+def fake_openai_peer():
+    """A fake OpenAI-compatible server on its own (a hosted API stand-in): it echoes what it receives."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", str(port), "--name", "hosted"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), 20, "the fake peer")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import re
 import select
 import os
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from tests.support.harness import (
-    FAKE_SERVER, children_of, closed_by_server, fake_cmd, free_port, pid_alive, start_log_lines, wait_until,
+    children_of, closed_by_server, fake_cmd, pid_alive, start_log_lines, wait_until,
 )
 
 
@@ -1090,27 +1089,6 @@ models:
     assert b.running()["m"]["pid"] == pid  # no reload
     ids = {m["id"] for m in requests.get(b.url + "/v1/models", timeout=10).json()["data"]}
     assert ids == {"m"}  # listed once, as llama-swap lists aliases (includeAliasesInList shows them)
-
-
-@pytest.fixture
-def fake_openai_peer():
-    """A fake OpenAI-compatible server on its own (a hosted API stand-in): it echoes what it receives."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", str(port), "--name", "hosted"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), 20, "the fake peer")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 def test_peers_route_by_qualified_and_unique_ids_and_carry_their_own_key(berth, start_port, fake_openai_peer):

@@ -42,6 +42,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpu-log-mib", type=int, default=0,
                    help="print llama.cpp's log line for a CUDA0 model buffer of this size")
     p.add_argument("--alloc-mib", type=int, default=0, help="hold this much touched memory (for measurement)")
+    p.add_argument("--echo-cors", action="store_true",
+                   help="allow the request's Origin (else any) with credentials on every answer, as a permissive "
+                        "model server does")
+    p.add_argument("--request-log", default=None, help="append a line per request to this file: METHOD PATH AUTH")
     p.add_argument("--oom-once", default=None,
                    help="at the first start (this marker file absent): create it, print an allocation failure, exit 1")
     args, _ = p.parse_known_args()  # llama-server flags berth adds (-m, --slots ...) are accepted and ignored
@@ -197,7 +201,20 @@ def main() -> None:
         await response.write_eof()
         return response
 
-    app = web.Application()
+    @web.middleware
+    async def record(request: web.Request, handler) -> web.StreamResponse:
+        if args.request_log:
+            with open(args.request_log, "a") as fh:
+                fh.write(f"{request.method} {request.path} {request.headers.get('Authorization', '-')}\n")
+        return await handler(request)
+
+    async def allow_any_origin(request: web.Request, response: web.StreamResponse) -> None:
+        if args.echo_cors:
+            response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin", "*")
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+
+    app = web.Application(middlewares=[record])
+    app.on_response_prepare.append(allow_any_origin)
     app.router.add_get("/health", health)
     async def slots(request: web.Request) -> web.Response:
         # llama-server's shape: a slot per parallel sequence; busy ones hold their prompt and what they decoded,
