@@ -358,3 +358,26 @@ def test_batching_sleep_and_return_to_keys():
     assert config.models["everyday"].return_to is None  # the baseline has nothing to return to
     defaults = parse_config("models:\n  a:\n    cmd: x --port ${PORT}\n", "d.yaml", environ={})
     assert (defaults.max_wait, defaults.min_residency, defaults.models["a"].return_to) == (30, 10, None)
+
+
+def test_a_peer_key_sent_over_plain_http_to_another_machine_is_warned_about():
+    config = parse_config(textwrap.dedent("""\
+        models: {}
+        peers:
+          lan: {proxy: "http://10.0.0.9:8080", apiKey: k, models: [m]}
+          tls: {proxy: "https://api.example", apiKey: k, models: [m]}
+          here: {proxy: "http://127.0.0.1:9000", apiKey: k, models: [m]}
+          open: {proxy: "http://10.0.0.10:8080", models: [m]}
+        """), "p.yaml")
+    assert config.warnings == [
+        "p.yaml:3: peers.lan.apiKey: sent over plain http to 10.0.0.9, where anyone on the network path can read "
+        "it; use an https:// proxy URL (or a VPN such as WireGuard between the machines)"]
+
+
+def test_allowed_origins_are_origins():
+    config = parse_config('allowedOrigins: ["https://Chat.example", "http://127.0.0.1:3000/", "*"]\nmodels: {}\n')
+    assert config.allowed_origins == ["https://chat.example", "http://127.0.0.1:3000", "*"]
+    with pytest.raises(ConfigError) as info:
+        parse_config('allowedOrigins: ["chat.example"]\nmodels: {}\n', "o.yaml")
+    assert (info.value.line, info.value.key) == (1, "allowedOrigins.0")
+    assert "scheme://host[:port]" in info.value.message

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -76,6 +77,7 @@ def _resolve(reading: Reading) -> BerthConfig:
                      for pid, prof in p.profiles.items()},
         "api_keys": [expand_env(reading, k, ("apiKeys", str(i))) for i, k in enumerate(p.api_keys)],
         "allowed_hosts": [h.strip().lower() for h in p.allowed_hosts],
+        "allowed_origins": [_origin(reading, o, i) for i, o in enumerate(p.allowed_origins)],
         "store_dir": _store_dir(reading),
         "memory": _memory_settings(reading, scheduled=not layout.groups and layout.matrix is None),
         "remote_images": _remote_images(reading),
@@ -99,6 +101,19 @@ def _check_api_keys(reading: Reading, config: BerthConfig) -> None:
     for rpc_model, spec in config.models.items():
         if spec.rpc is not None and (problem := spec.rpc.key_problem(rpc_model, config.api_keys)):
             reading.warn(("models", rpc_model, "rpc", "apiKey"), problem)
+
+
+def _origin(reading: Reading, written: str, index: int) -> str:
+    """An origin as browsers send it in `Origin`: scheme://host[:port], lower case, no path; or "*"."""
+    origin = written.strip().rstrip("/").lower()
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
+        raise reading.error(("allowedOrigins", str(index)), f"{written!r} is not an origin; write "
+                            "scheme://host[:port] as the browser's address bar shows the page, e.g. "
+                            "https://chat.example.com or http://localhost:3000 (or \"*\" for any page)")
+    return origin
 
 
 def _store_dir(reading: Reading) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from berth.config import schema
 from berth.config.cmdline import CommandSyntaxError, split_command
@@ -18,6 +19,7 @@ from berth.config.reading import Reading, carried
 from berth.config.records import (
     DEFAULT_CONCURRENCY_LIMIT, PORT_MACRO, Capabilities, ModelSpec, PeerSpec, RpcSpec, UpstreamTimeouts,
 )
+from berth.core.hosts import is_loopback
 from berth.core.refs import BadModelRef, parse_ref
 from berth.core.units import SizeError, device_key, parse_size
 
@@ -188,8 +190,13 @@ def resolve_peer(reading: Reading, peer_id: str, peer: schema.PeerConfig) -> Pee
         if f"{peer_id}/{model}" in reading.parsed.models:
             raise reading.error(loc + ("models", str(i)), f"{peer_id}/{model} is also a local model id; "
                                                           "rename one of them")
-    return PeerSpec(peer_id, proxy, tuple(peer.models), macros.expand(peer.api_key, loc + ("apiKey",)).strip(),
-                    timeouts(reading.parsed.timeouts, peer.timeouts),
+    api_key = macros.expand(peer.api_key, loc + ("apiKey",)).strip()
+    host = urlsplit(proxy).hostname or ""
+    if api_key and proxy.startswith("http://") and not is_loopback(host):
+        reading.warn(loc + ("apiKey",), f"sent over plain http to {host}, where anyone on the network path can "
+                                        "read it; use an https:// proxy URL (or a VPN such as WireGuard between the "
+                                        "machines)")
+    return PeerSpec(peer_id, proxy, tuple(peer.models), api_key, timeouts(reading.parsed.timeouts, peer.timeouts),
                     param_names(peer.filters.strip_params or peer.filters.legacy_strip_params),
                     params(reading, macros, peer.filters.set_params, loc + ("filters", "setParams")))
 

@@ -220,6 +220,7 @@ class BerthConfig:
     preload: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)  # "*" turns the Host check off
+    allowed_origins: list[str] = field(default_factory=list)  # web pages (scheme://host[:port]) or "*" that may call
     include_aliases_in_list: bool = False
     log_level: str = "info"
     health_check_timeout: float = 120.0

@@ -263,6 +263,7 @@ class BerthConfigFile(_Section):
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
     allowed_hosts: list[str] = Field(default_factory=list, alias="allowedHosts")  # Host names besides localhost
+    allowed_origins: list[str] = Field(default_factory=list, alias="allowedOrigins")  # browser pages allowed in
     include_aliases_in_list: bool = Field(False, alias="includeAliasesInList")
     max_body_bytes: int = Field(64 * 1024 * 1024, alias="maxBodyBytes", gt=0)
     model_store: str = Field("", alias="modelStore")  # default: $BERTH_HOME/models
