@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
-from tests.support.harness import fake_cmd
+from tests.support.harness import fake_cmd, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 REQUIRE_BROWSER = "BERTH_REQUIRE_BROWSER"  # scripts/test.sh sets it once it has installed chromium
@@ -61,7 +65,11 @@ def test_dashboard_loads_unloads_streams_logs_and_chats(berth, start_port, tmp_p
             context = browser.new_context(http_credentials={"username": "anyone", "password": "dash-key"},
                                           viewport={"width": 1280, "height": 900})
             page = context.new_page()
-            page.goto(b.url + "/ui")  # redirects to /ui/
+            refused_by_policy: list[str] = []  # the page must work under its own Content-Security-Policy
+            page.on("console", lambda message: refused_by_policy.append(message.text)
+                    if "Content Security Policy" in message.text else None)
+            shown = page.goto(b.url + "/ui")  # redirects to /ui/
+            assert shown is not None and "frame-ancestors 'none'" in shown.headers["content-security-policy"]
             row = page.locator('tr[data-model="a"]')
             expect(row.locator(".state")).to_have_text("stopped")
             expect(row.locator(".planned")).to_contain_text("host 1024 MiB (declared)")
@@ -91,9 +99,82 @@ def test_dashboard_loads_unloads_streams_logs_and_chats(berth, start_port, tmp_p
             row.locator("button.unload").click()
             expect(row.locator(".state")).to_have_text("stopped", timeout=20_000)
             assert running(b) == []
+            assert refused_by_policy == []
 
             stranger = browser.new_context()  # no credentials: the browser is challenged and cannot answer
             with pytest.raises(PlaywrightError, match="AUTH"):
                 stranger.new_page().goto(b.url + "/ui/")
         finally:
             browser.close()
+
+
+# A page on another site that tries what issue 22 reproduced against a keyless berth: read a chat answer, load a
+# model with a text/plain POST, unload everything with an <img>, load a model with another, and frame the dashboard.
+HOSTILE_PAGE = """<!doctype html><title>evil</title>
+<iframe id="dashboard" src="BERTH/ui/"></iframe>
+<script>
+const berth = "BERTH";
+const image = (path) => new Promise((done) => { const img = new Image(); img.onload = img.onerror = done;
+                                                img.src = berth + path; });
+(async () => {
+  const results = {};
+  try {
+    const answer = await fetch(berth + "/v1/chat/completions", {method: "POST", headers: {"Content-Type": "text/plain"},
+                                                                body: JSON.stringify({model: "b", messages: []})});
+    results.chat = "read: " + await answer.text();
+  } catch (error) { results.chat = "refused: " + error; }
+  await fetch(berth + "/models/load", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                                       body: JSON.stringify({model: "b"})}).catch(() => {});
+  await image("/unload");
+  await image("/upstream/b/props");
+  window.results = results;
+})();
+</script>"""
+
+
+@contextmanager
+def hostile_site(berth_url: str) -> Iterator[str]:
+    """The page above, served on `localhost` (another site than berth's 127.0.0.1 to a browser)."""
+    body = HOSTILE_PAGE.replace("BERTH", berth_url).encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_page_of_another_site_can_neither_use_nor_frame_a_keyless_berth(berth, start_port, chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n"
+              f"  b: {{cmd: \"{fake_cmd('b', '--echo-cors')}\"}}\n"
+              "groups: {both: {swap: false, exclusive: false, members: [a, b]}}\n")
+    assert requests.post(b.url + "/models/load", json={"model": "a"}, timeout=30).status_code == 200
+    with hostile_site(b.url) as evil, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(evil)
+            results = page.wait_for_function("window.results", timeout=30_000).json_value()
+            assert results["chat"].startswith("refused"), results
+            framed = [frame for frame in page.frames if frame is not page.main_frame]
+            assert len(framed) == 1 and framed[0].locator("#models").count() == 0
+        finally:
+            browser.close()
+    models = requests.get(b.url + "/running", timeout=5).json()["running"]
+    assert [entry["model"] for entry in models] == ["a"]  # not unloaded, and b never loaded

@@ -21,6 +21,9 @@ from tests.support.harness import (
 )
 
 
+JSON_BODY = {"Content-Type": "application/json"}  # what a body that says it is JSON is sent with
+
+
 def queue_depth(b) -> float:
     """Requests waiting for a model, from berth's own /metrics."""
     for line in requests.get(b.url + "/metrics", timeout=5).text.splitlines():
@@ -282,7 +285,7 @@ def test_request_errors_use_openai_shape(berth, start_port, tmp_path):
     r = chat(b.url, "nope")
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found" and "a, b" in r.json()["error"]["message"]
-    r = requests.post(b.url + "/v1/chat/completions", data=b"{not json", timeout=5)
+    r = requests.post(b.url + "/v1/chat/completions", data=b"{not json", timeout=5, headers=JSON_BODY)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = chat(b.url, None)
     assert r.status_code == 400 and "a, b" in r.json()["error"]["message"]
@@ -655,7 +658,7 @@ def test_absurdly_nested_json_is_a_400_in_openai_shape(berth, start_port):
     b = berth(f"startPort: {start_port}\nmodels:\n  a: {{cmd: \"{fake_cmd('a')}\"}}\n")
     deep = b"[" * 100_000 + b"]" * 100_000
     for path in ("/v1/chat/completions", "/models/load"):
-        r = requests.post(b.url + path, data=deep, timeout=10)
+        r = requests.post(b.url + path, data=deep, timeout=10, headers=JSON_BODY)
         assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/json")
         assert "nests too deeply" in r.json()["error"]["message"]
     assert chat(b.url, "a").status_code == 200  # and berth goes on serving
@@ -828,7 +831,7 @@ def test_slow_clients_are_dropped_and_bodies_must_arrive(berth, start_port):
         assert all(closed_by_server(sock, 10) for sock in slow)  # dropped, not held forever
         with socket.create_connection(("127.0.0.1", port), timeout=10) as trickled:
             trickled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
-                             b"\r\n{\"model\": ")
+                             b"Content-Type: application/json\r\n\r\n{\"model\": ")
             answer = trickled.recv(65536)
         assert b" 408 " in answer.split(b"\r\n")[0] and b"clientBodyTimeout" in answer
         assert chat(b.url, "a").status_code == 200  # served as ever

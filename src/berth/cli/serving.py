@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterable, Iterator
 
 import click
+from rich.markup import escape
 
 from berth.cli.common import USAGE_ERROR, err_console, fail, parse_listen, print_error
 from berth.cli.loading import load, print_warnings, store_for
@@ -20,6 +21,7 @@ from berth.core.errors import BerthError
 from berth.engine.embedded import EmbeddedModelError, embedded_config
 from berth.engine.launch import Launch, build_launch
 from berth.engine.warmup import chat_warmup
+from berth.gateway.exposure import open_without_keys
 from berth.gateway.server import InProcessGateway, run_gateway
 from berth.runtime.ports import unused_port
 
@@ -45,6 +47,9 @@ def serve(config_path: str | None, listen: str, metrics_listen: str | None, watc
     if metrics_address and metrics_address[1] == port:
         fail(f"--metrics-listen {metrics_listen} uses the port of --listen {listen}; give it a port of its own")
     config = config_to_serve(config_path)
+    exposed = open_without_keys(host, config, port)
+    if exposed:
+        err_console.print(f"[bold red]WARNING:[/] {escape(exposed)}", highlight=False)
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
     configure_logging(config, level)
     try:

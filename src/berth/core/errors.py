@@ -97,9 +97,48 @@ class HostNotAllowed(BerthError):
 
     def __init__(self, host: str) -> None:
         super().__init__(
-            f"berth does not answer to the Host {host!r}: a web page can reach a server on localhost through "
-            "a domain name of its own (DNS rebinding), so only localhost names and the listen address are "
-            "accepted. If you reach berth under this name, add it to allowedHosts in the config")
+            f"berth does not answer to the Host {host!r}: a web page can reach a server on this machine through "
+            "a domain name of its own (DNS rebinding), so without an API key only localhost names, IP addresses "
+            "and the listen address are accepted. If you reach berth under this name, add it to allowedHosts in "
+            "the config (or set apiKeys)")
+
+
+class OriginNotAllowed(BerthError):
+    """A request a browser sent for a page of another origin, which allowedOrigins does not list."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "origin_not_allowed"
+
+    def __init__(self, origin: str | None) -> None:
+        page = f"a page of {origin}" if origin else "a page of another site"
+        super().__init__(
+            f"berth does not answer requests that {page} makes a browser send: any web page could otherwise "
+            "use, load and unload models through the visitor's browser. If that page is yours, add its origin "
+            "(scheme://host[:port]) to allowedOrigins in the config")
+
+
+class MethodNotAllowed(BerthError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: list[str]) -> None:
+        super().__init__(f"{path} does not take {method}; use {' or '.join(allowed)}")
+        self.allowed = allowed
+
+
+class UnsupportedMediaType(BerthError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+    def __init__(self, path: str, sent: str, accepted: tuple[str, ...]) -> None:
+        took = " or ".join(f"Content-Type: {kind}" for kind in accepted)
+        super().__init__(
+            f"{path} takes a body with {took}, not {sent or 'a body without Content-Type'}; send that header "
+            "(curl: -H 'Content-Type: application/json'). Other types are refused because any web page can "
+            "make a browser send them")
 
 
 class ForeignHost(BerthError):

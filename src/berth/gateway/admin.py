@@ -8,14 +8,14 @@ import logging
 from aiohttp import web
 
 from berth.core.errors import BadRequest
-from berth.gateway.context import GatewayContext, Routes, parse_json
+from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 
 log = logging.getLogger("berth.gateway")
 
 
 def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     routes = Admin(context)
-    router.add_route("*", "/unload", routes.unload_all)
+    router.add_post("/unload", routes.unload_all)
     router.add_post("/models/load", routes.load)  # llama-server's router mode
     router.add_post("/models/unload", routes.unload)
     router.add_post("/ui/api/models/load", routes.load)  # the same for the dashboard (see dashboard.py)
@@ -28,10 +28,12 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
 
 class Admin(Routes):
     async def unload_all(self, request: web.Request) -> web.Response:
+        require_body_type(request)
         await self.context.pool.unload(None, force=request.query.get("force") in ("1", "true"))
         return web.Response(text="OK")
 
     async def unload_by_path(self, request: web.Request) -> web.Response:
+        require_body_type(request)
         name = request.match_info.get("model")
         pool = self.context.pool
         outcome = await pool.unload(pool.resolve(name) if name else None)
@@ -46,6 +48,7 @@ class Admin(Routes):
         return web.json_response({"success": True, "unloaded": outcome})
 
     async def _model_from_body(self, request: web.Request) -> str:
+        require_body_type(request)
         payload = parse_json(await self.context.read_body(request))
         name = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(name, str) or not name:
@@ -62,6 +65,7 @@ class Admin(Routes):
 
     async def activate_profile(self, request: web.Request) -> web.Response:
         """`{"name": "coding"}` makes that profile active; `{"name": null}` none."""
+        require_body_type(request)
         payload = parse_json(await self.context.read_body(request) or b"null")
         if not isinstance(payload, dict) or "name" not in payload:
             raise BadRequest('send {"name": "<profile>"} (or {"name": null} for none)')

@@ -3,7 +3,7 @@
 A new route family is a module with `register(router, context)` and one line in ROUTE_FAMILIES. Where each
 behaviour lives:
 
-    middleware     errors in OpenAI's shape, the metrics socket, Host check, API keys
+    middleware     errors in OpenAI's shape, the metrics socket, Host check, other web pages (CORS), API keys
     observability  /health, /ready, /running, /metrics, /api/requests
     listings       /v1/models, /models
     admin          load and unload, profiles
@@ -28,7 +28,7 @@ from berth.gateway import admin, dashboard, inference, listings, logs, observabi
 from berth.gateway.context import GatewayContext
 from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
-from berth.gateway.middleware import Middlewares
+from berth.gateway.middleware import Middlewares, cors_headers
 from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import Proxy
 from berth.gateway.sessions import UpstreamSessions
@@ -56,6 +56,7 @@ class Gateway:
                                       metrics_port=metrics_port)
         self.app = web.Application(middlewares=Middlewares(self.context).chain(),
                                    client_max_size=pool.config.max_body_bytes)
+        self.app.on_response_prepare.append(cors_headers)
         self.app.cleanup_ctx.append(sessions.context)
         for register in ROUTE_FAMILIES:
             register(self.app.router, self.context)

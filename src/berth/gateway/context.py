@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from berth.config import BerthConfig
-from berth.core.errors import BadRequest, BerthError, RequestTimeout
+from berth.core.errors import BadRequest, BerthError, RequestTimeout, UnsupportedMediaType
 from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -76,6 +76,23 @@ class Routes:
 
     def __init__(self, context: GatewayContext) -> None:
         self.context = context
+
+
+JSON = "application/json"
+FORM = "multipart/form-data"  # uploads
+
+
+def require_body_type(request: web.Request, *accepted: str) -> None:
+    """For every route that changes something (runs a model, loads, unloads): its body's Content-Type is one of
+    `accepted` (default JSON), or it sends neither body nor type (`curl -X POST`); else a 415. A page of any
+    site can make a browser send text/plain, form encodings or no type without asking first, JSON not without
+    a preflight that berth refuses (origins.py). Uploads take multipart and rest on that Origin check alone."""
+    kinds = accepted or (JSON,)
+    if request.content_type in kinds:
+        return
+    if "Content-Type" not in request.headers and not request.body_exists:
+        return
+    raise UnsupportedMediaType(request.path, request.headers.get("Content-Type", ""), kinds)
 
 
 def parse_json(body: bytes) -> object:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from berth.core.errors import BadRequest
 from berth.gateway import serving
-from berth.gateway.context import GatewayContext, Routes, parse_json
+from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 from berth.gateway.loading import serve_while_loading
 from berth.gateway.routing import forward, routed, with_media
 from berth.scheduler import ModelState
@@ -43,6 +43,7 @@ class Inference(Routes):
 
     async def by_body_model(self, request: web.Request, path: str) -> web.StreamResponse:
         context = self.context
+        require_body_type(request)
         body = await context.read_body(request)
         payload = parse_json(body) if body else {}
         if not isinstance(payload, dict):

@@ -1,29 +1,45 @@
 """What runs around every handler, outermost first: typed errors rendered in OpenAI's shape, the metrics
-socket's limits, the Host check against DNS rebinding, and the API key."""
+socket's limits, the Host check against DNS rebinding, other web pages (CORS), and the API key. Besides, every
+answer's CORS headers are berth's own (`cors_headers`, run as the answer's headers go out)."""
 
 from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
+
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from berth.core.errors import (
-    BerthError, BodyTooLarge, HostNotAllowed, RouteNotFound, StartBackedOff, TooManyRequests, Unauthorized,
+    BerthError, BodyTooLarge, HostNotAllowed, MethodNotAllowed, OriginNotAllowed, RouteNotFound, StartBackedOff,
+    TooManyRequests, Unauthorized,
 )
 from berth.core.hosts import LOCAL_NAMES, host_name, is_loopback
 from berth.core.units import format_bytes
+from berth.gateway import origins
 from berth.gateway.context import ErrorShape, GatewayContext, openai_shape
 
 PROBE_PATHS = ("/metrics", "/health", "/ready")  # what the metrics socket answers
 KEYLESS_PATHS = ("/health", "/ready")  # probes carry no key
+_CORS = "cors"  # the request's key for the CORS headers its answer carries
 
 
 def error_response(error: BerthError, shape: ErrorShape = openai_shape) -> web.Response:
     response = web.json_response(shape(error), status=error.status)
     if isinstance(error, (TooManyRequests, StartBackedOff)):
         response.headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, MethodNotAllowed):
+        response.headers["Allow"] = ", ".join(error.allowed)
     return response
+
+
+async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """As an answer's headers go out: whatever Access-Control-* a model server (or anything else) put there
+    goes, and berth's own for a listed origin come in."""
+    for name in [n for n in response.headers if n.lower().startswith("access-control-")]:
+        del response.headers[name]
+    response.headers.update(request.get(_CORS, {}))
 
 
 class Middlewares:
@@ -31,7 +47,7 @@ class Middlewares:
         self.context = context
 
     def chain(self) -> list[Middleware]:
-        return [self.errors, self.metrics_listener, self.host, self.auth]
+        return [self.errors, self.metrics_listener, self.host, self.other_pages, self.auth]
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -64,14 +80,39 @@ class Middlewares:
 
     @web.middleware
     async def host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Against DNS rebinding: on a loopback listen address (or with allowedHosts set) only the Host
-        names berth is known by get an answer."""
+        """Against DNS rebinding (a page on a name of its own that resolves to this machine): only the Host
+        names berth is known by get an answer, whenever berth asks for no key (no apiKeys, or the metrics
+        socket), on a loopback listen address, and wherever allowedHosts names hosts ("*": never)."""
         allowed = self.context.config.allowed_hosts
         listen_host = self.context.listen_host
-        if "*" not in allowed and (allowed or is_loopback(listen_host)):
+        keyless = not self.context.config.api_keys or request.get("keyless", False)
+        if "*" not in allowed and (allowed or keyless or is_loopback(listen_host)):
             host = host_name(request.headers.get("Host", ""))
-            if host and host not in LOCAL_NAMES and host != listen_host and host not in allowed:
+            if host and not self._known_as(host):
                 raise HostNotAllowed(host)
+        return await handler(request)
+
+    def _known_as(self, host: str) -> bool:
+        listen_host = self.context.listen_host
+        if host in LOCAL_NAMES or host == listen_host or host in self.context.config.allowed_hosts:
+            return True
+        # reached over the network by address: no name, so nothing to rebind
+        return not is_loopback(listen_host) and _is_address(host)
+
+    @web.middleware
+    async def other_pages(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Requests a browser sends for a page of another origin run only when allowedOrigins lists it; their
+        answers then allow that origin (see origins.py). A listed origin's preflight is answered here, before
+        the key is asked for: browsers send none with it."""
+        page = origins.foreign_page(request.headers, request.method)
+        if page is None:
+            return await handler(request)
+        if not page or not origins.allowed(page, self.context.config.allowed_origins):
+            raise OriginNotAllowed(page)
+        if origins.is_preflight(request.method, request.headers):
+            request[_CORS] = origins.preflight_headers(page, request.headers.get("Access-Control-Request-Headers", ""))
+            return web.Response(status=204)
+        request[_CORS] = origins.answer_headers(page)
         return await handler(request)
 
     @web.middleware
@@ -82,7 +123,9 @@ class Middlewares:
             # compare against every key so the time taken does not reveal which one nearly matched
             matched = False
             for key in keys:
-                matched |= presented is not None and hmac.compare_digest(presented.encode(), key.encode())
+                # as sent: a header that is not UTF-8 arrives with its bytes escaped, and matches no key
+                matched |= presented is not None and hmac.compare_digest(
+                    presented.encode("utf-8", "surrogateescape"), key.encode())
             if not matched:
                 if request.path == "/ui" or request.path.startswith("/ui/"):
                     # a browser asks for credentials: any user name, the API key as password
@@ -103,6 +146,14 @@ def _presented_key(request: web.Request) -> str | None:
         except ValueError:
             return None
     return request.headers.get("X-Api-Key")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _local_port(request: web.Request) -> int | None:

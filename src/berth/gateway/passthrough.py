@@ -6,15 +6,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from berth.core.errors import ModelNotLoaded, RouteNotFound, UnknownModel
+from berth.core.errors import MethodNotAllowed, ModelNotLoaded, RouteNotFound, UnknownModel
 from berth.gateway import serving
-from berth.gateway.context import GatewayContext, Routes
+from berth.gateway.context import FORM, JSON, GatewayContext, Routes, require_body_type
 from berth.gateway.media import checked_body
 from berth.scheduler import ModelState
 
 # GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
 # clients written for one llama-server work unchanged.
 SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
+_READS = ("GET", "HEAD", "OPTIONS")  # methods that change nothing; any other goes with a JSON or form body
 
 
 def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
@@ -45,17 +46,34 @@ class PassThrough(Routes):
         ignored = any(p.search(path) for p in context.config.upstream_ignore_paths)  # unanchored, as Go's
         if ignored and context.pool.state(model_id) is not ModelState.READY:
             raise ModelNotLoaded(model_id, path)
+        if request.method not in _READS:
+            require_body_type(request, JSON, FORM)
         body = await checked_body(context, model_id, await context.read_body(request))
         # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
         return await serving.pass_through(context, request, model_id, path, body or None)
 
     async def by_query_model(self, request: web.Request) -> web.StreamResponse:
         context = self.context
+        elsewhere = await _methods_elsewhere(request)
+        if elsewhere:  # a route of berth's own, asked with another method (GET /unload: an <img>)
+            raise MethodNotAllowed(request.method, request.path, elsewhere)
         name = request.query.get("model")
         if not name and request.method == "GET" and request.path in SINGLE_SERVER_GETS:
             name = context.default_or_named(f"{request.path} needs ?model=<id> when several models are configured")
         if not name:
             raise RouteNotFound(request.path)
+        if request.method not in _READS:
+            require_body_type(request, JSON, FORM)
         model_id = context.pool.resolve(name)
         body = await checked_body(context, model_id, await context.read_body(request))
         return await serving.answer(context, request, model_id, request.path, body or None)
+
+
+async def _methods_elsewhere(request: web.Request) -> list[str]:
+    """The methods other routes take at this request's path (none when no other route has the path)."""
+    methods: set[str] = set()
+    for resource in request.app.router.resources():
+        match, allowed = await resource.resolve(request)
+        if match is None:  # its path and not its method; or not its path at all (no methods)
+            methods |= allowed
+    return sorted(methods)

@@ -97,7 +97,7 @@ class Lease:
         """Where the leased request goes; taken once per request (it claims the first request after a
         KV slot restore). The process's spec, not a reloaded config's, says where it listens."""
         process = self.process
-        return Upstream(process.spec.id, process.spec.proxy, process.spec.timeouts,
+        return Upstream(process.spec.id, process.spec.proxy, process.spec.timeouts, takes_client_credentials=True,
                         restore_hit=process.take_restore_hit(),
                         explain=process.explain_failure if process.spec.rpc is not None else None)
 

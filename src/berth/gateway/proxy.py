@@ -96,13 +96,15 @@ class Reframe(Protocol):
         """The answer broke off (the model server died, went silent): what tells the client so."""
 
 
-_AUTH_HEADERS = {"authorization", "x-api-key"}
+_CREDENTIALS = {"authorization", "x-api-key", "cookie"}
+# A browser's page: berth alone decides on it (origins.py); a model server that saw it would echo it as allowed.
+_PAGE_HEADERS = {"origin"}
 
 
-def _request_headers(request: web.Request, drop_auth: bool) -> dict[str, str]:
-    """The client's headers to pass on; with `drop_auth`, not its key (it was for berth, or a peer's own
-    key replaces it), however the client spelled the header's name."""
-    dropped = _HOP_BY_HOP | _AUTH_HEADERS if drop_auth else _HOP_BY_HOP
+def _request_headers(request: web.Request, with_credentials: bool) -> dict[str, str]:
+    """The client's headers to pass on, however it spelled their names; its credentials only `with_credentials`
+    (they were for berth, a peer is a server of someone else's, a key of berth's replaces them)."""
+    dropped = _HOP_BY_HOP | _PAGE_HEADERS | (set() if with_credentials else _CREDENTIALS)
     return {k: v for k, v in request.headers.items() if k.lower() not in dropped}
 
 
@@ -207,7 +209,7 @@ class Proxy:
         whatever happens, the request is counted once."""
         target, timeouts = outbound.target, outbound.target.timeouts
         url = target.base_url + outbound.path + (f"?{request.query_string}" if request.query_string else "")
-        headers = _request_headers(request, self._keys_in_use() or bool(target.headers))
+        headers = _request_headers(request, target.takes_client_credentials and not self._keys_in_use())
         headers.update(target.headers)
         self._ledger.sent(record)
         opening = _open(self._sessions.proxy, outbound.method or request.method, url, outbound.body, headers,

@@ -19,6 +19,7 @@ from berth.core.errors import BerthError, ConfigError, FlagsNotAccepted
 from berth.engine.launch import Launch
 from berth.gateway.app import Gateway
 from berth.gateway.connections import GatewayRunner
+from berth.gateway.exposure import open_without_keys
 from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -141,6 +142,7 @@ async def run_gateway(
             loop.add_signal_handler(signal.SIGHUP, reload)
         watcher = asyncio.create_task(_watch(config_path, reload)) if watch_config and config_path else None
         log.info("berth listening on http://%s:%d (%d models)", host, port, len(config.models))
+        _warn_if_open(host, config, port)
         if on_ready:
             on_ready()
         await stop.wait()
@@ -233,6 +235,13 @@ async def _reload(config_path: str | None, parts: _Parts) -> None:
     await asyncio.to_thread(_report_refused_flags, new, parts.planned_launch)
     parts.ledger.configure(new.metrics_max_in_memory, new.log_requests)
     await parts.pool.reload(new)
+    _warn_if_open(parts.gateway.context.listen_host, new)
+
+
+def _warn_if_open(host: str, config: BerthConfig, port: int | None = None) -> None:
+    exposed = open_without_keys(host, config, port)
+    if exposed:
+        log.warning(exposed)
 
 
 async def _watch(path: str, reload: Callable[[], None]) -> None:

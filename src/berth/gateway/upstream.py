@@ -14,6 +14,8 @@ class Upstream:
     base_url: str  # the request's path is appended
     timeouts: UpstreamTimeouts
     headers: tuple[tuple[str, str], ...] = ()  # set on the request (a peer's key)
+    # a keyless berth passes the client's credentials on (a model server with a key of its own); never to a peer
+    takes_client_credentials: bool = False
     restore_hit: bool = False  # the first request after a KV slot restore: count its cache hits
     explain: Callable[[], Awaitable[str | None]] | None = None  # why an answer broke off (an rpc agent gone)
 
