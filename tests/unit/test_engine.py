@@ -61,6 +61,23 @@ def test_llama_cpp_engines_answer_with_the_model_id_unless_the_cmd_names_an_alia
     assert "--alias" not in build_launch(_spec("/opt/other-server -m a.gguf")).argv
 
 
+def test_llama_cpp_engines_get_a_fresh_key_of_their_own_through_the_environment():
+    first, second = (build_launch(_spec("/opt/llama-server -m a.gguf")) for _ in range(2))
+    assert first.key and second.key and first.key != second.key and len(first.key) >= 32
+    assert first.env == (("LLAMA_API_KEY", first.key),)
+    assert first.key not in " ".join(first.argv)
+    worker = build_launch(_spec("berth worker -m a.gguf"))
+    assert worker.env == (("LLAMA_API_KEY", worker.key),)
+    # a key of the user's keeps working: berth presents it, and adds none
+    own = build_launch(_spec("/opt/llama-server -m a.gguf --api-key mine,other"))
+    assert (own.key, own.env) == ("mine", ())
+    configured = parse_config("models:\n  m:\n    cmd: /opt/llama-server -m a.gguf --port ${PORT}\n"
+                              "    env: [LLAMA_API_KEY=from-env]\n").models["m"]
+    assert (build_launch(configured).key, build_launch(configured).env) == ("from-env", ())
+    other = build_launch(_spec("/opt/other-server -m a.gguf"))
+    assert (other.key, other.env) == (None, ())
+
+
 def test_llama_cpp_engines_listen_on_loopback_unless_the_cmd_names_a_host():
     """llama.cpp's images set LLAMA_ARG_HOST=0.0.0.0, which llama-server reads when no --host is given."""
     assert build_launch(_spec("/app/llama-server -m a.gguf")).argv[-2:] == ["--host", "127.0.0.1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import threading
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
 from berth.engine.binary_flags import binary_flags
-from berth.engine.llama_args import ArgvError, LlamaServerArgs
+from berth.engine.llama_args import SERVER_KEY_ENV, ArgvError, LlamaServerArgs
 from berth.engine.rpc import PlacementError, RpcTargets, apply_rpc
 from berth.engine.slots import SLOTS_DIR, SlotPlan, plan_slot_persistence
 from berth.core.errors import BadRequest, FlagsNotAccepted
@@ -74,6 +75,27 @@ class Launch:
     # whether the server gets a multimodal projector (reads images): None when the launch cannot tell
     # (another engine; a store model whose projector comes with its first pull, if the repo has one)
     projector: bool | None = None
+    key: str | None = None  # what berth presents to this run's server on every request; never shown
+    env: tuple[tuple[str, str], ...] = ()  # set for this run besides the config's `env` (the key goes here)
+
+
+def key_headers(key: str | None) -> dict[str, str]:
+    """The headers that present a model server's key (llama-server reads `Authorization: Bearer`)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def server_key(spec: ModelSpec, args: LlamaServerArgs) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The key berth presents to a llama.cpp server, and what to add to its environment for it: the cmd's own
+    `--api-key` or the config's LLAMA_API_KEY when there is one (they keep working as written), else a fresh
+    random key for this run alone. Without a key, anyone on this machine could use the server's port directly,
+    bypassing apiKeys (inference, and /slots save, restore and erase). The key goes in the environment: every
+    local user can read a process's argv, its environment only its owner (and root)."""
+    own = args.get("api_key") or dict(spec.env).get(SERVER_KEY_ENV, "")
+    first = next((k.strip() for k in own.split(",") if k.strip()), None)
+    if first is not None:
+        return first, ()
+    fresh = secrets.token_urlsafe(32)
+    return fresh, ((SERVER_KEY_ENV, fresh),)  # beside an --api-key-file's keys: llama.cpp takes both
 
 
 def is_llama_cpp(argv: list[str]) -> bool:
@@ -110,7 +132,8 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     path is shown as planned) and passed as a local `--model` path, so the
     model server never downloads at run time. llama.cpp engines get
     `--alias <id>` unless the cmd names one, so responses carry the model id
-    rather than the file path; with KV persistence (default for llama.cpp
+    rather than the file path, and a key for berth to present (`server_key`,
+    through the environment); with KV persistence (default for llama.cpp
     engines) the slot flags are added. A model with `rpc:` gets `--rpc` and its placement for the
     agents' servers at `rpc` (by default each agent's own address stands for its server, as shown
     before anything is leased).
@@ -168,8 +191,10 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
         for agent, endpoint in zip(spec.rpc.agents, rpc.endpoints):
             if endpoint is not None:
                 planned = [arg.replace(endpoint, agent) for arg in planned]
+    key, env = server_key(spec, args) if llama_cpp else (None, ())
     return Launch(argv, plan, planned, slots_off if llama_cpp else "",
-                  _projector(args, llama_cpp, wanted[1] if wanted is not None else False, pulled))
+                  _projector(args, llama_cpp, wanted[1] if wanted is not None else False, pulled), key, env)
+
 
 
 def _projector(args: LlamaServerArgs, llama_cpp: bool, wish: bool | None, pulled: bool) -> bool | None:

@@ -43,6 +43,10 @@ def _f(names: str, dest: str, kind: type = str, **kw: Any) -> FlagSpec:
     return FlagSpec(tuple(names.split()), dest, kind, **kw)
 
 
+# --api-key's environment variable (llama.cpp common/arg.cpp: `.set_env("LLAMA_API_KEY")`); its keys come
+# before those of --api-key, and `berth worker` reads it the same way
+SERVER_KEY_ENV = "LLAMA_API_KEY"
+
 FLAGS: tuple[FlagSpec, ...] = (
     # implemented by the built-in worker
     _f("-m --model", "model", worker=True),

@@ -7,31 +7,18 @@ import asyncio
 import aiohttp
 
 from berth.config import ModelSpec
-from berth.engine.llama_args import ArgvError, LlamaServerArgs
+from berth.engine.launch import key_headers
 from berth.core.errors import StartFailed
 
 WARMUP_TIMEOUT = 120.0
 WARMUP_BODY = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}
 
 
-def model_api_key(argv: list[str]) -> str | None:
-    """The first `--api-key` of a llama.cpp argv: what berth's own calls to the server must send."""
-    try:
-        key = LlamaServerArgs.parse(argv).get("api_key")
-    except ArgvError:
-        return None
-    return key.split(",")[0] if key else None
-
-
-async def chat_warmup(spec: ModelSpec, argv: list[str], session: aiohttp.ClientSession) -> None:
-    """Send one short chat request; raise StartFailed unless the answer has content."""
-    headers = {}
-    key = model_api_key(argv)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+async def chat_warmup(spec: ModelSpec, key: str | None, session: aiohttp.ClientSession) -> None:
+    """Send one short chat request (with the server's `key`); raise StartFailed unless the answer has content."""
     url = spec.proxy + "/v1/chat/completions"
     try:
-        async with session.post(url, json=WARMUP_BODY, headers=headers,
+        async with session.post(url, json=WARMUP_BODY, headers=key_headers(key),
                                 timeout=aiohttp.ClientTimeout(total=WARMUP_TIMEOUT)) as resp:
             text = await resp.text()
             if resp.status != 200:

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 
-from berth.engine.llama_args import ArgvError, LlamaServerArgs
+from berth.engine.llama_args import SERVER_KEY_ENV, ArgvError, LlamaServerArgs
 
 GPU_LAYERS_ALL = 999
 
@@ -112,8 +112,10 @@ def build_params(args: LlamaServerArgs):
                    }[args.load_mode()]
     if args.get("alias"):
         p.model_alias = set(a.strip() for a in args.get("alias").split(",") if a.strip())
-    if args.get("api_key"):
-        p.api_keys = [k for k in args.get("api_key").split(",") if k]
+    # as llama-server: the keys of LLAMA_API_KEY (berth's key for this run), then those of --api-key
+    keys = [k for k in f"{os.environ.get(SERVER_KEY_ENV, '')},{args.get('api_key') or ''}".split(",") if k]
+    if keys:
+        p.api_keys = keys
     p.endpoint_metrics = args.get("metrics")
     p.endpoint_slots = args.get("slots", True)
     if args.get("slot_save_path"):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from berth.config import DEFAULT_GROUP, BerthConfig, ModelSpec
 from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
-from berth.engine.launch import Launch
+from berth.engine.launch import Launch, key_headers
 from berth.engine.redact import redact_argv
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -97,7 +97,8 @@ class Lease:
         """Where the leased request goes; taken once per request (it claims the first request after a
         KV slot restore). The process's spec, not a reloaded config's, says where it listens."""
         process = self.process
-        return Upstream(process.spec.id, process.spec.proxy, process.spec.timeouts, takes_client_credentials=True,
+        return Upstream(process.spec.id, process.spec.proxy, process.spec.timeouts,
+                        tuple(key_headers(process.key).items()), takes_client_credentials=process.key is None,
                         restore_hit=process.take_restore_hit(),
                         explain=process.explain_failure if process.spec.rpc is not None else None)
 

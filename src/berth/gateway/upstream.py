@@ -13,7 +13,7 @@ class Upstream:
     model: str  # the id metrics and messages name
     base_url: str  # the request's path is appended
     timeouts: UpstreamTimeouts
-    headers: tuple[tuple[str, str], ...] = ()  # set on the request (a peer's key)
+    headers: tuple[tuple[str, str], ...] = ()  # set on the request: the model server's key, or a peer's
     # a keyless berth passes the client's credentials on (a model server with a key of its own); never to a peer
     takes_client_credentials: bool = False
     restore_hit: bool = False  # the first request after a KV slot restore: count its cache hits

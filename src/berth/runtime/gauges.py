@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from berth.engine.launch import server_args
+from berth.engine.launch import key_headers, server_args
 from berth.engine.slots import SlotPlan, slot_usage
 from berth.runtime.process import ModelProcess, ProcessFacts
 
@@ -177,7 +177,7 @@ class GaugeCollector:
     async def _scrape_kv(self, facts: ProcessFacts) -> KvUse | None:
         """None when the server does not say (another server, `--no-slots`, busy past KV_SCRAPE_TIMEOUT)."""
         try:
-            async with self._session().get(facts.proxy + "/slots",
+            async with self._session().get(facts.proxy + "/slots", headers=key_headers(facts.key),
                                            timeout=aiohttp.ClientTimeout(total=KV_SCRAPE_TIMEOUT)) as response:
                 slots = await response.json(content_type=None) if response.status == 200 else None
             return kv_use(slots, facts.argv)

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import aiohttp
 
 from berth.config import ModelSpec
-from berth.engine.launch import Launch, server_args
+from berth.engine.launch import Launch, key_headers, server_args
 from berth.engine.rpc import RpcTargets
 from berth.engine.redact import child_environment, redact_argv
 from berth.engine.slots import SlotPlan
-from berth.engine.warmup import model_api_key
 from berth.core.errors import BerthError, StartFailed
 from berth.core.procfs import group_alive, oom_kill_count
 from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
@@ -93,7 +92,10 @@ class ProcessFacts:
     slots: SlotPlan | None  # where its KV slots are saved, when they are
     sleeps: bool = False  # launched to sleep when idle: no work may be sent to it that it does not need
     projector: bool | None = None  # whether its launch gave it a multimodal projector (None: unknown, not launched)
-Warmup = Callable[[ModelSpec, list[str], aiohttp.ClientSession], Awaitable[None]]
+    key: str | None = None  # what to present to its server (Launch.key); never shown
+
+
+Warmup = Callable[[ModelSpec, str | None, aiohttp.ClientSession], Awaitable[None]]  # (spec, server key, session)
 LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event, rpc=RpcTargets | None) -> Launch
 
 
@@ -164,6 +166,7 @@ class ModelProcess:
         self.projector: bool | None = None  # set from its launch
         self.argv: list[str] = list(spec.argv)  # replaced by the resolved argv at spawn
         self.planned_argv: list[str] = self.argv  # the same, as planned (rpc agents' addresses for their ports)
+        self.key: str | None = None  # this run's server key (Launch.key): on every request berth sends it
         self.output: deque[str] = deque(maxlen=RUN_OUTPUT_LINES)  # this run's child output
         self._build_launch = deps.build_launch
         self._logs = deps.logs
@@ -194,7 +197,7 @@ class ModelProcess:
 
     def facts(self) -> ProcessFacts:
         return ProcessFacts(self.spec.id, self.spec.proxy, self.spec.port, self.pid, tuple(self.argv), self.slots,
-                            self.sleeps, self.projector)
+                            self.sleeps, self.projector, self.key)
 
     def take_restore_hit(self) -> bool:
         """True once: for the first request after slots were restored (to measure the reuse)."""
@@ -323,13 +326,14 @@ class ModelProcess:
         targets = await self._lease_agents() if spec.rpc is not None else None
         try:  # may pull the model from the store first: minutes, so off the event loop
             launch = await asyncio.to_thread(self._build_launch, spec, cancel=self._cancel_launch, rpc=targets)
-            self.argv, self.slots, self.projector = launch.argv, launch.slots, launch.projector
+            self.argv, self.slots, self.projector, self.key = launch.argv, launch.slots, launch.projector, launch.key
             self.planned_argv = launch.planned_argv or launch.argv
         except BerthError as exc:
             raise StartFailed(spec.id, exc.message) from None
         self._log(f"launching: {' '.join(redact_argv(self.argv))}")
         if self.slots is not None:
-            self._slot_keeper = SlotKeeper(spec.id, self.slots, spec.proxy, self._session, self._log, self._metrics)
+            self._slot_keeper = SlotKeeper(spec.id, self.slots, spec.proxy, self._session, self._log, self._metrics,
+                                           key_headers(self.key))
             await asyncio.to_thread(self._slot_keeper.prepare)  # may delete other settings' saves
         if self._warmer is not None:  # the kernel reads the weights while the server starts up
             argv = self.argv
@@ -340,7 +344,7 @@ class ModelProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=child_environment(os.environ, spec.env),
+                env=child_environment(os.environ, (*spec.env, *launch.env)),  # launch.env: its server key
                 umask=CHILD_UMASK,
                 start_new_session=True,  # own process group: a stop reaches every descendant
             )
@@ -439,7 +443,7 @@ class ModelProcess:
             timeout = aiohttp.ClientTimeout(total=5)
             while True:
                 try:
-                    async with self._session.get(url, timeout=timeout) as resp:
+                    async with self._session.get(url, timeout=timeout, headers=key_headers(self.key)) as resp:
                         if resp.status == 200:
                             break
                 except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -447,14 +451,14 @@ class ModelProcess:
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, HEALTH_MAX_DELAY)
         if self._warmup is not None and self.spec.warmup:
-            await self._warmup(self.spec, self.argv, self._session)
+            await self._warmup(self.spec, self.key, self._session)
 
     async def _watch_sleep(self, report: Callable[[ProcessEvent], None]) -> str:
         """For a server launched with --sleep-idle-seconds: report each sleep and wake (runtime/sleep.py).
         Returns only when a wake failed (why); otherwise waits for good."""
         if not self.sleeps:
             return await _never()
-        self._sleep = SleepWatch(self.spec.proxy, self._session, model_api_key(self.argv),
+        self._sleep = SleepWatch(self.spec.proxy, self._session, self.key,
                                  lambda observed_at: report(Slept(observed_at)), lambda: report(Woke()),
                                  self.spec.health_check_timeout)
         return await self._sleep.run()
@@ -472,7 +476,7 @@ class ModelProcess:
         while misses < LIVENESS_MISSES:
             await asyncio.sleep(interval)
             try:
-                async with self._session.get(url, timeout=timeout) as resp:
+                async with self._session.get(url, timeout=timeout, headers=key_headers(self.key)) as resp:
                     healthy = resp.status == 200
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 healthy = False

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import aiohttp
 
+from berth.engine.launch import key_headers
+
 SLEEP_POLL_SECONDS = 1.0  # how soon berth sees a sleep (or a wake nobody asked for)
 PROPS_TIMEOUT = 5.0
 
@@ -29,7 +31,7 @@ class SleepWatch:
     def __init__(self, base_url: str, session: aiohttp.ClientSession, api_key: str | None,
                  on_slept: Callable[[float], None], on_woke: Callable[[], None], wake_timeout: float) -> None:
         self._base_url, self._session = base_url, session
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = key_headers(api_key)
         self._on_slept, self._on_woke = on_slept, on_woke
         self._wake_timeout = wake_timeout
         self._wake_wanted = asyncio.Event()

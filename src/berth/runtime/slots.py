@@ -31,9 +31,10 @@ def _slot_file(slot_id: int) -> str:
 
 class SlotKeeper:
     def __init__(self, model_id: str, plan: SlotPlan, base_url: str, session: aiohttp.ClientSession,
-                 log: Callable[[str], None], metrics=None) -> None:
+                 log: Callable[[str], None], metrics=None, headers: dict[str, str] | None = None) -> None:
         self.model_id, self.plan, self.base_url = model_id, plan, base_url
         self._session, self._log, self._metrics = session, log, metrics
+        self._headers = headers or {}  # the server's key
 
     # -- around the start ---------------------------------------------------------------
 
@@ -94,7 +95,8 @@ class SlotKeeper:
         await asyncio.to_thread(self.enforce_disk_caps)  # walks every model's saves
 
     async def _save_all(self) -> None:
-        async with self._session.get(self.base_url + "/slots", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        async with self._session.get(self.base_url + "/slots", timeout=aiohttp.ClientTimeout(total=5),
+                                     headers=self._headers) as resp:
             if resp.status != 200:
                 raise ValueError(f"GET /slots answered HTTP {resp.status}")
             slots = await resp.json(content_type=None)
@@ -117,7 +119,7 @@ class SlotKeeper:
     async def _slot_action(self, slot_id: int, action: str, filename: str) -> dict | None:
         url = f"{self.base_url}/slots/{slot_id}?action={action}"
         try:
-            async with self._session.post(url, json={"filename": filename},
+            async with self._session.post(url, json={"filename": filename}, headers=self._headers,
                                           timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 body = await resp.text()
                 if resp.status != 200:
