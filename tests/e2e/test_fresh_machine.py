@@ -25,8 +25,9 @@ def _sh_blocks(markdown: str) -> list[str]:
     return re.findall(r"```sh\n(.*?)```", markdown, flags=re.DOTALL)
 
 
-def readme_quickstart() -> tuple[str, str, str, dict]:
-    """(install command, serve command, request path, request body) exactly as README shows them."""
+def readme_quickstart() -> tuple[str, str, str, dict[str, str], str]:
+    """(install command, serve command, request path, request headers, request body) exactly as README shows
+    them."""
     readme = (ROOT / "README.md").read_text()
     quickstart = readme[readme.index("## Quickstart"):]
     install_and_serve = _sh_blocks(quickstart)[0].strip()
@@ -35,9 +36,11 @@ def readme_quickstart() -> tuple[str, str, str, dict]:
     curl = next(block for block in _sh_blocks(quickstart) if block.lstrip().startswith("curl"))
     words = shlex.split(curl.replace("\\\n", " "))
     url = next(w for w in words if w.startswith("http://"))
-    body = json.loads(words[words.index("-d") + 1])
+    body = words[words.index("-d") + 1]
+    json.loads(body)
+    headers = dict(words[i + 1].split(": ", 1) for i, word in enumerate(words) if word == "-H")
     assert url.startswith("http://127.0.0.1:8080/"), url  # berth serve's default address
-    return install, serve, url.removeprefix("http://127.0.0.1:8080"), body
+    return install, serve, url.removeprefix("http://127.0.0.1:8080"), headers, body
 
 
 def _index_reachable(python: Path, scratch: Path) -> bool:
@@ -47,7 +50,7 @@ def _index_reachable(python: Path, scratch: Path) -> bool:
 
 
 def test_readme_quickstart_on_a_fresh_clone_and_venv(tmp_path):
-    install, serve, path, body = readme_quickstart()
+    install, serve, path, headers, body = readme_quickstart()
     clone = tmp_path / "berth"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
     venv = tmp_path / "venv"
@@ -79,7 +82,7 @@ def test_readme_quickstart_on_a_fresh_clone_and_venv(tmp_path):
         wait_until(healthy, 600, "berth serve to answer /health")  # the first start fetches the default model
         # fetched before berth listens, so README's first request has no download to wait for
         assert ModelStore(tmp_path / "home" / "models").entry(SMOLLM2_STORE_NAME) is not None
-        reply = requests.post(url + path, json=body, timeout=60)
+        reply = requests.post(url + path, data=body.encode(), headers=headers, timeout=60)
         assert reply.status_code == 200, reply.text
         choice = reply.json()["choices"][0]
         assert choice["finish_reason"] == "stop" and choice["message"]["content"].strip()
