@@ -98,9 +98,9 @@ class HostNotAllowed(BerthError):
     def __init__(self, host: str) -> None:
         super().__init__(
             f"berth does not answer to the Host {host!r}: a web page can reach a server on this machine through "
-            "a domain name of its own (DNS rebinding), so without an API key only localhost names, IP addresses "
-            "and the listen address are accepted. If you reach berth under this name, add it to allowedHosts in "
-            "the config (or set apiKeys)")
+            "a domain name of its own (DNS rebinding), so only localhost names, the listen address and (on a "
+            "network address) IP addresses are accepted. If you reach berth under this name, add it to "
+            "allowedHosts in the config")
 
 
 class OriginNotAllowed(BerthError):
