@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import requests
 from _berth import running_berth
 
@@ -29,7 +30,8 @@ from berth.engine.embedded import embedded_model_path
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
-def stream_timings(url: str, max_tokens: int) -> tuple[float, float, int, list[float]]:
+def stream_timings(url: str, max_tokens: int, headers: dict[str, str] | None = None
+                   ) -> tuple[float, float, int, list[float]]:
     """(time to first token, decode seconds from first to last token, tokens, inter-token gaps)."""
     began = time.perf_counter()
     first = last = None
@@ -37,7 +39,7 @@ def stream_timings(url: str, max_tokens: int) -> tuple[float, float, int, list[f
     gaps: list[float] = []
     body = {"model": "gemma", "messages": PROMPT, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0}
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=300) as resp:
+    with requests.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=300) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -65,14 +67,16 @@ def bench_engine(name: str, program: str, model: Path, runs: int, max_tokens: in
         for _ in range(runs):
             requests.post(url + "/unload", timeout=60)
             cold.append(stream_timings(url, 8)[0])
-        direct_url = requests.get(url + "/running", timeout=5).json()["running"][0]["proxy"]
+        model = requests.get(url + "/running", timeout=5).json()["running"][0]
+        # berth gave the model server a key of its own, in its environment (README "Security")
+        server_key = {"Authorization": f"Bearer {psutil.Process(model['pid']).environ()['LLAMA_API_KEY']}"}
         warm, via_berth, direct, gaps_berth, gaps_direct = [], [], [], [], []
         for _ in range(runs):
             ttft, decode, tokens, gaps = stream_timings(url, max_tokens)
             warm.append(ttft)
             via_berth.append(tokens / decode)
             gaps_berth += gaps
-            _, decode, tokens, gaps = stream_timings(direct_url, max_tokens)
+            _, decode, tokens, gaps = stream_timings(model["proxy"], max_tokens, server_key)
             direct.append(tokens / decode)
             gaps_direct += gaps
     return {

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
 
 ASK = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}
 
 
 def _environment(pid: int) -> dict[str, str]:
-    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(entry.decode(errors="replace").partition("=")[::2] for entry in entries if entry)
+    return psutil.Process(pid).environ()
 
 
 def _samples(url: str) -> dict[tuple[str, tuple], float]:

@@ -10,7 +10,7 @@ import psutil
 import requests
 
 from tests.e2e.conftest import llama_server_binary
-from tests.support.harness import BerthServer, wait_until
+from tests.support.harness import BerthServer, server_key_headers, wait_until
 
 MiB = 1024**2
 
@@ -48,7 +48,7 @@ models:
     assert nap["pid"] == nap_pid and psutil.pid_exists(nap_pid)  # the process stays
     kept = nap["memory"]["measured_bytes"]["host"]
     assert kept < 300 * MiB, f"a sleeping llama-server still holds {kept / MiB:.0f} MiB"
-    props = requests.get(f"{nap['proxy']}/props", timeout=5).json()
+    props = requests.get(f"{nap['proxy']}/props", headers=server_key_headers(nap_pid), timeout=5).json()
     assert props["is_sleeping"] is True
     models = {m["id"]: m for m in requests.get(b.url + "/v1/models", timeout=5).json()["data"]}
     assert models["nap"]["state"] == "sleeping"

@@ -12,13 +12,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from berth.core.procfs import descendants as children_of
 from berth.core.procfs import pid_alive
 
 __all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "healthy",
-           "kill_quietly", "pid_alive", "start_log_lines", "start_stand_in", "wait_until"]
+           "kill_quietly", "pid_alive", "server_key_headers", "start_log_lines", "start_stand_in", "wait_until"]
 
 FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
 GPU_SPEED_SERVER = Path(__file__).with_name("gpu_speed_server.py")
@@ -163,6 +164,12 @@ def closed_by_server(sock: socket.socket, wait: float) -> bool:
         return True
     except socket.timeout:
         return False
+
+
+def server_key_headers(pid: int) -> dict[str, str]:
+    """What a direct call to a llama.cpp model server berth started must send: the key berth gave that run,
+    from its environment (which its own user can read)."""
+    return {"Authorization": f"Bearer {psutil.Process(pid).environ()['LLAMA_API_KEY']}"}
 
 
 def start_log_lines(path: Path) -> list[str]:
