@@ -90,31 +90,97 @@ def test_by_default_no_other_origin_is_allowed_and_following_a_link_still_works(
     assert requests.get(b.url + "/v1/models", headers=typed, timeout=10).status_code == 200
 
 
-def test_state_changing_routes_take_json_and_their_own_method(berth, start_port):
-    b = berth(one_model(start_port))
-    # bodies a form or a fetch() can send to any site without asking the browser first
-    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
-        headers = {"Content-Type": content_type} if content_type else {}
-        for path, body in (("/v1/chat/completions", CHAT), ("/models/load", {"model": "a"}),
-                           ("/ui/api/models/load", {"model": "a"}), ("/upstream/a/v1/chat/completions", CHAT)):
-            refused = requests.post(b.url + path, data=json.dumps(body), headers=headers, timeout=10)
-            assert refused.status_code == 415 and error_code(refused) == "unsupported_media_type", (path, refused.text)
-            assert "Content-Type: application/json" in refused.json()["error"]["message"]
+def test_from_a_browser_changing_routes_take_json_and_every_route_its_own_method(berth, start_port):
+    b = berth(one_model(start_port, extra=f"allowedOrigins: [{CHAT_APP}]"))
+    # bodies a form or a fetch() can send without asking the browser first, from pages that pass the Origin
+    # check: berth's own (under a name a page of another site got to resolve to it) and a listed origin's
+    pages = ({"Origin": b.url, "Sec-Fetch-Site": "same-origin"}, {"Origin": CHAT_APP, "Sec-Fetch-Site": "cross-site"})
+    for page in pages:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {**page, **({"Content-Type": content_type} if content_type else {})}
+            for path, body in (("/v1/chat/completions", CHAT), ("/models/load", {"model": "a"}),
+                               ("/ui/api/models/load", {"model": "a"}), ("/upstream/a/v1/chat/completions", CHAT)):
+                refused = requests.post(b.url + path, data=json.dumps(body), headers=headers, timeout=10)
+                assert refused.status_code == 415 and error_code(refused) == "unsupported_media_type", (
+                    path, page, refused.text)
+                assert "Content-Type: application/json" in refused.json()["error"]["message"]
+            refused = requests.post(b.url + "/api/generate", data=json.dumps({"model": "a", "prompt": "hi"}),
+                                    headers=headers, timeout=10)
+            assert refused.status_code == 415 and "application/json" in refused.json()["error"], refused.text
+    # a page cannot hide that a browser sent it: a Sec-Fetch-* header alone is a browser's too
+    marked = requests.post(b.url + "/models/load", data=json.dumps({"model": "a"}), timeout=10,
+                           headers={"Content-Type": "text/plain", "Sec-Fetch-Mode": "no-cors"})
+    assert marked.status_code == 415
     assert b.running() == {}
-    assert requests.post(b.url + "/models/load", json={"model": "a"}, timeout=30).status_code == 200
+    assert requests.post(b.url + "/models/load", json={"model": "a"}, headers=pages[0], timeout=30).status_code == 200
     for method in ("GET", "HEAD", "PUT", "DELETE"):  # GET /unload: an <img> tag
         refused = requests.request(method, b.url + "/unload", timeout=10)
         assert refused.status_code == 405 and refused.headers["Allow"] == "POST", method
     form = requests.post(b.url + "/unload", data="", timeout=10,
-                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+                         headers={**pages[0], "Content-Type": "application/x-www-form-urlencoded"})
     assert form.status_code == 415
     assert requests.get(b.url + "/models/load?model=a", timeout=10).status_code == 405
     assert "a" in b.running()
-    assert requests.post(b.url + "/unload", timeout=30).text == "OK"  # no body, no type: `curl -X POST`
+    assert requests.post(b.url + "/unload", headers=pages[0], timeout=30).text == "OK"  # no body, no type
     assert b.running() == {}
-    heard = requests.post(b.url + "/v1/audio/transcriptions", data={"model": "a"}, timeout=30,
+    heard = requests.post(b.url + "/v1/audio/transcriptions", data={"model": "a"}, timeout=30, headers=pages[0],
                           files={"file": ("hi.wav", b"RIFF0000WAVE")})  # uploads stay multipart
     assert heard.status_code == 200 and heard.json()["text"] == "a heard 12 bytes"
+
+
+def test_programs_send_json_as_curl_d_does_as_llama_server_llama_swap_and_ollama_take_it(berth, start_port):
+    """`curl URL -d '{...}'` (what llama.cpp's, llama-swap's and Ollama's docs show) labels the body a form; no
+    browser sent it, so berth reads it as JSON as they do."""
+    b = berth(one_model(start_port))
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    chat = requests.post(b.url + "/v1/chat/completions", data=json.dumps(CHAT), headers=form, timeout=30)
+    assert chat.status_code == 200 and chat.json()["server"] == "a", chat.text
+    generated = requests.post(b.url + "/api/generate", data=json.dumps({"model": "a", "prompt": "hi", "stream": False}),
+                              headers=form, timeout=30)
+    assert generated.status_code == 200 and generated.json()["done"] is True, generated.text
+    assert generated.json()["response"]
+    for path in ("/models/load", "/models/unload", "/models/load"):
+        answered = requests.post(b.url + path, data=json.dumps({"model": "a"}), headers=form, timeout=30)
+        assert answered.status_code == 200 and answered.json()["success"] is True, (path, answered.text)
+    assert "a" in b.running()
+    assert requests.post(b.url + "/unload", data="", headers=form, timeout=30).text == "OK"  # curl -d '' /unload
+    assert b.running() == {}
+
+
+def test_ollamas_routes_get_the_same_origin_cors_and_method_rules(berth, start_port):
+    b = berth(one_model(start_port, "--echo-cors", extra=f"allowedOrigins: [{CHAT_APP}]"))
+    generate = json.dumps({"model": "a", "prompt": "hi", "stream": False})
+    for method, path, headers in (("POST", "/api/generate", {"Content-Type": "text/plain"}),
+                                  ("POST", "/api/chat", {"Content-Type": "application/json"}),
+                                  ("GET", "/api/tags", {}), ("DELETE", "/api/delete", {})):
+        refused = requests.request(method, b.url + path, data=generate, headers={"Origin": EVIL, **headers}, timeout=10)
+        # refused in Ollama's error shape, as every error of its routes
+        assert refused.status_code == 403 and "allowedOrigins" in refused.json()["error"], (path, refused.text)
+        assert "Access-Control-Allow-Origin" not in refused.headers
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    refused = requests.options(b.url + "/api/chat", headers={"Origin": EVIL, **preflight}, timeout=10)
+    assert refused.status_code == 403 and "Access-Control-Allow-Origin" not in refused.headers
+    assert b.running() == {}
+
+    app = {"Origin": CHAT_APP}
+    allowed = requests.options(b.url + "/api/chat", headers={**app, **preflight}, timeout=10)
+    assert allowed.status_code == 204 and allowed.headers["Access-Control-Allow-Origin"] == CHAT_APP
+    answered = requests.post(b.url + "/api/generate", data=generate, timeout=30,
+                             headers={**app, "Content-Type": "application/json"})
+    assert answered.status_code == 200 and answered.json()["done"] is True, answered.text
+    # the model server allowed any origin with credentials; the browser sees berth's answer alone
+    assert answered.headers["Access-Control-Allow-Origin"] == CHAT_APP
+    assert "Access-Control-Allow-Credentials" not in answered.headers
+    tags = requests.get(b.url + "/api/tags", headers=app, timeout=10)
+    assert tags.status_code == 200 and tags.headers["Access-Control-Allow-Origin"] == CHAT_APP
+
+    # another method than the route's: a 405 naming the route's, in Ollama's shape
+    for method, path, allow in (("GET", "/api/chat", "POST"), ("GET", "/api/generate", "POST"),
+                                ("GET", "/api/pull", "POST"), ("POST", "/api/delete", "DELETE"),
+                                ("POST", "/api/tags", "GET")):
+        refused = requests.request(method, b.url + path, timeout=10)
+        assert refused.status_code == 405 and allow in refused.headers["Allow"], (method, path, refused.text)
+        assert isinstance(refused.json()["error"], str), refused.text
 
 
 def _status_with_raw_header(url: str, name: str, value: bytes) -> tuple[int, dict]:

@@ -136,8 +136,8 @@ class UnsupportedMediaType(BerthError):
     def __init__(self, path: str, sent: str, accepted: tuple[str, ...]) -> None:
         took = " or ".join(f"Content-Type: {kind}" for kind in accepted)
         super().__init__(
-            f"{path} takes a body with {took}, not {sent or 'a body without Content-Type'}; send that header "
-            "(curl: -H 'Content-Type: application/json'). Other types are refused because any web page can "
+            f"from a browser, {path} takes a body with {took}, not {sent or 'a body without Content-Type'}; "
+            "send that header from the page. Other types are refused from browsers because any web page can "
             "make a browser send them")
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from berth.config import BerthConfig
 from berth.core.errors import BadRequest, BerthError, RequestTimeout, UnsupportedMediaType
+from berth.gateway import origins
 from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -83,10 +84,15 @@ FORM = "multipart/form-data"  # uploads
 
 
 def require_body_type(request: web.Request, *accepted: str) -> None:
-    """For every route that changes something (runs a model, loads, unloads): its body's Content-Type is one of
-    `accepted` (default JSON), or it sends neither body nor type (`curl -X POST`); else a 415. A page of any
-    site can make a browser send text/plain, form encodings or no type without asking first, JSON not without
-    a preflight that berth refuses (origins.py). Uploads take multipart and rest on that Origin check alone."""
+    """For every route that changes something (runs a model, loads, unloads), when a browser sent the request:
+    its body's Content-Type is one of `accepted` (default JSON), or it sends neither body nor type; else a 415.
+    A page of any site can make a browser send text/plain, form encodings or no type without asking first,
+    JSON not without a preflight that berth refuses (origins.py). Programs are not held to it: llama-server,
+    llama-swap and Ollama read a JSON body whatever its type, and their users' scripts send one with `curl -d`
+    (a form encoding); a page cannot hide that a browser sent it (`origins.from_browser`). Uploads take
+    multipart and rest on the Origin check alone."""
+    if not origins.from_browser(request.headers):
+        return
     kinds = accepted or (JSON,)
     if request.content_type in kinds:
         return

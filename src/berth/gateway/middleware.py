@@ -63,9 +63,10 @@ class Middlewares:
                 "(berth fetches those), or raise maxBodyBytes in the config"), self._shape(request))
 
     def _shape(self, request: web.Request) -> ErrorShape:
-        """The shape of the route's error answers: OpenAI's unless its family registered another."""
-        resource = request.match_info.route.resource
-        return self.context.error_shapes.get(resource.canonical, openai_shape) if resource else openai_shape
+        """The shape of the route's error answers: OpenAI's unless its family registered another (for its route,
+        or for the path when another route answers it: `GET /api/chat` is a 405 in Ollama's shape)."""
+        shapes, resource = self.context.error_shapes, request.match_info.route.resource
+        return shapes.get(resource.canonical if resource else request.path) or shapes.get(request.path, openai_shape)
 
     @web.middleware
     async def metrics_listener(self, request: web.Request, handler: Handler) -> web.StreamResponse:

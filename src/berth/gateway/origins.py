@@ -33,6 +33,13 @@ def foreign_page(headers: Mapping[str, str], method: str) -> str | None:
     return None
 
 
+def from_browser(headers: Mapping[str, str]) -> bool:
+    """Whether a browser sent the request: browsers add `Origin` to every POST a page makes (same origin or
+    not; "null" where they hide it) and `Sec-Fetch-*` to every request on secure and local origins, and a
+    page cannot remove either. curl, SDKs and other programs send neither."""
+    return "Origin" in headers or any(name.lower().startswith("sec-fetch-") for name in headers)
+
+
 def same_origin(origin: str, host_header: str) -> bool:
     """Whether a page of `origin` is berth itself as reached under `host_header` (the dashboard)."""
     parts = urlsplit(origin.strip().lower())

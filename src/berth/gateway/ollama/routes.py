@@ -15,7 +15,7 @@ from aiohttp import web
 from berth.config import ModelSpec
 from berth.core.errors import BadRequest, BerthError
 from berth.gateway import serving
-from berth.gateway.context import GatewayContext, Routes, parse_json
+from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 from berth.gateway.ollama import requests
 from berth.gateway.ollama.answers import Embeddings, Generation, created_at
 from berth.gateway.ollama.models import ModelFile, PropsAnswer, listing, no_file_show, running, show
@@ -194,6 +194,7 @@ class OllamaRoutes(Routes):
     # -- parts -------------------------------------------------------------------------
 
     async def _request(self, request: web.Request) -> dict[str, Any]:
+        require_body_type(request)
         raw = await self.context.read_body(request)
         if not raw.strip():
             raise BadRequest("missing request body: send a JSON object such as {\"model\": \"<name>\"}")
