@@ -16,6 +16,7 @@ _COMMANDS = {
     "fit": "planning", "check": "planning",
     "bench": "bench",
     "agent": "agent",
+    "key": "keys",
     "worker": "worker",
 }
 

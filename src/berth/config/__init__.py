@@ -6,12 +6,14 @@ contract in pyproject.toml holds them to it), so the modules behind it can chang
 
 from berth.config.loader import load_config, parse_config
 from berth.config.records import (
-    DEFAULT_CONCURRENCY_LIMIT, DEFAULT_GROUP, PORT_MACRO, BerthConfig, Capabilities, GroupSpec, MatrixSpec,
-    MemorySettings, ModelSpec, PeerSpec, ProfileSpec, RemoteImages, RpcSpec, SelectorSpec, UpstreamTimeouts,
+    DEFAULT_CONCURRENCY_LIMIT, DEFAULT_GROUP, PORT_MACRO, ApiKey, BerthConfig, Capabilities, GroupSpec, KeyLimits,
+    MatrixSpec, MemorySettings, ModelSpec, PeerSpec, ProfileSpec, RemoteImages, RpcSpec, SelectorSpec,
+    UpstreamTimeouts,
 )
+from berth.config.schema import KEY_SCOPES
 
 __all__ = [
-    "DEFAULT_CONCURRENCY_LIMIT", "DEFAULT_GROUP", "PORT_MACRO", "BerthConfig", "Capabilities", "GroupSpec",
-    "MatrixSpec", "MemorySettings", "ModelSpec", "PeerSpec", "ProfileSpec", "RemoteImages", "RpcSpec",
-    "SelectorSpec", "UpstreamTimeouts", "load_config", "parse_config",
+    "DEFAULT_CONCURRENCY_LIMIT", "DEFAULT_GROUP", "KEY_SCOPES", "PORT_MACRO", "ApiKey", "BerthConfig", "Capabilities",
+    "GroupSpec", "KeyLimits", "MatrixSpec", "MemorySettings", "ModelSpec", "PeerSpec", "ProfileSpec", "RemoteImages",
+    "RpcSpec", "SelectorSpec", "UpstreamTimeouts", "load_config", "parse_config",
 ]

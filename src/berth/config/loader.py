@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from berth.config import routing, schema
+from berth.config.keys import resolve_api_keys
 from berth.config.macros import check_macro_names, expand_env
 from berth.config.models import resolve_model, resolve_peer, sizes
 from berth.config.reading import Reading, carried, unknown_keys
@@ -75,7 +76,7 @@ def _resolve(reading: Reading) -> BerthConfig:
                       for sid, sel in p.selectors.items()},
         "profiles": {pid: ProfileSpec(pid, prof.description, tuple((k, v or None) for k, v in prof.pins.items()))
                      for pid, prof in p.profiles.items()},
-        "api_keys": [expand_env(reading, k, ("apiKeys", str(i))) for i, k in enumerate(p.api_keys)],
+        "api_keys": resolve_api_keys(reading),
         "allowed_hosts": [h.strip().lower() for h in p.allowed_hosts],
         "allowed_origins": [_origin(reading, o, i) for i, o in enumerate(p.allowed_origins)],
         "store_dir": _store_dir(reading),
@@ -87,19 +88,17 @@ def _resolve(reading: Reading) -> BerthConfig:
     }))
     routing.check_virtual_ids(reading, config)
     routing.return_targets(reading, config)
-    _check_api_keys(reading, config)
+    _check_rpc_keys(reading, config)
     config.preload = routing.preloads(reading, config)
     config.warnings = reading.findings()
     return config
 
 
-def _check_api_keys(reading: Reading, config: BerthConfig) -> None:
-    """Keys are not empty; an rpc agents' key is a secret of its own, never a client's."""
-    for i, key in enumerate(config.api_keys):
-        if not key.strip():
-            raise reading.error(("apiKeys", str(i)), "API key is empty; remove it or set a value")
+def _check_rpc_keys(reading: Reading, config: BerthConfig) -> None:
+    """An rpc agents' key is a secret of its own, never a client's."""
+    digests = {key.digest for key in config.api_keys}
     for rpc_model, spec in config.models.items():
-        if spec.rpc is not None and (problem := spec.rpc.key_problem(rpc_model, config.api_keys)):
+        if spec.rpc is not None and (problem := spec.rpc.key_problem(rpc_model, digests)):
             reading.warn(("models", rpc_model, "rpc", "apiKey"), problem)
 
 

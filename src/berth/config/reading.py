@@ -92,27 +92,32 @@ def unknown_keys(raw: LineDict, path: str) -> list[str]:
             inner = _sections(info.annotation)
             if inner is None:
                 continue
-            named, shape = inner
-            if not named:
+            holder, shape = inner
+            if holder is None:
                 check(value, shape, dotted)
-            elif isinstance(value, LineDict):
+            elif holder is dict and isinstance(value, LineDict):
                 for name, entry in value.items():
                     check(entry, shape, f"{dotted}.{name}")
+            elif holder is list and isinstance(value, list):
+                for index, entry in enumerate(value):
+                    check(entry, shape, f"{dotted}.{index}")
 
     check(raw, schema.BerthConfigFile, "")
     return [text for _, text in sorted(found)]
 
 
-def _sections(annotation: Any) -> tuple[bool, type[BaseModel]] | None:
-    """For a field's type: (whether it maps names to sections, the section type), or None when the
-    field holds no section (`X`, `X | None` and `dict[str, X]` hold one)."""
+def _sections(annotation: Any) -> tuple[type | None, type[BaseModel]] | None:
+    """For a field's type: (what holds the sections: None for one section, `dict` for sections by name,
+    `list` for a list of them; the section type), or None when the field holds no section (`X`,
+    `X | None`, `dict[str, X]` and `list[X]` hold one)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return False, annotation
+        return None, annotation
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is dict and len(args) == 2:
-        inner = _sections(args[1])
-        return (True, inner[1]) if inner is not None and not inner[0] else None
+    origin = typing.get_origin(annotation)
+    if (origin is dict and len(args) == 2) or (origin is list and len(args) == 1):
+        inner = _sections(args[-1])
+        return (origin, inner[1]) if inner is not None and inner[0] is None else None
     for arg in args:  # a union: X | None
         if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return False, arg
+            return None, arg
     return None

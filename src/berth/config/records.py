@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
+from berth.config.schema import KEY_SCOPES
 from berth.core.hosts import is_loopback
+from berth.core.keyhash import key_digest
 
 DEFAULT_GROUP = "(default)"
 DEFAULT_CONCURRENCY_LIMIT = 10  # requests in flight or waiting per model, as llama-swap
@@ -135,13 +138,13 @@ class RpcSpec:
     layer_ranges: tuple[tuple[str, int, int], ...] = ()  # (agent, first, last), inclusive
     api_key: str = ""  # the agents' key: a secret of their own, never one of the gateway's apiKeys
 
-    def key_problem(self, model_id: str, api_keys: list[str]) -> str | None:
+    def key_problem(self, model_id: str, api_key_digests: Collection[bytes]) -> str | None:
         """What is wrong with the agents' key, if anything: none for agents off this machine, or a client's key."""
         fix = (f"set models.{model_id}.rpc.apiKey to a secret of the agents' own (e.g. ${{env.BERTH_AGENT_KEY}}) "
                "and start each `berth agent` with the same --api-key")
         if not self.api_key and not all(is_loopback(agent.rpartition(":")[0]) for agent in self.agents):
             return f"not set, so agents on other machines refuse this gateway: {fix}"
-        if self.api_key in api_keys:
+        if self.api_key and key_digest(self.api_key) in api_key_digests:
             return (f"also one of apiKeys, so every client holding it can lease rpc servers on the agents and end "
                     f"this gateway's leases: {fix}")
         return None
@@ -190,6 +193,31 @@ class MatrixSpec:
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """0 is no limit."""
+
+    requests_per_minute: int = 0
+    tokens_per_day: int = 0  # prompt + completion tokens per UTC day
+    concurrency: int = 0  # requests to models in flight or waiting
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key clients may use: its name (in /metrics and /api/usage), the SHA-256 of the key (the key itself
+    is not kept once the config is read), and what it may do."""
+
+    name: str
+    digest: bytes
+    models: tuple[str, ...] = ("*",)  # globs over model ids, aliases and peer/model names
+    scopes: frozenset[str] = frozenset(KEY_SCOPES)
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    weight: int = 1  # its share of the turns among keys waiting for the same model
+
+    def __repr__(self) -> str:  # the digest stays out of logs and tracebacks
+        return f"ApiKey({self.name!r}, models={self.models}, scopes={sorted(self.scopes)}, limits={self.limits})"
+
+
+@dataclass(frozen=True)
 class MemorySettings:
     scheduled: bool = True  # models of the (default) group share memory instead of swapping
     budget: tuple[tuple[str, int], ...] = ()  # explicit per-device budgets; others: free at startup
@@ -218,7 +246,7 @@ class BerthConfig:
     selectors: dict[str, SelectorSpec] = field(default_factory=dict)
     profiles: dict[str, ProfileSpec] = field(default_factory=dict)
     preload: list[str] = field(default_factory=list)
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: tuple[ApiKey, ...] = ()
     allowed_hosts: list[str] = field(default_factory=list)  # "*" turns the Host check off
     allowed_origins: list[str] = field(default_factory=list)  # web pages (scheme://host[:port]) or "*" that may call
     include_aliases_in_list: bool = False

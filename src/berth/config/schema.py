@@ -212,6 +212,41 @@ class MemoryConfig(_Section):
     eviction: Literal["lru", "largest"] = "lru"
 
 
+KeyScope = Literal["inference", "admin", "logs", "metrics"]
+KEY_SCOPES: tuple[KeyScope, ...] = ("inference", "admin", "logs", "metrics")
+
+
+class KeyLimitsConfig(_Section):
+    """A key's limits; 0 (the default) is no limit."""
+
+    requests_per_minute: int = Field(0, alias="requestsPerMinute", ge=0)
+    tokens_per_day: int = Field(0, alias="tokensPerDay", ge=0)  # prompt + completion tokens per UTC day
+    concurrency: int = Field(0, ge=0)  # requests to models in flight or waiting at once
+
+
+class ApiKeyConfig(_Section):
+    """An entry of `apiKeys`: a plain string (llama-swap's form: full access, no limits), or a named key
+    with the models, scopes and limits it is allowed."""
+
+    name: str | None  # None only for a plain string
+    key: str = ""  # the key itself, usually ${env.X}
+    key_hash: str = Field("", alias="keyHash")  # or its hash, as `berth key hash` prints it
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # globs over ids, aliases, peer/model
+    scopes: list[KeyScope] = Field(default_factory=lambda: [KEY_SCOPES[0]], min_length=1)  # inference
+    limits: KeyLimitsConfig = Field(default_factory=lambda: KeyLimitsConfig.model_validate({}))
+    weight: int = Field(1, ge=1)  # its share of a model's turns when several keys wait for it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": None, "key": value, "scopes": list(KEY_SCOPES)}
+        if isinstance(value, dict) and not isinstance(value.get("name"), str):
+            raise ValueError("a key written as a mapping needs a `name` (it names the key in /metrics and "
+                             "/api/usage); a key written as a plain string has full access")
+        return value
+
+
 class StartupHooks(_Section):
     preload: list[str] = Field(default_factory=list)
 
@@ -261,7 +296,7 @@ class BerthConfigFile(_Section):
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     selectors: dict[str, SelectorConfig] = Field(default_factory=dict)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
-    api_keys: list[str] = Field(default_factory=list, alias="apiKeys")
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list, alias="apiKeys")
     allowed_hosts: list[str] = Field(default_factory=list, alias="allowedHosts")  # Host names besides localhost
     allowed_origins: list[str] = Field(default_factory=list, alias="allowedOrigins")  # browser pages allowed in
     include_aliases_in_list: bool = Field(False, alias="includeAliasesInList")

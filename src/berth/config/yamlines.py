@@ -51,6 +51,8 @@ def line_at(raw: Any, loc: tuple[str, ...]) -> int | None:
             node = node[key]
         elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
             node = node[int(key)]
+            if isinstance(node, LineDict):
+                line = node.line
         else:
             break
     return line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from berth.core.units import format_bytes
@@ -80,6 +81,40 @@ class Unauthorized(BerthError):
     code = "invalid_api_key"
 
 
+class ModelNotAllowed(BerthError):
+    status = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+    def __init__(self, key: str, model: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(f"the API key {key!r} may not use model {model!r} (its models: {', '.join(allowed)}); "
+                         "ask for one of those, or ask the operator to add it to the key's models")
+        self.model = model
+
+
+class ScopeNotAllowed(BerthError):
+    status = 403
+    error_type = "permission_error"
+    code = "scope_not_allowed"
+
+    def __init__(self, key: str, path: str, needed: str, scopes: list[str]) -> None:
+        super().__init__(f"the API key {key!r} may not use {path}: it needs the scope {needed!r}, and the key has "
+                         f"{', '.join(scopes)}; use a key with that scope")
+
+
+class KeyLimitReached(BerthError):
+    """A key's requestsPerMinute, tokensPerDay or concurrency is used up for now."""
+
+    status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, key: str, limit: str, value: int, retry_after: int, detail: str) -> None:
+        super().__init__(f"the API key {key!r} reached its {limit} limit ({value}): {detail}; retry after "
+                         f"{retry_after}s")
+        self.code = "key_" + re.sub(r"(?<!^)(?=[A-Z])", "_", limit).lower()  # requestsPerMinute: key_requests_per_minute
+        self.limit, self.retry_after = limit, retry_after
+
+
 class UnknownModel(BerthError):
     status = 404
     error_type = "invalid_request_error"
@@ -87,7 +122,7 @@ class UnknownModel(BerthError):
 
     def __init__(self, model: str, available: list[str]) -> None:
         super().__init__(f"model {model!r} is not configured; available models: {', '.join(available) or '(none)'}")
-        self.model = model
+        self.model, self.available = model, list(available)
 
 
 class HostNotAllowed(BerthError):
