@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from berth.core.errors import BadRequest
+from berth.gateway.access import ADMIN, scope
 from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 
 log = logging.getLogger("berth.gateway")
@@ -27,11 +28,13 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
 
 
 class Admin(Routes):
+    @scope(ADMIN)
     async def unload_all(self, request: web.Request) -> web.Response:
         require_body_type(request)
         await self.context.pool.unload(None, force=request.query.get("force") in ("1", "true"))
         return web.Response(text="OK")
 
+    @scope(ADMIN)
     async def unload_by_path(self, request: web.Request) -> web.Response:
         require_body_type(request)
         name = request.match_info.get("model")
@@ -39,10 +42,12 @@ class Admin(Routes):
         outcome = await pool.unload(pool.resolve(name) if name else None)
         return web.json_response({"success": True, "unloaded": outcome})
 
+    @scope(ADMIN)
     async def load(self, request: web.Request) -> web.Response:
         await self.context.pool.load(await self._model_from_body(request))
         return web.json_response({"success": True})
 
+    @scope(ADMIN)
     async def unload(self, request: web.Request) -> web.Response:
         outcome = await self.context.pool.unload(await self._model_from_body(request))
         return web.json_response({"success": True, "unloaded": outcome})
@@ -55,6 +60,7 @@ class Admin(Routes):
             raise BadRequest('body must name the model: {"model": "<id>"}')
         return self.context.pool.resolve(name)
 
+    @scope(ADMIN)
     async def profiles(self, request: web.Request) -> web.Response:
         """llama-swap's profile list: the active one (or null) and each profile's pins."""
         config = self.context.config
@@ -63,6 +69,7 @@ class Admin(Routes):
             "profiles": [{"id": p.id, "description": p.description, "pins": dict(p.pins)}
                          for p in sorted(config.profiles.values(), key=lambda p: p.id)]})
 
+    @scope(ADMIN)
     async def activate_profile(self, request: web.Request) -> web.Response:
         """`{"name": "coding"}` makes that profile active; `{"name": null}` none."""
         require_body_type(request)

@@ -9,13 +9,14 @@ behaviour lives:
     admin          load and unload, profiles
     logs           /logs, /logs/stream, the dashboard's log events
     dashboard      /ui
+    usage          /api/usage (usage per API key), /ui/api/whoami (what the dashboard's key may do)
     inference      OpenAI and llama-server inference routes by the body's model, uploads
                    (routing: model names to routes; serving: lease + proxy + ledger; loading: sendLoadingState)
     ollama         Ollama's /api/* translated onto the same routing and serving, answers translated back
     passthrough    /upstream/{model}/..., any path with ?model=, and the catch-all (last)
 
 Handlers see models through the pool's snapshots; requests are counted by the ledger (ledger.py) and
-forwarded by the proxy (proxy.py).
+forwarded by the proxy (proxy.py). Each handler declares the scope an API key needs for it (access.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from berth.gateway import admin, dashboard, inference, listings, logs, observability, ollama, passthrough
+from berth.gateway import (
+    admin, dashboard, inference, listings, logs, observability, ollama, passthrough, usage,
+)
+from berth.gateway.accounts import KeyAccounts
 from berth.gateway.context import GatewayContext
 from berth.gateway.ledger import RequestLedger
 from berth.gateway.memory import MemoryService
@@ -42,6 +46,7 @@ ROUTE_FAMILIES: tuple[RouteFamily, ...] = (
     admin.register,
     logs.register,
     dashboard.register,
+    usage.register,
     inference.register,
     ollama.register,
     passthrough.register,  # its catch-all answers any path: it stays last
@@ -50,10 +55,11 @@ ROUTE_FAMILIES: tuple[RouteFamily, ...] = (
 
 class Gateway:
     def __init__(self, pool: ModelPool, memory: MemoryService, logs: LogHub, ledger: RequestLedger,
-                 sessions: UpstreamSessions, listen_host: str = "127.0.0.1", metrics_port: int | None = None) -> None:
+                 accounts: KeyAccounts, sessions: UpstreamSessions, listen_host: str = "127.0.0.1",
+                 metrics_port: int | None = None) -> None:
         proxy = Proxy(sessions, ledger, lambda: bool(pool.config.api_keys))
-        self.context = GatewayContext(pool, memory, logs, ledger, proxy, listen_host=listen_host.strip("[]").lower(),
-                                      metrics_port=metrics_port)
+        self.context = GatewayContext(pool, memory, logs, ledger, proxy, accounts,
+                                      listen_host=listen_host.strip("[]").lower(), metrics_port=metrics_port)
         self.app = web.Application(middlewares=Middlewares(self.context).chain(),
                                    client_max_size=pool.config.max_body_bytes)
         self.app.on_response_prepare.append(cors_headers)

@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from berth.config import BerthConfig
-from berth.core.errors import BadRequest, BerthError, RequestTimeout, UnsupportedMediaType
+from berth.core.errors import BadRequest, BerthError, ModelNotAllowed, RequestTimeout, UnsupportedMediaType
 from berth.gateway import origins
-from berth.gateway.ledger import RequestLedger
+from berth.gateway.access import KeyRing, may_use, model_names, request_key
+from berth.gateway.accounts import KeyAccounts
+from berth.gateway.ledger import RequestLedger, RequestRecord
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.naming import Naming
@@ -39,6 +42,7 @@ class GatewayContext:
     logs: LogHub
     ledger: RequestLedger  # every request, counted once
     proxy: Proxy  # forwarding to model servers
+    accounts: KeyAccounts  # each key's limits and usage
     listen_host: str = "127.0.0.1"  # lower case, without brackets
     metrics_port: int | None = None  # `--metrics-listen`: a second socket that answers only the probes
     naming: Naming = field(default_factory=Naming)  # the active profile, selectors' requests in flight
@@ -46,6 +50,7 @@ class GatewayContext:
     draining: bool = False  # set at the first SIGTERM: /ready answers 503, new requests are refused
     # routes whose error answers take another API's shape (Ollama's), by path; others answer in OpenAI's
     error_shapes: dict[str, ErrorShape] = field(default_factory=dict)
+    _keyring: KeyRing = field(default_factory=lambda: KeyRing(()))
 
     @property
     def config(self) -> BerthConfig:
@@ -55,6 +60,38 @@ class GatewayContext:
     @property
     def metrics(self) -> Metrics:
         return self.ledger.metrics
+
+    def keyring(self) -> KeyRing:
+        """The keys of the config in force (rebuilt when a reload changes them)."""
+        if self._keyring.keys is not self.config.api_keys:
+            self._keyring = KeyRing(self.config.api_keys)
+        return self._keyring
+
+    @asynccontextmanager
+    async def recorded(self, request: web.Request, model: str, path: str) -> AsyncIterator[RequestRecord]:
+        """A request to `model` (a local id, or peer/model), counted in the ledger under the request's key
+        once the key's models and limits allow it (403 or 429 otherwise, counted too). Whatever happens
+        inside, the record ends once."""
+        key = request_key(request)
+        record = self.ledger.begin(model, path, key.name if key is not None else None)
+        try:
+            if key is not None:
+                if not may_use(key, model_names(self.config, model)):
+                    self.accounts.refusal(key.name, "model")
+                    raise ModelNotAllowed(key.name, model, key.models)
+                self.accounts.admit(key, record)
+            yield record
+        except (asyncio.CancelledError, ConnectionResetError):  # the client left
+            if record.ended is None:
+                self.ledger.abandon(record)
+            raise
+        except BerthError as exc:
+            if record.ended is None:
+                self.ledger.refused(record, exc.status)
+            raise
+        finally:
+            if record.ended is None:  # an unexpected failure: counted all the same, never left open
+                self.ledger.refused(record, 500)
 
     async def read_body(self, request: web.Request) -> bytes:
         """The whole body, within clientBodyTimeout: a client that trickles it in holds nothing forever."""

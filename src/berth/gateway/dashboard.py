@@ -17,6 +17,7 @@ from importlib import resources
 
 from aiohttp import web
 
+from berth.gateway.access import ANY_KEY, scope
 from berth.gateway.context import GatewayContext
 from berth.gateway.exposure import open_without_keys
 
@@ -28,10 +29,12 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_get("/ui/", functools.partial(page, context))
 
 
+@scope(ANY_KEY)
 async def redirect(request: web.Request) -> web.Response:
     raise web.HTTPFound("/ui/")
 
 
+@scope(ANY_KEY)
 async def page(context: GatewayContext, request: web.Request) -> web.Response:
     text, policy = _page()
     exposed = open_without_keys(context.listen_host, context.config)

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from berth.core.errors import BadRequest
 from berth.gateway import serving
+from berth.gateway.access import INFERENCE, scope
 from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 from berth.gateway.loading import serve_while_loading
 from berth.gateway.routing import forward, routed, with_media
@@ -35,9 +36,11 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
 
 
 class Inference(Routes):
+    @scope(INFERENCE)
     async def inference(self, request: web.Request) -> web.StreamResponse:
         return await self.by_body_model(request, request.path)
 
+    @scope(INFERENCE)
     async def ui_chat(self, request: web.Request) -> web.StreamResponse:
         return await self.by_body_model(request, CHAT_PATH)
 
@@ -56,6 +59,7 @@ class Inference(Routes):
                 return await serve_while_loading(context, request, route.model, path, route.body)
             return await forward(context, request, route, path)
 
+    @scope(INFERENCE)
     async def upload(self, request: web.Request) -> web.StreamResponse:
         """An upload (multipart form) names its model in the `model` field; the body goes on as sent,
         with that field replaced when the model has `useModelName`."""

@@ -7,8 +7,9 @@ recent list the dashboard shows and the request log line. A request refused befo
 asked (a full queue, a failed start) is kept in the recent list only, as it always was: the per-model
 series count answers from model servers.
 
-The record has room for what per-key usage and an activity view will add (the key's name, token counts,
-time to first byte) without either of them being built here.
+A record that came with an API key carries the key's name; when it ends, the ledger hands it to
+`on_end` (the key accounts: limits and usage per key). Every record begun is ended once, whatever happens:
+`abandon` is for a client that left before its request was sent.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import enum
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from berth.gateway.metrics import Metrics
+from berth.gateway.metrics import TIMINGS_KEY, Metrics, last_object
 
 log = logging.getLogger("berth.requests")
 
@@ -40,7 +42,7 @@ class RequestRecord:
     path: str
     began: float
     began_at: float
-    key: str | None = None  # the name of the API key it came with, once keys have names
+    key: str | None = None  # the name of the API key it came with (None: berth has no keys)
     sent: float | None = None  # when it left for a model server (after any wait for a lease)
     first_byte: float | None = None  # when the model server's status line arrived
     ended: float | None = None
@@ -58,15 +60,17 @@ class RequestRecord:
     def as_json(self) -> dict[str, object]:
         """The shape of `/api/requests` entries."""
         return {"at": self.began_at + ((self.ended or self.began) - self.began), "model": self.model,
-                "path": self.path, "status": self.status, "duration_s": round(self.duration, 4),
+                "path": self.path, "key": self.key, "status": self.status, "duration_s": round(self.duration, 4),
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
 
 class RequestLedger:
-    def __init__(self, metrics: Metrics, keep: int, log_requests: bool = False) -> None:
+    def __init__(self, metrics: Metrics, keep: int, log_requests: bool = False,
+                 on_end: Callable[[RequestRecord], None] | None = None) -> None:
         self.metrics = metrics
         self._recent: deque[RequestRecord] = deque(maxlen=keep)
         self._log_requests = log_requests
+        self._on_end = on_end
 
     def configure(self, keep: int, log_requests: bool) -> None:
         """Keep the newest `keep` requests (llama-swap's metricsMaxInMemory); log a line for each request
@@ -75,8 +79,8 @@ class RequestLedger:
             self._recent = deque(self._recent, maxlen=keep)
         self._log_requests = log_requests
 
-    def begin(self, model: str, path: str) -> RequestRecord:
-        return RequestRecord(model, path, time.perf_counter(), time.time())
+    def begin(self, model: str, path: str, key: str | None = None) -> RequestRecord:
+        return RequestRecord(model, path, time.perf_counter(), time.time(), key)
 
     def sent(self, record: RequestRecord) -> None:
         record.sent = time.perf_counter()
@@ -93,8 +97,27 @@ class RequestLedger:
         usage = self.metrics.record_usage(record.model, tail)
         record.prompt_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
         record.completion_tokens = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        if record.prompt_tokens is None and record.completion_tokens is None:
+            self._tokens_from_timings(record, tail)
         if restore_hit:
             self.metrics.record_restore_hit(record.model, tail)
+
+    def _tokens_from_timings(self, record: RequestRecord, tail: bytes) -> None:
+        """llama.cpp's `timings` when an answer has no `usage` (a stream without include_usage, its own
+        /completion): the prompt is what it evaluated plus what it reused from the cache."""
+        timings = last_object(tail, TIMINGS_KEY)
+        evaluated, cached, predicted = (_count(timings.get(k)) for k in ("prompt_n", "cache_n", "predicted_n"))
+        if evaluated is not None:
+            record.prompt_tokens = evaluated + (cached or 0)
+        record.completion_tokens = predicted
+        for kind, value in (("prompt", record.prompt_tokens), ("completion", predicted)):
+            if value:
+                self.metrics.tokens.labels(record.model, kind).inc(value)
+
+    def abandon(self, record: RequestRecord) -> None:
+        """The client left before its request was sent to a model server (while it waited for one)."""
+        record.status = 499
+        self._end(record, Outcome.CLIENT_GONE)
 
     def refused(self, record: RequestRecord, status: int) -> None:
         """Berth answered `status` itself before any model server was asked."""
@@ -116,6 +139,8 @@ class RequestLedger:
         if self._log_requests:
             log.info("request %s %s -> %d in %.3fs", record.model, record.path, record.status, record.duration)
         self._recent.appendleft(record)
+        if self._on_end is not None:
+            self._on_end(record)
         return True
 
     def recent(self) -> list[dict[str, object]]:

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from berth.config import PORT_MACRO, Capabilities
 from berth.engine.redact import redact_argv
+from berth.config import ApiKey
+from berth.gateway.access import INFERENCE, may_use, model_names, request_key, scope
 from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.scheduler import ModelState
 
@@ -26,23 +28,31 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
 
 
 class Listings(Routes):
+    @scope(INFERENCE)
     async def openai_models(self, request: web.Request) -> web.Response:
+        """The models, without those the request's key may not use."""
         config = self.context.config
+        key = request_key(request)
         data = []
         for spec in config.models.values():
-            if spec.unlisted:
+            if spec.unlisted or not self._usable(key, spec.id):
                 continue
             data.append(self._model_entry(spec.id, spec.id))
             if config.include_aliases_in_list:
                 data.extend(self._model_entry(spec.id, alias) for alias in spec.aliases)
-        data.extend(self._peer_entries())
-        data.extend(self._virtual_entries())
+        data.extend(entry for entry in self._peer_entries() if self._usable(key, entry["id"]))
+        data.extend(self._virtual_entries(key))
         return web.json_response({"object": "list", "data": data})
 
+    def _usable(self, key: ApiKey | None, model: str) -> bool:
+        return may_use(key, model_names(self.context.config, model))
+
+    @scope(INFERENCE)
     async def router_models(self, request: web.Request) -> web.Response:
         data = []
+        key = request_key(request)
         for spec in self.context.config.models.values():
-            if spec.unlisted:
+            if spec.unlisted or not self._usable(key, spec.id):
                 continue
             state = self.context.pool.state(spec.id)
             status: dict[str, Any] = {"value": _ROUTER_STATUS[state], "args": redact_argv(spec.argv)}
@@ -93,18 +103,20 @@ class Listings(Routes):
                  "state": "remote"}
                 for peer in self.context.config.peers.values() for model in peer.models]
 
-    def _virtual_entries(self) -> list[dict[str, Any]]:
-        """Selectors, and the active profile's pins that are names of their own."""
+    def _virtual_entries(self, key: ApiKey | None) -> list[dict[str, Any]]:
+        """Selectors, and the active profile's pins that are names of their own (those with a target the
+        key may use)."""
         context = self.context
         config = context.config
         virtual = [(sel.id, sel.name, sel.description, {**dict(sel.metadata), "type": "selector",
                                                         "strategy": sel.strategy, "targets": list(sel.targets)})
-                   for sel in config.selectors.values()]
+                   for sel in config.selectors.values() if any(self._usable(key, t) for t in sel.targets)]
         active = config.profiles.get(context.naming.active_profile(config) or "")
         if active is not None:
             virtual += [(name, "", "", {"type": "pin", "profile": active.id, "target": target})
                         for name, target in active.pins
-                        if target is not None and config.resolve(name) is None and name not in config.selectors]
+                        if target is not None and config.resolve(name) is None and name not in config.selectors
+                        and self._usable(key, target)]
         entries = []
         for virtual_id, name, description, listing in virtual:
             entry: dict[str, Any] = {"id": virtual_id, "object": "model", "created": context.started_at,

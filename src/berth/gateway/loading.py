@@ -12,6 +12,7 @@ from aiohttp import web
 
 from berth.core.errors import BerthError
 from berth.gateway.context import GatewayContext
+from berth.gateway.ledger import RequestRecord
 from berth.gateway.pool import Lease
 from berth.gateway.proxy import Outbound
 
@@ -20,10 +21,25 @@ LOADING_STATE_INTERVAL = 1.0  # seconds between progress deltas while a model lo
 
 async def serve_while_loading(context: GatewayContext, request: web.Request, model_id: str, path: str,
                               body: bytes) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    record = context.ledger.begin(model_id, path)
-    began = record.began
+    async with context.recorded(request, model_id, path) as record:  # a key's refusal is still a plain 403/429
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        lease = await _wait_reporting(context, response, model_id, record)
+        if lease is None:
+            return response
+        try:
+            await response.write(_loading_chunk(model_id, f"\nberth: {model_id} is ready "
+                                                           f"({time.perf_counter() - record.began:.1f}s)\n\n"))
+            return await context.proxy.continue_stream(request, Outbound(lease.upstream(), path, body), record,
+                                                       response)
+        finally:
+            lease.release()
+
+
+async def _wait_reporting(context: GatewayContext, response: web.StreamResponse, model_id: str,
+                          record: RequestRecord) -> Lease | None:
+    """A lease on the model, with progress deltas while it loads; None when it was refused (the error went
+    to the client as an event)."""
     acquiring = asyncio.ensure_future(context.pool.acquire(model_id))
     lease: Lease | None = None
     try:
@@ -33,25 +49,20 @@ async def serve_while_loading(context: GatewayContext, request: web.Request, mod
             done, _ = await asyncio.wait({acquiring}, timeout=LOADING_STATE_INTERVAL)
             if done:
                 break
-            note = f" … {time.perf_counter() - began:.0f}s"
+            note = f" … {time.perf_counter() - record.began:.0f}s"
         lease = acquiring.result()
     except BerthError as exc:
         context.ledger.refused(record, exc.status)
         await response.write(b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\ndata: [DONE]\n\n")
         await response.write_eof()
-        return response
+        return None
     finally:
         if lease is None:  # the client left while it loaded
             if not acquiring.done():
                 acquiring.cancel()  # gives up its place in the queue
             elif not acquiring.cancelled() and acquiring.exception() is None:
                 acquiring.result().release()  # admitted in the same instant: give the slot back
-    try:
-        await response.write(_loading_chunk(model_id, f"\nberth: {model_id} is ready "
-                                                       f"({time.perf_counter() - began:.1f}s)\n\n"))
-        return await context.proxy.continue_stream(request, Outbound(lease.upstream(), path, body), record, response)
-    finally:
-        lease.release()
+    return lease
 
 
 def _loading_chunk(model_id: str, text: str) -> bytes:

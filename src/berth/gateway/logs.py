@@ -9,6 +9,7 @@ import json
 from aiohttp import web
 
 from berth.core.errors import BadRequest
+from berth.gateway.access import LOGS, scope
 from berth.gateway.context import GatewayContext, Routes
 from berth.runtime.logs import LogLine
 
@@ -22,10 +23,12 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
 
 
 class Logs(Routes):
+    @scope(LOGS)
     async def text(self, request: web.Request) -> web.Response:
         lines = self.context.logs.tail(request.query.get("model"))
         return web.Response(text="".join(f"[{line.source}] {line.text}\n" for line in lines))
 
+    @scope(LOGS)
     async def text_stream(self, request: web.Request) -> web.StreamResponse:
         """llama-swap's `/logs/stream[/{proxy|upstream|model}]`: plain text lines as they are written, after
         the history unless `?no-history`. One model's stream is its server's output as printed."""
@@ -65,6 +68,7 @@ class Logs(Routes):
         finally:
             hub.unsubscribe(queue)
 
+    @scope(LOGS)
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The dashboard's log view: JSON lines (source and text) as server-sent events."""
         source = request.match_info.get("model")

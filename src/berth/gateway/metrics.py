@@ -15,7 +15,7 @@ from berth.scheduler import ModelState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
-_TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
+TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
 
 
@@ -68,6 +68,18 @@ class Metrics:
         # "adapters" are whole models, so a picker sends a request to a berth that has its model loaded.
         self.models_info = Gauge("berth_models_info", "Loaded and starting models; the value is when it was set",
                                  ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+
+        # Per API key (its name from the config, never the key): what /api/usage keeps across restarts
+        self.key_requests = Counter("berth_key_requests", "Requests to models per API key and model",
+                                    ["key", "model"], registry=r)
+        self.key_errors = Counter("berth_key_errors", "Requests per API key and model answered with an error",
+                                  ["key", "model"], registry=r)
+        self.key_tokens = Counter("berth_key_tokens", "Tokens per API key and model from the upstream's usage",
+                                  ["key", "model", "kind"], registry=r)
+        self.key_in_flight = Gauge("berth_key_requests_in_flight", "Requests of an API key in flight or waiting",
+                                   ["key"], registry=r)
+        self.key_refusals = Counter("berth_key_refusals", "Requests refused by an API key's models, scopes or limits",
+                                    ["key", "reason"], registry=r)
 
         self.memory_planned = Gauge("berth_model_memory_planned_bytes", "Memory the scheduler counts per model",
                                     ["model", "device", "source"], registry=r)
@@ -122,16 +134,24 @@ class Metrics:
 
     def record_usage(self, model: str, tail: bytes) -> dict[str, Any]:
         """Count tokens from the last `usage` object in the end of a response body or stream; return it."""
-        usage = _last_object(tail, _USAGE_KEY)
+        usage = last_object(tail, _USAGE_KEY)
         for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
             value = usage.get(kind)
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(model, kind.replace("_tokens", "")).inc(value)
         return usage
 
+    def count_key_usage(self, key: str, model: str, error: bool, prompt_tokens: int, completion_tokens: int) -> None:
+        self.key_requests.labels(key, model).inc()
+        if error:
+            self.key_errors.labels(key, model).inc()
+        for kind, value in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if value:
+                self.key_tokens.labels(key, model, kind).inc(value)
+
     def record_restore_hit(self, model: str, tail: bytes) -> None:
         """Count the prompt tokens served from cache (llama.cpp's `timings.cache_n`) by one response."""
-        cached = _last_object(tail, _TIMINGS_KEY).get("cache_n")
+        cached = last_object(tail, TIMINGS_KEY).get("cache_n")
         if isinstance(cached, int) and cached > 0:
             self.kv_restore_hits.labels(model).inc(cached)
 
@@ -139,7 +159,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _last_object(tail: bytes, key: re.Pattern[str]) -> dict[str, Any]:
+def last_object(tail: bytes, key: re.Pattern[str]) -> dict[str, Any]:
     """The last JSON object written under `key` in a response's tail ({} if none or cut off).
 
     Decoded rather than matched with a regex: such objects nest (`prompt_tokens_details`).

@@ -1,33 +1,32 @@
 """What runs around every handler, outermost first: typed errors rendered in OpenAI's shape, the metrics
-socket's limits, the Host check against DNS rebinding, other web pages (CORS), and the API key. Besides, every
-answer's CORS headers are berth's own (`cors_headers`, run as the answer's headers go out)."""
+socket's limits, the Host check against DNS rebinding, other web pages (CORS), and the API key with its scopes.
+Besides, every answer's CORS headers are berth's own (`cors_headers`, run as the answer's headers go out)."""
 
 from __future__ import annotations
 
 import base64
-import hmac
 import ipaddress
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from berth.core.errors import (
-    BerthError, BodyTooLarge, HostNotAllowed, MethodNotAllowed, OriginNotAllowed, RouteNotFound, StartBackedOff,
-    TooManyRequests, Unauthorized,
+    BerthError, BodyTooLarge, HostNotAllowed, KeyLimitReached, MethodNotAllowed, OriginNotAllowed, RouteNotFound,
+    ScopeNotAllowed, StartBackedOff, TooManyRequests, Unauthorized, UnknownModel,
 )
 from berth.core.hosts import LOCAL_NAMES, host_name, is_loopback
 from berth.core.units import format_bytes
 from berth.gateway import origins
+from berth.gateway.access import ANY_KEY, KEYLESS, may_use, model_names, remember_key, route_scope
 from berth.gateway.context import ErrorShape, GatewayContext, openai_shape
 
 PROBE_PATHS = ("/metrics", "/health", "/ready")  # what the metrics socket answers
-KEYLESS_PATHS = ("/health", "/ready")  # probes carry no key
 _CORS = "cors"  # the request's key for the CORS headers its answer carries
 
 
 def error_response(error: BerthError, shape: ErrorShape = openai_shape) -> web.Response:
     response = web.json_response(shape(error), status=error.status)
-    if isinstance(error, (TooManyRequests, StartBackedOff)):
+    if isinstance(error, (TooManyRequests, StartBackedOff, KeyLimitReached)):
         response.headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, MethodNotAllowed):
         response.headers["Allow"] = ", ".join(error.allowed)
@@ -118,22 +117,27 @@ class Middlewares:
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        keys = self.context.config.api_keys
-        if keys and request.path not in KEYLESS_PATHS and not request.get("keyless"):
-            presented = _presented_key(request)
-            # compare against every key so the time taken does not reveal which one nearly matched
-            matched = False
-            for key in keys:
-                # as sent: a header that is not UTF-8 arrives with its bytes escaped, and matches no key
-                matched |= presented is not None and hmac.compare_digest(
-                    presented.encode("utf-8", "surrogateescape"), key.encode())
-            if not matched:
-                if request.path == "/ui" or request.path.startswith("/ui/"):
-                    # a browser asks for credentials: any user name, the API key as password
-                    return web.Response(status=401, text="berth: log in with any user name and an API key "
-                                        "as the password", headers={"WWW-Authenticate": 'Basic realm="berth"'})
-                raise Unauthorized("missing or invalid API key; send it as `Authorization: Bearer <key>`")
-        return await handler(request)
+        """With apiKeys: a known key (compared in constant time, see access.KeyRing), whose scopes cover the
+        route's (each handler declares its own, access.scope)."""
+        needed = route_scope(request)
+        if not self.context.config.api_keys or needed == KEYLESS or request.get("keyless"):
+            return await handler(request)
+        key = self.context.keyring().match(_presented_key(request))
+        if key is None:
+            if request.path == "/ui" or request.path.startswith("/ui/"):
+                # a browser asks for credentials: any user name, the API key as password
+                return web.Response(status=401, text="berth: log in with any user name and an API key "
+                                    "as the password", headers={"WWW-Authenticate": 'Basic realm="berth"'})
+            raise Unauthorized("missing or invalid API key; send it as `Authorization: Bearer <key>`")
+        remember_key(request, key)
+        if needed is not None and needed != ANY_KEY and needed not in key.scopes:
+            self.context.accounts.refusal(key.name, "scope")
+            raise ScopeNotAllowed(key.name, request.path, needed, sorted(key.scopes))
+        try:
+            return await handler(request)
+        except UnknownModel as exc:  # name only the models this key may use
+            config = self.context.config
+            raise UnknownModel(exc.model, [m for m in exc.available if may_use(key, model_names(config, m))]) from None
 
 
 def _presented_key(request: web.Request) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from berth.gateway.access import KEYLESS, LOGS, METRICS, scope
 from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.memory.devices import inventory
 from berth.runtime.snapshot import ModelSnapshot
@@ -27,9 +28,11 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
 
 
 class Observability(Routes):
+    @scope(KEYLESS)
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
 
+    @scope(KEYLESS)
     async def ready(self, request: web.Request) -> web.Response:
         """For readiness probes: 200 once berth routes (its preloads have run), 503 from the first SIGTERM."""
         if self.context.draining:
@@ -39,6 +42,7 @@ class Observability(Routes):
                                      status=503)
         return web.json_response({"status": "ready"})
 
+    @scope(METRICS)
     async def running(self, request: web.Request) -> web.Response:
         """Models that run, start, sleep, stop, back off or have requests waiting, with where they listen,
         their load and memory."""
@@ -61,6 +65,7 @@ class Observability(Routes):
             "memory": memory_entry(snapshot),
         }
 
+    @scope(METRICS)
     async def prometheus(self, request: web.Request) -> web.Response:
         context = self.context
         metrics, memory = context.metrics, context.memory
@@ -75,5 +80,6 @@ class Observability(Routes):
         live = await asyncio.to_thread(inventory)
         return self.context.memory.devices(live, self.context.config, self.context.pool.held_memory())
 
+    @scope(LOGS)
     async def recent_requests(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.context.ledger.recent()})

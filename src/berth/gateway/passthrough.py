@@ -8,6 +8,7 @@ from aiohttp import web
 
 from berth.core.errors import MethodNotAllowed, ModelNotLoaded, RouteNotFound, UnknownModel
 from berth.gateway import serving
+from berth.gateway.access import ADMIN, INFERENCE, scope
 from berth.gateway.context import FORM, JSON, GatewayContext, Routes, require_body_type
 from berth.gateway.media import checked_body
 from berth.scheduler import ModelState
@@ -16,15 +17,19 @@ from berth.scheduler import ModelState
 # clients written for one llama-server work unchanged.
 SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
 _READS = ("GET", "HEAD", "OPTIONS")  # methods that change nothing; any other goes with a JSON or form body
+PROPERTIES = ("/props", "/v1/props")  # read-only, so the inference scope has them; /slots shows others' work
 
 
 def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     routes = PassThrough(context)
     router.add_route("*", "/upstream/{target:.+}", routes.upstream)
+    for path in PROPERTIES:
+        router.add_get(path, routes.server_properties)
     router.add_route("*", "/{path:.*}", routes.by_query_model)  # the catch-all: keep it the last route
 
 
 class PassThrough(Routes):
+    @scope(ADMIN)
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """`/upstream/{model}[/{path}]`: the longest leading part of the path that names a model (ids may
         contain slashes) is the model; the rest, or `/`, is the path on its server."""
@@ -52,6 +57,12 @@ class PassThrough(Routes):
         # a raw pass-through to the model server (its own UI and API): answers go back as it sent them
         return await serving.pass_through(context, request, model_id, path, body or None)
 
+    @scope(INFERENCE)
+    async def server_properties(self, request: web.Request) -> web.StreamResponse:
+        """A model server's /props (context size, chat template), which clients of one llama-server read."""
+        return await self.by_query_model(request)
+
+    @scope(ADMIN)
     async def by_query_model(self, request: web.Request) -> web.StreamResponse:
         context = self.context
         elsewhere = await _methods_elsewhere(request)

@@ -215,6 +215,7 @@ class Proxy:
         opening = _open(self._sessions.proxy, outbound.method or request.method, url, outbound.body, headers,
                         _client_timeout(timeouts, url.startswith("https:")))
         outcome = Outcome.FAILED
+        exchange: _Exchange | None = None
         try:
             upstream_response = await (asyncio.wait_for(opening, timeouts.response_header)
                                        if timeouts.response_header else opening)
@@ -222,7 +223,7 @@ class Proxy:
                 self._ledger.first_byte(record, upstream.status)
                 exchange = _Exchange(request, target, record, upstream, self._ledger)
                 yield exchange
-                outcome = exchange.outcome
+                outcome = exchange.outcome or Outcome.ANSWERED
         except asyncio.TimeoutError:  # a limit ran out before the status line
             record.status = 504
             raise UpstreamTimeout(
@@ -232,7 +233,7 @@ class Proxy:
             raise UpstreamError(f"model {target.model!r} is not reachable at {target.base_url}: {exc}"
                                 + await target.failure_detail()) from None
         except asyncio.CancelledError:
-            outcome = Outcome.CLIENT_GONE
+            outcome = exchange.outcome if exchange is not None and exchange.outcome else Outcome.CLIENT_GONE
             raise
         finally:
             self._ledger.end(record, outcome)
@@ -247,7 +248,7 @@ class _Exchange:
     record: RequestRecord
     upstream: aiohttp.ClientResponse
     ledger: RequestLedger
-    outcome: Outcome = Outcome.ANSWERED
+    outcome: Outcome | None = None  # set once the answer's relay ended (None: it never began, or is under way)
 
     def is_plain_error(self) -> bool:
         return self.upstream.status >= 400 and _rewritable(self.upstream)
@@ -273,17 +274,19 @@ class _Exchange:
         its token counts."""
         tail = b""
         broke_off = False
+        relayed = 0
         try:
             async for chunk in self.upstream.content.iter_any():
+                tail = (tail + chunk)[-_TAIL_BYTES:]  # before the write: what the server sent counts, come what may
+                relayed += len(chunk)
                 out = chunk if reframe is None else reframe.feed(chunk)
                 if out:
                     await response.write(out)
-                tail = (tail + chunk)[-_TAIL_BYTES:]
         except ConnectionResetError:
-            self._cut_short(499, Outcome.CLIENT_GONE)  # leaving the block cancels the upstream request
+            self._client_left(tail, relayed, is_sse)  # leaving the block cancels the upstream request
             return response
         except asyncio.CancelledError:
-            self._cut_short(499, Outcome.CLIENT_GONE)  # aiohttp cancels the handler when the client disconnects
+            self._client_left(tail, relayed, is_sse)  # aiohttp cancels the handler when the client disconnects
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             timed_out = isinstance(exc, asyncio.TimeoutError)
@@ -302,8 +305,22 @@ class _Exchange:
         self.ledger.read_usage(self.record, tail, self.target.restore_hit)
         if reframe is not None and not broke_off:
             await response.write(reframe.close(self.record))
+        self.outcome = self.outcome or Outcome.ANSWERED
         await response.write_eof()
         return response
+
+    def _client_left(self, tail: bytes, relayed: int, is_sse: bool) -> None:
+        """The client went away before the model server's answer ended. The tokens the server reported
+        are counted all the same; and a client that had the whole answer (a stream through `[DONE]`, or
+        every byte of the announced length) and left before the server closed its end got an answer."""
+        self.ledger.read_usage(self.record, tail, self.target.restore_hit)
+        length = self.upstream.content_length
+        whole = (tail.rstrip().endswith(b"data: [DONE]") if is_sse
+                 else length is not None and relayed >= length)
+        if whole:
+            self.outcome = Outcome.ANSWERED
+        else:
+            self._cut_short(499, Outcome.CLIENT_GONE)
 
     def _cut_short(self, status: int, outcome: Outcome) -> None:
         self.record.status = status

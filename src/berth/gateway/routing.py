@@ -89,8 +89,8 @@ async def forward(context: GatewayContext, request: web.Request, route: Route, p
     a peer's directly."""
     if route.peer is None:
         return await serving.answer(context, request, route.model, path, route.body, reframe, keep_alive)
-    record = context.ledger.begin(route.model, path)
-    return await context.proxy.answer(request, Outbound(route.peer, path, route.body), record, reframe)
+    async with context.recorded(request, route.model, path) as record:
+        return await context.proxy.answer(request, Outbound(route.peer, path, route.body), record, reframe)
 
 
 def apply_filters(payload: dict[str, Any], strip: tuple[str, ...], params: tuple[tuple[str, Any], ...],

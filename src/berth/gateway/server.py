@@ -17,6 +17,7 @@ from berth.config import BerthConfig, ModelSpec, load_config
 from berth.core.paths import berth_home
 from berth.core.errors import BerthError, ConfigError, FlagsNotAccepted
 from berth.engine.launch import Launch
+from berth.gateway.accounts import KeyAccounts
 from berth.gateway.app import Gateway
 from berth.gateway.connections import GatewayRunner
 from berth.gateway.exposure import open_without_keys
@@ -25,6 +26,7 @@ from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.pool import ModelPool
 from berth.gateway.sessions import UpstreamSessions
+from berth.gateway.usagedb import USAGE_FILE, UsageStore
 from berth.memory.devices import host_device, inventory
 from berth.memory.planner import MemoryLedger, MemoryPlanner
 from berth.runtime.agents import AgentDirectory
@@ -78,7 +80,9 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     handler = _HubHandler(logs)
     logging.getLogger("berth").addHandler(handler)
     metrics = Metrics()
-    ledger = RequestLedger(metrics, config.metrics_max_in_memory, config.log_requests)
+    accounts = KeyAccounts(metrics, UsageStore(berth_home() / USAGE_FILE))
+    await accounts.open()
+    ledger = RequestLedger(metrics, config.metrics_max_in_memory, config.log_requests, on_end=accounts.finished)
     sessions = UpstreamSessions()
     agents = AgentDirectory()
     await ask_agents(agents, config)
@@ -96,7 +100,7 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     gauges = GaugeCollector(lambda: sessions.control)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges, factory.prefetch,
                                    planned_launch)
-    gateway = Gateway(pool, memory, logs, ledger, sessions, listen_host=host, metrics_port=metrics_port)
+    gateway = Gateway(pool, memory, logs, ledger, accounts, sessions, listen_host=host, metrics_port=metrics_port)
     runner = GatewayRunner(gateway.app, config.max_connections, config.client_header_timeout,
                            handler_cancellation=True, access_log=None)
     return _Parts(handler, agents, planned_launch, factory, ledger, pool, gateway, runner)
@@ -157,6 +161,7 @@ async def run_gateway(
         await pool.close()
         parts.factory.close()
         await runner.cleanup()  # closes the client sessions last: stopping models saves their slots
+        await parts.gateway.context.accounts.close()  # the last counts go to the usage database
         logging.getLogger("berth").removeHandler(parts.log_handler)
 
 
