@@ -381,3 +381,80 @@ def test_allowed_origins_are_origins():
         parse_config('allowedOrigins: ["chat.example"]\nmodels: {}\n', "o.yaml")
     assert (info.value.line, info.value.key) == (1, "allowedOrigins.0")
     assert "scheme://host[:port]" in info.value.message
+
+
+# -- apiKeys ------------------------------------------------------------------------------------------
+
+KEYS_MODELS = """
+models:
+  qwen3-8b: {cmd: "server -m a.gguf --port ${PORT}"}
+"""
+
+
+def sha256_hex(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_a_plain_list_of_keys_gives_each_full_access_under_its_place_in_the_list():
+    config = parse_config("apiKeys: [first-secret, '${env.SECOND}']\n" + KEYS_MODELS, environ={"SECOND": "two"})
+    first, second = config.api_keys
+    assert (first.name, second.name) == ("key-1", "key-2")
+    assert first.digest.hex() == sha256_hex("first-secret") and second.digest.hex() == sha256_hex("two")
+    assert first.models == ("*",) and first.scopes == {"inference", "admin", "logs", "metrics"}
+    assert first.limits.requests_per_minute == first.limits.tokens_per_day == first.limits.concurrency == 0
+    assert "first-secret" not in repr(config) and "two" not in repr(config.api_keys)
+
+
+def test_named_keys_with_a_hash_or_a_key_their_models_scopes_limits_and_weight():
+    text = f"""
+apiKeys:
+  - ${{env.ADMIN_KEY}}
+  - name: alice
+    keyHash: sha256:{sha256_hex("test")}
+    models: ["qwen*", embed]
+    scopes: [inference, logs]
+    limits: {{requestsPerMinute: 60, tokensPerDay: 200000, concurrency: 4}}
+    weight: 2
+  - name: cron
+    key: ${{env.CRON_KEY}}
+""" + KEYS_MODELS
+    admin, alice, cron = parse_config(text, environ={"ADMIN_KEY": "root", "CRON_KEY": "c"}).api_keys
+    assert admin.name == "key-1" and admin.scopes == {"inference", "admin", "logs", "metrics"}
+    assert alice.digest.hex() == sha256_hex("test") and alice.models == ("qwen*", "embed")
+    assert alice.scopes == {"inference", "logs"} and alice.weight == 2
+    assert (alice.limits.requests_per_minute, alice.limits.tokens_per_day, alice.limits.concurrency) == (60, 200000, 4)
+    assert cron.digest.hex() == sha256_hex("c") and cron.scopes == {"inference"} and cron.models == ("*",)
+
+
+@pytest.mark.parametrize(("entries", "line", "message"), [
+    ("  - {key: x}\n", 3, "needs a `name`"),
+    ("  - {name: a}\n", 3, "needs `key:`"),
+    ("  - {name: a, key: x, keyHash: 'sha256:00'}\n", 3, "either key or keyHash, not both"),
+    ("  - name: a\n    keyHash: 9f86d08\n", 4, "sha256: and 64 lower-case hex digits"),
+    ("  - {name: 'a b', key: x}\n", 3, "must be 1-64 letters"),
+    ("  - {name: a, key: x}\n  - {name: a, key: y}\n", 4, "is taken by apiKeys entry 0"),
+    ("  - same\n  - {name: b, key: same}\n", 4, "the same as 'key-1'"),
+    ("  - {name: a, key: x, scopes: [root]}\n", 3, "inference"),
+    ("  - {name: a, key: x, models: []}\n", 3, "at least 1"),
+    ("  - {name: a, key: x, limits: {concurrency: -1}}\n", 3, "greater than or equal to 0"),
+    ("  - '${env.EMPTY}'\n", 2, "API key is empty"),  # a plain item has no line of its own: apiKeys'
+])
+def test_a_key_entry_a_user_got_wrong_is_refused_with_its_line(entries, line, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config("models: {}\napiKeys:\n" + entries, environ={"EMPTY": ""})
+    assert caught.value.line == line and message in caught.value.message
+
+
+def test_an_unknown_key_inside_a_key_entry_is_warned_about_with_its_line():
+    config = parse_config("models: {}\napiKeys:\n  - name: a\n    key: x\n    scope: [admin]\n")
+    assert any(":5: apiKeys.0.scope: not supported" in warning for warning in config.warnings)
+
+
+def test_an_rpc_agents_key_that_is_also_a_named_clients_key_is_warned_about():
+    model = "  m:\n    cmd: llama-server -m /m.gguf --port ${PORT}\n    rpc: {agents: ['10.0.0.2:7070'], apiKey: k}\n"
+    shared = parse_config(f"apiKeys:\n  - {{name: a, keyHash: 'sha256:{sha256_hex('k')}'}}\nmodels:\n" + model)
+    assert any("models.m.rpc.apiKey: also one of apiKeys" in w for w in shared.warnings), shared.warnings
+    own = parse_config("apiKeys:\n  - {name: a, key: other}\nmodels:\n" + model)
+    assert not any("rpc.apiKey" in w for w in own.warnings)

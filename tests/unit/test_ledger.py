@@ -48,3 +48,23 @@ def test_the_newest_requests_are_kept_newest_first():
     for number in range(5):
         ledger.refused(ledger.begin(f"m{number}", "/v1/completions"), 503)
     assert [r["model"] for r in ledger.recent()] == ["m4", "m3", "m2"]
+
+
+def test_tokens_come_from_llama_cpps_timings_when_the_answer_has_no_usage():
+    ledger = RequestLedger(Metrics(), keep=10)
+    record = ledger.begin("m", "/v1/chat/completions", "alice")
+    ledger.read_usage(record, b'data: {"choices":[],"timings":{"prompt_n":5,"cache_n":20,"predicted_n":7}}\n\n'
+                              b"data: [DONE]\n\n", restore_hit=False)
+    assert (record.prompt_tokens, record.completion_tokens) == (25, 7)  # evaluated + reused from the cache
+    assert sample(ledger.metrics, "berth_tokens_total", model="m", kind="completion") == 7
+
+
+def test_every_end_reaches_the_key_accounts_once_with_the_keys_name():
+    ended = []
+    ledger = RequestLedger(Metrics(), keep=10, on_end=ended.append)
+    gone = ledger.begin("m", "/v1/completions", "alice")
+    ledger.abandon(gone)
+    ledger.end(gone, Outcome.ANSWERED)  # counted already
+    assert ended == [gone] and gone.status == 499 and gone.outcome is Outcome.CLIENT_GONE
+    assert ledger.recent()[0]["key"] == "alice"
+    assert sample(ledger.metrics, "berth_requests_total", model="m", status="499") == 0  # no model server was asked
