@@ -35,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--start-log", default=None, help="append a line per start to this file")
     p.add_argument("--empty-chat", action="store_true", help="answer chat with empty content")
     p.add_argument("--error-every", type=int, default=0, help="answer every Nth chat request with a 500")
+    p.add_argument("--at-once", type=int, default=0,
+                   help="work on at most this many chat requests at a time; the rest wait in arrival order")
     p.add_argument("--invalid-json-every", type=int, default=0,
                    help="with response_format: every Nth answer is JSON that breaks the usual schema")
     p.add_argument("--drop-first-chat", action="store_true",
@@ -100,6 +102,8 @@ def main() -> None:
 
     chat_count = 0
     active: dict[int, list[int]] = {}  # chat number -> [prompt tokens, tokens sent], while it runs
+    served = 0  # chat requests that began their work, in order (the `number` of an answer)
+    at_once = asyncio.Semaphore(args.at_once) if args.at_once else None
 
     def content_for(payload: dict, i: int | None = None) -> str:
         if payload.get("response_format"):  # one JSON object, as a structured-output server would send
@@ -133,7 +137,15 @@ def main() -> None:
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in payload.get("messages") or []) or 1
         delay = float(payload.get("chunk_delay", 0.0))
         crash_after = payload.get("crash_after_chunks")
-        number = chat_count
+        if at_once is None:
+            return await serve(request, payload, prompt_tokens, sleep, chunks, delay, crash_after)
+        async with at_once:
+            return await serve(request, payload, prompt_tokens, sleep, chunks, delay, crash_after)
+
+    async def serve(request, payload, prompt_tokens, sleep, chunks, delay, crash_after):
+        nonlocal served
+        served += 1
+        number = served
         active[number] = [prompt_tokens, 0]
         try:
             return await answer(request, payload, number, prompt_tokens, sleep, chunks, delay, crash_after)
@@ -147,7 +159,7 @@ def main() -> None:
             await asyncio.sleep(sleep)
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "model": payload.get("model"),
-                "server": args.name, "pid": os.getpid(),
+                "server": args.name, "pid": os.getpid(), "number": number,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content_for(payload)},
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
@@ -173,6 +185,7 @@ def main() -> None:
         await response.write(b'data: {"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d}}\n\n'
                              % (prompt_tokens, chunks))
         await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(float(payload.get("end_delay", 0.0)))  # the stream's end can lag its [DONE]
         await response.write_eof()
         return response
 
