@@ -178,3 +178,33 @@ def test_a_page_of_another_site_can_neither_use_nor_frame_a_keyless_berth(berth,
             browser.close()
     models = requests.get(b.url + "/running", timeout=5).json()["running"]
     assert [entry["model"] for entry in models] == ["a"]  # not unloaded, and b never loaded
+
+
+def test_the_dashboard_shows_a_key_only_what_its_scopes_allow(berth, start_port, tmp_path, chromium_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    restricted = config(start_port, tmp_path).replace(
+        "apiKeys: [dash-key]", "apiKeys:\n  - dash-key\n  - {name: chat, key: chat-key, models: [a], scopes: [inference]}")
+    b = berth(restricted, env={"BERTH_HOME": str(tmp_path / "home")})
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(http_credentials={"username": "anyone", "password": "chat-key"})
+            page = context.new_page()
+            page.goto(b.url + "/ui/")
+            expect(page.locator("#whoami")).to_have_text("key chat: inference")
+            row = page.locator('tr[data-model="a"]')
+            expect(row.locator(".state")).to_have_text("stopped")
+            expect(page.locator('tr[data-model="b"]')).to_have_count(0)  # not one of its models
+            expect(row.locator("button")).to_have_count(0)  # loading and unloading are admin's
+            for hidden in ("#logs", "#requests", "#devices"):
+                expect(page.locator(hidden)).to_be_hidden()
+            page.select_option("#chat-model", "a")
+            page.click("#chat-send")
+            expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
+            usage = page.locator('#usage tr[data-key="chat"]')
+            expect(usage.locator(".requests")).to_have_text("1")
+            expect(usage.locator(".completion")).to_have_text("5")
+            expect(page.locator("#usage tbody tr")).to_have_count(1)  # its own usage only
+        finally:
+            browser.close()
