@@ -208,3 +208,39 @@ def test_a_client_that_leaves_right_after_done_got_an_answer_and_its_tokens_coun
     [entry] = recorded()
     assert (entry["status"], entry["prompt_tokens"], entry["completion_tokens"], entry["key"]) == (200, 2, 3, "alice")
     assert usage_of(b, "alice")["completion_tokens"] == 3
+
+
+def test_keys_waiting_for_a_busy_model_take_turns(berth, start_port, tmp_path):
+    """The model's server takes one request at a time (`parallel: 1`): while alice's first request holds it,
+    four more of hers wait, then one of bob's. Bob's is served next, not after hers."""
+    extra = "  - {name: bob, key: bob-secret}\n"
+    b = berth(config(start_port, model_a="    parallel: 1").replace("\napiKeys:\n", "\napiKeys:\n" + extra),
+              env={"BERTH_HOME": str(tmp_path / "home")})
+    alice, bob = client(b, "alice-secret"), client(b, "bob-secret")
+    ask(alice, "a")  # loaded
+    hold = tmp_path / "go"
+    numbers: dict[str, list[int]] = {"alice": [], "bob": []}
+
+    def send(who: str, c: OpenAI, **extra) -> threading.Thread:
+        def run() -> None:
+            numbers[who].append(ask(c, "a", **extra).model_extra["number"])
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def running_a() -> dict:
+        return requests.get(b.url + "/running", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5).json()[
+            "running"][0]
+
+    threads = [send("alice", alice, hold_file=str(hold))]
+    wait_until(lambda: running_a()["in_flight"] == 1, 10, "alice's first request at the server")
+    threads += [send("alice", alice) for _ in range(4)]
+    wait_until(lambda: running_a()["queued"] == 4, 10, "alice's next four to wait in berth")
+    threads.append(send("bob", bob))
+    wait_until(lambda: running_a()["queued"] == 5, 10, "bob's request to wait behind them")
+    hold.touch()
+    for thread in threads:
+        thread.join(30)
+    first = min(numbers["alice"])
+    assert numbers["bob"] == [first + 1]  # right after the request that held the server
+    assert sorted(numbers["alice"]) == [first, first + 2, first + 3, first + 4, first + 5]

@@ -155,6 +155,8 @@ def main() -> None:
     async def answer(request, payload, number, prompt_tokens, sleep, chunks, delay, crash_after):
         if payload.get("tools"):
             return await call_tool(request, payload, prompt_tokens)
+        while payload.get("hold_file") and not os.path.exists(payload["hold_file"]):  # held until the test says
+            await asyncio.sleep(0.05)
         if not payload.get("stream"):
             await asyncio.sleep(sleep)
             return web.json_response({

@@ -10,7 +10,7 @@ import pytest
 
 from berth.config import parse_config
 from berth.engine import binary
-from berth.engine.launch import build_launch, worker_argv
+from berth.engine.launch import build_launch, server_slots, worker_argv
 from berth.engine.llama_args import LlamaServerArgs
 from berth.engine.redact import redact_argv
 from berth.engine.worker import WorkerUsageError, build_params, parse_worker_args
@@ -284,3 +284,15 @@ def test_a_launch_says_whether_its_server_gets_a_projector(tmp_path, monkeypatch
     assert projector("    cmd: llama-server -hf acme/vl-GGUF:Q4_K_M --no-mmproj --port ${PORT}\n") is False
     _stored(store, "plain-q4_k_m", projector=False)
     assert projector("    cmd: llama-server -hf acme/plain-GGUF:Q4_K_M --port ${PORT}\n") is False
+
+
+@pytest.mark.parametrize(("cmd", "slots"), [
+    ("llama-server -m m.gguf -np 3", 3),
+    ("/opt/llama.cpp/llama-server -m m.gguf --parallel 1", 1),
+    ("llama-server -m m.gguf", 4),  # llama-server's auto
+    ("berth worker -m m.gguf", 1),  # the built-in worker's default
+    ("berth worker -m m.gguf -np 2", 2),
+    ("python3 my_server.py", 0),  # another server: berth knows no cap
+])
+def test_the_slots_of_a_models_server_come_from_its_np(cmd, slots):
+    assert server_slots(_spec(cmd)) == slots

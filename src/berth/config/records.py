@@ -83,6 +83,7 @@ class ModelSpec:
     unlisted: bool = False
     use_model_name: str = ""
     concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    parallel: int | None = None  # requests at its server at once; None: a llama.cpp server's -np; 0: no cap
     strip_params: tuple[str, ...] = ()
     set_params: tuple[tuple[str, Any], ...] = ()
     set_params_by_id: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # requested id -> params

@@ -77,6 +77,8 @@ class ModelConfig(_Section):
     unlisted: bool = False
     use_model_name: str = Field("", alias="useModelName")
     concurrency_limit: int = Field(0, alias="concurrencyLimit", ge=0)  # as llama-swap: 0 is the default, 10
+    # requests berth sends the server at once (the rest wait in berth, keys taking turns); None: llama.cpp's -np
+    parallel: int | None = Field(None, ge=0)
     filters: FiltersConfig = Field(default_factory=lambda: FiltersConfig.model_validate({}))
     name: str = ""
     description: str = ""

@@ -121,6 +121,21 @@ def server_args(argv: list[str]) -> LlamaServerArgs | None:
         return None
 
 
+def server_slots(spec: ModelSpec) -> int:
+    """How many requests a model's llama.cpp server works on at once: its `-np` (left out: llama-server's
+    auto, 4; the built-in worker's 1). 0, no known cap, for other servers and flags berth cannot read."""
+    argv = list(spec.argv)
+    worker = worker_argv()
+    if argv[:2] == ["berth", "worker"]:
+        argv = [*worker, *argv[2:]]
+    args = server_args(argv)
+    if args is None:
+        return 0
+    if argv[:len(worker)] == worker and args.get("parallel") is None:
+        return 1
+    return args.sequences()[0]
+
+
 def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threading.Event | None = None,
                  rpc: RpcTargets | None = None) -> Launch:
     """Resolve a model's cmd into what to execute.

@@ -15,6 +15,8 @@ from berth.gateway.context import GatewayContext
 from berth.gateway.ledger import RequestRecord
 from berth.gateway.pool import Lease
 from berth.gateway.proxy import Outbound
+from berth.gateway.serving import client_of
+from berth.scheduler import Client
 
 LOADING_STATE_INTERVAL = 1.0  # seconds between progress deltas while a model loads
 
@@ -24,7 +26,7 @@ async def serve_while_loading(context: GatewayContext, request: web.Request, mod
     async with context.recorded(request, model_id, path) as record:  # a key's refusal is still a plain 403/429
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        lease = await _wait_reporting(context, response, model_id, record)
+        lease = await _wait_reporting(context, response, model_id, record, client_of(request))
         if lease is None:
             return response
         try:
@@ -37,10 +39,10 @@ async def serve_while_loading(context: GatewayContext, request: web.Request, mod
 
 
 async def _wait_reporting(context: GatewayContext, response: web.StreamResponse, model_id: str,
-                          record: RequestRecord) -> Lease | None:
+                          record: RequestRecord, client: Client) -> Lease | None:
     """A lease on the model, with progress deltas while it loads; None when it was refused (the error went
     to the client as an event)."""
-    acquiring = asyncio.ensure_future(context.pool.acquire(model_id))
+    acquiring = asyncio.ensure_future(context.pool.acquire(model_id, client))
     lease: Lease | None = None
     try:
         note = f"berth: loading {model_id}"

@@ -77,7 +77,8 @@ class PassThrough(Routes):
             require_body_type(request, JSON, FORM)
         model_id = context.pool.resolve(name)
         body = await checked_body(context, model_id, await context.read_body(request))
-        return await serving.answer(context, request, model_id, request.path, body or None)
+        return await serving.answer(context, request, model_id, request.path, body or None,
+                                    uses_slot=False)  # a model server's own routes: properties, slots, adapters
 
 
 async def _methods_elsewhere(request: web.Request) -> list[str]:

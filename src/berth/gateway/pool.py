@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from berth.config import DEFAULT_GROUP, BerthConfig, ModelSpec
 from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
-from berth.engine.launch import Launch, key_headers
+from berth.engine.launch import Launch, key_headers, server_slots
 from berth.engine.redact import redact_argv
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
@@ -26,8 +26,8 @@ from berth.runtime.gauges import GaugeCollector
 from berth.runtime.process import ModelProcess, ProcessEvent, Slept, Started, StartFailedEvent, Woke
 from berth.runtime.snapshot import ModelSnapshot
 from berth.scheduler import (
-    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, QueuePolicy,
-    Reject, Scheduler, Start, Stop, StopReason, Wake,
+    Action, Admit, Client, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView,
+    QueuePolicy, Reject, Scheduler, Start, Stop, StopReason, Wake,
 )
 
 log = logging.getLogger("berth.pool")
@@ -40,7 +40,8 @@ def policies(config: BerthConfig, plans: dict[str, ModelMemory], budgets: dict[s
     persistent_groups = {g.name for g in config.groups.values() if g.persistent}
     models = {m.id: ModelPolicy(group=m.group, ttl=m.ttl, concurrency_limit=m.concurrency_limit,
                                 memory=_countable(plans[m.id].planned, budgets), pinned=m.persistent or m.group in persistent_groups,
-                                priority=m.priority, return_to=m.return_to)
+                                priority=m.priority, return_to=m.return_to,
+                                parallel=m.parallel if m.parallel is not None else server_slots(m))
               for m in config.models.values()}
     matrix = MatrixPolicy(config.matrix.sets, config.matrix.evict_costs) if config.matrix else None
     groups = {g.name: GroupPolicy(swap=g.swap, exclusive=g.exclusive, persistent=g.persistent)
@@ -174,12 +175,14 @@ class ModelPool:
     def listed_ids(self) -> list[str]:
         return [m.id for m in self.config.models.values() if not m.unlisted]
 
-    async def acquire(self, model_id: str) -> Lease:
-        """Wait until `model_id` is ready and admits this request (raises the typed error otherwise)."""
+    async def acquire(self, model_id: str, client: Client = Client(), uses_slot: bool = True) -> Lease:
+        """Wait until `model_id` is ready and admits this request (raises the typed error otherwise).
+        `client` takes turns with other clients waiting for the model; a request that takes no slot of its
+        server (`uses_slot` False: it only reads it, or sends nothing) does not wait for one."""
         request_id = next(self._ids)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = future
-        self._apply(self._scheduler.request(request_id, model_id, self._now()))
+        self._apply(self._scheduler.request(request_id, model_id, self._now(), client, uses_slot))
         try:
             await future
         except asyncio.CancelledError:
@@ -201,7 +204,7 @@ class ModelPool:
         self._apply(self._scheduler.keep_alive(model_id, seconds, self._now()))
 
     async def load(self, model_id: str) -> None:
-        (await self.acquire(model_id)).release()
+        (await self.acquire(model_id, uses_slot=False)).release()
 
     async def unload(self, model_id: str | None = None, force: bool = False) -> dict[str, str]:
         """Stop one model (or all) once its requests are done; wait until the processes that ran when

@@ -1,7 +1,7 @@
 from berth.scheduler.core import (
-    Action, Admit, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView, QueuePolicy,
-    Reject, Scheduler, Start, Stop, StopReason, Wake,
+    Action, Admit, Client, Eviction, GroupPolicy, MatrixPolicy, MemoryPolicy, ModelPolicy, ModelState, ModelView,
+    QueuePolicy, Reject, Scheduler, Start, Stop, StopReason, Wake,
 )
 
-__all__ = ["Action", "Admit", "Eviction", "GroupPolicy", "MatrixPolicy", "MemoryPolicy", "ModelPolicy", "ModelState",
-           "ModelView", "QueuePolicy", "Reject", "Scheduler", "Start", "Stop", "StopReason", "Wake"]
+__all__ = ["Action", "Admit", "Client", "Eviction", "GroupPolicy", "MatrixPolicy", "MemoryPolicy", "ModelPolicy",
+           "ModelState", "ModelView", "QueuePolicy", "Reject", "Scheduler", "Start", "Stop", "StopReason", "Wake"]

@@ -9,6 +9,7 @@ import enum
 import math
 from dataclasses import dataclass, field, replace
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Union
 
 from berth.core.errors import (
@@ -60,6 +61,7 @@ class ModelPolicy:
     pinned: bool = False  # never stopped to make room by memory
     priority: int = 0  # waiting requests for higher-priority models are served first (llama-swap's fifo.priority)
     return_to: str | None = None  # after a TTL stop, start this model if nothing waits (the everyday model)
+    parallel: int = 0  # requests its server works on at once (its slots); more wait here, clients taking turns. 0: no cap
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class _Model:
     policy: ModelPolicy
     state: ModelState = ModelState.STOPPED
     in_flight: int = 0
+    in_slots: int = 0  # of those in flight, the ones holding one of its server's `parallel` slots
     idle_since: float = 0.0
     unload_reason: StopReason | None = None  # a stop asked for by the API, waiting for in-flight requests
     stop_reason: StopReason | None = None
@@ -168,11 +171,24 @@ class _Model:
 
 
 @dataclass(frozen=True)
+class Client:
+    """Who a request comes from, for fairness among waiting requests (an API key's name; "" for all requests
+    without one) and its weight: a client of weight 2 gets two turns for another's one."""
+
+    name: str = ""
+    weight: int = 1
+
+
+@dataclass(frozen=True)
 class _Waiting:
-    """A request in the queue. Issue 27's fairness key (the client's API key) goes here too."""
+    """A request in the queue: its model, when it arrived, its turn among clients (fair queueing,
+    `_next_turn`), and whether it takes one of its model's `parallel` slots (requests that only read the
+    server take none)."""
 
     model: str
     arrived: float
+    turn: Fraction = Fraction(0)
+    uses_slot: bool = True
 
 
 @dataclass
@@ -206,6 +222,9 @@ class Scheduler:
     queue: QueuePolicy = field(default_factory=QueuePolicy)
     _queue: dict[int, _Waiting] = field(default_factory=dict)  # request id -> what it waits for, in arrival order
     _in_flight: dict[int, str] = field(default_factory=dict)
+    _in_slots: set[int] = field(default_factory=set)  # requests in flight that hold one of their model's slots
+    _round: Fraction = Fraction(0)  # the latest turn admitted
+    _last_turn: dict[str, Fraction] = field(default_factory=dict)  # per client, the latest turn given out
     _removed: set[str] = field(default_factory=set)
     _returning: set[str] = field(default_factory=set)  # return_to targets of models a TTL just stopped
     _closing: bool = False
@@ -261,8 +280,10 @@ class Scheduler:
 
     # -- events ---------------------------------------------------------------------
 
-    def request(self, request_id: int, model: str, now: float) -> list[Action]:
-        """A request names `model` (an id the caller has checked exists)."""
+    def request(self, request_id: int, model: str, now: float, client: Client = Client(),
+                uses_slot: bool = True) -> list[Action]:
+        """A request names `model` (an id the caller has checked exists), from `client`; `uses_slot`: it
+        takes one of the model's `parallel` slots while in flight."""
         if self._closing:
             return [Reject(request_id, model, ShuttingDown())]
         m = self.models[model]
@@ -270,7 +291,7 @@ class Scheduler:
             return [Reject(request_id, model, StartBackedOff(model, m.failures, m.retry_at - now, m.last_error))]
         if m.in_flight + self._waiting_for(model) >= m.policy.concurrency_limit:
             return [Reject(request_id, model, TooManyRequests(model, m.policy.concurrency_limit))]
-        self._queue[request_id] = _Waiting(model, now)
+        self._queue[request_id] = _Waiting(model, now, self._next_turn(client), uses_slot)
         return self._plan(now)
 
     def cancel(self, request_id: int, now: float) -> list[Action]:
@@ -284,8 +305,11 @@ class Scheduler:
         if model is not None and model in self.models:
             m = self.models[model]
             m.in_flight -= 1
+            if request_id in self._in_slots:
+                m.in_slots -= 1
             if m.in_flight == 0:
                 m.idle_since = now
+        self._in_slots.discard(request_id)
         return self._plan(now)
 
     def started(self, model: str, now: float) -> list[Action]:
@@ -494,12 +518,26 @@ class Scheduler:
         """Waited `max_wait`: it goes next, whatever the swap costs the loaded model's queue."""
         return now - waiting.arrived >= self.queue.max_wait
 
+    def _next_turn(self, client: Client) -> Fraction:
+        """Start-time fair queueing with unit costs: a client's requests take turns 1/weight apart, and a
+        client that had nothing waiting starts at the latest turn admitted. So a client with many
+        requests waiting cannot push back one that sends a single request: that one goes next (after
+        any request already holding that same turn), then they alternate. With one client, turns rise
+        with arrival: plain arrival order."""
+        turn = max(self._round, self._last_turn.get(client.name, Fraction(-1)) + Fraction(1, client.weight))
+        self._last_turn[client.name] = turn
+        return turn
+
     def _queue_in_order(self, now: float) -> list[tuple[int, _Waiting]]:
-        """Waiting requests in the order the plan pass serves them: those past `max_wait` first, then
-        higher-priority models first, then arrival order (a stable sort keeps it within a key)."""
-        def key(item: tuple[int, _Waiting]) -> tuple[bool, int]:
+        """Waiting requests in the order the plan pass serves them: those of models with a request past
+        `max_wait` first, then higher-priority models first, then by turn among clients, then arrival order
+        (a stable sort). Due-ness is the model's, so among one model's requests (who gets its next slot)
+        the turns decide, however long each has waited."""
+        due = {waiting.model for waiting in self._queue.values() if self._due(waiting, now)}
+
+        def key(item: tuple[int, _Waiting]) -> tuple[bool, int, Fraction]:
             waiting = item[1]
-            return (not self._due(waiting, now), -self.models[waiting.model].policy.priority)
+            return (waiting.model not in due, -self.models[waiting.model].policy.priority, waiting.turn)
         return sorted(self._queue.items(), key=key)
 
     def _keeps_turn(self, other: str, waiting: _Waiting, now: float, draining: set[str]) -> bool:
@@ -620,6 +658,8 @@ class Scheduler:
                 continue
             m = self.models[model]
             if m.state is ModelState.READY and model not in draining and m.unload_reason is None:
+                if waiting.uses_slot and m.policy.parallel and m.in_slots >= m.policy.parallel:
+                    continue  # every slot of its server is busy: it waits for the next, in turn
                 actions.append(self._admit(request_id))
                 continue
             if m.state not in (ModelState.STOPPED, ModelState.FAILED, ModelState.SLEEPING) or model in claimed:
@@ -666,9 +706,15 @@ class Scheduler:
         return actions
 
     def _admit(self, request_id: int) -> Admit:
-        model = self._queue.pop(request_id).model
+        waiting = self._queue.pop(request_id)
+        model = waiting.model
         self._in_flight[request_id] = model
-        self.models[model].in_flight += 1
+        m = self.models[model]
+        m.in_flight += 1
+        if waiting.uses_slot:
+            self._in_slots.add(request_id)
+            m.in_slots += 1
+        self._round = max(self._round, waiting.turn)
         return Admit(request_id, model)
 
     def _begin_start(self, model: str) -> Start | Wake:

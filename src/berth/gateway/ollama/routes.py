@@ -94,7 +94,7 @@ class OllamaRoutes(Routes):
                 return web.json_response(no_file_show(context.started_at))
             if context.pool.state(route.model) is not ModelState.READY:
                 return web.json_response(show(file, None))
-            async with serving.leased(context, request, route.model, "/props") as (lease, record):
+            async with serving.leased(context, request, route.model, "/props", uses_slot=False) as (lease, record):
                 return await context.proxy.answer(request, Outbound(lease.upstream(), "/props", None, method="GET"),
                                                   record, PropsAnswer(file))
 
