@@ -244,3 +244,28 @@ def test_keys_waiting_for_a_busy_model_take_turns(berth, start_port, tmp_path):
     first = min(numbers["alice"])
     assert numbers["bob"] == [first + 1]  # right after the request that held the server
     assert sorted(numbers["alice"]) == [first, first + 2, first + 3, first + 4, first + 5]
+
+
+def test_berth_key_makes_a_key_and_its_hash_and_hashes_a_key_from_stdin(tmp_path):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    def berth_key(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "berth.cli", "key", *args], input=stdin, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+
+    made = berth_key("new", "--name", "alice")
+    assert made.returncode == 0, made.stderr
+    lines = dict(line.split(":", 1) for line in made.stdout.splitlines()[:2])
+    key, key_hash = lines["key"].strip(), lines["keyHash"].strip()
+    assert key.startswith("berth-") and len(key) > 40
+    assert key_hash == "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    assert f"  - name: alice\n    keyHash: {key_hash}" in made.stdout  # an entry to paste under apiKeys
+    assert berth_key("hash", stdin=key + "\n").stdout.strip() == key_hash
+    assert berth_key("hash", "test").stdout.strip() == (
+        "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
+    empty = berth_key("hash", stdin="\n")
+    assert empty.returncode == 2 and "the key is empty" in empty.stderr
+    assert berth_key("new").stdout.split()[1] != key  # a new key each time
