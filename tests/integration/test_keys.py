@@ -105,6 +105,7 @@ def test_a_key_outside_its_scopes_gets_403_naming_the_scope(berth, start_port, t
         assert refused.status_code == 403, path
         assert refused.json()["error"]["type"] == "permission_error"
     assert requests.get(b.url + "/props?model=a", headers=alice, timeout=5).status_code == 200
+    assert requests.get(b.url + "/v1/nothing", headers=alice, timeout=5).status_code == 404  # no route, for anyone
 
 
 def test_requests_per_minute_answers_429_with_retry_after(berth, start_port, tmp_path):

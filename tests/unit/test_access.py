@@ -46,8 +46,9 @@ SCOPE_OF = [
     ("POST", "/models/load", ADMIN), ("POST", "/models/unload", ADMIN), ("POST", "/ui/api/models/load", ADMIN),
     ("POST", "/ui/api/models/unload", ADMIN), ("GET", "/unload", ADMIN), ("POST", "/api/models/unload", ADMIN),
     ("POST", "/api/models/unload/m", ADMIN), ("GET", "/api/profiles", ADMIN), ("PUT", "/api/profiles/active", ADMIN),
-    ("GET", "/upstream/m/", ADMIN), ("POST", "/upstream/m/slots/0", ADMIN), ("GET", "/slots", ADMIN),
-    ("GET", "/lora-adapters", ADMIN), ("POST", "/anything/else", ADMIN),
+    ("GET", "/upstream/m/", ADMIN), ("POST", "/upstream/m/slots/0", ADMIN),
+    # the catch-all: a 404 for any key, and `admin` checked before it forwards a `?model=` path
+    ("GET", "/slots", ANY_KEY), ("GET", "/lora-adapters", ANY_KEY), ("POST", "/anything/else", ANY_KEY),
     ("GET", "/logs", LOGS), ("GET", "/logs/stream", LOGS), ("GET", "/logs/stream/m", LOGS),
     ("GET", "/ui/api/logs/stream/m", LOGS), ("GET", "/api/requests", LOGS), ("GET", "/ui/api/requests", LOGS),
     ("GET", "/metrics", METRICS), ("GET", "/running", METRICS), ("GET", "/ui/api/running", METRICS),

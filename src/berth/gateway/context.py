@@ -14,7 +14,9 @@ from typing import Any
 from aiohttp import web
 
 from berth.config import BerthConfig
-from berth.core.errors import BadRequest, BerthError, ModelNotAllowed, RequestTimeout, UnsupportedMediaType
+from berth.core.errors import (
+    BadRequest, BerthError, ModelNotAllowed, RequestTimeout, ScopeNotAllowed, UnsupportedMediaType,
+)
 from berth.gateway import origins
 from berth.gateway.access import KeyRing, may_use, model_names, request_key
 from berth.gateway.accounts import KeyAccounts
@@ -66,6 +68,13 @@ class GatewayContext:
         if self._keyring.keys is not self.config.api_keys:
             self._keyring = KeyRing(self.config.api_keys)
         return self._keyring
+
+    def require(self, request: web.Request, needed: str) -> None:
+        """403 unless the request's key has the scope `needed` (no key: berth has none, anything goes)."""
+        key = request_key(request)
+        if key is not None and needed not in key.scopes:
+            self.accounts.refusal(key.name, "scope")
+            raise ScopeNotAllowed(key.name, request.path, needed, sorted(key.scopes))
 
     @asynccontextmanager
     async def recorded(self, request: web.Request, model: str, path: str) -> AsyncIterator[RequestRecord]:

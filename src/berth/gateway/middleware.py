@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from berth.core.errors import (
     BerthError, BodyTooLarge, HostNotAllowed, KeyLimitReached, MethodNotAllowed, OriginNotAllowed, RouteNotFound,
-    ScopeNotAllowed, StartBackedOff, TooManyRequests, Unauthorized, UnknownModel,
+    StartBackedOff, TooManyRequests, Unauthorized, UnknownModel,
 )
 from berth.core.hosts import LOCAL_NAMES, host_name, is_loopback
 from berth.core.units import format_bytes
@@ -130,9 +130,8 @@ class Middlewares:
                                     "as the password", headers={"WWW-Authenticate": 'Basic realm="berth"'})
             raise Unauthorized("missing or invalid API key; send it as `Authorization: Bearer <key>`")
         remember_key(request, key)
-        if needed is not None and needed != ANY_KEY and needed not in key.scopes:
-            self.context.accounts.refusal(key.name, "scope")
-            raise ScopeNotAllowed(key.name, request.path, needed, sorted(key.scopes))
+        if needed is not None and needed != ANY_KEY:
+            self.context.require(request, needed)
         try:
             return await handler(request)
         except UnknownModel as exc:  # name only the models this key may use

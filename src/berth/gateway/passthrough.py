@@ -8,7 +8,7 @@ from aiohttp import web
 
 from berth.core.errors import MethodNotAllowed, ModelNotLoaded, RouteNotFound, UnknownModel
 from berth.gateway import serving
-from berth.gateway.access import ADMIN, INFERENCE, scope
+from berth.gateway.access import ADMIN, ANY_KEY, INFERENCE, scope
 from berth.gateway.context import FORM, JSON, GatewayContext, Routes, require_body_type
 from berth.gateway.media import checked_body
 from berth.scheduler import ModelState
@@ -60,10 +60,15 @@ class PassThrough(Routes):
     @scope(INFERENCE)
     async def server_properties(self, request: web.Request) -> web.StreamResponse:
         """A model server's /props (context size, chat template), which clients of one llama-server read."""
-        return await self.by_query_model(request)
+        return await self._by_query(request, None)
 
-    @scope(ADMIN)
+    @scope(ANY_KEY)
     async def by_query_model(self, request: web.Request) -> web.StreamResponse:
+        """Any other path: a 404 when nothing names a model; sent to a model server's own API (its slots,
+        adapters, ...: everyone's) only for a key with `admin`."""
+        return await self._by_query(request, ADMIN)
+
+    async def _by_query(self, request: web.Request, needs: str | None) -> web.StreamResponse:
         context = self.context
         elsewhere = await _methods_elsewhere(request)
         if elsewhere:  # a route of berth's own, asked with another method (GET /unload: an <img>)
@@ -73,6 +78,8 @@ class PassThrough(Routes):
             name = context.default_or_named(f"{request.path} needs ?model=<id> when several models are configured")
         if not name:
             raise RouteNotFound(request.path)
+        if needs is not None:
+            context.require(request, needs)
         if request.method not in _READS:
             require_body_type(request, JSON, FORM)
         model_id = context.pool.resolve(name)
