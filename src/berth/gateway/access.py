@@ -16,13 +16,13 @@ tests/unit/test_access.py checks that every route berth registers declares one.
 from __future__ import annotations
 
 import fnmatch
-import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from berth.config import KEY_SCOPES, ApiKey, BerthConfig
+from berth.core.credentials import same_secret
 from berth.core.keyhash import key_digest
 
 INFERENCE, ADMIN, LOGS, METRICS = KEY_SCOPES
@@ -72,7 +72,7 @@ class KeyRing:
         digest = key_digest(presented) if presented is not None else b""
         found: ApiKey | None = None
         for key in self.keys:
-            if hmac.compare_digest(digest, key.digest) and presented is not None:
+            if same_secret(digest, key.digest) and presented is not None:
                 found = key
         return found
 
