@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -18,10 +19,12 @@ from berth.gateway.context import GatewayContext
 
 
 def routed_app() -> web.Application:
-    """Every route family's routes; registering only binds handlers to the context, which is not used here."""
+    """Every route family's routes; registering only binds handlers to the context (and notes the error shape
+    of a family's routes), which is not used here."""
     app = web.Application()
+    context = cast(GatewayContext, SimpleNamespace(error_shapes={}))
     for register in ROUTE_FAMILIES:
-        register(app.router, cast(GatewayContext, None))
+        register(app.router, context)
     return app
 
 
@@ -52,6 +55,11 @@ SCOPE_OF = [
     ("GET", "/logs", LOGS), ("GET", "/logs/stream", LOGS), ("GET", "/logs/stream/m", LOGS),
     ("GET", "/ui/api/logs/stream/m", LOGS), ("GET", "/api/requests", LOGS), ("GET", "/ui/api/requests", LOGS),
     ("GET", "/metrics", METRICS), ("GET", "/running", METRICS), ("GET", "/ui/api/running", METRICS),
+    # Ollama's API
+    ("GET", "/api/version", ANY_KEY), ("GET", "/api/tags", INFERENCE), ("GET", "/api/ps", INFERENCE),
+    ("POST", "/api/show", INFERENCE), ("POST", "/api/chat", INFERENCE), ("POST", "/api/generate", INFERENCE),
+    ("POST", "/api/embed", INFERENCE), ("POST", "/api/embeddings", INFERENCE),
+    ("POST", "/api/pull", ADMIN), ("DELETE", "/api/delete", ADMIN),
 ]
 
 

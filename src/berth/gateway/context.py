@@ -76,6 +76,13 @@ class GatewayContext:
             self.accounts.refusal(key.name, "scope")
             raise ScopeNotAllowed(key.name, request.path, needed, sorted(key.scopes))
 
+    def require_model(self, request: web.Request, model: str) -> None:
+        """403 naming the model unless the request's key may use it (a local id or alias, or peer/model)."""
+        key = request_key(request)
+        if key is not None and not may_use(key, model_names(self.config, model)):
+            self.accounts.refusal(key.name, "model")
+            raise ModelNotAllowed(key.name, model, key.models)
+
     @asynccontextmanager
     async def recorded(self, request: web.Request, model: str, path: str) -> AsyncIterator[RequestRecord]:
         """A request to `model` (a local id, or peer/model), counted in the ledger under the request's key
@@ -85,9 +92,7 @@ class GatewayContext:
         record = self.ledger.begin(model, path, key.name if key is not None else None)
         try:
             if key is not None:
-                if not may_use(key, model_names(self.config, model)):
-                    self.accounts.refusal(key.name, "model")
-                    raise ModelNotAllowed(key.name, model, key.models)
+                self.require_model(request, model)
                 self.accounts.admit(key, record)
             yield record
         except (asyncio.CancelledError, ConnectionResetError):  # the client left

@@ -7,9 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from berth.config import PORT_MACRO, Capabilities
+from berth.config import PORT_MACRO, ApiKey, Capabilities
 from berth.engine.redact import redact_argv
-from berth.config import ApiKey
 from berth.gateway.access import INFERENCE, may_use, model_names, request_key, scope
 from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.scheduler import ModelState

@@ -15,6 +15,7 @@ from aiohttp import web
 from berth.config import ModelSpec
 from berth.core.errors import BadRequest, BerthError
 from berth.gateway import serving
+from berth.gateway.access import ADMIN, ANY_KEY, INFERENCE, may_use, model_names, request_key, scope
 from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 from berth.gateway.ollama import requests
 from berth.gateway.ollama.answers import Embeddings, Generation, created_at
@@ -54,41 +55,51 @@ class OllamaRoutes(Routes):
 
     # -- models ------------------------------------------------------------------------
 
+    @scope(ANY_KEY)
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": API_VERSION})
 
+    @scope(INFERENCE)
     async def tags(self, request: web.Request) -> web.Response:
-        """The config's listed models (aliases too with includeAliasesInList) and peers' models."""
+        """The config's listed models (aliases too with includeAliasesInList) and peers' models, those the
+        request's key may use."""
         config, started = self.context.config, self.context.started_at
+        key = request_key(request)
 
         def entries() -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
             for spec in config.models.values():
-                if spec.unlisted:
+                if spec.unlisted or not may_use(key, model_names(config, spec.id)):
                     continue
                 file = self._file(spec)
                 names = [spec.id, *(spec.aliases if config.include_aliases_in_list else ())]
                 found.extend(listing(name, file, started) for name in names)
             found.extend(listing(f"{peer.id}/{model}", None, started)
-                         for peer in config.peers.values() for model in peer.models)
+                         for peer in config.peers.values() for model in peer.models
+                         if may_use(key, (f"{peer.id}/{model}",)))
             return found
 
         return web.json_response({"models": await asyncio.to_thread(entries)})  # reads GGUF headers
 
+    @scope(INFERENCE)
     async def ps(self, request: web.Request) -> web.Response:
-        """Loaded models, the one that stays longest first (as Ollama sorts them)."""
-        ready = [s for s in self.context.pool.snapshots().values() if s.state is ModelState.READY]
+        """Loaded models the request's key may use, the one that stays longest first (as Ollama sorts them)."""
+        config, key = self.context.config, request_key(request)
+        ready = [s for s in self.context.pool.snapshots().values()
+                 if s.state is ModelState.READY and may_use(key, model_names(config, s.model))]
         files = await asyncio.to_thread(lambda: [self._file(self.context.config.models[s.model]) for s in ready])
         models = [running(s.model, file, s) for s, file in zip(ready, files)]
         models.sort(key=lambda m: m["expires_at"], reverse=True)
         return web.json_response({"models": models})
 
+    @scope(INFERENCE)
     async def show(self, request: web.Request) -> web.StreamResponse:
         """A running model's own /props (template, sampling defaults, context, vision) with its GGUF's
         metadata; for a model that is not running, what the GGUF and its cmd's flags say (nothing starts)."""
         context = self.context
         name = requests.model_name(await self._request(request))
         with routed(context, {"model": local_name(context.config, name)}, b"") as route:
+            context.require_model(request, route.model)
             file = None if route.peer else await asyncio.to_thread(self._file, context.config.models[route.model])
             if file is None:  # a peer's model, or another engine's
                 return web.json_response(no_file_show(context.started_at))
@@ -100,25 +111,29 @@ class OllamaRoutes(Routes):
 
     # -- inference ---------------------------------------------------------------------
 
+    @scope(INFERENCE)
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
         translated = requests.chat(body)  # checks every field, also of a request that only loads
         if not body.get("messages"):
-            return await self._load_or_unload(body, chat=True)
+            return await self._load_or_unload(request, body, chat=True)
         return await self._forward(request, body, translated,
                                    Generation(requests.model_name(body), translated.stream, chat=True))
 
+    @scope(INFERENCE)
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
         translated = requests.generate(body)
         if not body.get("prompt") and not body.get("images"):
-            return await self._load_or_unload(body, chat=False)
+            return await self._load_or_unload(request, body, chat=False)
         return await self._forward(request, body, translated,
                                    Generation(requests.model_name(body), translated.stream, chat=False))
 
+    @scope(INFERENCE)
     async def embed(self, request: web.Request) -> web.StreamResponse:
         return await self._embed(request, legacy=False)
 
+    @scope(INFERENCE)
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._embed(request, legacy=True)
 
@@ -128,7 +143,7 @@ class OllamaRoutes(Routes):
         inputs = requests.embed_inputs(body, legacy)
         dimensions = None if legacy else requests.dimensions(body)
         if not inputs:  # as Ollama: nothing to embed loads the model and answers no vectors
-            await self._load_or_unload(body, chat=False)
+            await self._load_or_unload(request, body, chat=False)
             return web.json_response({"embedding": []} if legacy else {"model": name, "embeddings": []})
         return await self._forward(request, body, requests.embed(body, inputs, legacy),
                                    Embeddings(name, legacy, dimensions))
@@ -147,16 +162,19 @@ class OllamaRoutes(Routes):
                 await self._note_num_ctx(route.model, translated.num_ctx)
             return await forward(context, request, route, translated.path, reframe, keep_alive)
 
-    async def _load_or_unload(self, body: dict[str, Any], chat: bool) -> web.Response:
+    async def _load_or_unload(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.Response:
         """A request with nothing to answer: with keep_alive 0 the model is unloaded, else loaded (and kept
-        for its keep_alive). One object, as Ollama answers, streamed or not."""
+        for its keep_alive). One object, as Ollama answers, streamed or not. With keys, a key loads only its
+        models, and unloading (which stops everyone's requests to the model) needs `admin`, as /models/unload."""
         context = self.context
         name = requests.model_name(body)
         keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
         payload = {"model": local_name(context.config, name)}
         with routed(context, payload, b"") as route:
+            context.require_model(request, route.model)
             local = _local(route)
             if keep_alive == 0:
+                context.require(request, ADMIN)
                 await context.pool.unload(local)
                 reason = "unload"
             else:
@@ -181,6 +199,7 @@ class OllamaRoutes(Routes):
 
     # -- the store ---------------------------------------------------------------------
 
+    @scope(ADMIN)
     async def pull(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
         target, stream = pull_target(self.context, requests.model_name(body)), requests.streams(body)
@@ -188,6 +207,7 @@ class OllamaRoutes(Routes):
             return await answer_nothing_to_pull(request, target, stream)
         return await stream_pull(self.context, request, target, stream)
 
+    @scope(ADMIN)
     async def delete(self, request: web.Request) -> web.Response:
         return await delete(self.context, requests.model_name(await self._request(request)))
 
