@@ -1,11 +1,13 @@
 """Scoped API keys through the real openai client: each refusal (model, scope, each limit) with its body and
 headers, usage per key against what the stand-in upstream reported (streamed and not, across a restart),
-and the order keys are served in when they wait for the same model."""
+and the order keys are served in when they wait for the same model; the same keys through the real ollama
+client on berth's Ollama routes."""
 
 from __future__ import annotations
 
 import threading
 
+import ollama
 import openai
 import pytest
 import requests
@@ -270,3 +272,77 @@ def test_berth_key_makes_a_key_and_its_hash_and_hashes_a_key_from_stdin(tmp_path
     empty = berth_key("hash", stdin="\n")
     assert empty.returncode == 2 and "the key is empty" in empty.stderr
     assert berth_key("new").stdout.split()[1] != key  # a new key each time
+
+
+def ollama_client(b, key: str) -> ollama.Client:
+    return ollama.Client(host=b.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+
+
+HELLO = [{"role": "user", "content": "say hello"}]
+
+
+def test_ollama_routes_keep_a_key_to_its_models_and_scopes(berth, start_port, tmp_path):
+    b = serve(berth, start_port, tmp_path / "home")
+    admin, alice = ollama_client(b, ADMIN), ollama_client(b, "alice-secret")
+    assert alice.chat(model="alpha", messages=HELLO).message.content == "hello from a"
+    assert [m.model for m in alice.list().models] == ["a"]
+    assert sorted(m.model for m in admin.list().models) == ["a", "b"]
+    assert [m.model for m in alice.ps().models] == ["a"]
+    refusals = {
+        "chat": lambda: alice.chat(model="b", messages=HELLO),
+        "generate": lambda: alice.generate(model="b", prompt="hello", stream=True),
+        "embed": lambda: alice.embed(model="b", input="hello"),
+        "show": lambda: alice.show("b"),
+        "load": lambda: alice.generate(model="b"),  # no prompt: Ollama's way to load a model
+    }
+    for what, refused in refusals.items():
+        with pytest.raises(ollama.ResponseError) as caught:
+            result = refused()
+            if what == "generate":
+                list(result)
+        assert caught.value.status_code == 403, what
+        assert "may not use model 'b'" in caught.value.error and "a*" in caught.value.error, what
+    assert metric(b, 'berth_key_refusals_total{key="alice",reason="model"}') == len(refusals)
+
+    for what, admin_only in {
+        "pull": lambda: alice.pull("a"), "delete": lambda: alice.delete("a"),
+        "unload": lambda: alice.generate(model="a", keep_alive=0),  # stops the model for every key
+    }.items():
+        with pytest.raises(ollama.ResponseError) as caught:
+            admin_only()
+        assert caught.value.status_code == 403 and "needs the scope 'admin'" in caught.value.error, what
+    assert [m.model for m in alice.ps().models] == ["a"]  # still running
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client(b, "watcher-secret").chat(model="a", messages=HELLO)  # metrics only
+    assert caught.value.status_code == 403 and "needs the scope 'inference'" in caught.value.error
+    admin.chat(model="b", messages=HELLO)  # b runs in a's place
+    assert [m.model for m in admin.ps().models] == ["b"] and alice.ps().models == []  # b is not alice's
+    admin.generate(model="b", keep_alive=0)  # the admin key may unload
+    wait_until(lambda: admin.ps().models == [], 10, "b to stop")
+
+
+def test_ollama_requests_count_against_a_keys_limits_and_usage(berth, start_port, tmp_path):
+    b = serve(berth, start_port, tmp_path / "home")
+    alice = ollama_client(b, "alice-secret")
+    prompt = completion = 0
+    for words in ("one", "one two three"):
+        whole = alice.chat(model="a", messages=[{"role": "user", "content": words}])
+        prompt, completion = prompt + whole.prompt_eval_count, completion + whole.eval_count
+        [last] = [part for part in alice.generate(model="a", prompt=words, stream=True) if part.done]
+        prompt, completion = prompt + last.prompt_eval_count, completion + last.eval_count
+    assert prompt > 0 and completion > 0
+    seen = usage_of(b, "alice")
+    assert (seen["requests"], seen["errors"], seen["prompt_tokens"], seen["completion_tokens"]) == (
+        4, 0, prompt, completion)
+    assert metric(b, 'berth_key_tokens_total{key="alice",kind="completion",model="a"}') == completion
+
+    hasty = ollama_client(b, "hasty-secret")
+    hasty.chat(model="a", messages=HELLO)
+    hasty.generate(model="b", prompt="hello")
+    with pytest.raises(ollama.ResponseError) as caught:
+        hasty.chat(model="a", messages=HELLO)
+    assert caught.value.status_code == 429 and "requestsPerMinute limit (2)" in caught.value.error
+    refused = requests.post(b.url + "/api/chat", headers={"Authorization": "Bearer hasty-secret"}, timeout=5,
+                            json={"model": "a", "messages": HELLO, "stream": False})
+    assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert set(refused.json()) == {"error"}  # Ollama's shape
