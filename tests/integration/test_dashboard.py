@@ -205,6 +205,11 @@ def test_the_dashboard_shows_a_key_only_what_its_scopes_allow(berth, start_port,
             usage = page.locator('#usage tr[data-key="chat"]')
             expect(usage.locator(".requests")).to_have_text("1")
             expect(usage.locator(".completion")).to_have_text("5")
+            hour = usage.locator("svg.plot g")  # the plot: this hour's bar, the one hour it used
+            expect(hour).to_have_count(1)
+            expect(hour).to_have_attribute("data-completion", "5")
+            expect(hour).to_have_attribute("data-prompt", usage.locator(".prompt").inner_text())
+            assert float(hour.locator("rect.completion-bar").get_attribute("height") or 0) > 0
             expect(page.locator("#usage tbody tr")).to_have_count(1)  # its own usage only
         finally:
             browser.close()
