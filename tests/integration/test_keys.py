@@ -88,7 +88,12 @@ def test_a_key_outside_its_models_gets_403_naming_the_model_and_does_not_see_it_
     with pytest.raises(openai.NotFoundError) as unknown:  # the list of models it names is the key's own
         ask(alice, "nope")
     assert "available models: a" in unknown.value.message and "b" not in unknown.value.message.split(":")[-1]
-    assert metric(b, 'berth_key_refusals_total{key="alice",reason="model"}') == 1
+    image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, {
+        "type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}]
+    with pytest.raises(openai.PermissionDeniedError) as with_image:  # refused before berth takes its images
+        alice.chat.completions.create(model="b", messages=image)
+    assert with_image.value.code == "model_not_allowed"
+    assert metric(b, 'berth_key_refusals_total{key="alice",reason="model"}') == 2
 
 
 def test_a_key_outside_its_scopes_gets_403_naming_the_scope(berth, start_port, tmp_path):

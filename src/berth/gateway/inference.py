@@ -52,7 +52,7 @@ class Inference(Routes):
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object with a `model` field")
         with routed(context, payload, body) as route:
-            route = await with_media(context, route, payload)
+            route = await with_media(context, request, route, payload)
             if (route.peer is None and payload.get("stream") is True and path.endswith("/chat/completions")
                     and context.config.models[route.model].send_loading_state
                     and context.pool.state(route.model) is not ModelState.READY):

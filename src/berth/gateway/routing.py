@@ -17,6 +17,7 @@ from aiohttp import web
 from berth.config import PeerSpec
 from berth.core.errors import BadRequest
 from berth.gateway import serving
+from berth.gateway.access import may_use, model_names, request_key
 from berth.gateway.context import GatewayContext
 from berth.gateway.media import take_media
 from berth.gateway.proxy import Outbound, Reframe
@@ -75,10 +76,14 @@ def _peer(peer: PeerSpec, model: str, payload: dict[str, Any]) -> Route:
     return Route(target.model, json.dumps(payload).encode(), target)
 
 
-async def with_media(context: GatewayContext, route: Route, payload: dict[str, Any]) -> Route:
+async def with_media(context: GatewayContext, request: web.Request, route: Route,
+                     payload: dict[str, Any]) -> Route:
     """A local model's route with the request's images taken (media.py): refused before any load when the
-    model has no projector, remote URLs fetched by berth and sent inline. A peer fetches its own."""
-    if route.peer is None and await take_media(context, route.model, payload, len(route.body)):
+    model has no projector, remote URLs fetched by berth and sent inline. A peer fetches its own. Nothing is
+    taken for a model the request's key may not use: berth fetches nothing for a request it refuses (403,
+    counted, when `forward` records it)."""
+    if (route.peer is None and may_use(request_key(request), model_names(context.config, route.model))
+            and await take_media(context, route.model, payload, len(route.body))):
         return replace(route, body=json.dumps(payload).encode())
     return route
 

@@ -157,7 +157,7 @@ class OllamaRoutes(Routes):
         payload = translated.body
         payload["model"] = local_name(context.config, payload["model"])
         with routed(context, payload, json.dumps(payload).encode()) as route:
-            route = await with_media(context, route, payload)
+            route = await with_media(context, request, route, payload)
             if route.peer is None and translated.num_ctx is not None:
                 await self._note_num_ctx(route.model, translated.num_ctx)
             return await forward(context, request, route, translated.path, reframe, keep_alive)
