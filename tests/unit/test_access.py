@@ -47,7 +47,7 @@ SCOPE_OF = [
     ("GET", "/ui/api/models", INFERENCE), ("GET", "/models", INFERENCE), ("GET", "/props", INFERENCE),
     ("GET", "/v1/props", INFERENCE),
     ("POST", "/models/load", ADMIN), ("POST", "/models/unload", ADMIN), ("POST", "/ui/api/models/load", ADMIN),
-    ("POST", "/ui/api/models/unload", ADMIN), ("GET", "/unload", ADMIN), ("POST", "/api/models/unload", ADMIN),
+    ("POST", "/ui/api/models/unload", ADMIN), ("POST", "/unload", ADMIN), ("POST", "/api/models/unload", ADMIN),
     ("POST", "/api/models/unload/m", ADMIN), ("GET", "/api/profiles", ADMIN), ("PUT", "/api/profiles/active", ADMIN),
     ("GET", "/upstream/m/", ADMIN), ("POST", "/upstream/m/slots/0", ADMIN),
     # the catch-all: a 404 for any key, and `admin` checked before it forwards a `?model=` path

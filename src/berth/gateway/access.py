@@ -16,6 +16,7 @@ tests/unit/test_access.py checks that every route berth registers declares one.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -48,7 +49,9 @@ def scope(name: str) -> Callable[[H], H]:
 
 
 def declared_scope(handler: Any) -> str | None:
-    """The scope a handler (a function or a bound method) declared, if any."""
+    """The scope a handler (a function, a bound method, or a partial of either) declared, if any."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
     found = getattr(handler, _SCOPE_ATTRIBUTE, None)
     return found if isinstance(found, str) else None
 
