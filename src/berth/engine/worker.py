@@ -77,11 +77,28 @@ def build_params(args: LlamaServerArgs):
     import xllamacpp
 
     p = xllamacpp.CommonParams()
+    _set_model_and_address(p, args)
+    _set_compute(p, args, xllamacpp)
+    _set_loading(p, args, xllamacpp)
+    _set_endpoints(p, args)
+    p.swa_full = args.get("swa_full")
+    p.embedding = args.get("embeddings")
+    _set_sampling(p, args)
+    _set_model_behaviour(p, args, xllamacpp)
+    return p
+
+
+def _set_model_and_address(p, args: LlamaServerArgs) -> None:
+    """The model file, where to listen, and the context shared by the parallel slots."""
     p.model.path = args.get("model")
     p.hostnames = [args.get("host", "127.0.0.1")]
     p.port = args.get("port", 8080)
     p.n_ctx = args.get("ctx_size", 0)
     p.n_parallel = args.get("parallel", 1)
+
+
+def _set_compute(p, args: LlamaServerArgs, xllamacpp) -> None:
+    """Offload, batches, threads, KV cache types and flash attention; left unset, the library's defaults."""
     if args.get("n_gpu_layers") is not None:
         p.n_gpu_layers = _gpu_layers(args.get("n_gpu_layers"))
     if args.get("batch_size") is not None:
@@ -97,11 +114,19 @@ def build_params(args: LlamaServerArgs):
             setattr(p, attr, _ggml_type(xllamacpp, args.get(dest), "--" + dest.replace("_", "-")))
     flash = args.get("flash_attn")
     if flash is not None:
-        fa = xllamacpp.llama_flash_attn_type
-        p.flash_attn_type = {"on": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED, "true": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                             "1": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED, "enabled": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                             "auto": fa.LLAMA_FLASH_ATTN_TYPE_AUTO}.get(flash.lower(),
-                                                                        fa.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        p.flash_attn_type = _flash_attn_type(xllamacpp, flash)
+
+
+def _flash_attn_type(xllamacpp, value: str):
+    """llama-server's -fa values: on (and its spellings), auto; anything else is off."""
+    fa = xllamacpp.llama_flash_attn_type
+    return {"on": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED, "true": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "1": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED, "enabled": fa.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "auto": fa.LLAMA_FLASH_ATTN_TYPE_AUTO}.get(value.lower(), fa.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+
+
+def _set_loading(p, args: LlamaServerArgs, xllamacpp) -> None:
+    """How the model is read: its chat template engine, projector, and mmap/mlock/direct-io mode."""
     p.use_jinja = args.get("jinja", True)
     if args.get("mmproj"):
         p.mmproj.path = args.get("mmproj")
@@ -110,6 +135,10 @@ def build_params(args: LlamaServerArgs):
                    "mmap": modes.LLAMA_LOAD_MODE_MMAP, "mlock": modes.LLAMA_LOAD_MODE_MLOCK,
                    "mmap+mlock": modes.LLAMA_LOAD_MODE_MMAP_MLOCK, "dio": modes.LLAMA_LOAD_MODE_DIRECT_IO,
                    }[args.load_mode()]
+
+
+def _set_endpoints(p, args: LlamaServerArgs) -> None:
+    """What the HTTP server answers to: model names, keys, /metrics, /slots and where slots are saved."""
     if args.get("alias"):
         p.model_alias = set(a.strip() for a in args.get("alias").split(",") if a.strip())
     # as llama-server: the keys of LLAMA_API_KEY (berth's key for this run), then those of --api-key
@@ -121,8 +150,10 @@ def build_params(args: LlamaServerArgs):
     if args.get("slot_save_path"):
         # llama-server's own parser adds the separator; the library joins path and file name as strings
         p.slot_save_path = os.path.join(args.get("slot_save_path"), "")
-    p.swa_full = args.get("swa_full")
-    p.embedding = args.get("embeddings")
+
+
+def _set_sampling(p, args: LlamaServerArgs) -> None:
+    """The default sampling settings; the library names the penalties differently from the flags."""
     for dest in ("temp", "top_k", "top_p", "min_p"):
         if args.get(dest) is not None:
             setattr(p.sampling, dest, args.get(dest))
@@ -130,20 +161,26 @@ def build_params(args: LlamaServerArgs):
                         ("frequency_penalty", "penalty_freq")):
         if args.get(dest) is not None:
             setattr(p.sampling, field, args.get(dest))
+
+
+def _set_model_behaviour(p, args: LlamaServerArgs, xllamacpp) -> None:
+    """Tensor placement overrides, chat template, embedding pooling and warmup."""
     overrides = _tensor_overrides(args)
     if overrides:
         p.tensor_buft_overrides = overrides
     if args.get("chat_template"):
         p.chat_template = args.get("chat_template")
     if args.get("pooling"):
-        pooling = args.get("pooling")
-        try:
-            p.pooling_type = xllamacpp.llama_pooling_type[f"LLAMA_POOLING_TYPE_{pooling.upper()}"]
-        except KeyError:
-            raise WorkerUsageError(f"--pooling {pooling!r} is not one of none, mean, cls, last, rank") from None
+        p.pooling_type = _pooling_type(xllamacpp, args.get("pooling"))
     if args.get("no_warmup"):
         p.warmup = False
-    return p
+
+
+def _pooling_type(xllamacpp, pooling: str):
+    try:
+        return xllamacpp.llama_pooling_type[f"LLAMA_POOLING_TYPE_{pooling.upper()}"]
+    except KeyError:
+        raise WorkerUsageError(f"--pooling {pooling!r} is not one of none, mean, cls, last, rank") from None
 
 
 def run_worker(argv: list[str]) -> int:
