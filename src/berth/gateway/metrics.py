@@ -20,14 +20,28 @@ _DECODER = json.JSONDecoder()
 
 
 class Metrics:
+    """Every series the gateway exports, declared by what it describes; the order of the declarations is the
+    order of /metrics."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._declare_request_series(self.registry)
+        self._declare_model_lifecycle_series(self.registry)
+        self._declare_upstream_report_series(self.registry)
+        self._declare_load_series(self.registry)
+        self._declare_key_series(self.registry)
+        self._declare_memory_series(self.registry)
+
+    def _declare_request_series(self, r: CollectorRegistry) -> None:
+        """Each request to a model: its outcome and how long it took."""
         self.requests = Counter("berth_requests", "Requests by model and HTTP status", ["model", "status"], registry=r)
         self.latency = Histogram("berth_request_duration_seconds", "Request duration, first byte in to last byte out",
                                  ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttfb = Histogram("berth_time_to_first_byte_seconds", "Time from request to the first upstream byte",
                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+
+    def _declare_model_lifecycle_series(self, r: CollectorRegistry) -> None:
+        """Model processes starting, failing, crashing and being swapped out, and who waits meanwhile."""
         self.load_seconds = Histogram("berth_model_load_duration_seconds", "Time from spawn to ready", ["model"],
                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.swaps = Counter("berth_swaps", "Models stopped to make room for another", registry=r)
@@ -40,6 +54,9 @@ class Metrics:
         self.start_backoff = Gauge("berth_model_start_backoff_seconds",
                                    "Seconds before a model that failed to start repeatedly is tried again",
                                    ["model"], registry=r)
+
+    def _declare_upstream_report_series(self, r: CollectorRegistry) -> None:
+        """What model servers report (tokens in `usage`, cached tokens in `timings`) and their saved KV slots."""
         self.tokens = Counter("berth_tokens", "Tokens reported by upstream usage", ["model", "kind"], registry=r)
         self.kv_saves = Counter("berth_kv_slot_saves", "KV slot saves before planned stops", ["model", "outcome"],
                                 registry=r)
@@ -51,9 +68,10 @@ class Metrics:
                                        "Cached tokens reused by the first request after a restore", ["model"],
                                        registry=r)
 
-        # What a load-aware router reads (Kubernetes' Gateway API Inference Extension endpoint picker among them,
-        # README "Scale out"): totals without labels, since such a picker reads one series per metric, and the
-        # same per model.
+    def _declare_load_series(self, r: CollectorRegistry) -> None:
+        """What a load-aware router reads (Kubernetes' Gateway API Inference Extension endpoint picker among them,
+        README "Scale out"): totals without labels, since such a picker reads one series per metric, and the
+        same per model."""
         self.requests_running = Gauge("berth_requests_running", "Requests at a model server now", registry=r)
         self.kv_cache_usage = Gauge("berth_kv_cache_usage_ratio",
                                     "Share of the loaded models' context slots' tokens in use (0-1)", registry=r)
@@ -69,7 +87,8 @@ class Metrics:
         self.models_info = Gauge("berth_models_info", "Loaded and starting models; the value is when it was set",
                                  ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
 
-        # Per API key (its name from the config, never the key): what /api/usage keeps across restarts
+    def _declare_key_series(self, r: CollectorRegistry) -> None:
+        """Per API key (its name from the config, never the key): what /api/usage keeps across restarts."""
         self.key_requests = Counter("berth_key_requests", "Requests to models per API key and model",
                                     ["key", "model"], registry=r)
         self.key_errors = Counter("berth_key_errors", "Requests per API key and model answered with an error",
@@ -81,6 +100,8 @@ class Metrics:
         self.key_refusals = Counter("berth_key_refusals", "Requests refused by an API key's models, scopes or limits",
                                     ["key", "reason"], registry=r)
 
+    def _declare_memory_series(self, r: CollectorRegistry) -> None:
+        """Memory per model (planned by the scheduler, measured while running) and per device."""
         self.memory_planned = Gauge("berth_model_memory_planned_bytes", "Memory the scheduler counts per model",
                                     ["model", "device", "source"], registry=r)
         self.memory_measured = Gauge("berth_model_memory_measured_bytes", "Peak memory a running model used",
