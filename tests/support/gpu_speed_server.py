@@ -20,8 +20,9 @@ the stand-in's own CPU cost stays small next to a proxy's (a raw asyncio protoco
 
 `--events FILE` appends JSON lines with `time.monotonic()` stamps (comparable across processes on
 Linux): start (the script's first line), listening, ready, the first chat request and its first byte
-written, exit (on SIGTERM or SIGINT, which it obeys at once). With --start-probe it writes the start
-stamp and exits, so a caller can tell the interpreter's own start from its parent's delay.
+written, each reset of --stale-after-stream, exit (on SIGTERM or SIGINT, which it obeys at once). With
+--start-probe it writes the start stamp and exits, so a caller can tell the interpreter's own start
+from its parent's delay.
 
 Any other llama-server flag (-m, -c, --jinja ...) is accepted and ignored, so a config's `cmd` for
 llama-server can run it unchanged.
@@ -39,6 +40,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 from collections import deque  # noqa: E402
 from typing import IO  # noqa: E402
 
@@ -61,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-alive-max", type=int, default=100, help="answers on one connection")
     p.add_argument("--keep-streams-open", action="store_true",
                    help="keep the connection after a streamed answer (llama-server closes it)")
+    p.add_argument("--stale-after-stream", action="store_true",
+                   help="after a streamed answer, keep the connection until the next request on it arrives, then "
+                        "reset it unanswered: what a client meets, as timing falls, when its next request crosses "
+                        "llama-server's close; here every time")
     p.add_argument("--nodelay", action="store_true", help="set TCP_NODELAY (llama-server does not)")
     p.add_argument("--events", help="append lifecycle stamps (JSON lines, time.monotonic()) to this file")
     p.add_argument("--start-probe", action="store_true",
@@ -277,6 +283,7 @@ class Connection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closing_asked = False  # the request being answered said Connection: close
         self.close_after_stream = False
+        self.stale = False  # --stale-after-stream: the next request on it meets a reset
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -298,6 +305,12 @@ class Connection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
+        if self.stale and self.transport is not None:  # a socket closed with SO_LINGER 0 sends a reset
+            self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                struct.pack("ii", 1, 0))
+            self.transport.abort()
+            self.server.events.write("reset")
+            return
         self.buffer += data
         self._serve_buffered()
 
@@ -422,7 +435,9 @@ class Connection(asyncio.Protocol):
         if generation.done():
             self.busy = None
             # cpp-httplib ends a chunked answer by failing its write loop, and so closes the connection
-            self._answered(self.close_after_stream or not self.server.args.keep_streams_open)
+            self.stale = self.server.args.stale_after_stream and not self.close_after_stream
+            closes = not (self.server.args.keep_streams_open or self.stale)
+            self._answered(self.close_after_stream or closes)
 
 
 def _dechunk(data: bytes) -> tuple[bytes, int] | None:

@@ -19,7 +19,8 @@ from berth.core.procfs import descendants as children_of
 from berth.core.procfs import pid_alive
 
 __all__ = ["BerthServer", "children_of", "closed_by_server", "fake_cmd", "free_port", "free_port_block", "healthy",
-           "kill_quietly", "pid_alive", "server_key_headers", "start_log_lines", "start_stand_in", "wait_until"]
+           "kill_quietly", "pid_alive", "server_key_headers", "stand_in_cmd", "start_log_lines", "start_stand_in",
+           "wait_until"]
 
 FAKE_SERVER = Path(__file__).with_name("fake_model_server.py")
 GPU_SPEED_SERVER = Path(__file__).with_name("gpu_speed_server.py")
@@ -74,6 +75,11 @@ def healthy(url: str) -> bool:
         return requests.get(url + "/health", timeout=1).ok
     except requests.ConnectionError:
         return False
+
+
+def stand_in_cmd(*flags: str) -> str:
+    """A config's `cmd` that runs the GPU-speed stand-in on the model's ${PORT}."""
+    return " ".join([sys.executable, str(GPU_SPEED_SERVER), "--port", "${PORT}", *flags])
 
 
 def start_stand_in(*flags: str) -> tuple[subprocess.Popen, str]:

@@ -26,11 +26,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
-from types import SimpleNamespace
 
 import aiohttp
 
 from berth.bench.images import BenchImage
+from berth.core import pooled
 
 
 class BenchSetupError(Exception):
@@ -176,39 +176,22 @@ class StreamError(Exception):
     """An error event inside a stream that had started (the answer was cut short by the server)."""
 
 
-# A stale pooled connection is dropped when it fails, so each retry takes the next pooled one or a
-# new one; more than this many stale ones in a row means something else is wrong.
-MAX_STALE_RETRIES = 16
-
-
-async def _on_connection_reuse(session: aiohttp.ClientSession, context: SimpleNamespace, params: object) -> None:
-    if context.trace_request_ctx is not None:  # only bench requests carry one (not unloads)
-        context.trace_request_ctx.reused = True
-
-
-def _tracing() -> aiohttp.TraceConfig:
-    """Tells each attempt (its trace_request_ctx) whether it went out on a pooled connection."""
-    config = aiohttp.TraceConfig()
-    config.on_connection_reuseconn.append(_on_connection_reuse)
-    return config
-
-
 async def _post(session: aiohttp.ClientSession, url: str, body: dict, headers: dict[str, str],
                 record: RequestRecord, origin: float) -> tuple[aiohttp.ClientResponse, float]:
-    """POST and wait for the answer's headers, sending again while a pooled connection proves closed.
-    Returns the answer and when the attempt that got it began (also set as `record.started`): the
-    failed attempts never reached the server, so their time is the client's and is not measured."""
-    while True:
+    """POST and wait for the answer's headers, sending again while a pooled connection proves closed
+    (core/pooled.py). Returns the answer and when the attempt that got it began (also set as
+    `record.started`): the failed attempts never reached the server, so their time is the client's and
+    is not measured."""
+    begun = time.perf_counter()
+
+    def again() -> None:
+        nonlocal begun
+        record.retries += 1
         begun = time.perf_counter()
         record.started = begun - origin
-        attempt = SimpleNamespace(reused=False)
-        try:
-            return await session.post(url, json=body, headers=headers, trace_request_ctx=attempt), begun
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # ClientConnectorError (no connection at all) is a ClientOSError, but never on a reused one
-            if not attempt.reused or record.retries >= MAX_STALE_RETRIES:
-                raise
-            record.retries += 1
+
+    record.started = begun - origin
+    return await pooled.request(session, "POST", url, json=body, headers=headers, on_retry=again), begun
 
 
 def _connection_error_kind(exc: aiohttp.ClientError) -> str:
@@ -420,7 +403,8 @@ async def run(settings: BenchSettings, progress: Progress | None = None) -> list
     targets = settings.targets()
     requests = planned_requests(settings)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[_tracing()]) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                     trace_configs=[pooled.reuse_tracing()]) as session:
 
         async def one(target: Target, model_index: int, concurrency: int, planned: PlannedRequest, label: str,
                       round_: int) -> None:

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from berth.config import UpstreamTimeouts
+from berth.core import pooled
 from berth.core.errors import BerthError, UpstreamError, UpstreamTimeout
 from berth.gateway.ledger import Outcome, RequestLedger, RequestRecord
 from berth.gateway.sessions import UpstreamSessions
@@ -116,22 +117,6 @@ def _client_timeout(timeouts: UpstreamTimeouts, https: bool) -> aiohttp.ClientTi
                                  sock_read=timeouts.idle or None)
 
 
-async def _open(session: aiohttp.ClientSession, method: str, url: str, body: bytes | None,
-                headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-    """Send the request; once more if the connection closes before any response byte.
-
-    That is what a pooled keep-alive connection the model server has just closed looks like:
-    the server answered nothing, so sending again (aiohttp has dropped that connection; the
-    retry takes another or opens one) is what HTTP clients do for idle pooled connections.
-    """
-    try:
-        return await session.request(method, url, data=body, headers=headers, timeout=timeout,
-                                     allow_redirects=False)
-    except aiohttp.ServerDisconnectedError:
-        return await session.request(method, url, data=body, headers=headers, timeout=timeout,
-                                     allow_redirects=False)
-
-
 def _limit(timeouts: UpstreamTimeouts) -> str:
     limits = [f"{name} {value:g}s" for name, value in (("timeouts.responseHeader", timeouts.response_header),
                                                          ("timeouts.idle", timeouts.idle),
@@ -212,8 +197,10 @@ class Proxy:
         headers = _request_headers(request, target.takes_client_credentials and not self._keys_in_use())
         headers.update(target.headers)
         self._ledger.sent(record)
-        opening = _open(self._sessions.proxy, outbound.method or request.method, url, outbound.body, headers,
-                        _client_timeout(timeouts, url.startswith("https:")))
+        # a pooled connection the model server has closed is retried on another (core/pooled.py)
+        opening = pooled.request(self._sessions.proxy, outbound.method or request.method, url, data=outbound.body,
+                                 headers=headers, timeout=_client_timeout(timeouts, url.startswith("https:")),
+                                 allow_redirects=False)
         outcome = Outcome.FAILED
         exchange: _Exchange | None = None
         try:

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from berth.core import pooled
+
 # Idle connections are dropped before llama-server's (cpp-httplib's) 5 s keep-alive timeout closes
 # them from its side, so a request rarely meets a connection that is already gone.
 KEEPALIVE_SECONDS = 4.0
@@ -33,7 +35,8 @@ class UpstreamSessions:
         """For `app.cleanup_ctx`."""
         self._control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._proxy = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS), auto_decompress=False)
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS), auto_decompress=False,
+            trace_configs=[pooled.reuse_tracing()])
         try:
             yield
         finally:
