@@ -35,13 +35,12 @@ from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
 from berth.runtime.janitor import Janitor, signal_group
 from berth.runtime.logs import LogHub
 from berth.runtime.pagecache import PageWarmer, launch_files
+from berth.runtime.readiness import wait_healthy
 from berth.runtime.sleep import SleepWatch
 from berth.runtime.slots import SlotKeeper
 
 log = logging.getLogger("berth.runtime")
 
-HEALTH_FIRST_DELAY = 0.05
-HEALTH_MAX_DELAY = 0.1  # a load that ends between two polls waits at most this long; polls are cheap
 GROUP_GONE_TIMEOUT = 5.0
 LIVENESS_MISSES = 3  # health checks missed in a row before a ready model counts as hung
 RUN_OUTPUT_LINES = 2000  # the child's last lines kept per run (buffer sizes come early, failures late)
@@ -189,6 +188,8 @@ class ModelProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self.load_seconds: float | None = None
+        self._spawned: float | None = None  # on the event loop's clock
+        self._output_arrived = asyncio.Event()  # set by each line the child writes (readiness.py)
         self._oom_kills_at_spawn = 0
 
     @property
@@ -355,6 +356,7 @@ class ModelProcess:
                                        "fix `cmd` in the config") from None
         except OSError as exc:
             raise StartFailed(spec.id, f"cannot run {self.argv[0]!r}: {exc}") from None
+        self._spawned = asyncio.get_running_loop().time()
         self._oom_kills_at_spawn = await asyncio.to_thread(oom_kill_count)
         self._janitor.register(self._proc.pid)
         self._log(f"started pid {self._proc.pid}")
@@ -398,6 +400,7 @@ class ModelProcess:
                 line = await proc.stdout.read(65536)
             if not line:
                 return
+            self._output_arrived.set()  # a hint to check readiness now; the text is never read for it
             text = line.decode("utf-8", errors="replace").rstrip("\n")
             self.output.append(text)
             self._logs.write(self.spec.id, text, upstream=True)
@@ -438,18 +441,9 @@ class ModelProcess:
 
     async def _wait_healthy(self) -> None:
         if self.spec.check_endpoint is not None:
-            url = self.spec.proxy + self.spec.check_endpoint
-            delay = HEALTH_FIRST_DELAY
-            timeout = aiohttp.ClientTimeout(total=5)
-            while True:
-                try:
-                    async with self._session.get(url, timeout=timeout, headers=key_headers(self.key)) as resp:
-                        if resp.status == 200:
-                            break
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    pass
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, HEALTH_MAX_DELAY)
+            assert self._spawned is not None
+            await wait_healthy(self._session, self.spec.proxy + self.spec.check_endpoint, key_headers(self.key),
+                               self._output_arrived, self._spawned)
         if self._warmup is not None and self.spec.warmup:
             await self._warmup(self.spec, self.key, self._session)
 
