@@ -110,7 +110,8 @@ class GatewayContext:
     async def read_body(self, request: web.Request) -> bytes:
         """The whole body, within clientBodyTimeout: a client that trickles it in holds nothing forever."""
         try:
-            return await asyncio.wait_for(request.read(), self.config.client_body_timeout)
+            async with asyncio.timeout(self.config.client_body_timeout):  # no task of its own, unlike wait_for
+                return await request.read()
         except asyncio.TimeoutError:
             raise RequestTimeout(f"the request body did not arrive within clientBodyTimeout "
                                  f"({self.config.client_body_timeout:g}s); send it faster or raise the limit") from None

@@ -204,8 +204,9 @@ class Proxy:
         outcome = Outcome.FAILED
         exchange: _Exchange | None = None
         try:
-            upstream_response = await (asyncio.wait_for(opening, timeouts.response_header)
-                                       if timeouts.response_header else opening)
+            # asyncio.timeout, not wait_for: wait_for runs `opening` as a task of its own, one more loop turn
+            async with asyncio.timeout(timeouts.response_header or None):
+                upstream_response = await opening
             async with upstream_response as upstream:
                 self._ledger.first_byte(record, upstream.status)
                 exchange = _Exchange(request, target, record, upstream, self._ledger)
