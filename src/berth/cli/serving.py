@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -17,6 +16,7 @@ from berth.cli.loading import load, print_warnings, store_for
 from berth.cli.logformat import configure_logging
 from berth.client import BerthClient, ClientError
 from berth.config import BerthConfig
+from berth.core import eventloop
 from berth.core.errors import BerthError
 from berth.engine.embedded import EmbeddedModelError, embedded_config
 from berth.engine.launch import Launch, build_launch
@@ -43,6 +43,10 @@ def serve(config_path: str | None, listen: str, metrics_listen: str | None, watc
           log_level: str | None) -> None:
     """Serve the models of a config (or the embedded default model) on one endpoint."""
     host, port = parse_listen(listen)
+    try:
+        loop = eventloop.loop_factory()
+    except BerthError as exc:
+        fail(exc.message)
     metrics_address = parse_listen(metrics_listen) if metrics_listen else None
     if metrics_address and metrics_address[1] == port:
         fail(f"--metrics-listen {metrics_listen} uses the port of --listen {listen}; give it a port of its own")
@@ -53,9 +57,9 @@ def serve(config_path: str | None, listen: str, metrics_listen: str | None, watc
     level = {"warn": "warning"}.get(log_level or config.log_level, log_level or config.log_level).upper()
     configure_logging(config, level)
     try:
-        asyncio.run(run_gateway(config, host, port, _launch_builder(config), warmup=chat_warmup,
-                                config_path=config_path, watch_config=watch_config,
-                                metrics_address=metrics_address))
+        eventloop.run(run_gateway(config, host, port, _launch_builder(config), warmup=chat_warmup,
+                                  config_path=config_path, watch_config=watch_config,
+                                  metrics_address=metrics_address), loop)
     except OSError as exc:
         where = f"{host}:{port}" + (f" or {metrics_listen}" if metrics_listen else "")
         fail(f"cannot listen on {where}: {exc.strerror or exc}; choose another address with --listen"

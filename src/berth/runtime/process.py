@@ -12,6 +12,7 @@ berth words its own log lines.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -45,6 +47,15 @@ GROUP_GONE_TIMEOUT = 5.0
 LIVENESS_MISSES = 3  # health checks missed in a row before a ready model counts as hung
 RUN_OUTPUT_LINES = 2000  # the child's last lines kept per run (buffer sizes come early, failures late)
 CHILD_UMASK = 0o077  # what a model server writes (saved KV slots hold users' tokens) is for berth's user alone
+
+
+def _child_umask() -> dict[str, Any]:
+    """The spawn argument that gives the child CHILD_UMASK. asyncio's loop passes `umask` to subprocess,
+    which sets it in C between fork and exec; uvloop's (core/eventloop.py) refuses that argument, so there
+    the child calls os.umask itself before exec (a preexec_fn: one system call, no lock taken)."""
+    if isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+        return {"umask": CHILD_UMASK}
+    return {"preexec_fn": functools.partial(os.umask, CHILD_UMASK)}
 
 
 @dataclass(frozen=True)
@@ -346,8 +357,8 @@ class ModelProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=child_environment(os.environ, (*spec.env, *launch.env)),  # launch.env: its server key
-                umask=CHILD_UMASK,
                 start_new_session=True,  # own process group: a stop reaches every descendant
+                **_child_umask(),
             )
         except FileNotFoundError:
             raise StartFailed(spec.id, f"command not found: {self.argv[0]!r}; fix `cmd` in the config") from None
