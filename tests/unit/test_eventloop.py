@@ -1,9 +1,10 @@
-"""The event loop berth serves on (core/eventloop.py): uvloop when installed, asyncio's own on request,
-a clear error for a name it does not know."""
+"""The event loop berth serves on (core/eventloop.py): asyncio's own unless uvloop is asked for, a clear
+error for a name it does not know or a uvloop that is not installed."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
@@ -13,12 +14,16 @@ from berth.core.errors import BerthError
 
 def test_an_unknown_loop_name_is_refused_naming_the_choices(monkeypatch):
     monkeypatch.setenv("BERTH_EVENT_LOOP", "tokio")
-    with pytest.raises(BerthError, match="'tokio' is not an event loop berth knows; use one of: uvloop, asyncio"):
+    with pytest.raises(BerthError, match="'tokio' is not an event loop berth knows; use one of: asyncio, uvloop"):
         eventloop.loop_factory()
 
 
-def test_asyncio_chosen_runs_on_asyncio_own_loop(monkeypatch):
-    monkeypatch.setenv("BERTH_EVENT_LOOP", "asyncio")
+@pytest.mark.parametrize("setting", [None, "asyncio"])
+def test_asyncio_own_loop_is_the_default(monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv("BERTH_EVENT_LOOP", raising=False)
+    else:
+        monkeypatch.setenv("BERTH_EVENT_LOOP", setting)
     factory = eventloop.loop_factory()
     assert factory is None
 
@@ -28,11 +33,18 @@ def test_asyncio_chosen_runs_on_asyncio_own_loop(monkeypatch):
     assert issubclass(eventloop.run(loop_type(), factory), asyncio.BaseEventLoop)
 
 
-def test_uvloop_is_the_default_when_installed(monkeypatch):
+def test_uvloop_when_asked_for(monkeypatch):
     uvloop = pytest.importorskip("uvloop")
-    monkeypatch.delenv("BERTH_EVENT_LOOP", raising=False)
+    monkeypatch.setenv("BERTH_EVENT_LOOP", "uvloop")
 
     async def loop_type() -> type:
         return type(asyncio.get_running_loop())
 
     assert eventloop.run(loop_type(), eventloop.loop_factory()) is uvloop.Loop
+
+
+def test_uvloop_asked_for_but_missing_names_the_fix(monkeypatch):
+    monkeypatch.setenv("BERTH_EVENT_LOOP", "uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an import of a package that is not installed meets
+    with pytest.raises(BerthError, match="uvloop is not installed: pip install uvloop"):
+        eventloop.loop_factory()
