@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
@@ -318,7 +317,7 @@ def markdown(found: dict) -> str:
 
 def berth_loop() -> str:
     """The event loop berth runs on here (core/eventloop.py decides it the same way)."""
-    return os.environ.get("BERTH_EVENT_LOOP") or ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    return os.environ.get("BERTH_EVENT_LOOP") or "asyncio"
 
 
 async def measure(args: argparse.Namespace) -> dict:
