@@ -6,7 +6,8 @@ pooled connection before the client has seen the close fails before any answer b
 as ServerDisconnectedError, or as ClientOSError when the write or the read meets the reset (the usual
 case with llama-server). The server never took that request, so it is sent again on another connection
 (the failed one has left the pool), as HTTP clients do. A failure on a fresh connection is the server's
-own and is raised: it may have seen the request.
+own and is raised (it may have seen the request), unless the caller allows `fresh_retries` for a server
+that closed a fresh connection without answering (berth's proxy allows one, as it always has).
 
 A session sends with `request` only if it was made with `trace_configs=[reuse_tracing()]`: that is how
 an attempt learns whether it went out on a pooled connection.
@@ -43,17 +44,24 @@ class _Attempt(SimpleNamespace):
 
 
 async def request(session: aiohttp.ClientSession, method: str, url: str, *,
-                  on_retry: Callable[[], None] | None = None, **kwargs: Any) -> aiohttp.ClientResponse:
+                  on_retry: Callable[[], None] | None = None, fresh_retries: int = 0,
+                  **kwargs: Any) -> aiohttp.ClientResponse:
     """`session.request(method, url, **kwargs)` (returns once the answer's headers are in), sent again
-    while it fails on a pooled connection the server had closed; `on_retry` is called before each resend."""
+    while it fails on a pooled connection the server had closed, and up to `fresh_retries` times when
+    the server closes a fresh one without a byte of answer; `on_retry` is called before each resend."""
     retries = 0
     while True:
         attempt = _Attempt()
         try:
             return await session.request(method, url, trace_request_ctx=attempt, **kwargs)
-        except STALE_ERRORS:
+        except STALE_ERRORS as exc:
             # ClientConnectorError (no connection at all) is a ClientOSError too, but never on a reused one
-            if not attempt.reused or retries >= MAX_STALE_RETRIES:
+            if attempt.reused:
+                if retries >= MAX_STALE_RETRIES:
+                    raise
+            elif isinstance(exc, aiohttp.ServerDisconnectedError) and fresh_retries > 0:
+                fresh_retries -= 1
+            else:
                 raise
             retries += 1
             if on_retry is not None:

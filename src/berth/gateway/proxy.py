@@ -197,10 +197,11 @@ class Proxy:
         headers = _request_headers(request, target.takes_client_credentials and not self._keys_in_use())
         headers.update(target.headers)
         self._ledger.sent(record)
-        # a pooled connection the model server has closed is retried on another (core/pooled.py)
+        # sent again on another connection when a pooled one proves closed, and once when the model server
+        # closes a fresh one before any answer byte (core/pooled.py): nothing has reached the client yet
         opening = pooled.request(self._sessions.proxy, outbound.method or request.method, url, data=outbound.body,
                                  headers=headers, timeout=_client_timeout(timeouts, url.startswith("https:")),
-                                 allow_redirects=False)
+                                 allow_redirects=False, fresh_retries=1)
         outcome = Outcome.FAILED
         exchange: _Exchange | None = None
         try:
