@@ -57,6 +57,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STAND_IN = ROOT / "tests" / "support" / "gpu_speed_server.py"
 PROMPT = "Write one sentence about the sea."
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+# berth gives a llama-server a key of its own (a fresh one unless its cmd has one): this one, so that the
+# direct requests can present it too
+LLAMA_SERVER_KEY = "proxy-speed-bench"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -76,10 +79,12 @@ def listening_pid(port: int) -> int:
 
 
 async def stream_phase(name: str, direct: str, berth: str, model: str, concurrency: int, requests: int,
-                       args: argparse.Namespace, rounds: int, berth_pid: int, upstream_pid: int) -> dict:
-    """One phase: the same request list direct (A) and through berth (B), interleaved by round."""
+                       args: argparse.Namespace, rounds: int, berth_pid: int, upstream_pid: int,
+                       api_key: str | None = None) -> dict:
+    """One phase: the same request list direct (A) and through berth (B), interleaved by round. `api_key`
+    is the upstream's own key, for the direct requests (berth presents it itself, whatever a client sends)."""
     settings = BenchSettings(direct, [model], requests, [concurrency], [PROMPT], args.max_tokens,
-                             compare_url=berth, rounds=rounds, timeout=120)
+                             compare_url=berth, rounds=rounds, timeout=120, api_key=api_key)
     berth_cpu, upstream_cpu, own_cpu = cpu_seconds(berth_pid), cpu_seconds(upstream_pid), time.process_time()
     began = time.perf_counter()
     records = await run(settings)
@@ -183,7 +188,7 @@ async def llama_server_phases(args: argparse.Namespace, workdir: Path, env: dict
     port = free_port()
     config = workdir / "llama-server.yaml"
     config.write_text(f"models:\n  tiny:\n    cmd: {binary} -m {model} --host 127.0.0.1 --port {port} -c 4096 "
-                      f"-np 8 -t 2 --no-jinja --chat-template chatml --no-warmup\n"
+                      f"-np 8 -t 2 --no-jinja --chat-template chatml --no-warmup --api-key {LLAMA_SERVER_KEY}\n"
                       f"    proxy: http://127.0.0.1:{port}\n    concurrencyLimit: 1000\n    kvPersistence: false\n")
     with berth_process(config, env) as (url, pid):
         await _load(url, "tiny")
@@ -191,7 +196,7 @@ async def llama_server_phases(args: argparse.Namespace, workdir: Path, env: dict
         # smaller blocks, more rounds: the model's threads and the proxy compete for the cores, so rounds vary;
         # 200 requests or more each way at c1 and c8 (what `berth bench` must answer without an error)
         return [await stream_phase("llama-server, tiny model", f"http://127.0.0.1:{port}", url, "tiny",
-                                   concurrency, requests, args, 2 * args.rounds, pid, upstream)
+                                   concurrency, requests, args, 2 * args.rounds, pid, upstream, LLAMA_SERVER_KEY)
                 for concurrency, requests in ((1, 20), (8, 32))]
 
 
