@@ -1,5 +1,5 @@
-"""What berth says about itself: probes (/health, /ready), what runs (/running), Prometheus' /metrics and the
-recent requests (/api/requests). Figures come from model snapshots, the memory service and the ledger;
+"""What berth says about itself: probes (/health, /ready), what runs (/running), Prometheus' /metrics, the
+recent requests (/api/requests) and what happened to each model and why (/api/events). Figures come from model snapshots, the memory service and the ledger;
 nothing here asks a model server (the KV gauges are gathered by the runtime's collector)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from berth.core.errors import BadRequest
 from berth.gateway.access import KEYLESS, LOGS, METRICS, scope
 from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.memory.devices import inventory
@@ -25,6 +26,8 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_get("/metrics", routes.prometheus)
     router.add_get("/api/requests", routes.recent_requests)
     router.add_get("/ui/api/requests", routes.recent_requests)
+    router.add_get("/api/events", routes.events)
+    router.add_get("/ui/api/events", routes.events)
 
 
 class Observability(Routes):
@@ -83,3 +86,17 @@ class Observability(Routes):
     @scope(LOGS)
     async def recent_requests(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.context.ledger.recent()})
+
+    @scope(METRICS)
+    async def events(self, request: web.Request) -> web.Response:
+        """Starts, stops (with the scheduler's reason as data), sleeps, wakes and failures after event number
+        `since` (0: all kept), oldest first; `model` keeps one model's."""
+        raw = request.query.get("since", "0")
+        if not raw.isdigit():
+            raise BadRequest(f"since={raw!r} is not an event number; pass the `last` of the previous answer "
+                             "(or 0 for every event kept)")
+        events, dropped = self.context.pool.events.since(int(raw))
+        model = request.query.get("model")
+        chosen = [e.as_json() for e in events if model is None or e.model == model]
+        return web.json_response({"events": chosen, "last": self.context.pool.events.last_seq(),
+                                  "dropped": dropped})

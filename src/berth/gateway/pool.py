@@ -17,6 +17,7 @@ from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
 from berth.engine.launch import Launch, key_headers, server_slots
 from berth.engine.redact import redact_argv
+from berth.gateway.events import EventKind, EventLog
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
 from berth.gateway.upstream import Upstream
@@ -115,8 +116,10 @@ Prefetch = Callable[[ModelSpec, str], None]  # read a model's files into the pag
 class ModelPool:
     def __init__(self, config: BerthConfig, spawn: SpawnProcess, memory: MemoryService, metrics: Metrics,
                  gauges: GaugeCollector | None = None, prefetch: Prefetch | None = None,
-                 planned_launch: Callable[[ModelSpec], Launch] | None = None) -> None:
+                 planned_launch: Callable[[ModelSpec], Launch] | None = None,
+                 events: EventLog | None = None) -> None:
         self.config = config
+        self.events = events or EventLog()  # what happened to each model, with the scheduler's reasons
         self.memory = memory
         self.metrics = metrics
         self._gauges = gauges  # told of every process from spawn to exit; None: no gauges (tests of the pool)
@@ -327,14 +330,17 @@ class ModelPool:
                 else:
                     future.set_exception(action.error)
             elif isinstance(action, Start):
+                self.events.record(action.model, EventKind.START)
                 self._start(action.model)
             elif isinstance(action, Wake):
+                self.events.record(action.model, EventKind.WAKE)
                 log.info(f"waking {action.model}")
                 process = self._processes.get(action.model)
                 if process is not None:
                     process.wake()
             elif isinstance(action, Stop):
-                log.info(f"stopping {action.model} ({action.reason.value})")
+                event = self.events.stop(action.model, action.reason, action.why)
+                log.info(f"stopping {action.model} ({action.reason.value}: {event.text})")
                 if action.reason in (StopReason.SWAP, StopReason.MEMORY):
                     self.metrics.swaps.inc()
                 elif action.reason is StopReason.TTL:
@@ -368,6 +374,7 @@ class ModelPool:
         try:
             process = self._spawn(self.config.models[model_id], on_event)
         except BerthError as exc:  # no free port, for one
+            self.events.record(model_id, EventKind.FAILED, why={"error": exc.message}, text=exc.message)
             self._apply(self._scheduler.start_failed(model_id, StartFailed(model_id, exc.message), self._now()))
             return
         self._processes[model_id] = process
@@ -377,6 +384,8 @@ class ModelPool:
     def _on_process_event(self, model_id: str, process: ModelProcess, event: ProcessEvent) -> None:
         now = self._now()
         if isinstance(event, Started):
+            self.events.record(model_id, EventKind.READY, why={"load_s": round(process.load_seconds or 0.0, 2)},
+                               text=f"ready after {process.load_seconds or 0.0:.1f} s")
             self.metrics.load_seconds.labels(model_id).observe(process.load_seconds or 0.0)
             self._apply(self._scheduler.started(model_id, now))
             if self._gauges is not None and self._processes.get(model_id) is process:
@@ -385,9 +394,11 @@ class ModelPool:
         elif isinstance(event, Slept):
             self._apply(self._scheduler.slept(model_id, event.observed_at, now))
             if self.state(model_id) is ModelState.SLEEPING:
+                self.events.record(model_id, EventKind.SLEEP, text="its server unloaded the model (idle)")
                 log.info(f"{model_id} is sleeping (its model left memory; the next request wakes it)")
                 asyncio.create_task(self._measure_sleeping(model_id, process))
         elif isinstance(event, Woke):
+            self.events.record(model_id, EventKind.READY, text="woke")
             self._apply(self._scheduler.started(model_id, now))
             asyncio.create_task(self._measure(model_id, process))
         else:  # the process is gone
@@ -397,12 +408,18 @@ class ModelPool:
                 if self._gauges is not None:
                     self._gauges.forget(model_id)
             if isinstance(event, StartFailedEvent):
+                self.events.record(model_id, EventKind.FAILED, why={"error": event.error.message},
+                                   text=event.error.message)
                 self.metrics.start_failures.labels(model_id).inc()
                 log.info(event.error.message)
                 self._apply(self._scheduler.start_failed(model_id, event.error, now))
             else:
                 if event.crashed:
+                    self.events.record(model_id, EventKind.CRASHED, why={"exit_code": event.exit_code},
+                                       text=f"crashed (exit code {event.exit_code})")
                     self.metrics.crashes.labels(model_id).inc()
+                else:
+                    self.events.record(model_id, EventKind.STOPPED)
                     log.info(f"{model_id} crashed (exit code {event.exit_code}); the next request starts it again")
                 self._apply(self._scheduler.stopped(model_id, now))
         self._publish_states()  # every event changes a state, with or without actions to apply

@@ -130,9 +130,24 @@ class Wake:
 
 
 @dataclass(frozen=True)
+class StopWhy:
+    """The facts behind a stop, as the scheduler weighed them (the shell records them; the dashboard's
+    timeline shows them). Which fields are set depends on the reason: `for_model` for a swap or an
+    eviction, `need` and `short` for an eviction, `idle_s` for any stop of an idle model."""
+
+    for_model: str | None = None  # the model whose start needs this one gone
+    need: Mapping[str, int] | None = None  # what that start adds, per device
+    short: Mapping[str, int] | None = None  # of that, what did not fit in the budget left, per device
+    idle_s: float | None = None  # how long this model had been idle (None: it was busy, or never ready)
+    rule: str | None = None  # why this one was chosen: "lru", "largest", "unknown size", "ttl", "group", "matrix"
+    freed: Mapping[str, int] | None = None  # what its stop frees by the scheduler's count, per device
+
+
+@dataclass(frozen=True)
 class Stop:
     model: str
     reason: StopReason
+    why: StopWhy = field(default=StopWhy(), compare=False)  # data for the record; equality is model + reason
 
 
 @dataclass(frozen=True)
@@ -382,10 +397,10 @@ class Scheduler:
         for model_id in targets:
             m = self.models[model_id]
             if m.state in (ModelState.STARTING, ModelState.SLEEPING):
-                actions.append(self._begin_stop(model_id, reason))
+                actions.append(self._begin_stop(model_id, reason, self._idle_why(model_id, now)))
             elif m.state is ModelState.READY:
                 if m.in_flight == 0 or force:
-                    actions.append(self._begin_stop(model_id, reason))
+                    actions.append(self._begin_stop(model_id, reason, self._idle_why(model_id, now)))
                 else:
                     m.unload_reason = reason
         return actions + self._plan(now)
@@ -423,7 +438,7 @@ class Scheduler:
         self._queue.clear()
         for model_id, m in self.models.items():
             if m.state in (ModelState.STARTING, ModelState.READY, ModelState.SLEEPING):
-                actions.append(self._begin_stop(model_id, StopReason.SHUTDOWN))
+                actions.append(self._begin_stop(model_id, StopReason.SHUTDOWN, self._idle_why(model_id, now)))
         return actions
 
     def tick(self, now: float) -> list[Action]:
@@ -482,13 +497,24 @@ class Scheduler:
             return None
         return m.idle_since + ttl
 
-    def _begin_stop(self, model: str, reason: StopReason) -> Stop:
+    def _begin_stop(self, model: str, reason: StopReason, why: StopWhy = StopWhy()) -> Stop:
         m = self.models[model]
         m.state = ModelState.STOPPING
         m.unload_reason = None
         m.stop_reason = reason
         m.keep_alive = None  # a client's keep_alive was for the run that ends here
-        return Stop(model, reason)
+        return Stop(model, reason, why)
+
+    def _idle_why(self, model: str, now: float, rule: str | None = None) -> StopWhy:
+        """The facts of a stop that makes room for nothing (TTL, unload, reload, shutdown)."""
+        return StopWhy(idle_s=self._idle_for(model, now), rule=rule, freed=dict(self.held(model)))
+
+    def _idle_for(self, model: str, now: float) -> float | None:
+        """Seconds a ready (or sleeping) model without requests has been idle; None otherwise."""
+        m = self.models[model]
+        if m.state not in IDLE_CAPABLE or m.in_flight:
+            return None
+        return max(now - m.idle_since, 0.0)
 
     def _forget_if_removed(self, model: str) -> None:
         """A model dropped from the config is forgotten once its process is gone."""
@@ -636,12 +662,18 @@ class Scheduler:
             room = False
         if any(self._keeps_turn(o, waiting, now, draining) for o in victims):
             return None
+        short = ledger.short_now(load) if need is not None else None
         if need is not None:
             ledger.reserve(load, victims)
+        rule = self.memory.eviction.value if self.memory is not None else None
         for other in victims:
             draining.add(other)
             if self.models[other].in_flight == 0:
-                actions.append(self._begin_stop(other, StopReason.MEMORY))
+                why = StopWhy(for_model=model, need=load if need is not None else None, short=short,
+                              idle_s=self._idle_for(other, now),
+                              rule="unknown size" if other in alone or need is None else rule,
+                              freed=dict(self.held(other)))
+                actions.append(self._begin_stop(other, StopReason.MEMORY, why))
         return room
 
     def _plan(self, now: float) -> list[Action]:
@@ -685,20 +717,23 @@ class Scheduler:
                 if o.state in IDLE_CAPABLE:
                     draining.add(other)
                     if o.in_flight == 0:
-                        actions.append(self._begin_stop(other, StopReason.SWAP))
+                        why = StopWhy(for_model=model, idle_s=self._idle_for(other, now),
+                                      rule="matrix" if self.matrix is not None else "group",
+                                      freed=dict(self.held(other)))
+                        actions.append(self._begin_stop(other, StopReason.SWAP, why))
             if not blockers and room:
                 actions.append(self._begin_start(model))
         for model_id, m in self.models.items():
             if m.state not in IDLE_CAPABLE or m.in_flight:
                 continue
             if m.unload_reason is not None:
-                actions.append(self._begin_stop(model_id, m.unload_reason))
+                actions.append(self._begin_stop(model_id, m.unload_reason, self._idle_why(model_id, now)))
             elif model_id in self._removed:
-                actions.append(self._begin_stop(model_id, StopReason.RELOAD))
+                actions.append(self._begin_stop(model_id, StopReason.RELOAD, self._idle_why(model_id, now)))
             else:
                 deadline = self._ttl_deadline(model_id)
                 if deadline is not None and now >= deadline:
-                    actions.append(self._begin_stop(model_id, StopReason.TTL))
+                    actions.append(self._begin_stop(model_id, StopReason.TTL, self._idle_why(model_id, now, "ttl")))
         returning, self._returning = self._returning, set()
         for target in returning:
             if self._may_return_to(target, now, ledger):
@@ -781,6 +816,11 @@ class _MemoryLedger:
 
     def _memory(self, model: str) -> Mapping[str, int]:
         return self.scheduler.held(model)
+
+    def short_now(self, need: Mapping[str, int]) -> dict[str, int]:
+        """Per device, how much of `need` does not fit in what is left now (the devices it does not fit)."""
+        return {d: amount - max(self.now.get(d, 0), 0) for d, amount in need.items()
+                if amount and amount > self.now.get(d, 0)}
 
     def fits_now(self, need: Mapping[str, int]) -> bool:
         return all(amount <= self.now.get(d, 0) for d, amount in need.items() if amount)
