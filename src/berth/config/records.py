@@ -264,6 +264,7 @@ class BerthConfig:
     log_time_format: str | None = None  # a Go time layout name (llama-swap's); None: berth's timestamps
     log_requests: bool = False
     metrics_max_in_memory: int = 1000  # recent requests kept for the dashboard and /api/requests
+    capture_bodies: bool = False  # keep the newest requests' bodies, bounded and redacted (gateway/capture.py)
     max_wait: float = 30.0  # seconds a request waits for a busy model's turn before its swap goes next
     min_residency: float = 10.0  # seconds a freshly loaded model with work keeps its turn
     upstream_ignore_paths: tuple[re.Pattern[str], ...] = ()  # /upstream paths that never load a model

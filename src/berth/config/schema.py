@@ -269,6 +269,7 @@ class BerthConfigFile(_Section):
     log_time_format: LogTimeFormat | None = Field(None, alias="logTimeFormat")  # None: berth's own timestamps
     log_requests: bool = Field(False, alias="logRequests")  # llama-swap's earlier key: a line per request
     metrics_max_in_memory: int = Field(1000, alias="metricsMaxInMemory", ge=1)  # recent requests kept
+    capture_bodies: bool = Field(False, alias="captureBodies")  # keep recent bodies (bounded, redacted) for /ui/
     # llama-swap's own web UI settings: accepted, with a note on what berth offers instead
     capture_buffer: int = Field(10, alias="captureBuffer", ge=0)
     ui: dict[str, Any] = Field(default_factory=dict)

@@ -356,3 +356,32 @@ class ProfileNotFound(BerthError):
     def __init__(self, name: str, known: list[str]) -> None:
         names = ", ".join(known) or "none are configured"
         super().__init__(f"profile {name!r} not found; profiles: {names} (or null for none)")
+
+
+class RequestCancelled(BerthError):
+    """The error event that ends a streamed answer an admin cancelled."""
+
+    status = 499
+    error_type = "request_cancelled"
+
+
+class RequestNotFound(BerthError):
+    status = 404
+    error_type = "not_found_error"
+    code = "request_not_found"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"no request {request_id} among those in flight or recent; "
+                         "GET /api/requests lists them with their ids")
+
+
+class RequestNotCancellable(BerthError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "request_not_cancellable"
+
+    def __init__(self, request_id: int, ended: bool) -> None:
+        why = ("it has ended already" if ended else
+               "its answer has not begun (it waits for its model, or is not a forwarded request); try again once "
+               "it streams")
+        super().__init__(f"request {request_id} cannot be cancelled: {why}")

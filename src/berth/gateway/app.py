@@ -4,7 +4,8 @@ A new route family is a module with `register(router, context)` and one line in 
 behaviour lives:
 
     middleware     errors in OpenAI's shape, the metrics socket, Host check, other web pages (CORS), API keys
-    observability  /health, /ready, /running, /metrics, /api/requests
+    observability  /health, /ready, /running, /metrics, /api/events (each model's starts and stops, why)
+    activity       /api/requests (in flight and recent), one request's captured bodies, cancel
     listings       /v1/models, /models
     admin          load and unload, profiles
     logs           /logs, /logs/stream, the dashboard's log events
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from berth.gateway import (
-    admin, dashboard, inference, listings, logs, observability, ollama, passthrough, usage,
+    activity, admin, dashboard, inference, listings, logs, observability, ollama, passthrough, usage,
 )
 from berth.gateway.accounts import KeyAccounts
 from berth.gateway.context import GatewayContext
@@ -42,6 +43,7 @@ RouteFamily = Callable[[web.UrlDispatcher, GatewayContext], None]
 
 ROUTE_FAMILIES: tuple[RouteFamily, ...] = (
     observability.register,
+    activity.register,
     listings.register,
     admin.register,
     logs.register,

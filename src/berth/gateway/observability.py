@@ -1,6 +1,6 @@
-"""What berth says about itself: probes (/health, /ready), what runs (/running), Prometheus' /metrics, the
-recent requests (/api/requests) and what happened to each model and why (/api/events). Figures come from model snapshots, the memory service and the ledger;
-nothing here asks a model server (the KV gauges are gathered by the runtime's collector)."""
+"""What berth says about itself: probes (/health, /ready), what runs (/running), Prometheus' /metrics and
+what happened to each model and why (/api/events). Figures come from model snapshots, the memory service and
+the pool's event log; nothing here asks a model server (the KV gauges are gathered by the runtime's collector)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from berth.core.errors import BadRequest
-from berth.gateway.access import KEYLESS, LOGS, METRICS, scope
+from berth.gateway.access import KEYLESS, METRICS, scope
 from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.memory.devices import inventory
 from berth.runtime.snapshot import ModelSnapshot
@@ -24,8 +24,6 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     router.add_get("/running", routes.running)
     router.add_get("/ui/api/running", routes.running)
     router.add_get("/metrics", routes.prometheus)
-    router.add_get("/api/requests", routes.recent_requests)
-    router.add_get("/ui/api/requests", routes.recent_requests)
     router.add_get("/api/events", routes.events)
     router.add_get("/ui/api/events", routes.events)
 
@@ -82,10 +80,6 @@ class Observability(Routes):
     async def _devices(self) -> dict[str, dict[str, int]]:
         live = await asyncio.to_thread(inventory)
         return self.context.memory.devices(live, self.context.config, self.context.pool.held_memory())
-
-    @scope(LOGS)
-    async def recent_requests(self, request: web.Request) -> web.Response:
-        return web.json_response({"requests": self.context.ledger.recent()})
 
     @scope(METRICS)
     async def events(self, request: web.Request) -> web.Response:

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from berth.config import UpstreamTimeouts
 from berth.core import pooled
-from berth.core.errors import BerthError, UpstreamError, UpstreamTimeout
+from berth.core.errors import BerthError, RequestCancelled, UpstreamError, UpstreamTimeout
+from berth.gateway import capture
 from berth.gateway.ledger import Outcome, RequestLedger, RequestRecord
 from berth.gateway.sessions import UpstreamSessions
 from berth.gateway.upstream import Upstream
@@ -31,6 +32,11 @@ _HOP_BY_HOP = {
     "transfer-encoding", "upgrade", "host", "content-length",
 }
 _TAIL_BYTES = 8192  # enough of the end of a response to find its `usage` object
+
+
+class Cancelled(Exception):
+    """Set on an answer's stream when an admin cancels the request (it ends the relay)."""
+
 _ERROR_BODY_LIMIT = 256 * 1024  # error bodies are small; a larger one is cut before it is rewritten
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -197,6 +203,7 @@ class Proxy:
         headers = _request_headers(request, target.takes_client_credentials and not self._keys_in_use())
         headers.update(target.headers)
         self._ledger.sent(record)
+        self._ledger.capture_request(record, outbound.body, request.headers.get("Content-Type", ""))
         # sent again on another connection when a pooled one proves closed, and once when the model server
         # closes a fresh one before any answer byte (core/pooled.py): nothing has reached the client yet
         opening = pooled.request(self._sessions.proxy, outbound.method or request.method, url, data=outbound.body,
@@ -260,17 +267,41 @@ class _Exchange:
     async def relay(self, response: web.StreamResponse, is_sse: bool,
                     reframe: Reframe | None = None) -> web.StreamResponse:
         """Stream the answer's body into `response` as it arrives (through `reframe` when given), then read
-        its token counts."""
+        its token counts. An admin's cancel ends it early: a stream gets an error event and its end, and the
+        model server's request is dropped when the exchange closes."""
         tail = b""
+        head = b""
         broke_off = False
         relayed = 0
+        capturing = self.ledger.capture_bodies
+        content = self.upstream.content
+        self.record.cancel = lambda: content.set_exception(Cancelled())
         try:
-            async for chunk in self.upstream.content.iter_any():
+            async for chunk in content.iter_any():
+                if not relayed:
+                    self.ledger.first_token(self.record)
                 tail = (tail + chunk)[-_TAIL_BYTES:]  # before the write: what the server sent counts, come what may
                 relayed += len(chunk)
+                if capturing and len(head) < capture.BODY_LIMIT:
+                    head += chunk[:capture.BODY_LIMIT - len(head)]
                 out = chunk if reframe is None else reframe.feed(chunk)
                 if out:
                     await response.write(out)
+        except Cancelled:
+            self.record.cancel = None
+            self.ledger.read_usage(self.record, tail, self.target.restore_hit)
+            self.ledger.capture_response(self.record, head, relayed)
+            self.outcome = Outcome.CANCELLED
+            cancelled = RequestCancelled(f"the request to model {self.target.model!r} was cancelled by an admin")
+            if reframe is not None:
+                await response.write(reframe.failed(cancelled))
+                await response.write_eof()
+            elif is_sse:
+                await response.write(b"data: " + json.dumps(cancelled.to_openai()).encode() + b"\n\ndata: [DONE]\n\n")
+                await response.write_eof()
+            elif self.request.transport is not None:  # a body cut short: only a cut connection says so
+                self.request.transport.close()
+            return response
         except ConnectionResetError:
             self._client_left(tail, relayed, is_sse)  # leaving the block cancels the upstream request
             return response
@@ -291,7 +322,9 @@ class _Exchange:
             broke_off = True
             await response.write(reframe.failed(error) if reframe is not None
                                  else b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
+        self.record.cancel = None
         self.ledger.read_usage(self.record, tail, self.target.restore_hit)
+        self.ledger.capture_response(self.record, head, relayed)
         if reframe is not None and not broke_off:
             await response.write(reframe.close(self.record))
         self.outcome = self.outcome or Outcome.ANSWERED

@@ -82,7 +82,8 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     metrics = Metrics()
     accounts = KeyAccounts(metrics, UsageStore(berth_home() / USAGE_FILE))
     await accounts.open()
-    ledger = RequestLedger(metrics, config.metrics_max_in_memory, config.log_requests, on_end=accounts.finished)
+    ledger = RequestLedger(metrics, config.metrics_max_in_memory, config.log_requests, on_end=accounts.finished,
+                           capture_bodies=config.capture_bodies)
     sessions = UpstreamSessions()
     agents = AgentDirectory()
     await ask_agents(agents, config)
@@ -238,7 +239,7 @@ async def _reload(config_path: str | None, parts: _Parts) -> None:
     parts.factory.ports.start = new.start_port
     await ask_agents(parts.agents, new)
     await asyncio.to_thread(_report_refused_flags, new, parts.planned_launch)
-    parts.ledger.configure(new.metrics_max_in_memory, new.log_requests)
+    parts.ledger.configure(new.metrics_max_in_memory, new.log_requests, new.capture_bodies)
     await parts.pool.reload(new)
     _warn_if_open(parts.gateway.context.listen_host, new)
 
