@@ -243,6 +243,12 @@ def test_with_fit_llama_cpp_places_the_model_itself_up_to_free_gpu_memory_less_t
     assert plan("--fit-target 4095", 4096 * mib).planned["gpu0"] == mib  # the target as given, in MiB
     assert plan("--fit off", 1024 * mib).source is PlanSource.ESTIMATED  # then -ngl auto offloads everything
     assert plan("-ngl 99", 1024 * mib).source is PlanSource.ESTIMATED  # --fit adjusts only what is left unset
+    parts = plan("-ngl 99", 1024 * mib).components  # what the dashboard shows on hover, per device
+    assert parts is not None and set(parts) == {"host", "gpu0"}
+    assert parts["gpu0"] == {"weights": wanted.devices["gpu0"].weights_bytes, "kv": wanted.devices["gpu0"].kv_bytes,
+                             "compute": wanted.devices["gpu0"].compute_bytes, "output": 0,
+                             "runtime": wanted.devices["gpu0"].runtime_bytes}
+    assert parts["gpu0"]["kv"] > 0 and sum(parts["gpu0"].values()) == wanted.devices["gpu0"].total_bytes
 
 
 def test_a_projector_loads_beside_the_model_on_the_gpu_unless_kept_off_it(tmp_path):

@@ -166,7 +166,8 @@ def memory_entry(snapshot: ModelSnapshot) -> dict[str, Any]:
     """A model's `memory` in /v1/models and /running: its plan, and what its running process used."""
     plan = snapshot.plan
     entry: dict[str, Any] = {"planned_bytes": plan.planned if plan else None,
-                             "source": plan.source if plan else "unknown", "detail": plan.detail if plan else ""}
+                             "source": plan.source if plan else "unknown", "detail": plan.detail if plan else "",
+                             "components_bytes": plan.components if plan else None}
     if snapshot.measured is not None:
         entry["measured_bytes"] = dict(snapshot.measured)
     return entry

@@ -51,6 +51,19 @@ class ModelMemory:
     planned: dict[str, int] | None  # bytes per device the scheduler counts; None = unknown
     source: PlanSource
     detail: str = ""  # why unknown, or where the figure comes from
+    # the estimate's parts per device (weights, kv, compute, output, runtime), where there is an estimate that
+    # maps onto the devices as they are (one GPU or none); the dashboard shows them
+    components: dict[str, dict[str, int]] | None = None
+
+
+def components(result: MemoryEstimate, devices: dict[str, Device]) -> dict[str, dict[str, int]] | None:
+    """The parts of an estimate per device, when its devices are the machine's (several GPUs share its one
+    GPU figure in proportion, so its parts are not theirs)."""
+    if sum(1 for name in devices if name.startswith("gpu")) > 1:
+        return None
+    return {name: {"weights": d.weights_bytes, "kv": d.kv_bytes, "compute": d.compute_bytes,
+                   "output": d.output_bytes, "runtime": d.runtime_bytes}
+            for name, d in result.devices.items() if d.total_bytes}
 
 
 def budgets(devices: dict[str, Device], explicit: dict[str, int], headroom: int) -> dict[str, int]:
@@ -248,17 +261,20 @@ class MemoryPlanner:
         key = launch_identity(argv)
         measured = self.ledger.get(key) if key else None
         result = self._estimate(argv)
-        estimated = None
+        estimated, parts = None, None
         if isinstance(result, MemoryEstimate):
             estimated = _spread_over_gpus(result, self.devices, self.gpu_runtime)
+            parts = components(result, self.devices)
         if measured is not None:
-            return ModelMemory(_combine(measured, estimated), PlanSource.MEASURED, "from its last run with these settings")
+            return ModelMemory(_combine(measured, estimated), PlanSource.MEASURED, "from its last run with these settings",
+                               parts)
         if estimated is None:
             return ModelMemory(None, PlanSource.UNKNOWN, str(result))
         fitted = fit_placement(estimated, server_args(argv), self.devices)
         if fitted is not None:
-            return ModelMemory(fitted[0], fitted[1], fitted[2] + self._runtime_note())
-        return ModelMemory(estimated, PlanSource.ESTIMATED, "from the GGUF header and its flags" + self._runtime_note())
+            return ModelMemory(fitted[0], fitted[1], fitted[2] + self._runtime_note(), parts)
+        return ModelMemory(estimated, PlanSource.ESTIMATED, "from the GGUF header and its flags" + self._runtime_note(),
+                           parts)
 
     def _runtime_note(self) -> str:
         """Where each GPU's share includes the runtime overhead, and where that figure comes from."""
