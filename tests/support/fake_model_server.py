@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
                    help="close the connection of the first chat request without answering")
     p.add_argument("--gpu-log-mib", type=int, default=0,
                    help="print llama.cpp's log line for a CUDA0 model buffer of this size")
+    p.add_argument("--playground", action="store_true",
+                   help="answer /v1/completions (streamed), /v1/embeddings and /v1/rerank instead of echoing them")
     p.add_argument("--alloc-mib", type=int, default=0, help="hold this much touched memory (for measurement)")
     p.add_argument("--echo-cors", action="store_true",
                    help="allow the request's Origin (else any) with credentials on every answer, as a permissive "
@@ -256,6 +258,48 @@ def main() -> None:
                                                           f"{args.name}: {payload.get('prompt')}"}],
                                   "model": payload.get("model")})
 
+    def vector(text: str) -> list[float]:  # a deterministic embedding: letter counts, so alike texts are alike
+        counts = [float(text.lower().count(letter)) for letter in "etaoinshrdlu"]
+        norm = sum(c * c for c in counts) ** 0.5 or 1.0
+        return [c / norm for c in counts]
+
+    async def embeddings(request: web.Request) -> web.Response:
+        payload = await request.json()
+        inputs = payload.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        return web.json_response({"object": "list", "model": payload.get("model"),
+                                  "data": [{"object": "embedding", "index": i, "embedding": vector(t)}
+                                           for i, t in enumerate(texts)],
+                                  "usage": {"prompt_tokens": sum(len(t.split()) for t in texts),
+                                            "total_tokens": sum(len(t.split()) for t in texts)}})
+
+    async def rerank(request: web.Request) -> web.Response:  # score: words shared with the query
+        payload = await request.json()
+        query = set(str(payload.get("query", "")).lower().split())
+        scores = [len(query & set(str(d).lower().split())) for d in payload.get("documents") or []]
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return web.json_response({"model": payload.get("model"),
+                                  "results": [{"index": i, "relevance_score": float(scores[i])} for i in ranked]})
+
+    async def completion(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        if not payload.get("stream"):
+            return web.json_response({"object": "text_completion", "model": payload.get("model"),
+                                      "choices": [{"index": 0, "text": f"hello from {args.name}"}],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 3}})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(5):
+            chunk = {"object": "text_completion", "choices": [{"index": 0, "text": f"word{i} "}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    if args.playground:  # otherwise these paths echo the request, as tests of routing read them
+        app.router.add_post("/v1/embeddings", embeddings)
+        app.router.add_post("/v1/rerank", rerank)
+        app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/audio/transcriptions", transcription)
     app.router.add_post("/v1/audio/translations", transcription)
     app.router.add_post("/v1/images/generations", image)

@@ -23,7 +23,9 @@ INFERENCE_PATHS = (
 )
 # Uploads: the model is a field of the multipart form (OpenAI's audio and image edit APIs).
 FORM_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
-CHAT_PATH = "/v1/chat/completions"
+# The dashboard's playground calls these under /ui/api/ (see dashboard.py); each is the OpenAI route beside it.
+UI_PATHS = {"/ui/api/chat/completions": "/v1/chat/completions", "/ui/api/completions": "/v1/completions",
+            "/ui/api/embeddings": "/v1/embeddings", "/ui/api/rerank": "/v1/rerank"}
 
 
 def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
@@ -32,7 +34,8 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
         router.add_post(path, routes.inference)
     for path in FORM_PATHS:
         router.add_post(path, routes.upload)
-    router.add_post("/ui/api/chat/completions", routes.ui_chat)  # the dashboard's chat
+    for path in UI_PATHS:
+        router.add_post(path, routes.playground)
 
 
 class Inference(Routes):
@@ -41,8 +44,8 @@ class Inference(Routes):
         return await self.by_body_model(request, request.path)
 
     @scope(INFERENCE)
-    async def ui_chat(self, request: web.Request) -> web.StreamResponse:
-        return await self.by_body_model(request, CHAT_PATH)
+    async def playground(self, request: web.Request) -> web.StreamResponse:
+        return await self.by_body_model(request, UI_PATHS[request.path])
 
     async def by_body_model(self, request: web.Request, path: str) -> web.StreamResponse:
         context = self.context
