@@ -166,8 +166,9 @@ def memory_entry(snapshot: ModelSnapshot) -> dict[str, Any]:
     """A model's `memory` in /v1/models and /running: its plan, and what its running process used."""
     plan = snapshot.plan
     entry: dict[str, Any] = {"planned_bytes": plan.planned if plan else None,
-                             "source": plan.source if plan else "unknown", "detail": plan.detail if plan else "",
-                             "components_bytes": plan.components if plan else None}
+                             "source": plan.source if plan else "unknown", "detail": plan.detail if plan else ""}
+    if plan is not None and plan.components is not None:  # the estimate's parts (weights, kv, ...) per device
+        entry["components_bytes"] = plan.components
     if snapshot.measured is not None:
         entry["measured_bytes"] = dict(snapshot.measured)
     return entry

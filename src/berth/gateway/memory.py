@@ -123,7 +123,8 @@ class MemoryService:
     def devices(self, live: dict[str, Device], config: BerthConfig, held: Mapping[str, Mapping[str, int]]
                 ) -> dict[str, dict[str, int]]:
         """Per device: total and free now (`live`, from `inventory()`), berth's budget, and what the live
-        models are planned to hold (`held`: each one's plan, or what it keeps while sleeping)."""
+        models are planned to hold (`held`: each one's plan, or what it keeps while sleeping), and the headroom
+        kept free besides the budget."""
         budgets = self.budgets(config)
         result = {}
         for name in sorted(set(live) | set(budgets)):
@@ -131,5 +132,6 @@ class MemoryService:
             device = live.get(name)
             result[name] = {"total_bytes": device.total_bytes if device else 0,
                             "free_bytes": device.free_bytes if device else 0,
-                            "budget_bytes": budgets.get(name, 0), "planned_in_use_bytes": planned}
+                            "budget_bytes": budgets.get(name, 0), "planned_in_use_bytes": planned,
+                            "headroom_bytes": config.memory.headroom_bytes}
         return result
