@@ -64,8 +64,21 @@ def test_an_eviction_is_an_event_with_its_reason_as_data_and_in_words(berth, sta
     bad = requests.get(b.url + "/api/events", params={"since": "yesterday"}, headers=WATCHER, timeout=5)
     assert bad.status_code == 400 and "not an event number" in bad.json()["error"]["message"]
     assert requests.get(b.url + "/ui/api/events", headers=CHATTER, timeout=5).status_code == 403
+    assert "a crashed" not in requests.get(b.url + "/logs", headers=ADMIN, timeout=5).text  # a planned stop
     devices = requests.get(b.url + "/running", headers=WATCHER, timeout=5).json()["devices"]
     assert devices["host"]["headroom_bytes"] == 0 and devices["host"]["budget_bytes"] == int(1.5 * GiB)
+
+
+def test_a_crash_is_an_event_with_its_exit_code(berth, start_port):
+    b = berth(config(start_port))
+    requests.post(b.url + "/v1/chat/completions", headers=ADMIN, timeout=30, json={
+        "model": "a", "stream": True, "crash_after_chunks": 1, "messages": [{"role": "user", "content": "hi"}]})
+    wait_until(lambda: any(e["kind"] == "crashed" for e in requests.get(
+        b.url + "/api/events", headers=WATCHER, timeout=5).json()["events"]), timeout=10, what="the crash event")
+    events = requests.get(b.url + "/api/events", headers=WATCHER, timeout=5).json()["events"]
+    [crash] = [e for e in events if e["kind"] == "crashed"]
+    assert crash["model"] == "a" and crash["why"] == {"exit_code": -9} and crash["text"] == "crashed (exit code -9)"
+    assert "stopped" not in [e["kind"] for e in events]
 
 
 def test_requests_list_ttft_and_tokens_and_bodies_only_when_captured(berth, start_port):

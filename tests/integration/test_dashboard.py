@@ -1,4 +1,6 @@
-"""The dashboard at /ui/ in a real headless browser: Debian's chromium driven by Playwright."""
+"""The dashboard at /ui/ in a real headless browser: Debian's chromium driven by Playwright.
+
+With BERTH_SCREENSHOTS=docs/images the views' screenshots are also written there (README shows one)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tests.support.harness import fake_cmd, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 REQUIRE_BROWSER = "BERTH_REQUIRE_BROWSER"  # scripts/test.sh sets it once it has installed chromium
+SCREENSHOTS = "BERTH_SCREENSHOTS"  # a folder to write the views' screenshots into as well (docs/images)
 
 
 @pytest.fixture
@@ -211,5 +214,138 @@ def test_the_dashboard_shows_a_key_only_what_its_scopes_allow(berth, start_port,
             expect(hour).to_have_attribute("data-prompt", usage.locator(".prompt").inner_text())
             assert float(hour.locator("rect.completion-bar").get_attribute("height") or 0) > 0
             expect(page.locator("#usage tbody tr")).to_have_count(1)  # its own usage only
+        finally:
+            browser.close()
+
+
+def save_view(target, tmp_path, name: str, **options) -> None:
+    """A screenshot of one view (a page or a section) into the test's folder, and into $BERTH_SCREENSHOTS as
+    dashboard-NAME.png when that is set."""
+    shot = tmp_path / f"dashboard-{name}.png"
+    target.screenshot(path=str(shot), **options)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    folder = os.environ.get(SCREENSHOTS)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(shot, os.path.join(folder, shot.name))
+
+
+def rivals(start_port: int) -> str:
+    """Two models that cannot be resident together: 1 GiB each in a 1.5 GiB budget."""
+    return f"""
+startPort: {start_port}
+captureBodies: true
+memory: {{budget: {{ram: 1.5GiB}}, headroom: 0}}
+apiKeys:
+  - dash-key
+  - {{name: chat, key: chat-key, models: [a], scopes: [inference]}}
+models:
+  a:
+    cmd: {fake_cmd('a', '--playground')}
+    memory: {{ram: 1GiB}}
+  b:
+    cmd: {fake_cmd('b', '--playground')}
+    memory: {{ram: 1GiB}}
+"""
+
+
+def test_the_memory_map_and_timeline_show_an_eviction_and_why_and_the_playground_streams(
+        berth, start_port, tmp_path, chromium_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    b = berth(rivals(start_port), env={"BERTH_HOME": str(tmp_path / "home")})  # its own usage only
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(http_credentials={"username": "anyone", "password": "dash-key"},
+                                          viewport={"width": 1280, "height": 900})
+            page = context.new_page()
+            refused = []  # what the page's Content-Security-Policy blocked: nothing may be
+            page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+            page.goto(b.url + "/ui/")
+            assert "script-src 'self'" in requests.get(b.url + "/ui/", headers={"Authorization": "Bearer dash-key"},
+                                                       timeout=5).headers["Content-Security-Policy"]
+            host = page.locator('.device[data-device="host"]')
+            expect(host.locator("h3")).to_contain_text("budget 1.5 GiB")
+            expect(host.locator(".share")).to_have_count(0)
+
+            page.select_option("#chat-model", "a")
+            expect(host.locator(".next")).to_contain_text("next: a needs 1.0 GiB (declared): fits beside what runs")
+            page.click("#chat-send")
+            expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
+            share = host.locator('.share[data-model="a"]')
+            expect(share).to_have_attribute("data-source", "declared")
+            expect(host.locator(".facts")).to_contain_text("planned in use 1.0 GiB of 1.5 GiB")
+            expect(host.locator(".facts")).to_contain_text("a 1.0 GiB declared")
+            share.hover()
+            expect(page.locator("#tooltip")).to_contain_text("planned 1.0 GiB (declared)")
+            page.select_option("#chat-model", "b")
+            expect(host.locator(".next")).to_contain_text("next: b needs 1.0 GiB (declared): 512 MiB more than is left")
+            save_view(page.locator("#memory"), tmp_path, "memory")
+
+            page.click("#chat-send")  # b cannot fit beside a: a is evicted for it
+            expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
+            stop = page.locator('#events tr[data-kind="stop"][data-model="a"]')
+            expect(stop.locator(".kind")).to_have_text("stop (memory)")
+            expect(stop.locator(".why")).to_contain_text(
+                re.compile(r"^evicted for b: needs 1\.0 GiB on host \(512\.0 MiB short\), a idle \d+ s, "
+                           r"least recently used$"))
+            expect(page.locator('.lane[data-model="a"] .mark.stop.memory')).to_have_count(1)
+            expect(host.locator('.share[data-model="b"]')).to_be_visible()
+            expect(host.locator('.share[data-model="a"]')).to_have_count(0)
+            save_view(page.locator("#timeline"), tmp_path, "timeline")
+
+            latest = page.locator("#requests tbody tr").first
+            expect(latest).to_contain_text("/v1/chat/completions")
+            expect(latest.locator(".ttft")).to_have_text(re.compile(r"^\d+ ms$"))
+            latest.locator("button.details").click()
+            expect(page.locator("#request-detail")).to_contain_text('"content": "Name three colors."')
+            expect(page.locator("#request-detail")).to_contain_text("tok4")
+            save_view(page.locator("#activity"), tmp_path, "activity")
+
+            page.select_option("#play-mode", "embeddings")
+            page.fill("#chat-input", "red apple")
+            page.fill("#play-second", "red apple")
+            page.click("#chat-send")
+            expect(page.locator("#chat-output")).to_have_text("vector size 12\ncosine similarity 1.0000",
+                                                              timeout=20_000)
+            page.select_option("#play-mode", "rerank")
+            page.fill("#chat-input", "green tea")
+            page.fill("#play-second", "black coffee\ngreen tea leaves")
+            page.click("#chat-send")
+            expect(page.locator("#chat-output")).to_have_text("2.000  green tea leaves\n0.000  black coffee",
+                                                              timeout=20_000)
+            page.select_option("#play-mode", "completion")
+            page.fill("#chat-input", "Once")
+            page.click("#chat-send")
+            expect(page.locator("#chat-output")).to_have_text("word0 word1 word2 word3 word4 ", timeout=20_000)
+            save_view(page.locator("#playground"), tmp_path, "playground")
+            page.evaluate("window.scrollTo(0, 0)")  # the header stays at the top of the page
+            save_view(page, tmp_path, "overview", full_page=True)
+            assert refused == []
+        finally:
+            browser.close()
+
+
+def test_a_narrow_window_with_an_inference_key_shows_its_playground_and_nothing_it_may_not_see(
+        berth, start_port, tmp_path, chromium_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    b = berth(rivals(start_port), env={"BERTH_HOME": str(tmp_path / "home")})
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(http_credentials={"username": "anyone", "password": "chat-key"},
+                                          viewport={"width": 390, "height": 844})
+            page = context.new_page()
+            page.goto(b.url + "/ui/")
+            expect(page.locator("#whoami")).to_have_text("key chat: inference")
+            for hidden in ("#memory", "#timeline", "#activity", "#logs"):
+                expect(page.locator(hidden)).to_be_hidden()
+            page.select_option("#chat-model", "a")
+            page.click("#chat-send")
+            expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # nothing sideways
+            save_view(page, tmp_path, "narrow", full_page=True)
         finally:
             browser.close()

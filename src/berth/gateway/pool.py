@@ -418,9 +418,9 @@ class ModelPool:
                     self.events.record(model_id, EventKind.CRASHED, why={"exit_code": event.exit_code},
                                        text=f"crashed (exit code {event.exit_code})")
                     self.metrics.crashes.labels(model_id).inc()
+                    log.info(f"{model_id} crashed (exit code {event.exit_code}); the next request starts it again")
                 else:
                     self.events.record(model_id, EventKind.STOPPED)
-                    log.info(f"{model_id} crashed (exit code {event.exit_code}); the next request starts it again")
                 self._apply(self._scheduler.stopped(model_id, now))
         self._publish_states()  # every event changes a state, with or without actions to apply
 
