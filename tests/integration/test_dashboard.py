@@ -230,6 +230,21 @@ def save_view(target, tmp_path, name: str, **options) -> None:
         shutil.copyfile(shot, os.path.join(folder, shot.name))
 
 
+@contextmanager
+def dashboard_page(chromium_path: str, key: str, width: int, height: int) -> Iterator:
+    """A page of a headless chromium logged in with `key`, in a window of that size; closed whatever happens."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(http_credentials={"username": "anyone", "password": key},
+                                          viewport={"width": width, "height": height})
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
 def rivals(start_port: int) -> str:
     """Two models that cannot be resident together: 1 GiB each in a 1.5 GiB budget."""
     return f"""
@@ -251,101 +266,81 @@ models:
 
 def test_the_memory_map_and_timeline_show_an_eviction_and_why_and_the_playground_streams(
         berth, start_port, tmp_path, chromium_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     b = berth(rivals(start_port), env={"BERTH_HOME": str(tmp_path / "home")})  # its own usage only
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
-        try:
-            context = browser.new_context(http_credentials={"username": "anyone", "password": "dash-key"},
-                                          viewport={"width": 1280, "height": 900})
-            page = context.new_page()
-            refused = []  # what the page's Content-Security-Policy blocked: nothing may be
-            page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
-            page.goto(b.url + "/ui/")
-            assert "script-src 'self'" in requests.get(b.url + "/ui/", headers={"Authorization": "Bearer dash-key"},
-                                                       timeout=5).headers["Content-Security-Policy"]
-            host = page.locator('.device[data-device="host"]')
-            expect(host.locator("h3")).to_contain_text("budget 1.5 GiB")
-            expect(host.locator(".share")).to_have_count(0)
+    with dashboard_page(chromium_path, "dash-key", 1280, 900) as page:
+        refused = []  # what the page's Content-Security-Policy blocked: nothing may be
+        page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+        page.goto(b.url + "/ui/")
+        assert "script-src 'self'" in requests.get(b.url + "/ui/", headers={"Authorization": "Bearer dash-key"},
+                                                   timeout=5).headers["Content-Security-Policy"]
+        host = page.locator('.device[data-device="host"]')
+        expect(host.locator("h3")).to_contain_text("budget 1.5 GiB")
+        expect(host.locator(".share")).to_have_count(0)
 
-            page.select_option("#chat-model", "a")
-            expect(host.locator(".next")).to_contain_text("next: a needs 1.0 GiB (declared): fits beside what runs")
-            page.click("#chat-send")
-            expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
-            share = host.locator('.share[data-model="a"]')
-            expect(share).to_have_attribute("data-source", "declared")
-            expect(host.locator(".facts")).to_contain_text("planned in use 1.0 GiB of 1.5 GiB")
-            expect(host.locator(".facts")).to_contain_text("a 1.0 GiB declared")
-            share.hover()
-            expect(page.locator("#tooltip")).to_contain_text("planned 1.0 GiB (declared)")
-            page.select_option("#chat-model", "b")
-            expect(host.locator(".next")).to_contain_text("next: b needs 1.0 GiB (declared): 512 MiB more than is left")
-            save_view(page.locator("#memory"), tmp_path, "memory")
+        page.select_option("#chat-model", "a")
+        expect(host.locator(".next")).to_contain_text("next: a needs 1.0 GiB (declared): fits beside what runs")
+        page.click("#chat-send")
+        expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
+        share = host.locator('.share[data-model="a"]')
+        expect(share).to_have_attribute("data-source", "declared")
+        expect(host.locator(".facts")).to_contain_text("planned in use 1.0 GiB of 1.5 GiB")
+        expect(host.locator(".facts")).to_contain_text("a 1.0 GiB declared")
+        share.hover()
+        expect(page.locator("#tooltip")).to_contain_text("planned 1.0 GiB (declared)")
+        page.select_option("#chat-model", "b")
+        expect(host.locator(".next")).to_contain_text("next: b needs 1.0 GiB (declared): 512 MiB more than is left")
+        save_view(page.locator("#memory"), tmp_path, "memory")
 
-            page.click("#chat-send")  # b cannot fit beside a: a is evicted for it
-            expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
-            stop = page.locator('#events tr[data-kind="stop"][data-model="a"]')
-            expect(stop.locator(".kind")).to_have_text("stop (memory)")
-            expect(stop.locator(".why")).to_contain_text(
-                re.compile(r"^evicted for b: needs 1\.0 GiB on host \(512\.0 MiB short\), a idle \d+ s, "
-                           r"least recently used$"))
-            expect(page.locator('.lane[data-model="a"] .mark.stop.memory')).to_have_count(1)
-            expect(host.locator('.share[data-model="b"]')).to_be_visible()
-            expect(host.locator('.share[data-model="a"]')).to_have_count(0)
-            save_view(page.locator("#timeline"), tmp_path, "timeline")
+        page.click("#chat-send")  # b cannot fit beside a: a is evicted for it
+        expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
+        stop = page.locator('#events tr[data-kind="stop"][data-model="a"]')
+        expect(stop.locator(".kind")).to_have_text("stop (memory)")
+        expect(stop.locator(".why")).to_contain_text(
+            re.compile(r"^evicted for b: needs 1\.0 GiB on host \(512\.0 MiB short\), a idle \d+ s, "
+                       r"least recently used$"))
+        expect(page.locator('.lane[data-model="a"] .mark.stop.memory')).to_have_count(1)
+        expect(host.locator('.share[data-model="b"]')).to_be_visible()
+        expect(host.locator('.share[data-model="a"]')).to_have_count(0)
+        save_view(page.locator("#timeline"), tmp_path, "timeline")
 
-            latest = page.locator("#requests tbody tr").first
-            expect(latest).to_contain_text("/v1/chat/completions")
-            expect(latest.locator(".ttft")).to_have_text(re.compile(r"^\d+ ms$"))
-            latest.locator("button.details").click()
-            expect(page.locator("#request-detail")).to_contain_text('"content": "Name three colors."')
-            expect(page.locator("#request-detail")).to_contain_text("tok4")
-            save_view(page.locator("#activity"), tmp_path, "activity")
+        latest = page.locator("#requests tbody tr").first
+        expect(latest).to_contain_text("/v1/chat/completions")
+        expect(latest.locator(".ttft")).to_have_text(re.compile(r"^\d+ ms$"))
+        latest.locator("button.details").click()
+        expect(page.locator("#request-detail")).to_contain_text('"content": "Name three colors."')
+        expect(page.locator("#request-detail")).to_contain_text("tok4")
+        save_view(page.locator("#activity"), tmp_path, "activity")
 
-            page.select_option("#play-mode", "embeddings")
-            page.fill("#chat-input", "red apple")
-            page.fill("#play-second", "red apple")
+        for mode, first, second, shown in (
+                ("embeddings", "red apple", "red apple", "vector size 12\ncosine similarity 1.0000"),
+                ("rerank", "green tea", "black coffee\ngreen tea leaves", "2.000  green tea leaves\n0.000  black coffee"),
+                ("completion", "Once", None, "word0 word1 word2 word3 word4 ")):
+            page.select_option("#play-mode", mode)
+            page.fill("#chat-input", first)
+            if second is not None:
+                page.fill("#play-second", second)
             page.click("#chat-send")
-            expect(page.locator("#chat-output")).to_have_text("vector size 12\ncosine similarity 1.0000",
-                                                              timeout=20_000)
-            page.select_option("#play-mode", "rerank")
-            page.fill("#chat-input", "green tea")
-            page.fill("#play-second", "black coffee\ngreen tea leaves")
-            page.click("#chat-send")
-            expect(page.locator("#chat-output")).to_have_text("2.000  green tea leaves\n0.000  black coffee",
-                                                              timeout=20_000)
-            page.select_option("#play-mode", "completion")
-            page.fill("#chat-input", "Once")
-            page.click("#chat-send")
-            expect(page.locator("#chat-output")).to_have_text("word0 word1 word2 word3 word4 ", timeout=20_000)
-            save_view(page.locator("#playground"), tmp_path, "playground")
-            page.evaluate("window.scrollTo(0, 0)")  # the header stays at the top of the page
-            save_view(page, tmp_path, "overview", full_page=True)
-            assert refused == []
-        finally:
-            browser.close()
+            expect(page.locator("#chat-output")).to_have_text(shown, timeout=20_000)
+        save_view(page.locator("#playground"), tmp_path, "playground")
+        page.evaluate("window.scrollTo(0, 0)")  # the header stays at the top of the page
+        save_view(page, tmp_path, "overview", full_page=True)
+        assert refused == []
 
 
 def test_a_narrow_window_with_an_inference_key_shows_its_playground_and_nothing_it_may_not_see(
         berth, start_port, tmp_path, chromium_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     b = berth(rivals(start_port), env={"BERTH_HOME": str(tmp_path / "home")})
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
-        try:
-            context = browser.new_context(http_credentials={"username": "anyone", "password": "chat-key"},
-                                          viewport={"width": 390, "height": 844})
-            page = context.new_page()
-            page.goto(b.url + "/ui/")
-            expect(page.locator("#whoami")).to_have_text("key chat: inference")
-            for hidden in ("#memory", "#timeline", "#activity", "#logs"):
-                expect(page.locator(hidden)).to_be_hidden()
-            page.select_option("#chat-model", "a")
-            page.click("#chat-send")
-            expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # nothing sideways
-            save_view(page, tmp_path, "narrow", full_page=True)
-        finally:
-            browser.close()
+    with dashboard_page(chromium_path, "chat-key", 390, 844) as page:
+        page.goto(b.url + "/ui/")
+        expect(page.locator("#whoami")).to_have_text("key chat: inference")
+        for hidden in ("#memory", "#timeline", "#activity", "#logs"):
+            expect(page.locator(hidden)).to_be_hidden()
+        page.select_option("#chat-model", "a")
+        page.click("#chat-send")
+        expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # nothing sideways
+        save_view(page, tmp_path, "narrow", full_page=True)
