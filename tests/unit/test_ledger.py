@@ -68,3 +68,50 @@ def test_every_end_reaches_the_key_accounts_once_with_the_keys_name():
     assert ended == [gone] and gone.status == 499 and gone.outcome is Outcome.CLIENT_GONE
     assert ledger.recent()[0]["key"] == "alice"
     assert sample(ledger.metrics, "berth_requests_total", model="m", status="499") == 0  # no model server was asked
+
+
+def test_requests_in_flight_are_listed_first_and_only_a_relaying_one_can_be_cancelled():
+    ledger = RequestLedger(Metrics(), keep=10)
+    done = ledger.begin("m", "/v1/completions")
+    ledger.end(done, Outcome.ANSWERED)
+    waiting = ledger.begin("m", "/v1/chat/completions")
+    assert [(q["id"], q["in_flight"], q["cancellable"]) for q in ledger.recent()] == [
+        (waiting.id, True, False), (done.id, False, False)]
+    assert ledger.cancel(waiting.id) is None and ledger.cancel(done.id) is None
+    stopped: list[int] = []
+    waiting.cancel = lambda: stopped.append(waiting.id)  # what the proxy leaves while it relays
+    assert ledger.recent()[0]["cancellable"] is True
+    assert ledger.cancel(waiting.id) is waiting and stopped == [waiting.id]
+    ledger.end(waiting, Outcome.CANCELLED)
+    assert waiting.cancel is None and ledger.find(waiting.id) is waiting
+    assert ledger.recent()[0]["outcome"] == "cancelled" and ledger.find(999) is None
+
+
+def test_bodies_are_kept_only_when_asked_for_and_only_for_the_newest_requests():
+    from berth.gateway import capture
+
+    ledger = RequestLedger(Metrics(), keep=1000)
+    off = ledger.begin("m", "/v1/chat/completions")
+    ledger.capture_request(off, b'{"model": "m"}', "application/json")
+    assert off.request_body is None
+    ledger.configure(1000, False, capture_bodies=True)
+    records = []
+    for _ in range(capture.KEEP + 1):
+        record = ledger.begin("m", "/v1/chat/completions")
+        ledger.capture_request(record, b'{"model": "m", "password": "hunter2"}', "application/json")
+        ledger.end(record, Outcome.ANSWERED)
+        records.append(record)
+    assert records[0].request_body is None  # fell out of the newest KEEP
+    assert '"password": "[redacted]"' in (records[-1].request_body or "") and "hunter2" not in records[-1].request_body
+
+
+def test_redaction_keeps_ordinary_fields_and_replaces_secrets_and_inline_data():
+    from berth.gateway.capture import redact, request_text, response_text
+
+    sent = {"max_tokens": 5, "api_key": "sk-1", "headers": {"Authorization": "Bearer x"}, "token": "t",
+            "messages": [{"content": [{"image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    assert redact(sent) == {"max_tokens": 5, "api_key": "[redacted]", "headers": {"Authorization": "[redacted]"},
+                            "token": "[redacted]",
+                            "messages": [{"content": [{"image_url": {"url": "data:image/png;base64,[3 bytes]"}}]}]}
+    assert request_text(b"\x00binary", "multipart/form-data") == "(7 bytes of multipart/form-data, not kept)"
+    assert response_text(b"data: {}\n\n", 100).endswith("(100 bytes in all)")

@@ -32,11 +32,6 @@ _HOP_BY_HOP = {
     "transfer-encoding", "upgrade", "host", "content-length",
 }
 _TAIL_BYTES = 8192  # enough of the end of a response to find its `usage` object
-
-
-class Cancelled(Exception):
-    """Set on an answer's stream when an admin cancels the request (it ends the relay)."""
-
 _ERROR_BODY_LIMIT = 256 * 1024  # error bodies are small; a larger one is cut before it is rewritten
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -101,6 +96,10 @@ class Reframe(Protocol):
 
     def failed(self, error: BerthError) -> bytes:
         """The answer broke off (the model server died, went silent): what tells the client so."""
+
+
+class Cancelled(Exception):
+    """Set on an answer's stream when an admin cancels the request (it ends the relay)."""
 
 
 _CREDENTIALS = {"authorization", "x-api-key", "cookie"}
