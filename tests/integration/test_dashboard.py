@@ -261,6 +261,7 @@ models:
   b:
     cmd: {fake_cmd('b', '--playground')}
     memory: {{ram: 1GiB}}
+    capabilities: {{in: [text, image], out: [text]}}
 """
 
 
@@ -280,6 +281,7 @@ def test_the_memory_map_and_timeline_show_an_eviction_and_why_and_the_playground
         expect(host.locator(".share")).to_have_count(0)
 
         page.select_option("#chat-model", "a")
+        expect(page.locator("#image-row")).to_be_hidden()  # a takes no images
         expect(host.locator(".next")).to_contain_text("next: a needs 1.0 GiB (declared): fits beside what runs")
         page.click("#chat-send")
         expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
@@ -293,6 +295,10 @@ def test_the_memory_map_and_timeline_show_an_eviction_and_why_and_the_playground
         expect(host.locator(".next")).to_contain_text("next: b needs 1.0 GiB (declared): 512 MiB more than is left")
         save_view(page.locator("#memory"), tmp_path, "memory")
 
+        expect(page.locator("#image-row")).to_be_visible()  # b takes images, as /v1/models says
+        image = tmp_path / "dot.png"
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+        page.set_input_files("#play-image", str(image))
         page.click("#chat-send")  # b cannot fit beside a: a is evicted for it
         expect(page.locator("#chat-output")).to_have_text("tok0 tok1 tok2 tok3 tok4 ", timeout=20_000)
         stop = page.locator('#events tr[data-kind="stop"][data-model="a"]')
@@ -309,7 +315,8 @@ def test_the_memory_map_and_timeline_show_an_eviction_and_why_and_the_playground
         expect(latest).to_contain_text("/v1/chat/completions")
         expect(latest.locator(".ttft")).to_have_text(re.compile(r"^\d+ ms$"))
         latest.locator("button.details").click()
-        expect(page.locator("#request-detail")).to_contain_text('"content": "Name three colors."')
+        expect(page.locator("#request-detail")).to_contain_text('"text": "Name three colors."')
+        expect(page.locator("#request-detail")).to_contain_text('"url": "data:image/png;base64,[48 bytes]"')
         expect(page.locator("#request-detail")).to_contain_text("tok4")
         save_view(page.locator("#activity"), tmp_path, "activity")
 
