@@ -458,3 +458,11 @@ def test_an_rpc_agents_key_that_is_also_a_named_clients_key_is_warned_about():
     assert any("models.m.rpc.apiKey: also one of apiKeys" in w for w in shared.warnings), shared.warnings
     own = parse_config("apiKeys:\n  - {name: a, key: other}\nmodels:\n" + model)
     assert not any("rpc.apiKey" in w for w in own.warnings)
+
+
+def test_capture_bodies_is_off_unless_asked_and_a_wrong_value_names_the_key():
+    model = "models:\n  m: {cmd: 'x --port ${PORT}'}\n"
+    assert parse_config(model).capture_bodies is False
+    assert parse_config("captureBodies: true\n" + model).capture_bodies is True
+    with pytest.raises(ConfigError, match="captureBodies"):
+        parse_config("captureBodies: maybe\n" + model)

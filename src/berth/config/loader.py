@@ -161,5 +161,5 @@ def _web_ui_notes(reading: Reading) -> list[str]:
     if not given:
         return []
     return [f"{reading.path}:{raw.line_of(given[0])}: {', '.join(given)}: settings of llama-swap's web UI; "
-            "berth's dashboard is /ui/ (models, memory, logs, recent requests; "
-            "metricsMaxInMemory sets how many requests it keeps)"]
+            "berth's dashboard is /ui/ (memory map, timeline, activity, playground, models, logs; "
+            "metricsMaxInMemory sets how many requests it keeps, captureBodies: true keeps their bodies)"]
