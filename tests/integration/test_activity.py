@@ -33,6 +33,9 @@ models:
   b:
     cmd: {fake_cmd('b')}
     memory: {{ram: 1GiB}}
+  slow:
+    cmd: {fake_cmd('slow', '--chunks', '200', '--chunk-delay', '0.1')}
+    memory: {{ram: 0.25GiB}}
 """
 
 
@@ -146,3 +149,31 @@ def test_an_admin_cancels_a_streaming_answer_the_client_gets_its_end_and_the_led
     wait_until(lambda: "stream aborted by client" in requests.get(b.url + "/logs", headers=ADMIN, timeout=5).text,
                timeout=10, what="the model server to see its request dropped")
     assert chat(b.url, "a").status_code == 200  # the model serves on
+
+
+def test_a_cancelled_ollama_stream_ends_with_an_error_line_in_ollamas_shape(berth, start_port):
+    b = berth(config(start_port))
+    received: dict = {}
+
+    def ollama_stream() -> None:
+        body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with requests.post(b.url + "/api/chat", json=body, headers=ADMIN, timeout=30, stream=True) as response:
+            received["status"] = response.status_code
+            received["lines"] = [json.loads(line) for line in response.iter_lines() if line]
+
+    client = threading.Thread(target=ollama_stream)
+    client.start()
+    try:
+        def streaming() -> list[dict]:
+            listed = requests.get(b.url + "/api/requests", headers=WATCHER, timeout=5).json()["requests"]
+            return [q for q in listed if q["in_flight"] and q["cancellable"]]
+        wait_until(lambda: streaming(), timeout=20, what="the stream to be under way")
+        [entry] = streaming()
+        assert requests.post(b.url + f"/api/requests/{entry['id']}/cancel", headers=ADMIN, timeout=5).ok
+    finally:
+        client.join(timeout=30)
+    assert received["status"] == 200
+    assert "cancelled by an admin" in received["lines"][-1]["error"]
+    assert len(received["lines"]) < 200
+    [entry] = requests.get(b.url + "/api/requests", headers=WATCHER, timeout=5).json()["requests"]
+    assert entry["outcome"] == "cancelled"

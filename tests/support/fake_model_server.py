@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
                    help="close the connection of the first chat request without answering")
     p.add_argument("--gpu-log-mib", type=int, default=0,
                    help="print llama.cpp's log line for a CUDA0 model buffer of this size")
+    p.add_argument("--chunks", type=int, default=5, help="events of a streamed chat answer, unless the request says")
+    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between them, unless the request says")
     p.add_argument("--playground", action="store_true",
                    help="answer /v1/completions (streamed), /v1/embeddings and /v1/rerank instead of echoing them")
     p.add_argument("--alloc-mib", type=int, default=0, help="hold this much touched memory (for measurement)")
@@ -134,10 +136,10 @@ def main() -> None:
         if payload.get("text_error"):
             return web.Response(text="upstream exploded", status=500)
         sleep = float(payload.get("sleep", 0))
-        chunks = int(payload.get("chunks", 5))
+        chunks = int(payload.get("chunks", args.chunks))
         # one "token" per word of the messages, so a client can tell prompts apart by their usage
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in payload.get("messages") or []) or 1
-        delay = float(payload.get("chunk_delay", 0.0))
+        delay = float(payload.get("chunk_delay", args.chunk_delay))
         crash_after = payload.get("crash_after_chunks")
         if at_once is None:
             return await serve(request, payload, prompt_tokens, sleep, chunks, delay, crash_after)
