@@ -44,6 +44,16 @@ def chat(url: str, model: str, headers=ADMIN, **extra) -> requests.Response:
     return requests.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
 
 
+def streaming_request(url: str) -> dict:
+    """The one request whose answer is streaming (cancellable), once there is one."""
+    def streaming() -> list[dict]:
+        listed = requests.get(url + "/api/requests", headers=WATCHER, timeout=5).json()["requests"]
+        return [q for q in listed if q["in_flight"] and q["cancellable"]]
+    wait_until(lambda: streaming(), timeout=20, what="the stream to be under way")
+    [entry] = streaming()
+    return entry
+
+
 def test_an_eviction_is_an_event_with_its_reason_as_data_and_in_words(berth, start_port):
     b = berth(config(start_port))
     assert chat(b.url, "a").status_code == 200
@@ -126,11 +136,7 @@ def test_an_admin_cancels_a_streaming_answer_the_client_gets_its_end_and_the_led
     client = threading.Thread(target=slow_stream)
     client.start()
     try:
-        def streaming() -> list[dict]:
-            listed = requests.get(b.url + "/api/requests", headers=WATCHER, timeout=5).json()["requests"]
-            return [q for q in listed if q["in_flight"] and q["cancellable"]]
-        wait_until(lambda: streaming(), timeout=20, what="the stream to be under way")
-        [entry] = streaming()
+        entry = streaming_request(b.url)
         refused = requests.post(b.url + f"/api/requests/{entry['id']}/cancel", headers=WATCHER, timeout=5)
         assert refused.status_code == 403  # cancelling is admin's
         cancelled = requests.post(b.url + f"/ui/api/requests/{entry['id']}/cancel", headers=ADMIN, timeout=5)
@@ -164,11 +170,7 @@ def test_a_cancelled_ollama_stream_ends_with_an_error_line_in_ollamas_shape(bert
     client = threading.Thread(target=ollama_stream)
     client.start()
     try:
-        def streaming() -> list[dict]:
-            listed = requests.get(b.url + "/api/requests", headers=WATCHER, timeout=5).json()["requests"]
-            return [q for q in listed if q["in_flight"] and q["cancellable"]]
-        wait_until(lambda: streaming(), timeout=20, what="the stream to be under way")
-        [entry] = streaming()
+        entry = streaming_request(b.url)
         assert requests.post(b.url + f"/api/requests/{entry['id']}/cancel", headers=ADMIN, timeout=5).ok
     finally:
         client.join(timeout=30)
