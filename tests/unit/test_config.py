@@ -466,3 +466,32 @@ def test_capture_bodies_is_off_unless_asked_and_a_wrong_value_names_the_key():
     assert parse_config("captureBodies: true\n" + model).capture_bodies is True
     with pytest.raises(ConfigError, match="captureBodies"):
         parse_config("captureBodies: maybe\n" + model)
+
+
+def test_each_model_with_port_gets_llama_swaps_stable_port_in_the_order_of_its_id():
+    """llama-swap numbers ${PORT} from startPort over the model ids sorted, skipping models without it."""
+    config = parse_config(textwrap.dedent("""\
+        startPort: 7000
+        models:
+          zeta: {cmd: "x --port ${PORT}"}
+          alpha: {cmd: "x --port ${PORT}"}
+          fixed: {cmd: "x --port 9000", proxy: "http://127.0.0.1:9000"}
+          beta: {cmd: "x --port ${PORT}"}
+        """))
+    ports = {model_id: spec.preferred_port for model_id, spec in config.models.items()}
+    assert ports == {"zeta": 7002, "alpha": 7000, "fixed": None, "beta": 7001}
+    # the macro stays in the spec until a start binds the port it really gets
+    assert config.models["alpha"].argv[-1] == "${PORT}"
+    assert parse_config('models:\n  a: {cmd: "x --port ${PORT}"}\n').models["a"].preferred_port == 5800
+
+
+def test_fallback_model_takes_requests_for_unknown_names_and_is_off_by_default():
+    two = 'models:\n  a: {cmd: "x --port ${PORT}", aliases: [chat]}\n  b: {cmd: "x --port ${PORT}"}\n'
+    config = parse_config(two)
+    assert config.fallback_model == "" and config.default_model() is None
+    config = parse_config("fallbackModel: chat\n" + two)  # an alias names its model
+    assert config.fallback_model == "a" and config.default_model() == "a" and config.warnings == []
+    with pytest.raises(ConfigError) as raised:
+        parse_config("fallbackModel: ghost\n" + two, "f.yaml")
+    assert str(raised.value) == ("f.yaml:1: fallbackModel: fallbackModel names 'ghost', which is not a model id "
+                                 "or alias here; use one of: a, b")

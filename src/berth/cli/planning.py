@@ -59,7 +59,10 @@ def check(config_path: str) -> None:
 def _print_launch(config: BerthConfig, spec: ModelSpec, launch: Launch, agents: AgentDirectory,
                   planner: MemoryPlanner) -> None:
     click.echo(f"  argv:    {' '.join(redact_argv(launch.argv))}")
-    click.echo(f"  port:    {f'first free from {config.start_port}, chosen at each start' if spec.uses_port else '-'}")
+    port = "-"
+    if spec.uses_port:
+        port = f"{spec.preferred_port} when free at the start, else the first free from {config.start_port}"
+    click.echo(f"  port:    {port}")
     click.echo(f"  aliases: {', '.join(spec.aliases) or '-'}")
     click.echo(f"  group:   {spec.group}")
     click.echo(f"  ttl:     {f'{spec.ttl}s' if spec.ttl else 'never'}")

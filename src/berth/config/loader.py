@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,12 +21,13 @@ from berth.config.keys import resolve_api_keys
 from berth.config.macros import check_macro_names, expand_env
 from berth.config.models import resolve_model, resolve_peer, sizes
 from berth.config.reading import Reading, carried, unknown_keys
-from berth.config.records import BerthConfig, MemorySettings, ProfileSpec, RemoteImages, SelectorSpec
+from berth.config.records import BerthConfig, MemorySettings, ModelSpec, ProfileSpec, RemoteImages, SelectorSpec
 from berth.config.yamlines import LineDict, empty_mapping, line_at, load_yaml
 from berth.core.errors import ConfigError
 from berth.core.units import SizeError, parse_size
 
 _WEB_UI_KEYS = ("ui", "performance", "captureBuffer")  # llama-swap's own web UI settings
+MAX_PORT = 65535
 
 
 def load_config(path: str | os.PathLike[str]) -> BerthConfig:
@@ -62,8 +64,8 @@ def _resolve(reading: Reading) -> BerthConfig:
     layout = routing.read_routing(reading)
     routing.check_priorities(reading)
     group_of = routing.group_membership(reading, layout)
-    models = {model_id: resolve_model(reading, model_id, model, group_of[model_id])
-              for model_id, model in p.models.items()}
+    models = _with_preferred_ports({model_id: resolve_model(reading, model_id, model, group_of[model_id])
+                                    for model_id, model in p.models.items()}, p.start_port)
     routing.check_aliases(reading, models)
     config = BerthConfig(**carried(p, BerthConfig, {
         "path": reading.path,
@@ -90,8 +92,17 @@ def _resolve(reading: Reading) -> BerthConfig:
     routing.return_targets(reading, config)
     _check_rpc_keys(reading, config)
     config.preload = routing.preloads(reading, config)
+    config.fallback_model = routing.fallback_model(reading, config)
     config.warnings = reading.findings()
     return config
+
+
+def _with_preferred_ports(models: dict[str, ModelSpec], start_port: int) -> dict[str, ModelSpec]:
+    """Each model that uses `${PORT}` gets the port llama-swap gives it: startPort upwards, one per such
+    model, in the order of their ids (so adding a model moves only the ones after it)."""
+    numbered = sorted(model_id for model_id, spec in models.items() if spec.uses_port)
+    ports = dict(zip(numbered, range(start_port, MAX_PORT + 1)))
+    return {model_id: replace(spec, preferred_port=ports.get(model_id)) for model_id, spec in models.items()}
 
 
 def _check_rpc_keys(reading: Reading, config: BerthConfig) -> None:

@@ -65,16 +65,16 @@ class Capabilities:
 class ModelSpec:
     """One model as berth will run it: macros expanded and argv split.
 
-    `${PORT}` stays in argv, proxy, env and stop_argv until a start binds a free
-    port (`with_port`), so a spec does not depend on which ports are free or on
-    the order of models in the file.
+    `${PORT}` stays in argv, proxy, env and stop_argv until a start binds a port
+    (`with_port`): the model's `preferred_port` when it is free then, else another
+    free one, so a spec does not depend on which ports are free.
     """
 
     id: str
     argv: tuple[str, ...]
     stop_argv: tuple[str, ...]  # may still contain ${PID}; filled in at stop time
     proxy: str
-    uses_port: bool  # argv/proxy contain ${PORT}: a free port is chosen at each start
+    uses_port: bool  # argv/proxy contain ${PORT}: a port is bound at each start
     env: tuple[tuple[str, str], ...]
     check_endpoint: str | None  # None: no health check ("none")
     ttl: int  # seconds idle before unload; 0 = never
@@ -109,6 +109,9 @@ class ModelSpec:
     sleep_after: int = 0  # llama-server's --sleep-idle-seconds; 0: it never sleeps
     return_to: str | None = None  # the model started after this one's TTL stop when nothing waits
     port: int | None = None  # the bound port, set by `with_port` only
+    # with uses_port, the port a start tries first: llama-swap's ${PORT}, startPort upwards in the order of
+    # the model ids; set when the config is loaded
+    preferred_port: int | None = None
 
     def with_port(self, port: int) -> "ModelSpec":
         """This spec with `${PORT}` replaced by `port` everywhere it may appear."""
@@ -253,7 +256,8 @@ class BerthConfig:
     include_aliases_in_list: bool = False
     log_level: str = "info"
     health_check_timeout: float = 120.0
-    start_port: int = 5800  # free ports for ${PORT} are searched from here at each start
+    start_port: int = 5800  # each model's preferred ${PORT} counts from here; free ones are searched from here
+    fallback_model: str = ""  # the model id requests naming an unknown model go to; "": they get a 404
     shutdown_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests may take to finish
     client_header_timeout: float = 15.0  # seconds a client may take to send a request's headers (or stay idle)
     client_body_timeout: float = 60.0  # seconds a client may take to send a request's body
@@ -293,11 +297,12 @@ class BerthConfig:
         return (offering[0], name) if len(offering) == 1 else None
 
     def default_model(self) -> str | None:
-        """The model a request without `model` goes to: alias `default`, else the only model."""
+        """The model a request without `model` goes to: alias `default`, else the only model, else
+        `fallbackModel`."""
         by_alias = self.resolve("default")
         if by_alias:
             return by_alias
         if len(self.models) == 1:
             return next(iter(self.models))
-        return None
+        return self.fallback_model or None
 

@@ -216,3 +216,15 @@ def return_targets(reading: Reading, config: BerthConfig) -> None:
                                          "after its TTL stop, or remove returnTo")
             continue  # the top level's baseline itself: nothing to return to after its own TTL stop
         config.models[model_id] = replace(config.models[model_id], return_to=target)
+
+
+def fallback_model(reading: Reading, config: BerthConfig) -> str:
+    """fallbackModel as a model id (it may name an alias)."""
+    name = reading.parsed.fallback_model
+    if not name:
+        return ""
+    model_id = config.resolve(name)
+    if model_id is None:
+        raise reading.error(("fallbackModel",), f"fallbackModel names {name!r}, which is not a model id or alias "
+                                                f"here; use one of: {', '.join(config.models)}")
+    return model_id

@@ -289,6 +289,7 @@ class BerthConfigFile(_Section):
     min_residency: float = Field(10.0, alias="minResidency", ge=0)
     return_to: str | None = Field(None, alias="returnTo")  # the model to start after any other's TTL stop
     start_port: int = Field(5800, alias="startPort", ge=1, le=65535)
+    fallback_model: str = Field("", alias="fallbackModel")  # berth's: where requests for unknown models go
     log_level: str = Field("info", alias="logLevel")
     macros: dict[str, MacroValue] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
