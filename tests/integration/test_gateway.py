@@ -1027,7 +1027,9 @@ models:
     assert cold["capabilities"] == {"vision": True, "function_calling": True}
     assert cold["meta"]["n_ctx"] == 32000
     meta = cold["meta"]["llamaswap"]
-    assert meta["temperature"] == 0.7 and meta["port"] is None  # typed; no port until it runs
+    # typed; the port it will try at its start (llama-swap's ${PORT}: it is the only model)
+    assert meta["temperature"] == 0.7 and meta["port"] == start_port
+    assert meta["note"] == f"m on {start_port} at 0.7"
     assert meta["an_obj"] == {"c": [0.7, False, "model: m"]} and meta["aliases"] == ["m-chat"]
     assert meta["type"] == "model"
     sent = chat(b.url, "m-chat").json()  # the alias, expanded; the fake echoes what it was sent

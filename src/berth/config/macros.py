@@ -15,6 +15,11 @@ from berth.config.schema import MacroValue
 MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 MACRO_REF = re.compile(r"\$\{([^}]*)\}")
 RESERVED = frozenset({"PORT", "MODEL_ID", "PID"})
+_WHERE_RESERVED = {  # for the error when one is used elsewhere
+    "PORT": "a model's cmd, proxy, env, cmdStop and metadata, the last only when its cmd uses ${PORT}",
+    "MODEL_ID": "a model's settings",
+    "PID": "a model's cmdStop",
+}
 MAX_DEPTH = 10
 _ENV_REF = re.compile(r"\$\{(env\.[^}]*)\}")
 
@@ -71,7 +76,8 @@ class Macros:
             if ref not in RESERVED:
                 raise self.reading.error(loc, f"unknown macro ${{{ref}}}; define it under macros:")
             if ref not in allow:
-                raise self.reading.error(loc, f"${{{ref}}} cannot be used here")
+                raise self.reading.error(loc, f"${{{ref}}} cannot be used here; it is filled in only in "
+                                              f"{_WHERE_RESERVED[ref]}")
         return text
 
     def expand_value(self, value: Any, loc: tuple[str, ...], allow: Collection[str] = ()) -> Any:

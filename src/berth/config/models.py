@@ -39,7 +39,7 @@ def resolve_model(reading: Reading, model_id: str, model: schema.ModelConfig, gr
     resolved["env"] = _environment(macros, model.env, loc + ("env",))
     resolved.update(_filters(reading, macros, model, loc))
     requested_ids = [key for key, _ in resolved["set_params_by_id"] if key != model_id]
-    resolved.update(_listing(macros, model, loc, requested_ids))
+    resolved.update(_listing(macros, model, loc, requested_ids, resolved["uses_port"]))
     resolved.update(_limits(reading, model_id, model))
     resolved["declared_memory"] = sizes(reading, model.memory, loc + ("memory",))
     resolved["timeouts"] = timeouts(reading.parsed.timeouts, model.timeouts)
@@ -117,16 +117,18 @@ def _filters(reading: Reading, macros: Macros, model: schema.ModelConfig, loc: t
 
 
 def _listing(macros: Macros, model: schema.ModelConfig, loc: tuple[str, ...],
-             requested_ids: list[str]) -> dict[str, Any]:
+             requested_ids: list[str], uses_port: bool) -> dict[str, Any]:
     """What /v1/models shows and the names a request may use (its aliases, then the other ids its
-    setParamsByID answers to). ${PORT} in metadata is filled in per run."""
+    setParamsByID answers to). ${PORT} in metadata is filled in when listed, and only a model whose cmd
+    has one may use it (as in llama-swap)."""
+    metadata_macros = _EVERYWHERE | {"PORT"} if uses_port else _EVERYWHERE
     aliases = [macros.expand(alias, loc + ("aliases", str(i)), _EVERYWHERE) for i, alias in enumerate(model.aliases)]
     return {
         "aliases": tuple(dict.fromkeys([*aliases, *requested_ids])),
         "use_model_name": macros.expand(model.use_model_name, loc + ("useModelName",), _EVERYWHERE),
         "name": macros.expand(model.name, loc + ("name",), _EVERYWHERE),
         "description": macros.expand(model.description, loc + ("description",), _EVERYWHERE),
-        "metadata": tuple(macros.expand_value(model.metadata, loc + ("metadata",), _EVERYWHERE | {"PORT"}).items()),
+        "metadata": tuple(macros.expand_value(model.metadata, loc + ("metadata",), metadata_macros).items()),
     }
 
 

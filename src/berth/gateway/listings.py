@@ -77,7 +77,8 @@ class Listings(Routes):
         caps = spec.capabilities.with_image_input() if snapshot.reads_images else spec.capabilities
         declared = capability_fields(caps)
         entry.update(declared)
-        port = snapshot.port if state is not ModelState.STOPPED else None
+        running = snapshot.port if state is not ModelState.STOPPED else None
+        port = running if running is not None else spec.preferred_port  # the port it has, or will try first
         listing = {k: v for k, v in bind_port(dict(spec.metadata), port).items()
                    if k not in declared}  # declared capabilities win over metadata of the same name
         if listed_as == model_id:
@@ -159,8 +160,8 @@ def capability_fields(caps: Capabilities) -> dict[str, Any]:
 
 
 def bind_port(value: Any, port: int | None) -> Any:
-    """Metadata with `${PORT}` filled in for the model's current run: a value that is only `${PORT}`
-    becomes the number (null while it is not running), and text mentions become its digits."""
+    """Metadata with `${PORT}` filled in: a value that is only `${PORT}` becomes the number, and text
+    mentions become its digits; null, and left as written, for a model without a port."""
     if value == PORT_MACRO:
         return port
     if isinstance(value, str) and port is not None:

@@ -97,7 +97,7 @@ async def _assemble(config: BerthConfig, host: str, launch_builder: LaunchBuilde
     memory = MemoryService(planner, agents)
     warmer = PageWarmer(lambda: host_device().free_bytes, config.memory.headroom_bytes)
     factory = ProcessFactory(ProcessDeps(launch_builder, logs, Janitor(), lambda: sessions.control, warmup, metrics,
-                                         agents, memory.planned_bytes, warmer), config.start_port)
+                                         agents, memory.planned_bytes, warmer), config)
     gauges = GaugeCollector(lambda: sessions.control)
     pool = await asyncio.to_thread(ModelPool, config, factory.spawn, memory, metrics, gauges, factory.prefetch,
                                    planned_launch)
@@ -236,7 +236,7 @@ async def _reload(config_path: str | None, parts: _Parts) -> None:
         return
     for warning in new.warnings:
         log.warning(warning)
-    parts.factory.ports.start = new.start_port
+    parts.factory.ports.follow(new)
     await ask_agents(parts.agents, new)
     await asyncio.to_thread(_report_refused_flags, new, parts.planned_launch)
     parts.ledger.configure(new.metrics_max_in_memory, new.log_requests, new.capture_bodies)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from berth.config import ModelSpec
+from berth.config import BerthConfig, ModelSpec
 from berth.runtime.janitor import Janitor
 from berth.runtime.pagecache import launch_files
 from berth.runtime.ports import PortAllocator
@@ -21,9 +21,9 @@ SpawnProcess = Callable[[ModelSpec, Callable[[ProcessEvent], None]], ModelProces
 class ProcessFactory:
     """Spawns supervised model processes; owns the janitor and the ports they hold."""
 
-    def __init__(self, deps: ProcessDeps, start_port: int) -> None:
+    def __init__(self, deps: ProcessDeps, config: BerthConfig) -> None:
         self._deps = deps
-        self.ports = PortAllocator(start_port)
+        self.ports = PortAllocator(config)
 
     @property
     def janitor(self) -> Janitor:
@@ -42,11 +42,12 @@ class ProcessFactory:
             warmer.warm(spec.id, lambda: launch_files(build(spec, fetch=False).argv), why)
 
     def spawn(self, spec: ModelSpec, on_event: Callable[[ProcessEvent], None]) -> ModelProcess:
-        """Start `spec` on a free port (raises NoFreePort); the port is held until its group is gone."""
+        """Start `spec` on its preferred port, or another free one (raises NoFreePort); the port is held
+        until its group is gone."""
         port = None
         if spec.uses_port:
             host = urlsplit(spec.proxy).hostname or "127.0.0.1"
-            port = self.ports.acquire(spec.id, "127.0.0.1" if host == "localhost" else host)
+            port = self.ports.acquire(spec.id, "127.0.0.1" if host == "localhost" else host, spec.preferred_port)
             spec = spec.with_port(port)
 
         def relay(event: ProcessEvent) -> None:
