@@ -12,12 +12,57 @@ import requests
 
 from tests.support.harness import fake_cmd
 
+# llama-server's answer to a prompt over the context, fields a client trims a conversation by included
+CONTEXT_ERROR = {"error": {"code": 400, "message": "request (1208 tokens) exceeds the available context size "
+                           "(256 tokens), try increasing it", "type": "exceed_context_size_error",
+                           "n_prompt_tokens": 1208, "n_ctx": 256}}
+
+
 def post(url: str, path: str, body: object, **kwargs) -> requests.Response:
     return requests.post(url + path, json=body, timeout=30, **kwargs)
 
 
 def chat_body(model: str, **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_error_bodies_in_openai_shape_pass_unchanged_and_others_are_wrapped(berth, start_port):
+    b = berth(f"""
+startPort: {start_port}
+models:
+  a: {{cmd: "{fake_cmd('a')}"}}
+  loading: {{cmd: "{fake_cmd('loading', '--load-delay', '1')}", sendLoadingState: true}}
+""")
+    sent = {"status": 400, "body": CONTEXT_ERROR, "headers": {"Retry-After": "7", "X-Request-Id": "req-1"}}
+    for stream in (False, True):  # llama-server refuses a streamed request the same way, before any event
+        r = post(b.url, "/v1/chat/completions", chat_body("a", stream=stream, upstream_error=sent))
+        assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/json")
+        assert r.content == json.dumps(CONTEXT_ERROR).encode()  # byte for byte as the model server sent it
+        assert r.headers["Retry-After"] == "7" and r.headers["X-Request-Id"] == "req-1"
+    client = openai.OpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"upstream_error": sent})
+    assert raised.value.body["n_ctx"] == 256 and raised.value.body["n_prompt_tokens"] == 1208
+
+    # a streamed chat that waited for its model's start (sendLoadingState) gets the same body as its event
+    with requests.post(b.url + "/v1/chat/completions", json=chat_body("loading", stream=True, upstream_error=sent),
+                       stream=True, timeout=30) as r:
+        events = [line[len(b"data: "):] for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert json.loads(events[-2]) == CONTEXT_ERROR and events[-1] == b"[DONE]"
+
+    # not JSON, or JSON in another shape: wrapped in OpenAI's, the original text kept, the status and
+    # headers the model server sent
+    text = {"status": 503, "body": "upstream exploded\nat line 3", "headers": {"Retry-After": "3"}}
+    r = post(b.url, "/v1/chat/completions", chat_body("a", upstream_error=text))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "3" and r.json() == {"error": {
+        "message": "upstream exploded\nat line 3", "type": "server_error", "code": "upstream_http_503",
+        "upstream": "upstream exploded\nat line 3"}}
+    untyped = {"error": {"message": "slot 3 is busy", "code": 5}}
+    r = post(b.url, "/v1/chat/completions", chat_body("a", upstream_error={"status": 409, "body": untyped}))
+    assert r.status_code == 409 and r.json()["error"] == {
+        "message": "slot 3 is busy", "type": "invalid_request_error", "code": "upstream_http_409",
+        "upstream": untyped}
 
 
 def test_each_model_has_a_stable_port_it_takes_when_free(berth, start_port):

@@ -130,6 +130,11 @@ def main() -> None:
         if args.error_every and chat_count % args.error_every == 0:
             return web.json_response({"error": {"message": "fake overload", "type": "server_error",
                                                 "code": "fake_overload"}}, status=500)
+        if "upstream_error" in payload:  # exactly this error: {"status", "body" (text or JSON), "headers"}
+            wanted = payload["upstream_error"]
+            if isinstance(wanted["body"], str):
+                return web.Response(text=wanted["body"], status=wanted["status"], headers=wanted.get("headers"))
+            return web.json_response(wanted["body"], status=wanted["status"], headers=wanted.get("headers"))
         if payload.get("llama_error"):  # llama.cpp's own error shape: an integer code
             return web.json_response({"error": {"code": 501, "message": "tools param requires --jinja flag",
                                                 "type": "not_supported_error"}}, status=501)

@@ -1,9 +1,10 @@
 """Forwarding one request to a model server and streaming the answer back unbuffered.
 
 Three ways to hand the answer on, one function each: `answer` (a response of its own, error answers in
-OpenAI's shape, or with a `Reframe` another API's answer made from it as it arrives: Ollama's),
-`pass_through` (as the model server sent it: /upstream) and `continue_stream` (appended to an event stream
-already under way: sendLoadingState). Each request is counted in the shared ledger.
+OpenAI's shape: passed on when they are, wrapped when not; or with a `Reframe` another API's answer made
+from it as it arrives: Ollama's), `pass_through` (as the model server sent it: /upstream) and
+`continue_stream` (appended to an event stream already under way: sendLoadingState). Each request is
+counted in the shared ledger.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from berth.config import UpstreamTimeouts
 from berth.core import pooled
@@ -32,21 +34,23 @@ _HOP_BY_HOP = {
     "transfer-encoding", "upgrade", "host", "content-length",
 }
 _TAIL_BYTES = 8192  # enough of the end of a response to find its `usage` object
-_ERROR_BODY_LIMIT = 256 * 1024  # error bodies are small; a larger one is cut before it is rewritten
+_ERROR_BODY_LIMIT = 256 * 1024  # error bodies are small; a larger one is cut before it is wrapped
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
                    429: "rate_limit_error"}
 
 
 def openai_error(status: int, body: bytes) -> dict[str, Any] | None:
-    """A model server's error body in OpenAI's shape (string `type` and `code`), the original kept under
-    `upstream`; None when it is in that shape already. llama.cpp, for one, sends an integer `code`."""
+    """None when a model server's error body is JSON in OpenAI's shape already (an `error` object with a
+    string `message` and `type`; llama.cpp's integer `code` and its own fields such as `n_ctx` included):
+    it goes to the client unchanged. Any other body is wrapped in that shape, its text kept: as the message
+    when no message can be read from it, and whole under `upstream`."""
     try:
         parsed = json.loads(body) if body else None
     except ValueError:
         parsed = None
     error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict) and all(isinstance(error.get(k), str) for k in ("message", "type", "code")):
+    if isinstance(error, dict) and all(isinstance(error.get(k), str) for k in ("message", "type")):
         return None
     message = None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
@@ -58,7 +62,7 @@ def openai_error(status: int, body: bytes) -> dict[str, Any] | None:
         message = detail if isinstance(detail, str) else json.dumps(detail)
     text = body.decode("utf-8", errors="replace").strip()
     if not message:
-        message = text[:2000] or f"the model server answered HTTP {status} with an empty body"
+        message = text or f"the model server answered HTTP {status} with an empty body"
     kind = error.get("type") if isinstance(error, dict) else None
     if not isinstance(kind, str):
         kind = _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
@@ -153,18 +157,22 @@ class Proxy:
 
     async def answer(self, request: web.Request, outbound: Outbound, record: RequestRecord,
                      reframe: Reframe | None = None) -> web.StreamResponse:
-        """The model server's answer as the response; an error answer (4xx/5xx, not a stream) in OpenAI's
-        error shape. With `reframe`, the answer `reframe` makes of it."""
+        """The model server's answer as the response; an error answer (4xx/5xx, not a stream) that is not
+        in OpenAI's error shape is wrapped in it, with the model server's status and headers. With
+        `reframe`, the answer `reframe` makes of it."""
         async with self._exchange(request, outbound, record) as exchange:
             if exchange.is_plain_error():
                 raw = await exchange.error_body()
                 status = exchange.upstream.status
                 if reframe is not None:
                     return reframe.refused(status, error_message(status, raw))
-                rewritten = openai_error(status, raw)
-                if rewritten is not None:
-                    return web.json_response(rewritten, status=status)
-                return web.Response(body=raw, status=status, content_type="application/json")
+                wrapped = openai_error(status, raw)
+                if wrapped is not None:
+                    return web.json_response(wrapped, status=status,
+                                             headers=exchange.headers(but=("content-type", "content-length")))
+                response = await exchange.respond()  # OpenAI's shape already: on as sent, every field kept
+                await response.write(raw)
+                return await exchange.relay(response, False)
             if reframe is not None:
                 response = web.StreamResponse(status=exchange.upstream.status,
                                               headers={"Content-Type": reframe.content_type})
@@ -254,12 +262,16 @@ class _Exchange:
     async def error_body(self) -> bytes:
         return await self.upstream.content.read(_ERROR_BODY_LIMIT)
 
+    def headers(self, but: tuple[str, ...] = ()) -> CIMultiDict[str]:
+        """The model server's headers that describe its answer (not the hop), less those named in `but`."""
+        return CIMultiDict((name, value) for name, value in self.upstream.headers.items()
+                           if (name.lower() not in _HOP_BY_HOP or name.lower() == "content-length")
+                           and name.lower() not in but)
+
     async def respond(self) -> web.StreamResponse:
         """A response to the client with the model server's status and headers, under way."""
-        response = web.StreamResponse(status=self.upstream.status, reason=self.upstream.reason)
-        for name, value in self.upstream.headers.items():
-            if name.lower() not in _HOP_BY_HOP or name.lower() == "content-length":
-                response.headers.add(name, value)
+        response = web.StreamResponse(status=self.upstream.status, reason=self.upstream.reason,
+                                      headers=self.headers())
         await response.prepare(self.request)
         return response
 
