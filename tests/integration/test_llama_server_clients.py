@@ -65,6 +65,76 @@ models:
         "upstream": untyped}
 
 
+# POST routes of llama-server 11434 that berth did not route before; each names its model in the body
+BODY_ROUTES = ("/chat/completions/input_tokens", "/v1/chat/completions/input_tokens", "/responses/input_tokens",
+               "/v1/responses/input_tokens", "/responses", "/v1/chat/completions/control", "/v1/systemone", "/props")
+# routes whose request names no model: ?model=, else the default model
+UNNAMED_ROUTES = (("GET", "/props", None),  # beside POST /props, which names its model in the body
+                  ("POST", "/lora-adapters", [{"id": 0, "scale": 0.5}]), ("GET", "/v1/stream?conv_id=c1", None),
+                  ("DELETE", "/v1/stream?conv_id=c1", None), ("POST", "/v1/streams/lookup",
+                                                              {"conversation_ids": ["c1"]}))
+
+
+def test_every_llama_server_route_reaches_the_model(berth, start_port):
+    b = berth(f"""
+startPort: {start_port}
+apiKeys: [k]
+models:
+  a: {{cmd: "{fake_cmd('a')}", aliases: [default]}}
+  b: {{cmd: "{fake_cmd('b')}"}}
+""")
+    key = {"Authorization": "Bearer k"}
+    for path in BODY_ROUTES:
+        r = post(b.url, path, {"model": "b", "messages": []}, headers=key)
+        assert r.status_code == 200, (path, r.text)
+        echoed = r.json()  # the fake echoes what reached it
+        assert (echoed["server"], echoed["path"]) == ("b", path) and json.loads(echoed["body"])["model"] == "b"
+    for method, path, body in UNNAMED_ROUTES:
+        for query, server in (("", "a"), ("model=b", "b")):  # `default` without ?model=
+            url = b.url + path + ("&" if "?" in path else "?") * bool(query) + query
+            r = requests.request(method, url, json=body, headers=key, timeout=30)
+            assert r.status_code == 200 and r.json()["server"] == server, (method, url, r.text)
+            assert r.json()["path"] == path.partition("?")[0]
+    r = requests.post(b.url + "/audio/transcriptions", files={"file": ("a.wav", b"RIFF")}, data={"model": "b"},
+                      headers=key, timeout=30)
+    assert r.status_code == 200 and (r.json()["server"], r.json()["path"]) == ("b", "/audio/transcriptions")
+    r = requests.post(b.url + "/slots/0?action=save", json={"filename": "x.bin"}, headers=key, timeout=30)
+    assert r.status_code == 500 and "failed to open slot file" in r.json()["error"]["message"]  # the fake's slot
+    # llama-server's second health route, like the first without a key
+    assert requests.get(b.url + "/v1/health", timeout=10).status_code == 200
+    assert requests.get(b.url + "/v1/models", timeout=10).status_code == 401
+
+
+def test_fallback_model_serves_unknown_names_and_says_so(berth, start_port, tmp_path):
+    config = f"""
+startPort: {start_port}
+models:
+  a: {{cmd: "{fake_cmd('a')}"}}
+  b: {{cmd: "{fake_cmd('b')}"}}
+"""
+    plain = berth(config)
+    r = post(plain.url, "/v1/chat/completions", chat_body("gpt-3.5-turbo-instruct"))
+    assert r.status_code == 404 and r.json()["error"]["message"] == (
+        "model 'gpt-3.5-turbo-instruct' is not configured; available models: a, b")
+    plain.stop()
+
+    b = berth("fallbackModel: b\n" + config)
+    client = openai.OpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+    answer = client.chat.completions.create(model="gpt-3.5-turbo-instruct",
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert answer.model == "b"  # the fake answers with the model it was sent: berth renamed it
+    chunks = list(client.chat.completions.create(model="davinci-002", stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert {chunk.model for chunk in chunks if chunk.choices} == {"b"}  # (the fake's usage chunk names none)
+    assert post(b.url, "/v1/chat/completions", chat_body("a")).json()["server"] == "a"  # known names as before
+    r = requests.post(b.url + "/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")},
+                      data={"model": "whisper-1"}, timeout=30)
+    assert r.status_code == 200 and r.json()["model"] == "b"
+    logs = requests.get(b.url + "/logs", timeout=10).text
+    assert "no model is named 'gpt-3.5-turbo-instruct': b serves the request (fallbackModel)" in logs
+    assert "no model is named 'whisper-1': b serves the request (fallbackModel)" in logs
+
+
 def test_each_model_has_a_stable_port_it_takes_when_free(berth, start_port):
     b = berth(f"""
 startPort: {start_port}

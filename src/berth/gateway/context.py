@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from berth.config import BerthConfig
 from berth.core.errors import (
-    BadRequest, BerthError, ModelNotAllowed, RequestTimeout, ScopeNotAllowed, UnsupportedMediaType,
+    BadRequest, BerthError, ModelNotAllowed, RequestTimeout, ScopeNotAllowed, UnknownModel, UnsupportedMediaType,
 )
 from berth.gateway import origins
 from berth.gateway.access import KeyRing, may_use, model_names, request_key
@@ -28,6 +29,8 @@ from berth.gateway.pool import ModelPool
 from berth.gateway.proxy import Proxy
 from berth.runtime.logs import LogHub
 from berth.runtime.snapshot import ModelSnapshot
+
+log = logging.getLogger("berth.gateway")
 
 
 ErrorShape = Callable[[BerthError], dict[str, Any]]  # the body an error answer has
@@ -122,6 +125,18 @@ class GatewayContext:
         if model_id is None:
             raise BadRequest(f"{what}; name one of: {', '.join(self.pool.listed_ids())}")
         return model_id
+
+    def served_by(self, name: str) -> tuple[str, bool]:
+        """(the model id a request naming `name` goes to, whether that is fallbackModel standing in for a name
+        no model answers to); UnknownModel, which lists the models, when fallbackModel is not set."""
+        model_id = self.config.resolve(name)
+        if model_id is not None:
+            return model_id, False
+        fallback = self.config.fallback_model
+        if not fallback:
+            raise UnknownModel(name, self.pool.listed_ids())
+        log.info("no model is named %r: %s serves the request (fallbackModel)", name, fallback)
+        return fallback, True
 
 
 class Routes:

@@ -15,14 +15,19 @@ from berth.gateway.loading import serve_while_loading
 from berth.gateway.routing import forward, routed, with_media
 from berth.scheduler import ModelState
 
+# POST routes of llama-server (11434: server.cpp, every one its router mode sends on by the body's `model`)
+# and of OpenAI's API that llama-server does not serve itself.
 INFERENCE_PATHS = (
-    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking", "/v1/responses",
-    "/v1/messages", "/v1/messages/count_tokens", "/completion", "/completions", "/infill", "/embedding",
-    "/embeddings", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/completion",
+    "/v1/responses", "/responses", "/v1/messages", "/infill", "/v1/embeddings", "/embeddings", "/embedding",
+    "/v1/rerank", "/v1/reranking", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
+    "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens", "/v1/responses/input_tokens",
+    "/responses/input_tokens", "/v1/messages/count_tokens", "/v1/chat/completions/control", "/v1/systemone",
+    "/props",
     "/v1/audio/speech", "/v1/images/generations",
 )
 # Uploads: the model is a field of the multipart form (OpenAI's audio and image edit APIs).
-FORM_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
+FORM_PATHS = ("/v1/audio/transcriptions", "/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
 # The dashboard's playground calls these under /ui/api/ (see dashboard.py); each is the OpenAI route beside it.
 UI_PATHS = {"/ui/api/chat/completions": "/v1/chat/completions", "/ui/api/completions": "/v1/completions",
             "/ui/api/embeddings": "/v1/embeddings", "/ui/api/rerank": "/v1/rerank"}
@@ -65,7 +70,7 @@ class Inference(Routes):
     @scope(INFERENCE)
     async def upload(self, request: web.Request) -> web.StreamResponse:
         """An upload (multipart form) names its model in the `model` field; the body goes on as sent,
-        with that field replaced when the model has `useModelName`."""
+        with that field replaced when the model has `useModelName` or stands in as fallbackModel."""
         if request.content_type != "multipart/form-data":
             return await self.by_body_model(request, request.path)
         context = self.context
@@ -75,8 +80,8 @@ class Inference(Routes):
         if field is None:
             model_id = context.default_or_named("the form has no `model` field")
         else:
-            model_id = context.pool.resolve(field[2].decode("utf-8", errors="replace"))
-            rename = context.config.models[model_id].use_model_name
+            model_id, fallback = context.served_by(field[2].decode("utf-8", errors="replace"))
+            rename = context.config.models[model_id].use_model_name or (model_id if fallback else "")
             if rename:
                 body = body[:field[0]] + rename.encode() + body[field[1]:]
         return await serving.answer(context, request, model_id, request.path, body)

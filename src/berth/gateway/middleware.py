@@ -20,7 +20,7 @@ from berth.gateway import origins
 from berth.gateway.access import ANY_KEY, KEYLESS, may_use, model_names, remember_key, route_scope
 from berth.gateway.context import ErrorShape, GatewayContext, openai_shape
 
-PROBE_PATHS = ("/metrics", "/health", "/ready")  # what the metrics socket answers
+PROBE_PATHS = ("/metrics", "/health", "/v1/health", "/ready")  # what the metrics socket answers
 _CORS = "cors"  # the request's key for the CORS headers its answer carries
 
 

@@ -20,6 +20,7 @@ from berth.scheduler import ModelState
 def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
     routes = Observability(context)
     router.add_get("/health", routes.health)
+    router.add_get("/v1/health", routes.health)  # llama-server answers both
     router.add_get("/ready", routes.ready)
     router.add_get("/running", routes.running)
     router.add_get("/ui/api/running", routes.running)

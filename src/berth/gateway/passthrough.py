@@ -1,8 +1,10 @@
 """Routes that name their model outside the body: `/upstream/{model}/{path}` (a model server's own UI and
-API, passed through raw), and every other path with `?model=` (llama-server's GET routes go to the default
-model without one). Registered last: its catch-all answers what no other route does."""
+API, passed through raw), and every other path with `?model=` (llama-server's routes whose request names no
+model go to the default model without one). Registered last: its catch-all answers what no other route does."""
 
 from __future__ import annotations
+
+import re
 
 from aiohttp import web
 
@@ -13,9 +15,14 @@ from berth.gateway.context import FORM, JSON, GatewayContext, Routes, require_bo
 from berth.gateway.media import checked_body
 from berth.scheduler import ModelState
 
-# GET routes of a single llama-server; without ?model= they go to the default (or only) model, so
-# clients written for one llama-server work unchanged.
-SINGLE_SERVER_GETS = ("/props", "/slots", "/lora-adapters", "/v1/props")
+# Routes of a single llama-server whose request names no model (its GETs, a JSON array, a stream's id):
+# without ?model= they go to the default (or only) model, so clients written for one llama-server work
+# unchanged.
+SINGLE_SERVER_ROUTES = (
+    ("GET", re.compile(r"/v1/props|/props|/slots|/lora-adapters|/v1/stream")),
+    ("POST", re.compile(r"/lora-adapters|/slots/\d+|/v1/streams/lookup")),
+    ("DELETE", re.compile(r"/v1/stream")),
+)
 _READS = ("GET", "HEAD", "OPTIONS")  # methods that change nothing; any other goes with a JSON or form body
 PROPERTIES = ("/props", "/v1/props")  # read-only, so the inference scope has them; /slots shows others' work
 
@@ -70,11 +77,15 @@ class PassThrough(Routes):
 
     async def _by_query(self, request: web.Request, needs: str | None) -> web.StreamResponse:
         context = self.context
-        elsewhere = await _methods_elsewhere(request)
-        if elsewhere:  # a route of berth's own, asked with another method (GET /unload: an <img>)
+        single_server = any(request.method == method and path.fullmatch(request.path)
+                            for method, path in SINGLE_SERVER_ROUTES)
+        # a route of berth's own, asked with another method (GET /unload: an <img>); GET /props is
+        # llama-server's own beside berth's POST /props
+        elsewhere = [] if single_server else await _methods_elsewhere(request)
+        if elsewhere:
             raise MethodNotAllowed(request.method, request.path, elsewhere)
         name = request.query.get("model")
-        if not name and request.method == "GET" and request.path in SINGLE_SERVER_GETS:
+        if not name and single_server:
             name = context.default_or_named(f"{request.path} needs ?model=<id> when several models are configured")
         if not name:
             raise RouteNotFound(request.path)
@@ -82,7 +93,7 @@ class PassThrough(Routes):
             context.require(request, needs)
         if request.method not in _READS:
             require_body_type(request, JSON, FORM)
-        model_id = context.pool.resolve(name)
+        model_id = context.served_by(name)[0]
         body = await checked_body(context, model_id, await context.read_body(request))
         return await serving.answer(context, request, model_id, request.path, body or None,
                                     uses_slot=False)  # a model server's own routes: properties, slots, adapters

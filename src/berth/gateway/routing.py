@@ -1,8 +1,8 @@
 """Where a JSON request goes by the model its body names: the active profile's pins and selectors first,
-then a local model (id or alias) or a peer's; the model's filters (stripParams, setParams, setParamsByID,
-useModelName) shape the body on the way, and a local model's images are taken (media.py: refused without a
-projector, remote URLs fetched). Every API berth speaks by model name (OpenAI's, Ollama's) routes and forwards
-through here."""
+then a local model (id or alias) or a peer's, else fallbackModel when it is set; the model's filters
+(stripParams, setParams, setParamsByID, useModelName) shape the body on the way, and a local model's images
+are taken (media.py: refused without a projector, remote URLs fetched). Every API berth speaks by model name
+(OpenAI's, Ollama's) routes and forwards through here."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class Route:
     model: str  # a local model's id, or peer/model
     body: bytes
     peer: Upstream | None = None  # None: a local model
+    fallback: bool = False  # fallbackModel serves it: the request named no model berth knows
 
 
 @contextmanager
@@ -57,15 +58,20 @@ def routed(context: GatewayContext, payload: dict[str, Any], body: bytes) -> Ite
         if context.config.resolve(name) is None and (peer := context.config.resolve_peer(name)) is not None:
             yield _peer(*peer, payload)
             return
-        yield _local(context, context.pool.resolve(name), name, payload, body)
+        model_id, fallback = context.served_by(name)
+        if fallback:  # the model server, and so the answer's `model`, see the model that serves it
+            payload["model"] = name = model_id
+            body = json.dumps(payload).encode()
+        yield _local(context, model_id, name, payload, body, fallback)
 
 
-def _local(context: GatewayContext, model_id: str, requested: str, payload: dict[str, Any], body: bytes) -> Route:
+def _local(context: GatewayContext, model_id: str, requested: str, payload: dict[str, Any], body: bytes,
+           fallback: bool = False) -> Route:
     spec = context.config.models[model_id]
     by_id = dict(spec.set_params_by_id).get(requested, ())  # the setParamsByID entry of the id asked for
     if apply_filters(payload, spec.strip_params, (*spec.set_params, *by_id), spec.use_model_name):
         body = json.dumps(payload).encode()
-    return Route(model_id, body)
+    return Route(model_id, body, fallback=fallback)
 
 
 def _peer(peer: PeerSpec, model: str, payload: dict[str, Any]) -> Route:
