@@ -144,12 +144,8 @@ def test_every_case_that_passes_against_llama_server_passes_through_berth(server
         directly = run_suite(server_suite, port, tmp_path / "direct.xml")
         direct_seconds = time.monotonic() - began
     finally:
-        direct.terminate()
-        try:
-            direct.wait(30)
-        except subprocess.TimeoutExpired:
-            direct.kill()
-            direct.wait()
+        direct.kill()  # one process, nothing of it to save
+        direct.wait()
 
     missing = MUST_PASS_DIRECTLY - passed(directly)
     assert not missing, f"cases that should pass against llama-server itself did not: {sorted(missing)}"

@@ -35,8 +35,9 @@ models:
     assert "--api-key=<redacted>" in out
     assert "hunter" not in out + result.stderr
     # llama-swap's ${PORT}: startPort upwards in the order of the model ids
-    assert "9100 when free at the start, else the first free from 9100" in out.split("embed")[0]
-    assert "9101 when free at the start, else the first free from 9100" in out.split("embed")[1]
+    chat, embed = out.split("\nembed\n")
+    assert "port:    9100 when free at the start, else the first free from 9100" in chat
+    assert "port:    9101 when free at the start, else the first free from 9100" in embed
     assert "60s" in out and "default" in out
     assert f"{config}:9: models.embed.matrix: not supported by berth; ignored" in result.stderr
 
