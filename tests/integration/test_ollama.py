@@ -109,6 +109,40 @@ def test_errors_answer_in_ollamas_shape_with_their_status(berth, start_port):
     assert openai_route.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_fallback_model_answers_names_berth_does_not_know_but_pull_and_delete_keep_theirs(berth, start_port):
+    """Ollama's clients name models of Ollama's registry (`llama3.2`); with fallbackModel set they reach it, as
+    /v1 requests do, and the answers name the model that answered. Pull and delete act on the store's model
+    of that name, never on the fallback."""
+    b = berth(f"""
+startPort: {start_port}
+fallbackModel: b
+models:
+  a: {{cmd: "{fake_cmd('a')}"}}
+  b: {{cmd: "{fake_cmd('b')}", ttl: 600}}
+""")
+    c = client(b)
+    whole = c.chat(model="llama3.2", messages=HI)
+    assert (whole.message.content, whole.model) == ("hello from b", "b")
+    parts = list(c.generate(model="qwen3:8b", prompt="hi", stream=True))
+    assert {p.model for p in parts} == {"b"} and parts[-1].done
+    assert c.chat(model="a", messages=HI).message.content == "hello from a"  # known names as before
+    assert c.show("llama3.2") is not None  # `ollama run` shows a model before it chats with it
+    with pytest.raises(ollama.ResponseError) as registry:
+        c.pull("llama3.2")
+    assert registry.value.status_code == 400 and "Ollama's registry" in registry.value.error
+    pid = b.pid_of("b")
+    with pytest.raises(ollama.ResponseError) as refused:
+        c.delete("llama3.2")
+    assert refused.value.status_code == 400 and "Ollama's registry" in refused.value.error
+    assert b.pid_of("b") == pid and pid_alive(pid)  # nothing of the fallback was touched
+    unloaded = c.generate(model="llama3.2", keep_alive=0)  # `ollama stop llama3.2`: the model that answered it
+    assert (unloaded.done_reason, unloaded.model) == ("unload", "b") and not pid_alive(pid)
+    loaded = c.embed(model="nomic-embed-text", input=[])
+    assert loaded.model == "b" and loaded.embeddings == [] and b.pid_of("b")
+    logs = requests.get(b.url + "/logs", timeout=10).text
+    assert "no model is named 'llama3.2': b serves the request (fallbackModel)" in logs
+
+
 def test_keep_alive_sets_the_idle_ttl_and_zero_unloads_after_the_answer(berth, start_port):
     b = berth(fake_models(start_port))
     c = client(b)

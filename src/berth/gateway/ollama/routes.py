@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -118,7 +119,7 @@ class OllamaRoutes(Routes):
         if not body.get("messages"):
             return await self._load_or_unload(request, body, chat=True)
         return await self._forward(request, body, translated,
-                                   Generation(requests.model_name(body), translated.stream, chat=True))
+                                   lambda model: Generation(model, translated.stream, chat=True))
 
     @scope(INFERENCE)
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -127,7 +128,7 @@ class OllamaRoutes(Routes):
         if not body.get("prompt") and not body.get("images"):
             return await self._load_or_unload(request, body, chat=False)
         return await self._forward(request, body, translated,
-                                   Generation(requests.model_name(body), translated.stream, chat=False))
+                                   lambda model: Generation(model, translated.stream, chat=False))
 
     @scope(INFERENCE)
     async def embed(self, request: web.Request) -> web.StreamResponse:
@@ -143,15 +144,15 @@ class OllamaRoutes(Routes):
         inputs = requests.embed_inputs(body, legacy)
         dimensions = None if legacy else requests.dimensions(body)
         if not inputs:  # as Ollama: nothing to embed loads the model and answers no vectors
-            await self._load_or_unload(request, body, chat=False)
-            return web.json_response({"embedding": []} if legacy else {"model": name, "embeddings": []})
+            model, _ = await self._load_or_unload_model(request, body)
+            return web.json_response({"embedding": []} if legacy else {"model": model, "embeddings": []})
         return await self._forward(request, body, requests.embed(body, inputs, legacy),
-                                   Embeddings(name, legacy, dimensions))
+                                   lambda model: Embeddings(model, legacy, dimensions))
 
     async def _forward(self, request: web.Request, body: dict[str, Any], translated: requests.Translated,
-                       reframe: Reframe) -> web.StreamResponse:
+                       reframe: Callable[[str], Reframe]) -> web.StreamResponse:
         """Route the translated request by its model as /v1 requests are routed, set the model's keep_alive,
-        and serve it through a lease; the answer comes back through `reframe`."""
+        and serve it through a lease; the answer comes back through `reframe(the model it names)`."""
         context = self.context
         keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
         payload = translated.body
@@ -160,32 +161,35 @@ class OllamaRoutes(Routes):
             route = await with_media(context, request, route, payload)
             if route.peer is None and translated.num_ctx is not None:
                 await self._note_num_ctx(route.model, translated.num_ctx)
-            return await forward(context, request, route, translated.path, reframe, keep_alive)
+            return await forward(context, request, route, translated.path, reframe(_answered_as(route, body)),
+                                 keep_alive)
 
     async def _load_or_unload(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.Response:
         """A request with nothing to answer: with keep_alive 0 the model is unloaded, else loaded (and kept
-        for its keep_alive). One object, as Ollama answers, streamed or not. With keys, a key loads only its
-        models, and unloading (which stops everyone's requests to the model) needs `admin`, as /models/unload."""
+        for its keep_alive). One object, as Ollama answers, streamed or not."""
+        model, reason = await self._load_or_unload_model(request, body)
+        answer: dict[str, Any] = {"model": model, "created_at": created_at()}
+        answer.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+        answer.update(done=True, done_reason=reason)
+        return web.json_response(answer)
+
+    async def _load_or_unload_model(self, request: web.Request, body: dict[str, Any]) -> tuple[str, str]:
+        """Unload the request's model (keep_alive 0) or load it; (the model the answer names, "unload" or
+        "load"). With keys, a key loads only its models, and unloading (which stops everyone's requests to the
+        model) needs `admin`, as /models/unload."""
         context = self.context
-        name = requests.model_name(body)
         keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
-        payload = {"model": local_name(context.config, name)}
-        with routed(context, payload, b"") as route:
+        with routed(context, {"model": local_name(context.config, requests.model_name(body))}, b"") as route:
             context.require_model(request, route.model)
             local = _local(route)
             if keep_alive == 0:
                 context.require(request, ADMIN)
                 await context.pool.unload(local)
-                reason = "unload"
-            else:
-                await context.pool.load(local)
-                if keep_alive is not None:  # counted from now, when the load's own request has ended
-                    context.pool.keep_alive(local, keep_alive)
-                reason = "load"
-        answer: dict[str, Any] = {"model": name, "created_at": created_at()}
-        answer.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
-        answer.update(done=True, done_reason=reason)
-        return web.json_response(answer)
+                return _answered_as(route, body), "unload"
+            await context.pool.load(local)
+            if keep_alive is not None:  # counted from now, when the load's own request has ended
+                context.pool.keep_alive(local, keep_alive)
+            return _answered_as(route, body), "load"
 
     async def _note_num_ctx(self, model_id: str, num_ctx: int) -> None:
         """A request's num_ctx does not restart a model (its context is its cmd's): say so once per value."""
@@ -226,6 +230,12 @@ class OllamaRoutes(Routes):
     def _file(self, spec: ModelSpec) -> ModelFile | None:
         store = ModelStore.at(self.context.config.store_dir)
         return ModelFile.read(self.context.memory.planner.launch_args(spec), store.recorded_sha256)
+
+
+def _answered_as(route: Route, body: dict[str, Any]) -> str:
+    """The model an answer names: the client's name, or fallbackModel's id when that model stands in for a
+    name berth does not know (as /v1 answers show it)."""
+    return route.model if route.fallback else requests.model_name(body)
 
 
 def _local(route: Route) -> str:
