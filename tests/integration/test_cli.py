@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,8 +12,12 @@ import requests
 
 
 def berth_cli(*args: str) -> subprocess.CompletedProcess:
+    # a bare environment (no llama-server on PATH), but the berth under test: PYTHONPATH picks a worktree's
+    env = {"COLUMNS": "250", "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run([sys.executable, "-m", "berth.cli", *args], capture_output=True, text=True, timeout=60,
-                          env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
+                          env=env)
 
 
 def test_check_prints_resolved_argv_with_secrets_redacted(tmp_path):
