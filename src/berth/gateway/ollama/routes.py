@@ -140,7 +140,7 @@ class OllamaRoutes(Routes):
 
     async def _embed(self, request: web.Request, legacy: bool) -> web.StreamResponse:
         body = await self._request(request)
-        name = requests.model_name(body)
+        requests.model_name(body)  # no model: refused before anything else
         inputs = requests.embed_inputs(body, legacy)
         dimensions = None if legacy else requests.dimensions(body)
         if not inputs:  # as Ollama: nothing to embed loads the model and answers no vectors
