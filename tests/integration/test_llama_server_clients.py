@@ -78,7 +78,7 @@ UNNAMED_ROUTES = (("GET", "/props", None),  # beside POST /props, which names it
 def test_every_llama_server_route_reaches_the_model(berth, start_port):
     b = berth(f"""
 startPort: {start_port}
-apiKeys: [k]
+apiKeys: [k, {{name: user, key: u, scopes: [inference]}}]
 models:
   a: {{cmd: "{fake_cmd('a')}", aliases: [default]}}
   b: {{cmd: "{fake_cmd('b')}"}}
@@ -100,6 +100,11 @@ models:
     assert r.status_code == 200 and (r.json()["server"], r.json()["path"]) == ("b", "/audio/transcriptions")
     r = requests.post(b.url + "/slots/0?action=save", json={"filename": "x.bin"}, headers=key, timeout=30)
     assert r.status_code == 500 and "failed to open slot file" in r.json()["error"]["message"]  # the fake's slot
+    # POST /props changes the model server for everyone: a key with `admin` (k has every scope), not `inference`
+    user = {"Authorization": "Bearer u"}
+    assert post(b.url, "/v1/chat/completions", chat_body("b"), headers=user).status_code == 200
+    r = post(b.url, "/props", {"model": "b"}, headers=user)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "scope_not_allowed"
     # llama-server's second health route, like the first without a key
     assert requests.get(b.url + "/v1/health", timeout=10).status_code == 200
     assert requests.get(b.url + "/v1/models", timeout=10).status_code == 401

@@ -9,21 +9,21 @@ from aiohttp import web
 
 from berth.core.errors import BadRequest
 from berth.gateway import serving
-from berth.gateway.access import INFERENCE, scope
+from berth.gateway.access import ADMIN, INFERENCE, scope
 from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 from berth.gateway.loading import serve_while_loading
 from berth.gateway.routing import forward, routed, with_media
 from berth.scheduler import ModelState
 
-# POST routes of llama-server (11434: server.cpp, every one its router mode sends on by the body's `model`)
-# and of OpenAI's API that llama-server does not serve itself.
+# POST routes of llama-server (11434: server.cpp, every one its router mode sends on by the body's `model`;
+# POST /props, which changes the server for everyone, is registered apart) and of OpenAI's API that
+# llama-server does not serve itself.
 INFERENCE_PATHS = (
     "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/completion",
     "/v1/responses", "/responses", "/v1/messages", "/infill", "/v1/embeddings", "/embeddings", "/embedding",
     "/v1/rerank", "/v1/reranking", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
     "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens", "/v1/responses/input_tokens",
     "/responses/input_tokens", "/v1/messages/count_tokens", "/v1/chat/completions/control", "/v1/systemone",
-    "/props",
     "/v1/audio/speech", "/v1/images/generations",
 )
 # Uploads: the model is a field of the multipart form (OpenAI's audio and image edit APIs).
@@ -41,11 +41,18 @@ def register(router: web.UrlDispatcher, context: GatewayContext) -> None:
         router.add_post(path, routes.upload)
     for path in UI_PATHS:
         router.add_post(path, routes.playground)
+    router.add_post("/props", routes.server_properties)
 
 
 class Inference(Routes):
     @scope(INFERENCE)
     async def inference(self, request: web.Request) -> web.StreamResponse:
+        return await self.by_body_model(request, request.path)
+
+    @scope(ADMIN)
+    async def server_properties(self, request: web.Request) -> web.StreamResponse:
+        """POST /props: a model server's global properties (llama-server started with --props), which every
+        client of that model shares; so, with keys, a key with `admin`, as for its slots and adapters."""
         return await self.by_body_model(request, request.path)
 
     @scope(INFERENCE)
