@@ -16,10 +16,10 @@ from berth.config import DEFAULT_GROUP, BerthConfig, ModelSpec
 from berth.core.errors import BerthError, StartFailed, UnknownModel
 from berth.core.units import RPC_PREFIX
 from berth.engine.launch import Launch, key_headers, server_slots
-from berth.engine.redact import redact_argv
 from berth.gateway.events import EventKind, EventLog
 from berth.gateway.memory import MemoryService
 from berth.gateway.metrics import Metrics
+from berth.gateway.snapshots import Snapshots
 from berth.gateway.upstream import Upstream
 from berth.memory.planner import ModelMemory
 from berth.runtime.factory import SpawnProcess
@@ -125,8 +125,7 @@ class ModelPool:
         self._gauges = gauges  # told of every process from spawn to exit; None: no gauges (tests of the pool)
         self._spawn = spawn
         self._prefetch = prefetch
-        self._planned_launch = planned_launch  # a model's launch as a start would run it, nothing pulled
-        self._projectors: dict[str, tuple[ModelSpec, bool]] = {}  # what planned launches said, once known
+        self._snapshots = Snapshots(memory, gauges, planned_launch)  # what handlers may know of a model
         self._scheduler = Scheduler.build(*self._policies(config))
         self._processes: dict[str, ModelProcess] = {}
         self._waiters: dict[int, asyncio.Future[str]] = {}
@@ -248,54 +247,14 @@ class ModelPool:
         return self._processes.get(model_id)
 
     def reads_images(self, model_id: str) -> bool | None:
-        """Whether a configured model takes images (and the audio or video a projector reads): declared in its
-        capabilities, or a projector in its launch (the running one's, else as a start would launch it).
-        None when nothing says: another engine without a declaration, or a projector that may come with the
-        first pull."""
-        spec = self.config.models[model_id]
-        process = self._processes.get(model_id)
-        projector = process.facts().projector if process is not None else None
-        if projector is None:
-            projector = self._planned_projector(spec)
-        return spec.capabilities.reads_images(projector)
-
-    def _planned_projector(self, spec: ModelSpec) -> bool | None:
-        known = self._projectors.get(spec.id)
-        if known is not None and known[0] == spec:
-            return known[1]
-        if self._planned_launch is None:
-            return None
-        try:
-            projector = self._planned_launch(spec).projector
-        except (BerthError, OSError):  # a cmd that cannot start says so at its start, not here
-            return None
-        if projector is not None:  # an unknown answer is asked again: a pull may settle it
-            self._projectors[spec.id] = (spec, projector)
-        return projector
+        """Whether a configured model takes images (Snapshots.reads_images)."""
+        return self._snapshots.reads_images(self.config.models[model_id], self._processes.get(model_id))
 
     def snapshot(self, model_id: str, gauges: bool = False) -> ModelSnapshot:
         """What handlers may know of a configured model now; they never see its process. With `gauges`,
         its KV cache use and saved slots as last gathered (asking keeps the gathering going)."""
-        view = self._scheduler.view(model_id)
-        now = self._now()
-        process = self._processes.get(model_id)
-        facts = process.facts() if process is not None else None
-        spec = self.config.models[model_id]
-        collector = self._gauges if gauges else None
-        if collector is not None:
-            collector.wanted()
-        measured = self.memory.measured.get(model_id)
-        return ModelSnapshot(
-            model=model_id, state=view.state, in_flight=view.in_flight, queued=view.queued,
-            start_failures=view.start_failures,
-            ttl_remaining_s=None if view.ttl_deadline is None else max(view.ttl_deadline - now, 0.0),
-            retry_in_s=None if view.retry_at is None else max(view.retry_at - now, 0.0),
-            proxy=facts.proxy if facts else spec.proxy, port=facts.port if facts else None,
-            pid=facts.pid if facts else None, command=tuple(redact_argv(facts.argv if facts else spec.argv)),
-            plan=self.memory.plans.get(model_id), measured=dict(measured) if measured is not None else None,
-            kv=collector.kv(model_id) if collector is not None and view.state is ModelState.READY else None,
-            slots_on_disk=collector.slots_on_disk(model_id) if collector is not None and facts else None,
-            reads_images=self.reads_images(model_id))
+        return self._snapshots.of(self.config.models[model_id], self._scheduler.view(model_id),
+                                  self._processes.get(model_id), self._now(), gauges)
 
     def snapshots(self, gauges: bool = False) -> dict[str, ModelSnapshot]:
         """Every configured model's snapshot, in the config's order."""
