@@ -299,7 +299,8 @@ class ModelPool:
                     process.wake()
             elif isinstance(action, Stop):
                 event = self.events.stop(action.model, action.reason, action.why)
-                log.info(f"stopping {action.model} ({action.reason.value}: {event.text})")
+                # the reason first, as before the reasons became data (operators grep for "stopping m (ttl)")
+                log.info(f"stopping {action.model} ({action.reason.value})" + (f": {event.text}" if event.text else ""))
                 if action.reason in (StopReason.SWAP, StopReason.MEMORY):
                     self.metrics.swaps.inc()
                 elif action.reason is StopReason.TTL:
