@@ -299,20 +299,7 @@ class _Exchange:
                 if out:
                     await response.write(out)
         except Cancelled:
-            self.record.cancel = None
-            self.ledger.read_usage(self.record, tail, self.target.restore_hit)
-            self.ledger.capture_response(self.record, head, relayed)
-            self.outcome = Outcome.CANCELLED
-            cancelled = RequestCancelled(f"the request to model {self.target.model!r} was cancelled by an admin")
-            if reframe is not None:
-                await response.write(reframe.failed(cancelled))
-                await response.write_eof()
-            elif is_sse:
-                await response.write(b"data: " + json.dumps(cancelled.to_openai()).encode() + b"\n\ndata: [DONE]\n\n")
-                await response.write_eof()
-            elif self.request.transport is not None:  # a body cut short: only a cut connection says so
-                self.request.transport.close()
-            return response
+            return await self._end_cancelled(response, is_sse, reframe, (tail, head, relayed))
         except ConnectionResetError:
             self._client_left(tail, relayed, is_sse)  # leaving the block cancels the upstream request
             return response
@@ -320,19 +307,9 @@ class _Exchange:
             self._client_left(tail, relayed, is_sse)  # aiohttp cancels the handler when the client disconnects
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            timed_out = isinstance(exc, asyncio.TimeoutError)
-            self._cut_short(504 if timed_out else 502, Outcome.FAILED)
-            if not is_sse and reframe is None:  # the status line is gone; a cut connection is the only signal left
-                if self.request.transport is not None:
-                    self.request.transport.close()
+            if not await self._break_off(response, is_sse, reframe, exc):
                 return response
-            why = (f"sent nothing for timeouts.idle ({self.target.timeouts.idle:g}s)" if timed_out
-                   else f"stopped answering mid-stream: {exc or type(exc).__name__}"
-                   + await self.target.failure_detail())
-            error = UpstreamError(f"model {self.target.model!r} {why}")
             broke_off = True
-            await response.write(reframe.failed(error) if reframe is not None
-                                 else b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
         self.record.cancel = None
         self.ledger.read_usage(self.record, tail, self.target.restore_hit)
         self.ledger.capture_response(self.record, head, relayed)
@@ -341,6 +318,44 @@ class _Exchange:
         self.outcome = self.outcome or Outcome.ANSWERED
         await response.write_eof()
         return response
+
+    async def _end_cancelled(self, response: web.StreamResponse, is_sse: bool, reframe: Reframe | None,
+                             read: tuple[bytes, bytes, int]) -> web.StreamResponse:
+        """An admin cancelled the request mid-answer: count what was read, then end the client's answer
+        the way its framing can say so (an error line, an error event and [DONE], or a cut connection)."""
+        tail, head, relayed = read
+        self.record.cancel = None
+        self.ledger.read_usage(self.record, tail, self.target.restore_hit)
+        self.ledger.capture_response(self.record, head, relayed)
+        self.outcome = Outcome.CANCELLED
+        cancelled = RequestCancelled(f"the request to model {self.target.model!r} was cancelled by an admin")
+        if reframe is not None:
+            await response.write(reframe.failed(cancelled))
+            await response.write_eof()
+        elif is_sse:
+            await response.write(b"data: " + json.dumps(cancelled.to_openai()).encode() + b"\n\ndata: [DONE]\n\n")
+            await response.write_eof()
+        elif self.request.transport is not None:  # a body cut short: only a cut connection says so
+            self.request.transport.close()
+        return response
+
+    async def _break_off(self, response: web.StreamResponse, is_sse: bool, reframe: Reframe | None,
+                         exc: BaseException) -> bool:
+        """The model server failed mid-answer. A stream gets an error it can read (True: the caller ends it);
+        a plain body's status line is gone, so the connection is cut, the only signal left (False)."""
+        timed_out = isinstance(exc, asyncio.TimeoutError)
+        self._cut_short(504 if timed_out else 502, Outcome.FAILED)
+        if not is_sse and reframe is None:
+            if self.request.transport is not None:
+                self.request.transport.close()
+            return False
+        why = (f"sent nothing for timeouts.idle ({self.target.timeouts.idle:g}s)" if timed_out
+               else f"stopped answering mid-stream: {exc or type(exc).__name__}"
+               + await self.target.failure_detail())
+        error = UpstreamError(f"model {self.target.model!r} {why}")
+        await response.write(reframe.failed(error) if reframe is not None
+                             else b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
+        return True
 
     def _client_left(self, tail: bytes, relayed: int, is_sse: bool) -> None:
         """The client went away before the model server's answer ended. The tokens the server reported
