@@ -1,28 +1,30 @@
-"""One supervised model server process: spawn, drain logs, wait for health, stop.
+"""One supervised model process: the one owner of its OS process, from spawn to reap.
 
 A `ModelProcess` is owned by exactly one asyncio task (`_run`). Other code only
 calls `request_stop()` (and `wake()`) and receives events through the `on_event`
-callback: `Started`, then exactly one of `StartFailedEvent` or `Stopped`, with
-`Slept` and `Woke` in between for a server that sleeps when idle. The output of
+callback (events.py): `Started`, then exactly one of `StartFailedEvent` or `Stopped`,
+with `Slept` and `Woke` in between for a server that sleeps when idle. The output of
 this run (the child's lines only) is kept on the process itself, so facts
 taken from it (out-of-memory evidence, buffer sizes) never depend on how
 berth words its own log lines.
+
+The owner task runs named steps that live in modules of their own: spawning the child
+(child.py), the race to ready (starting.py, over readiness.py), noticing a hang
+(liveness.py), a sleeping server (sleep.py), KV slots (slots.py) and stopping the
+process group (stopping.py). What others may see of a run is a `ProcessFacts` (facts.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
-import re
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 
@@ -32,80 +34,41 @@ from berth.engine.rpc import RpcTargets
 from berth.engine.redact import child_environment, redact_argv
 from berth.engine.slots import SlotPlan
 from berth.core.errors import BerthError, StartFailed
-from berth.core.procfs import group_alive, oom_kill_count
+from berth.core.procfs import oom_kill_count
 from berth.runtime.agents import AgentDirectory, AgentFailure, AgentLeases
+from berth.runtime.child import drain_output, spawn_child, wait_exit
+from berth.runtime.events import ProcessEvent, Slept, Started, StartFailedEvent, Stopped, Woke
+from berth.runtime.facts import ProcessFacts
 from berth.runtime.janitor import Janitor, signal_group
+from berth.runtime.liveness import until_unresponsive
 from berth.runtime.logs import LogHub
 from berth.runtime.pagecache import PageWarmer, launch_files
-from berth.runtime.readiness import wait_healthy
 from berth.runtime.sleep import SleepWatch
 from berth.runtime.slots import SlotKeeper
+from berth.runtime.starting import StartRace, Warmup, looks_out_of_memory, wait_ready
+from berth.runtime.stopping import stop_group
+
+# the names callers import from here, wherever they live now
+__all__ = [
+    "LaunchBuilder",
+    "ModelProcess",
+    "ProcessDeps",
+    "ProcessEvent",
+    "ProcessFacts",
+    "Slept",
+    "StartFailedEvent",
+    "Started",
+    "Stopped",
+    "Warmup",
+    "Woke",
+    "looks_out_of_memory",
+    "wait_exit",
+]
 
 log = logging.getLogger("berth.runtime")
 
-GROUP_GONE_TIMEOUT = 5.0
-LIVENESS_MISSES = 3  # health checks missed in a row before a ready model counts as hung
 RUN_OUTPUT_LINES = 2000  # the child's last lines kept per run (buffer sizes come early, failures late)
-CHILD_UMASK = 0o077  # what a model server writes (saved KV slots hold users' tokens) is for berth's user alone
 
-
-def _child_umask() -> dict[str, Any]:
-    """The spawn argument that gives the child CHILD_UMASK. asyncio's loop passes `umask` to subprocess,
-    which sets it in C between fork and exec; uvloop's (core/eventloop.py) refuses that argument, so there
-    the child calls os.umask itself before exec (a preexec_fn: one system call, no lock taken)."""
-    if isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
-        return {"umask": CHILD_UMASK}
-    return {"preexec_fn": functools.partial(os.umask, CHILD_UMASK)}
-
-
-@dataclass(frozen=True)
-class Started:
-    pass
-
-
-@dataclass(frozen=True)
-class StartFailedEvent:
-    error: StartFailed
-
-
-@dataclass(frozen=True)
-class Stopped:
-    crashed: bool
-    exit_code: int | None
-
-
-@dataclass(frozen=True)
-class Slept:
-    """The ready server fell asleep (its model left memory); seen by a check sent at `observed_at`
-    (the event loop's clock)."""
-
-    observed_at: float
-
-
-@dataclass(frozen=True)
-class Woke:
-    """The sleeping server has its model loaded again (berth woke it, or a request from elsewhere did)."""
-
-
-ProcessEvent = Started | StartFailedEvent | Stopped | Slept | Woke
-
-
-@dataclass(frozen=True)
-class ProcessFacts:
-    """One run of a model server as others may see it: a copy, safe to hand out and keep."""
-
-    model: str
-    proxy: str  # where it listens
-    port: int | None
-    pid: int | None  # None until spawned
-    argv: tuple[str, ...]  # as launched (the config's until then); secrets included: redact before showing
-    slots: SlotPlan | None  # where its KV slots are saved, when they are
-    sleeps: bool = False  # launched to sleep when idle: no work may be sent to it that it does not need
-    projector: bool | None = None  # whether its launch gave it a multimodal projector (None: unknown, not launched)
-    key: str | None = None  # what to present to its server (Launch.key); never shown
-
-
-Warmup = Callable[[ModelSpec, str | None, aiohttp.ClientSession], Awaitable[None]]  # (spec, server key, session)
 LaunchBuilder = Callable[..., Launch]  # (spec, cancel=threading.Event, rpc=RpcTargets | None) -> Launch
 
 
@@ -122,46 +85,6 @@ class ProcessDeps:
     agents: AgentDirectory | None = None  # what rpc agents offer (placement shares)
     rpc_needs: Callable[[ModelSpec], dict[str, int]] | None = None  # planned bytes per device, rpc:... included
     warmer: PageWarmer | None = None  # reads a model's files into the page cache before its start
-
-
-# What llama.cpp (CPU, CUDA, HIP, Vulkan) and C++ print when an allocation fails.
-_OUT_OF_MEMORY = re.compile(r"out of memory|failed to allocate|unable to allocate|cudaMalloc failed|hipMalloc failed|"
-                            r"std::bad_alloc|ErrorOutOfDeviceMemory", re.IGNORECASE)
-
-
-def looks_out_of_memory(returncode: int | None, lines: list[str], oom_kills_meanwhile: int) -> bool:
-    """An exit before ready that an allocation failure explains, or a SIGKILL while the kernel's OOM
-    killer killed something (its counters moved). A SIGKILL alone is not evidence: anyone may send one."""
-    killed_by_oom = returncode == -signal.SIGKILL and oom_kills_meanwhile > 0
-    return killed_by_oom or any(_OUT_OF_MEMORY.search(line) for line in lines)
-
-
-async def wait_exit(proc: asyncio.subprocess.Process) -> int:
-    """The child's exit code, as soon as it exits. `Process.wait()` (Python 3.11) also waits until every
-    holder of the child's pipes has closed them, so a grandchild that keeps stdout open (a wrapper
-    script's background job, a multi-process engine) would hide a crash; a pidfd does not."""
-    loop = asyncio.get_running_loop()
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): the reaper's exit code, polled
-        while proc.returncode is None:
-            await asyncio.sleep(0.1)
-        return proc.returncode
-    gone: asyncio.Future[None] = loop.create_future()
-
-    def exited() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(pidfd, exited)
-    try:
-        await gone
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    while proc.returncode is None:  # asyncio's child watcher reaps it a moment later
-        await asyncio.sleep(0.005)
-    return proc.returncode
 
 
 async def _never() -> str:
@@ -277,6 +200,7 @@ class ModelProcess:
                 self._on_event(StartFailedEvent(StartFailed(self.spec.id, f"internal error: {exc!r}")))
 
     async def _supervise(self, report: Callable[[ProcessEvent], None]) -> None:
+        """Spawn, race to ready, serve until the end; each outcome is reported after the group is gone."""
         begun = time.monotonic()
         try:
             await self._spawn()
@@ -284,54 +208,71 @@ class ModelProcess:
             await self._release_agents()
             report(StartFailedEvent(exc))
             return
-        assert self._proc is not None
-        drain = asyncio.create_task(self._drain(self._proc))
-        exited = asyncio.create_task(wait_exit(self._proc))
+        proc, spawned = self._proc, self._spawned
+        assert proc is not None and spawned is not None
+        drain = asyncio.create_task(drain_output(proc, self._take_line))
+        exited = asyncio.create_task(wait_exit(proc))
         stop_wanted = asyncio.create_task(self._stop_requested.wait())
         agent_lost = self._rpc_lost or asyncio.create_task(_never())
+        race = StartRace(self.spec, exited, stop_wanted, agent_lost, self.last_lines, self._agent_trouble,
+                         self._oom_kills_at_spawn)
         try:
-            outcome = await self._become_ready(exited, stop_wanted, agent_lost)
+            ready = wait_ready(self.spec, self._session, self.key, self._output_arrived, spawned, self._warmup)
+            outcome = await race.until_ready(ready)
             if outcome is None:
-                if self._slot_keeper is not None:
-                    self._restore_hit_pending = await self._slot_keeper.restore() > 0
-                    self._slot_keeper.mark_running()
-                self.load_seconds = time.monotonic() - begun
-                self._log(f"ready after {self.load_seconds:.2f}s")
-                report(Started())
-                unresponsive = asyncio.create_task(self._until_unresponsive())
-                sleep_trouble = asyncio.create_task(self._watch_sleep(report))
-                await asyncio.wait({exited, stop_wanted, unresponsive, agent_lost, sleep_trouble},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                # a server whose rpc agent is gone may wait on its socket for good: as good as hung
-                hung = (unresponsive.done() or agent_lost.done() or sleep_trouble.done()) and not exited.done()
-                unresponsive.cancel()
-                sleep_trouble.cancel()
-                crashed = (exited.done() or hung) and not stop_wanted.done()
-                if agent_lost.done() and crashed:
-                    self.failure = agent_lost.result()
-                    self._log(f"stopping it: {self.failure} (the next request starts it again)")
-                elif sleep_trouble.done() and crashed:
-                    self._log(f"stopping it: it {sleep_trouble.result()} (the next request starts it again)")
-                elif exited.done() and crashed:
-                    self.failure = await self._agent_trouble()
-                    self._log(f"exited unexpectedly with code {self._proc.returncode}"
-                              + (f": {self.failure}" if self.failure else ""))
-                elif (not crashed and self._slot_keeper is not None and self._proc.returncode is None
-                      and not self.asleep):  # a sleeping server has no KV cache, and a save would wake it
-                    await self._slot_keeper.save()  # a planned stop: in-flight requests have finished
-                await self._terminate(hung=hung)
-                report(Stopped(crashed=crashed, exit_code=self._proc.returncode))
+                await self._serve(report, race, begun)
             elif isinstance(outcome, StartFailed):
                 await self._terminate()
                 report(StartFailedEvent(outcome))
             else:  # a stop was asked for before it was ready
                 await self._terminate()
-                report(Stopped(crashed=False, exit_code=self._proc.returncode))
+                report(Stopped(crashed=False, exit_code=proc.returncode))
         finally:
             stop_wanted.cancel()
             exited.cancel()
             agent_lost.cancel()
             await drain
+
+    async def _serve(self, report: Callable[[ProcessEvent], None], race: StartRace, begun: float) -> None:
+        """The ready server: restore its slots, report `Started`, and watch it until it exits, hangs, loses
+        an rpc agent, fails to wake or is asked to stop; then stop it and report `Stopped`."""
+        if self._slot_keeper is not None:
+            self._restore_hit_pending = await self._slot_keeper.restore() > 0
+            self._slot_keeper.mark_running()
+        self.load_seconds = time.monotonic() - begun
+        self._log(f"ready after {self.load_seconds:.2f}s")
+        report(Started())
+        exited, stop_wanted, agent_lost = race.exited, race.stop_wanted, race.agent_lost
+        unresponsive = asyncio.create_task(until_unresponsive(self._session, self.spec, key_headers(self.key),
+                                                              self._log))
+        sleep_trouble = asyncio.create_task(self._watch_sleep(report))
+        await asyncio.wait({exited, stop_wanted, unresponsive, agent_lost, sleep_trouble},
+                           return_when=asyncio.FIRST_COMPLETED)
+        # a server whose rpc agent is gone may wait on its socket for good: as good as hung
+        hung = (unresponsive.done() or agent_lost.done() or sleep_trouble.done()) and not exited.done()
+        unresponsive.cancel()
+        sleep_trouble.cancel()
+        crashed = (exited.done() or hung) and not stop_wanted.done()
+        await self._before_stop(crashed, race, sleep_trouble)
+        await self._terminate(hung=hung)
+        assert self._proc is not None
+        report(Stopped(crashed=crashed, exit_code=self._proc.returncode))
+
+    async def _before_stop(self, crashed: bool, race: StartRace, sleep_trouble: asyncio.Task[str]) -> None:
+        """Say why a crashed server ends; a planned stop saves its KV slots (in-flight requests have finished)."""
+        assert self._proc is not None
+        if race.agent_lost.done() and crashed:
+            self.failure = race.agent_lost.result()
+            self._log(f"stopping it: {self.failure} (the next request starts it again)")
+        elif sleep_trouble.done() and crashed:
+            self._log(f"stopping it: it {sleep_trouble.result()} (the next request starts it again)")
+        elif race.exited.done() and crashed:
+            self.failure = await self._agent_trouble()
+            self._log(f"exited unexpectedly with code {self._proc.returncode}"
+                      + (f": {self.failure}" if self.failure else ""))
+        elif (not crashed and self._slot_keeper is not None and self._proc.returncode is None
+              and not self.asleep):  # a sleeping server has no KV cache, and a save would wake it
+            await self._slot_keeper.save()
 
     async def _spawn(self) -> None:
         spec = self.spec
@@ -350,27 +291,17 @@ class ModelProcess:
         if self._warmer is not None:  # the kernel reads the weights while the server starts up
             argv = self.argv
             self._warmer.warm(spec.id, lambda: launch_files(argv), "before its start")
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=child_environment(os.environ, (*spec.env, *launch.env)),  # launch.env: its server key
-                start_new_session=True,  # own process group: a stop reaches every descendant
-                **_child_umask(),
-            )
-        except FileNotFoundError:
-            raise StartFailed(spec.id, f"command not found: {self.argv[0]!r}; fix `cmd` in the config") from None
-        except PermissionError:
-            raise StartFailed(spec.id, f"command is not executable: {self.argv[0]!r}; "
-                                       "fix `cmd` in the config") from None
-        except OSError as exc:
-            raise StartFailed(spec.id, f"cannot run {self.argv[0]!r}: {exc}") from None
+        env = child_environment(os.environ, (*spec.env, *launch.env))  # launch.env: its server key
+        self._proc = await spawn_child(spec.id, self.argv, env)
         self._spawned = asyncio.get_running_loop().time()
         self._oom_kills_at_spawn = await asyncio.to_thread(oom_kill_count)
         self._janitor.register(self._proc.pid)
         self._log(f"started pid {self._proc.pid}")
+
+    def _take_line(self, text: str) -> None:
+        self._output_arrived.set()  # a hint to check readiness now; the text is never read for it
+        self.output.append(text)
+        self._logs.write(self.spec.id, text, upstream=True)
 
     async def _lease_agents(self) -> RpcTargets:
         """An rpc server from each agent (renewed from now on, while the model pulls, loads and runs)."""
@@ -401,63 +332,6 @@ class ModelProcess:
         if self._rpc is not None:
             await self._rpc.release()
 
-    async def _drain(self, proc: asyncio.subprocess.Process) -> None:
-        """Read the child's output continuously so it never blocks on a full pipe."""
-        assert proc.stdout is not None
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except ValueError:  # a line longer than the stream limit: take what is there
-                line = await proc.stdout.read(65536)
-            if not line:
-                return
-            self._output_arrived.set()  # a hint to check readiness now; the text is never read for it
-            text = line.decode("utf-8", errors="replace").rstrip("\n")
-            self.output.append(text)
-            self._logs.write(self.spec.id, text, upstream=True)
-
-    async def _become_ready(self, exited: asyncio.Task, stop_wanted: asyncio.Task,
-                            agent_lost: asyncio.Task) -> StartFailed | str | None:
-        """None when ready; "stopped" when a stop was asked for first; else the failure."""
-        health = asyncio.create_task(self._wait_healthy())
-        try:
-            done, _ = await asyncio.wait(
-                {health, exited, stop_wanted, agent_lost}, timeout=self.spec.health_check_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            health.cancel()
-        if stop_wanted in done:
-            return "stopped"
-        if agent_lost in done:
-            return StartFailed(self.spec.id, agent_lost.result(), self.last_lines())
-        if exited in done:
-            await asyncio.sleep(0)  # let the drain task take the last lines
-            lines = self.last_lines()
-            code = exited.result()
-            oom_kills = await asyncio.to_thread(oom_kill_count) - self._oom_kills_at_spawn
-            trouble = await self._agent_trouble()
-            return StartFailed(self.spec.id, f"process exited with code {code} before it was ready"
-                               + (f": {trouble}" if trouble else ""),
-                               lines, out_of_memory=looks_out_of_memory(code, lines, oom_kills))
-        if health in done:
-            failure = health.exception()
-            if failure is None:
-                return None
-            if isinstance(failure, StartFailed):
-                return failure
-            return StartFailed(self.spec.id, f"readiness check failed: {failure!r}", self.last_lines())
-        return StartFailed(self.spec.id, f"not healthy after healthCheckTimeout ({self.spec.health_check_timeout:g}s) "
-                                         f"at {self.spec.proxy}{self.spec.check_endpoint}", self.last_lines())
-
-    async def _wait_healthy(self) -> None:
-        if self.spec.check_endpoint is not None:
-            assert self._spawned is not None
-            await wait_healthy(self._session, self.spec.proxy + self.spec.check_endpoint, key_headers(self.key),
-                               self._output_arrived, self._spawned)
-        if self._warmup is not None and self.spec.warmup:
-            await self._warmup(self.spec, self.key, self._session)
-
     async def _watch_sleep(self, report: Callable[[ProcessEvent], None]) -> str:
         """For a server launched with --sleep-idle-seconds: report each sleep and wake (runtime/sleep.py).
         Returns only when a wake failed (why); otherwise waits for good."""
@@ -468,76 +342,11 @@ class ModelProcess:
                                  self.spec.health_check_timeout)
         return await self._sleep.run()
 
-    async def _until_unresponsive(self) -> None:
-        """Return once the ready server has missed LIVENESS_MISSES health checks in a row (a deadlock, a
-        SIGSTOP, a wedged GPU): its requests would otherwise wait forever. Never returns without checks."""
-        interval, endpoint = self.spec.health_check_interval, self.spec.check_endpoint
-        if not interval or endpoint is None:
-            await asyncio.Event().wait()
-            return
-        url = self.spec.proxy + endpoint
-        timeout = aiohttp.ClientTimeout(total=min(interval, 5.0))
-        misses = 0
-        while misses < LIVENESS_MISSES:
-            await asyncio.sleep(interval)
-            try:
-                async with self._session.get(url, timeout=timeout, headers=key_headers(self.key)) as resp:
-                    healthy = resp.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                healthy = False
-            misses = 0 if healthy else misses + 1
-        self._log(f"missed {LIVENESS_MISSES} health checks in a row ({interval:g}s apart); stopping it as hung "
-                  "(the next request starts it again)")
-
     async def _terminate(self, hung: bool = False) -> None:
-        """Stop the whole process group: cmdStop or SIGTERM, then SIGKILL after unloadTimeout; a hung
-        server, which would not act on a polite request, gets SIGKILL at once."""
+        """Stop the whole process group (stopping.py), then hand back what the run held."""
         proc = self._proc
         assert proc is not None
-        pgid = proc.pid
-        if hung:
-            signal_group(pgid, signal.SIGKILL)
-        if proc.returncode is None or await asyncio.to_thread(group_alive, pgid):
-            if self.spec.stop_argv and proc.returncode is None:
-                await self._run_stop_command(proc.pid)
-            else:
-                signal_group(pgid, signal.SIGTERM)
-                signal_group(pgid, signal.SIGCONT)  # a stopped (hung) process acts on SIGTERM only then
-            if not await self._wait_group_gone(proc, self.spec.unload_timeout):
-                self._log(f"still running {self.spec.unload_timeout:g}s after the stop request; sending SIGKILL")
-                signal_group(pgid, signal.SIGKILL)
-                if not await self._wait_group_gone(proc, GROUP_GONE_TIMEOUT):
-                    self._log(f"process group {pgid} survived SIGKILL")
-        self._janitor.unregister(pgid)
+        await stop_group(proc, self.spec, self._log, hung=hung)
+        self._janitor.unregister(proc.pid)
         await self._release_agents()  # before the stop is reported: a restart leases afresh
         self._log(f"stopped (exit code {proc.returncode})")
-
-    async def _run_stop_command(self, pid: int) -> None:
-        argv = [arg.replace("${PID}", str(pid)) for arg in self.spec.stop_argv]
-        self._log(f"running cmdStop: {' '.join(redact_argv(argv))}")
-        try:
-            stopper = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, env=child_environment(os.environ, self.spec.env),
-                start_new_session=True)
-            await asyncio.wait_for(stopper.wait(), self.spec.unload_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            self._log(f"cmdStop failed ({exc!r}); sending SIGTERM")
-            signal_group(pid, signal.SIGTERM)
-
-    async def _wait_group_gone(self, proc: asyncio.subprocess.Process, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while True:
-            if proc.returncode is not None and not await asyncio.to_thread(group_alive, proc.pid):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), delay)
-            except asyncio.TimeoutError:
-                pass
-            else:
-                if await asyncio.to_thread(group_alive, proc.pid):
-                    await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
