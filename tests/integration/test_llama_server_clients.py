@@ -141,12 +141,14 @@ models:
 
 
 def test_each_model_has_a_stable_port_it_takes_when_free(berth, start_port):
+    # sizes declared: a model of unknown size runs alone until berth has measured it, and that measurement
+    # races the next request here (the three must run together for their ports to be compared)
     b = berth(f"""
 startPort: {start_port}
 models:
-  zeta: {{cmd: "{fake_cmd('zeta')}", metadata: {{port: "${{PORT}}", url: "http://127.0.0.1:${{PORT}}/"}}}}
-  alpha: {{cmd: "{fake_cmd('alpha')}", metadata: {{port: "${{PORT}}"}}}}
-  beta: {{cmd: "{fake_cmd('beta')}", metadata: {{port: "${{PORT}}"}}}}
+  zeta: {{cmd: "{fake_cmd('zeta')}", memory: {{ram: 64MiB}}, metadata: {{port: "${{PORT}}", url: "http://127.0.0.1:${{PORT}}/"}}}}
+  alpha: {{cmd: "{fake_cmd('alpha')}", memory: {{ram: 64MiB}}, metadata: {{port: "${{PORT}}"}}}}
+  beta: {{cmd: "{fake_cmd('beta')}", memory: {{ram: 64MiB}}, metadata: {{port: "${{PORT}}"}}}}
 """)
 
     def listed() -> dict[str, dict]:
