@@ -32,6 +32,7 @@ from collections import deque
 
 from berth.core.procfs import group_alive, listens_on
 from berth.engine.redact import child_environment
+from berth.runtime.child import drain_output
 from berth.runtime.janitor import signal_group
 from berth.runtime.relay import Stream
 
@@ -144,7 +145,7 @@ class RpcHost:
         self.output: deque[str] = deque(maxlen=200)
         self._control = control
         self._connecting = asyncio.Lock()  # one request at a time on the socket pair
-        self._drain = asyncio.create_task(self._drain_output())
+        self._drain = asyncio.create_task(drain_output(process, lambda line: self.output.append(line.rstrip())))
 
     @classmethod
     async def spawn(cls, server_argv: list[str], port: int) -> "RpcHost":
@@ -163,11 +164,6 @@ class RpcHost:
             theirs.close()
         ours.setblocking(False)
         return cls(process, ours, port)
-
-    async def _drain_output(self) -> None:
-        assert self.process.stdout is not None
-        while line := await self.process.stdout.readline():
-            self.output.append(line.decode(errors="replace").rstrip())
 
     async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Until the server listens; RpcServerFailed when it exits first or takes longer than `timeout`."""

@@ -50,7 +50,7 @@ class PlanPass:
         """Admit the request, claim its model's start (stopping what is in the way), or leave it waiting."""
         model = waiting.model
         if model in self.s.removed:
-            self.s.waiting.drop(request_id)
+            self.s.waiting.discard(request_id)
             self.actions.append(Reject(request_id, model, ModelUnloaded(model, "removed from the config")))
             return
         m = self.s.models[model]
@@ -63,7 +63,7 @@ class PlanPass:
             return  # waits for the start, the stop, or the drain under way
         too_big = self.room.too_big(model)
         if too_big is not None:
-            self.s.waiting.drop(request_id)
+            self.s.waiting.discard(request_id)
             self.actions.append(Reject(request_id, model, too_big))
             return
         if any(self.swaps.clash(model, other) for other in self.claimed):

@@ -47,10 +47,6 @@ class WaitQueue:
     def discard(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
 
-    def drop(self, request_id: int) -> Waiting:
-        """Take a request out of the queue (refused)."""
-        return self.requests.pop(request_id)
-
     def admit(self, request_id: int) -> Waiting:
         """Take a request out of the queue to run: its turn is now the latest admitted."""
         waiting = self.requests.pop(request_id)
