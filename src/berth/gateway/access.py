@@ -98,6 +98,11 @@ def may_use(key: ApiKey | None, names: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in key.models for name in names)
 
 
+def may_use_model(config: BerthConfig, key: ApiKey | None, model: str) -> bool:
+    """Whether a key may use the model a name stands for (a local model's id or alias, or peer/model)."""
+    return may_use(key, model_names(config, model))
+
+
 def model_names(config: BerthConfig, model: str) -> tuple[str, ...]:
     """The names a key's globs are matched against: a local model's id and aliases (given either), else the
     name itself (a peer's model as peer/model, so a glob for local models never lets a peer's through)."""

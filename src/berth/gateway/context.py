@@ -19,7 +19,7 @@ from berth.core.errors import (
     BadRequest, BerthError, ModelNotAllowed, RequestTimeout, ScopeNotAllowed, UnknownModel, UnsupportedMediaType,
 )
 from berth.gateway import origins
-from berth.gateway.access import KeyRing, may_use, model_names, request_key
+from berth.gateway.access import KeyRing, may_use_model, request_key
 from berth.gateway.accounts import KeyAccounts
 from berth.gateway.ledger import RequestLedger, RequestRecord
 from berth.gateway.memory import MemoryService
@@ -82,7 +82,7 @@ class GatewayContext:
     def require_model(self, request: web.Request, model: str) -> None:
         """403 naming the model unless the request's key may use it (a local id or alias, or peer/model)."""
         key = request_key(request)
-        if key is not None and not may_use(key, model_names(self.config, model)):
+        if key is not None and not may_use_model(self.config, key, model):
             self.accounts.refusal(key.name, "model")
             raise ModelNotAllowed(key.name, model, key.models)
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from berth.config import PORT_MACRO, ApiKey, Capabilities
 from berth.engine.redact import redact_argv
-from berth.gateway.access import INFERENCE, may_use, model_names, request_key, scope
+from berth.gateway.access import INFERENCE, may_use_model, request_key, scope
 from berth.gateway.context import GatewayContext, Routes, memory_entry
 from berth.scheduler import ModelState
 
@@ -44,7 +44,7 @@ class Listings(Routes):
         return web.json_response({"object": "list", "data": data})
 
     def _usable(self, key: ApiKey | None, model: str) -> bool:
-        return may_use(key, model_names(self.context.config, model))
+        return may_use_model(self.context.config, key, model)
 
     @scope(INFERENCE)
     async def router_models(self, request: web.Request) -> web.Response:

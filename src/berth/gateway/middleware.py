@@ -17,7 +17,7 @@ from berth.core.errors import (
 from berth.core.hosts import LOCAL_NAMES, host_name, is_loopback
 from berth.core.units import format_bytes
 from berth.gateway import origins
-from berth.gateway.access import ANY_KEY, KEYLESS, may_use, model_names, remember_key, route_scope
+from berth.gateway.access import ANY_KEY, KEYLESS, may_use_model, remember_key, route_scope
 from berth.gateway.context import ErrorShape, GatewayContext, openai_shape
 
 PROBE_PATHS = ("/metrics", "/health", "/v1/health", "/ready")  # what the metrics socket answers
@@ -136,7 +136,7 @@ class Middlewares:
             return await handler(request)
         except UnknownModel as exc:  # name only the models this key may use
             config = self.context.config
-            raise UnknownModel(exc.model, [m for m in exc.available if may_use(key, model_names(config, m))]) from None
+            raise UnknownModel(exc.model, [m for m in exc.available if may_use_model(config, key, m)]) from None
 
 
 def _presented_key(request: web.Request) -> str | None:

@@ -310,23 +310,25 @@ class _Exchange:
             if not await self._break_off(response, is_sse, reframe, exc):
                 return response
             broke_off = True
-        self.record.cancel = None
-        self.ledger.read_usage(self.record, tail, self.target.restore_hit)
-        self.ledger.capture_response(self.record, head, relayed)
+        self._settle((tail, head, relayed))
         if reframe is not None and not broke_off:
             await response.write(reframe.close(self.record))
         self.outcome = self.outcome or Outcome.ANSWERED
         await response.write_eof()
         return response
 
-    async def _end_cancelled(self, response: web.StreamResponse, is_sse: bool, reframe: Reframe | None,
-                             read: tuple[bytes, bytes, int]) -> web.StreamResponse:
-        """An admin cancelled the request mid-answer: count what was read, then end the client's answer
-        the way its framing can say so (an error line, an error event and [DONE], or a cut connection)."""
+    def _settle(self, read: tuple[bytes, bytes, int]) -> None:
+        """The answer's body is over (whole or cancelled): no more cancels; count its tokens, keep its capture."""
         tail, head, relayed = read
         self.record.cancel = None
         self.ledger.read_usage(self.record, tail, self.target.restore_hit)
         self.ledger.capture_response(self.record, head, relayed)
+
+    async def _end_cancelled(self, response: web.StreamResponse, is_sse: bool, reframe: Reframe | None,
+                             read: tuple[bytes, bytes, int]) -> web.StreamResponse:
+        """An admin cancelled the request mid-answer: count what was read, then end the client's answer
+        the way its framing can say so (an error line, an error event and [DONE], or a cut connection)."""
+        self._settle(read)
         self.outcome = Outcome.CANCELLED
         cancelled = RequestCancelled(f"the request to model {self.target.model!r} was cancelled by an admin")
         if reframe is not None:

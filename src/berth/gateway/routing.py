@@ -17,7 +17,7 @@ from aiohttp import web
 from berth.config import PeerSpec
 from berth.core.errors import BadRequest
 from berth.gateway import serving
-from berth.gateway.access import may_use, model_names, request_key
+from berth.gateway.access import may_use_model, request_key
 from berth.gateway.context import GatewayContext
 from berth.gateway.media import take_media
 from berth.gateway.proxy import Outbound, Reframe
@@ -88,7 +88,7 @@ async def with_media(context: GatewayContext, request: web.Request, route: Route
     model has no projector, remote URLs fetched by berth and sent inline. A peer fetches its own. Nothing is
     taken for a model the request's key may not use: berth fetches nothing for a request it refuses (403,
     counted, when `forward` records it)."""
-    if (route.peer is None and may_use(request_key(request), model_names(context.config, route.model))
+    if (route.peer is None and may_use_model(context.config, request_key(request), route.model)
             and await take_media(context, route.model, payload, len(route.body))):
         return replace(route, body=json.dumps(payload).encode())
     return route

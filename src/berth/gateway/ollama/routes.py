@@ -16,7 +16,7 @@ from aiohttp import web
 from berth.config import ModelSpec
 from berth.core.errors import BadRequest, BerthError
 from berth.gateway import serving
-from berth.gateway.access import ADMIN, ANY_KEY, INFERENCE, may_use, model_names, request_key, scope
+from berth.gateway.access import ADMIN, ANY_KEY, INFERENCE, may_use, may_use_model, request_key, scope
 from berth.gateway.context import GatewayContext, Routes, parse_json, require_body_type
 from berth.gateway.ollama import requests
 from berth.gateway.ollama.answers import Embeddings, Generation, created_at
@@ -70,7 +70,7 @@ class OllamaRoutes(Routes):
         def entries() -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
             for spec in config.models.values():
-                if spec.unlisted or not may_use(key, model_names(config, spec.id)):
+                if spec.unlisted or not may_use_model(config, key, spec.id):
                     continue
                 file = self._file(spec)
                 names = [spec.id, *(spec.aliases if config.include_aliases_in_list else ())]
@@ -87,7 +87,7 @@ class OllamaRoutes(Routes):
         """Loaded models the request's key may use, the one that stays longest first (as Ollama sorts them)."""
         config, key = self.context.config, request_key(request)
         ready = [s for s in self.context.pool.snapshots().values()
-                 if s.state is ModelState.READY and may_use(key, model_names(config, s.model))]
+                 if s.state is ModelState.READY and may_use_model(config, key, s.model)]
         files = await asyncio.to_thread(lambda: [self._file(self.context.config.models[s.model]) for s in ready])
         models = [running(s.model, file, s) for s, file in zip(ready, files)]
         models.sort(key=lambda m: m["expires_at"], reverse=True)
