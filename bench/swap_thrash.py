@@ -32,6 +32,8 @@ from pathlib import Path
 import requests
 from _berth import running_berth
 
+from berth.bench.stats import percentile
+
 FAKE = Path(__file__).resolve().parent.parent / "tests" / "support" / "fake_model_server.py"
 POLICIES = {"fifo": (0, 0), "batched": (30, 10), "short": (3, 1)}
 STOP_ALLOWANCE = 1.0  # seconds a stand-in may take to exit after SIGTERM (it exits at once; generous)
@@ -89,10 +91,6 @@ def load_seconds(url: str) -> float:
         elif line.startswith("berth_model_load_duration_seconds_count"):
             count += float(line.split()[-1])
     return total / count if count else 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def main() -> None:

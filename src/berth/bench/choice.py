@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from berth.bench.runner import BenchSettings, RequestRecord
-from berth.bench.stats import percentile
+from berth.bench.stats import mean, percentile
 
 CSV_COLUMNS = ("image", "model", "target", "round", "answer", "score", "valid_json", "latency_ms", "ttft_ms",
                "error")
@@ -29,7 +29,7 @@ def score_summary(scores: list[float]) -> dict:
     top = max(scores)
     ties = sum(1 for s in scores if s == top)
     counts = Counter(scores)
-    return {"scored": len(scores), "mean": sum(scores) / len(scores), "p50": percentile(scores, 50),
+    return {"scored": len(scores), "mean": mean(scores), "p50": percentile(scores, 50),
             "min": min(scores), "max": top, "distinct": len(counts), "top": top, "ties_at_top": ties,
             "ties_at_top_share": ties / len(scores), "counts": {f"{v:g}": n for v, n in sorted(counts.items())}}
 

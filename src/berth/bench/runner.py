@@ -336,8 +336,7 @@ async def _refusal(session: aiohttp.ClientSession, settings: BenchSettings, targ
             text = await resp.text()
     except (TimeoutError, aiohttp.ClientError):
         return None
-    if resp.status == 401:
-        raise BenchSetupError(f"{target.url} wants an API key; pass --api-key or set OPENAI_API_KEY")
+    _check_key(resp.status, target)
     if resp.status != 404 and _error_type(resp.status, text) != "model_not_found":
         return None
     try:
@@ -346,11 +345,15 @@ async def _refusal(session: aiohttp.ClientSession, settings: BenchSettings, targ
         return f"HTTP {resp.status}: {text[:200]}"
 
 
+def _check_key(status: int, target: Target) -> None:
+    if status == 401:
+        raise BenchSetupError(f"{target.url} wants an API key; pass --api-key or set OPENAI_API_KEY")
+
+
 async def _listed(session: aiohttp.ClientSession, settings: BenchSettings, target: Target) -> set[str]:
     """The names the target's /v1/models lists (none when it lists nothing readable)."""
     async with session.get(target.url + "/v1/models", headers=_headers(settings)) as resp:
-        if resp.status == 401:
-            raise BenchSetupError(f"{target.url} wants an API key; pass --api-key or set OPENAI_API_KEY")
+        _check_key(resp.status, target)
         try:
             listing = await resp.json(content_type=None) if resp.status == 200 else {}
         except ValueError:

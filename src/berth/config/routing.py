@@ -206,10 +206,7 @@ def return_targets(reading: Reading, config: BerthConfig) -> None:
                         else (top, ("returnTo",)))
         if not written:
             continue
-        target = config.resolve(written)
-        if target is None:
-            raise reading.error(loc, f"returnTo names {written!r}, which is not a model id or alias here; "
-                                     f"use one of: {', '.join(config.models)}")
+        target = _model_id(reading, config, loc, "returnTo", written)
         if target == model_id:
             if loc[0] == "models":
                 raise reading.error(loc, f"{model_id} cannot return to itself; name the model to start "
@@ -223,8 +220,13 @@ def fallback_model(reading: Reading, config: BerthConfig) -> str:
     name = reading.parsed.fallback_model
     if not name:
         return ""
+    return _model_id(reading, config, ("fallbackModel",), "fallbackModel", name)
+
+
+def _model_id(reading: Reading, config: BerthConfig, loc: tuple[str, ...], key: str, name: str) -> str:
+    """The model id `name` stands for (an id or an alias), else the config error naming `key` and the ids."""
     model_id = config.resolve(name)
     if model_id is None:
-        raise reading.error(("fallbackModel",), f"fallbackModel names {name!r}, which is not a model id or alias "
-                                                f"here; use one of: {', '.join(config.models)}")
+        raise reading.error(loc, f"{key} names {name!r}, which is not a model id or alias here; "
+                                 f"use one of: {', '.join(config.models)}")
     return model_id

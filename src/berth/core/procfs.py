@@ -112,15 +112,10 @@ def listens_on(pid: int, port: int) -> bool:
 def holds_connection(pid: int, local: tuple[str, int], remote: tuple[str, int]) -> bool:
     """Whether process `pid` or one of its descendants holds the TCP connection from `local` to `remote`
     (addresses as that process sees them): who is at the other end of a loopback connection."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return False
-    for process in processes:
+    for member in [pid, *descendants(pid)]:
         try:
             if any(c.laddr and c.raddr and (c.laddr.ip, c.laddr.port) == local and (c.raddr.ip, c.raddr.port) == remote
-                   for c in process.net_connections(kind="tcp")):
+                   for c in psutil.Process(member).net_connections(kind="tcp")):
                 return True
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
