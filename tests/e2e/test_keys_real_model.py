@@ -12,10 +12,12 @@ KEY = "alice-secret"
 MESSAGES = [{"role": "user", "content": "Name three colors."}]
 
 
-def reported_tokens(stream_text: str) -> tuple[int, int]:
-    """(prompt, completion) from the last chunk of a raw stream that carries `usage` or `timings`."""
+def reported_tokens(stream: bytes) -> tuple[int, int]:
+    """(prompt, completion) from the last chunk of a raw stream that carries `usage` or `timings`.
+    Lines are split on the bytes SSE ends them with: str.splitlines would also split inside a chunk's text
+    at U+0085 or U+2028, which a model may write and JSON leaves unescaped."""
     found = (0, 0)
-    for line in stream_text.splitlines():
+    for line in stream.decode("utf-8").split("\n"):
         if not line.startswith("data: {"):
             continue
         chunk = json.loads(line[len("data: "):])
@@ -42,7 +44,7 @@ models:
     assert whole.usage is not None
     raw = requests.post(b.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                         json={"model": "gemma", "messages": MESSAGES, "max_tokens": 12, "stream": True})
-    streamed = reported_tokens(raw.text)  # no include_usage: what llama.cpp says at the end of the stream
+    streamed = reported_tokens(raw.content)  # no include_usage: what llama.cpp says at the end of the stream
     assert streamed[1] > 0
     usage = requests.get(b.url + "/api/usage", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()
     [alice] = usage["keys"]
