@@ -20,7 +20,8 @@ the stand-in's own CPU cost stays small next to a proxy's (a raw asyncio protoco
 
 `--events FILE` appends JSON lines with `time.monotonic()` stamps (comparable across processes on
 Linux): start (the script's first line), listening, ready, the first chat request and its first byte
-written, each reset of --stale-after-stream, exit (on SIGTERM or SIGINT, which it obeys at once). With
+written, each request (its method, path and the number of the connection it came on), each reset of
+--stale-after-answer (with the request line it cut off), exit (on SIGTERM or SIGINT, which it obeys at once). With
 --start-probe it writes the start stamp and exits, so a caller can tell the interpreter's own start
 from its parent's delay.
 
@@ -63,10 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-alive-max", type=int, default=100, help="answers on one connection")
     p.add_argument("--keep-streams-open", action="store_true",
                    help="keep the connection after a streamed answer (llama-server closes it)")
-    p.add_argument("--stale-after-stream", action="store_true",
-                   help="after a streamed answer, keep the connection until the next request on it arrives, then "
+    p.add_argument("--stale-after-answer", action="store_true",
+                   help="after every answer, keep the connection until the next request on it arrives, then "
                         "reset it unanswered: what a client meets, as timing falls, when its next request crosses "
-                        "llama-server's close; here every time")
+                        "the server's close of a pooled connection; here every time")
     p.add_argument("--nodelay", action="store_true", help="set TCP_NODELAY (llama-server does not)")
     p.add_argument("--events", help="append lifecycle stamps (JSON lines, time.monotonic()) to this file")
     p.add_argument("--start-probe", action="store_true",
@@ -82,10 +83,10 @@ class Events:
         self._file: IO[str] | None = open(path, "a", buffering=1) if path else None  # noqa: SIM115
         self._seen: set[str] = set()
 
-    def write(self, event: str, at: float | None = None) -> None:
+    def write(self, event: str, at: float | None = None, **facts: object) -> None:
         if self._file is not None:
             self._file.write(json.dumps({"event": event, "t": time.monotonic() if at is None else at,
-                                         "pid": os.getpid()}) + "\n")
+                                         "pid": os.getpid(), **facts}) + "\n")
 
     def once(self, event: str) -> None:
         """`event` stamped the first time it happens only (the first request, its first byte)."""
@@ -206,6 +207,7 @@ class Server:
         self.events = events
         self.loop = asyncio.get_running_loop()
         self.ready = args.load_ms <= 0
+        self.connections = 0  # opened so far: each connection's number
         self.running: list[Generation] = []
         self.waiting: deque[Generation] = deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -283,7 +285,9 @@ class Connection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closing_asked = False  # the request being answered said Connection: close
         self.close_after_stream = False
-        self.stale = False  # --stale-after-stream: the next request on it meets a reset
+        self.stale = False  # --stale-after-answer: the next request on it meets a reset
+        server.connections += 1
+        self.number = server.connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -309,7 +313,7 @@ class Connection(asyncio.Protocol):
             self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                                 struct.pack("ii", 1, 0))
             self.transport.abort()
-            self.server.events.write("reset")
+            self.server.events.write("reset", request=data.split(b"\r\n", 1)[0].decode("latin-1"))
             return
         self.buffer += data
         self._serve_buffered()
@@ -359,6 +363,7 @@ class Connection(asyncio.Protocol):
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         arrived = self.server.loop.time()
+        self.server.events.write("request", method=method, path=path, connection=self.number)
         self.closing_asked = "close" in headers.get("connection", "").lower()
         if path in ("/health", "/v1/health") and method == "GET":
             if self.server.ready:
@@ -412,6 +417,7 @@ class Connection(asyncio.Protocol):
         if close:
             self._close()
             return
+        self.stale = self.server.args.stale_after_answer
         self._arm_idle_timer()
         self.server.loop.call_soon(self._serve_buffered)  # a pipelined request waits in the buffer
 
@@ -435,9 +441,8 @@ class Connection(asyncio.Protocol):
         if generation.done():
             self.busy = None
             # cpp-httplib ends a chunked answer by failing its write loop, and so closes the connection
-            self.stale = self.server.args.stale_after_stream and not self.close_after_stream
-            closes = not (self.server.args.keep_streams_open or self.stale)
-            self._answered(self.close_after_stream or closes)
+            keeps = self.server.args.keep_streams_open or self.server.args.stale_after_answer
+            self._answered(self.close_after_stream or not keeps)
 
 
 def _dechunk(data: bytes) -> tuple[bytes, int] | None:

@@ -102,7 +102,8 @@ class Lease:
         return Upstream(process.spec.id, process.spec.proxy, process.spec.timeouts,
                         tuple(key_headers(process.key).items()), takes_client_credentials=process.key is None,
                         restore_hit=process.take_restore_hit(),
-                        explain=process.explain_failure if process.spec.rpc is not None else None)
+                        explain=process.explain_failure if process.spec.rpc is not None else None,
+                        spare_path=process.spec.check_endpoint)
 
     def release(self) -> None:
         if self._on_release is not None:

@@ -210,6 +210,7 @@ class Proxy:
         headers = _request_headers(request, target.takes_client_credentials and not self._keys_in_use())
         headers.update(target.headers)
         self._ledger.sent(record)
+        self._sessions.spare_taken(target.base_url)
         self._ledger.capture_request(record, outbound.body, request.headers.get("Content-Type", ""))
         # sent again on another connection when a pooled one proves closed, and once when the model server
         # closes a fresh one before any answer byte (core/pooled.py): nothing has reached the client yet
@@ -224,7 +225,8 @@ class Proxy:
                 upstream_response = await opening
             async with upstream_response as upstream:
                 self._ledger.first_byte(record, upstream.status)
-                exchange = _Exchange(request, target, record, upstream, self._ledger)
+                exchange = _Exchange(request, target, record, upstream, self._ledger,
+                                     lambda: self._sessions.open_spare(target))
                 yield exchange
                 outcome = exchange.outcome or Outcome.ANSWERED
         except asyncio.TimeoutError:  # a limit ran out before the status line
@@ -251,6 +253,7 @@ class _Exchange:
     record: RequestRecord
     upstream: aiohttp.ClientResponse
     ledger: RequestLedger
+    open_spare: Callable[[], None]  # a fresh connection to the model server for its next request
     outcome: Outcome | None = None  # set once the answer's relay ended (None: it never began, or is under way)
 
     def is_plain_error(self) -> bool:
@@ -311,6 +314,11 @@ class _Exchange:
                 return response
             broke_off = True
         self._settle((tail, head, relayed))
+        if is_sse and not broke_off and self.target.spare_path is not None:
+            # llama-server closes the connection it streamed on, maybe not before berth's next request takes
+            # it from the pool: berth closes it, and a spare opens before the client has read the end
+            self.upstream.close()
+            self.open_spare()
         if reframe is not None and not broke_off:
             await response.write(reframe.close(self.record))
         self.outcome = self.outcome or Outcome.ANSWERED

@@ -18,6 +18,7 @@ class Upstream:
     takes_client_credentials: bool = False
     restore_hit: bool = False  # the first request after a KV slot restore: count its cache hits
     explain: Callable[[], Awaitable[str | None]] | None = None  # why an answer broke off (an rpc agent gone)
+    spare_path: str | None = None  # a local model server's health check: asked to open a spare connection
 
     async def failure_detail(self) -> str:
         """"; <why>" when something beyond the model server explains a failure, else ""."""
