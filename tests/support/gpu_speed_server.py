@@ -335,6 +335,8 @@ class Connection(asyncio.Protocol):
                                                         "type": "invalid_request_error"}}))
                 return
             self._handle(*request)
+            # after the answer (or its start): the stamps of the swap measurement come first
+            self.server.events.write("request", method=request[0], path=request[1], connection=self.number)
 
     def _take_request(self) -> tuple[str, str, dict[str, str], bytes] | None:
         """The next whole request in the buffer (method, path, lower-cased headers, body), taken out of it."""
@@ -363,7 +365,6 @@ class Connection(asyncio.Protocol):
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         arrived = self.server.loop.time()
-        self.server.events.write("request", method=method, path=path, connection=self.number)
         self.closing_asked = "close" in headers.get("connection", "").lower()
         if path in ("/health", "/v1/health") and method == "GET":
             if self.server.ready:
