@@ -67,8 +67,8 @@ class Inference(Routes):
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object with a `model` field")
         with routed(context, payload, body) as route:
-            route = await with_media(context, request, route, payload)
-            if (route.peer is None and payload.get("stream") is True and path.endswith("/chat/completions")
+            route = await with_media(context, request, route)
+            if (route.peer is None and route.payload.get("stream") is True and path.endswith("/chat/completions")
                     and context.config.models[route.model].send_loading_state
                     and context.pool.state(route.model) is not ModelState.READY):
                 return await serve_while_loading(context, request, route.model, path, route.body)

@@ -45,13 +45,26 @@ def openai_error(status: int, body: bytes) -> dict[str, Any] | None:
     string `message` and `type`; llama.cpp's integer `code` and its own fields such as `n_ctx` included):
     it goes to the client unchanged. Any other body is wrapped in that shape, its text kept: as the message
     when no message can be read from it, and whole under `upstream`."""
+    shaped, as_sent = _in_openai_shape(status, body)
+    return None if as_sent else shaped
+
+
+def error_message(status: int, body: bytes) -> str:
+    """The message of a model server's error answer, whatever its shape."""
+    message: str = _in_openai_shape(status, body)[0]["error"]["message"]
+    return message
+
+
+def _in_openai_shape(status: int, body: bytes) -> tuple[dict[str, Any], bool]:
+    """A model server's error answer in OpenAI's shape (see `openai_error`), and whether it was sent so."""
     try:
         parsed = json.loads(body) if body else None
     except ValueError:
         parsed = None
     error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict) and all(isinstance(error.get(k), str) for k in ("message", "type")):
-        return None
+    if isinstance(parsed, dict) and isinstance(error, dict) and all(isinstance(error.get(k), str)
+                                                                    for k in ("message", "type")):
+        return parsed, True
     message = None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         message = error["message"]
@@ -70,16 +83,7 @@ def openai_error(status: int, body: bytes) -> dict[str, Any] | None:
     if not isinstance(code, str):
         code = kind if isinstance(error, dict) and isinstance(error.get("type"), str) else f"upstream_http_{status}"
     return {"error": {"message": message, "type": kind, "code": code,
-                      "upstream": parsed if parsed is not None else text}}
-
-
-def error_message(status: int, body: bytes) -> str:
-    """The message of a model server's error answer, whatever its shape."""
-    shaped = openai_error(status, body)
-    if shaped is None:  # in OpenAI's shape already
-        shaped = json.loads(body)
-    message: str = shaped["error"]["message"]
-    return message
+                      "upstream": parsed if parsed is not None else text}}, False
 
 
 class Reframe(Protocol):

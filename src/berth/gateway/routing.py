@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from aiohttp import web
@@ -30,15 +31,22 @@ class Route:
     """One request's destination and the body to send there."""
 
     model: str  # a local model's id, or peer/model
-    body: bytes
+    payload: dict[str, Any]  # the body, parsed: the client's, changed by the model's filters (and media)
+    sent_as: bytes | None  # the client's own bytes while nothing changed the payload; None: encode it
     peer: Upstream | None = None  # None: a local model
     fallback: bool = False  # fallbackModel serves it: the request named no model berth knows
 
+    @cached_property
+    def body(self) -> bytes:
+        """What goes to the model server: encoded once, however many of the steps above changed it."""
+        return self.sent_as if self.sent_as is not None else json.dumps(self.payload).encode()
+
 
 @contextmanager
-def routed(context: GatewayContext, payload: dict[str, Any], body: bytes) -> Iterator[Route]:
-    """The route of a request whose parsed body is `payload` (changed in place by the model's filters),
-    held for as long as the request runs (spillover selectors count the requests each target has)."""
+def routed(context: GatewayContext, payload: dict[str, Any], body: bytes | None) -> Iterator[Route]:
+    """The route of a request whose parsed body is `payload` (changed in place by the model's filters), sent
+    as the client's `body` unless something changed it (None: always from `payload`), held for as long as
+    the request runs (spillover selectors count the requests each target has)."""
     requested = payload.get("model")
     if requested is not None and not isinstance(requested, str):
         raise BadRequest("`model` must be a string")
@@ -54,24 +62,24 @@ def routed(context: GatewayContext, payload: dict[str, Any], body: bytes) -> Ite
     with context.naming.chosen(context.config, requested, state_of) as name:
         if name != requested:  # a profile's pin or a selector's choice: the request names it from here
             payload["model"] = name
-            body = json.dumps(payload).encode()
+            body = None
         if context.config.resolve(name) is None and (peer := context.config.resolve_peer(name)) is not None:
             yield _peer(*peer, payload)
             return
         model_id, fallback = context.served_by(name)
         if fallback:  # the model server, and so the answer's `model`, see the model that serves it
             payload["model"] = name = model_id
-            body = json.dumps(payload).encode()
+            body = None
         yield _local(context, model_id, name, payload, body, fallback)
 
 
-def _local(context: GatewayContext, model_id: str, requested: str, payload: dict[str, Any], body: bytes,
+def _local(context: GatewayContext, model_id: str, requested: str, payload: dict[str, Any], body: bytes | None,
            fallback: bool = False) -> Route:
     spec = context.config.models[model_id]
     by_id = dict(spec.set_params_by_id).get(requested, ())  # the setParamsByID entry of the id asked for
     if apply_filters(payload, spec.strip_params, (*spec.set_params, *by_id), spec.use_model_name):
-        body = json.dumps(payload).encode()
-    return Route(model_id, body, fallback=fallback)
+        body = None
+    return Route(model_id, payload, body, fallback=fallback)
 
 
 def _peer(peer: PeerSpec, model: str, payload: dict[str, Any]) -> Route:
@@ -79,18 +87,17 @@ def _peer(peer: PeerSpec, model: str, payload: dict[str, Any]) -> Route:
     apply_filters(payload, peer.strip_params, peer.set_params, model)
     headers = (("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)) if peer.api_key else ()
     target = Upstream(f"{peer.id}/{model}", peer.proxy, peer.timeouts, headers)
-    return Route(target.model, json.dumps(payload).encode(), target)
+    return Route(target.model, payload, None, target)
 
 
-async def with_media(context: GatewayContext, request: web.Request, route: Route,
-                     payload: dict[str, Any]) -> Route:
+async def with_media(context: GatewayContext, request: web.Request, route: Route) -> Route:
     """A local model's route with the request's images taken (media.py): refused before any load when the
     model has no projector, remote URLs fetched by berth and sent inline. A peer fetches its own. Nothing is
     taken for a model the request's key may not use: berth fetches nothing for a request it refuses (403,
     counted, when `forward` records it)."""
     if (route.peer is None and may_use_model(context.config, request_key(request), route.model)
-            and await take_media(context, route.model, payload, len(route.body))):
-        return replace(route, body=json.dumps(payload).encode())
+            and await take_media(context, route.model, route.payload, len(route.body))):
+        return replace(route, sent_as=None)
     return route
 
 

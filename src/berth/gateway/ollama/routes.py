@@ -6,7 +6,6 @@ model server's answer translated back as it streams (answers.py). Errors answer 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -99,7 +98,7 @@ class OllamaRoutes(Routes):
         metadata; for a model that is not running, what the GGUF and its cmd's flags say (nothing starts)."""
         context = self.context
         name = requests.model_name(await self._request(request))
-        with routed(context, {"model": local_name(context.config, name)}, b"") as route:
+        with routed(context, {"model": local_name(context.config, name)}, None) as route:
             context.require_model(request, route.model)
             file = None if route.peer else await asyncio.to_thread(self._file, context.config.models[route.model])
             if file is None:  # a peer's model, or another engine's
@@ -157,8 +156,8 @@ class OllamaRoutes(Routes):
         keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
         payload = translated.body
         payload["model"] = local_name(context.config, payload["model"])
-        with routed(context, payload, json.dumps(payload).encode()) as route:
-            route = await with_media(context, request, route, payload)
+        with routed(context, payload, None) as route:
+            route = await with_media(context, request, route)
             if route.peer is None and translated.num_ctx is not None:
                 await self._note_num_ctx(route.model, translated.num_ctx)
             return await forward(context, request, route, translated.path, reframe(_answered_as(route, body)),
@@ -179,7 +178,7 @@ class OllamaRoutes(Routes):
         model) needs `admin`, as /models/unload."""
         context = self.context
         keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
-        with routed(context, {"model": local_name(context.config, requests.model_name(body))}, b"") as route:
+        with routed(context, {"model": local_name(context.config, requests.model_name(body))}, None) as route:
             context.require_model(request, route.model)
             local = _local(route)
             if keep_alive == 0:
