@@ -10,12 +10,12 @@ def test_usage_with_nested_details_is_counted_from_the_last_occurrence():
     body = (b'data: {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}\n\n'
             b'data: {"choices":[],"usage":{"completion_tokens":12,"prompt_tokens":30,'
             b'"prompt_tokens_details":{"cached_tokens":4}},"timings":{"x":1}}\n\ndata: [DONE]\n\n')
-    metrics.record_usage("m", body)
+    metrics.count_answer("m", body)
     assert token_count(metrics, "prompt") == 30 and token_count(metrics, "completion") == 12
 
 
 def test_missing_or_cut_usage_counts_nothing():
     metrics = Metrics()
-    metrics.record_usage("m", b'{"choices": []}')
-    metrics.record_usage("m", b'"usage": {"prompt_tokens": 3, "compl')
+    metrics.count_answer("m", b'{"choices": []}')
+    metrics.count_answer("m", b'"usage": {"prompt_tokens": 3, "compl')
     assert token_count(metrics, "prompt") == 0

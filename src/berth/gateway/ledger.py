@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from berth.gateway import capture
-from berth.gateway.metrics import TIMINGS_KEY, Metrics, last_object
+from berth.gateway.metrics import Metrics
 
 log = logging.getLogger("berth.requests")
 
@@ -150,25 +150,7 @@ class RequestLedger:
     def read_usage(self, record: RequestRecord, tail: bytes, restore_hit: bool) -> None:
         """Tokens from the end of an answer (`tail`): counted per model, and kept on the record. With
         `restore_hit`, the first answer after a KV slot restore, also the cached tokens it reused."""
-        usage = self.metrics.record_usage(record.model, tail)
-        record.prompt_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
-        record.completion_tokens = _count(usage.get("completion_tokens", usage.get("output_tokens")))
-        if record.prompt_tokens is None and record.completion_tokens is None:
-            self._tokens_from_timings(record, tail)
-        if restore_hit:
-            self.metrics.record_restore_hit(record.model, tail)
-
-    def _tokens_from_timings(self, record: RequestRecord, tail: bytes) -> None:
-        """llama.cpp's `timings` when an answer has no `usage` (a stream without include_usage, its own
-        /completion): the prompt is what it evaluated plus what it reused from the cache."""
-        timings = last_object(tail, TIMINGS_KEY)
-        evaluated, cached, predicted = (_count(timings.get(k)) for k in ("prompt_n", "cache_n", "predicted_n"))
-        if evaluated is not None:
-            record.prompt_tokens = evaluated + (cached or 0)
-        record.completion_tokens = predicted
-        for kind, value in (("prompt", record.prompt_tokens), ("completion", predicted)):
-            if value:
-                self.metrics.tokens.labels(record.model, kind).inc(value)
+        record.prompt_tokens, record.completion_tokens = self.metrics.count_answer(record.model, tail, restore_hit)
 
     def abandon(self, record: RequestRecord) -> None:
         """The client left before its request was sent to a model server (while it waited for one)."""
@@ -225,6 +207,3 @@ class RequestLedger:
         record.cancel()
         return record
 
-
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -15,7 +15,7 @@ from berth.scheduler import ModelState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _USAGE_KEY = re.compile(r'"usage"\s*:\s*\{')
-TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
+_TIMINGS_KEY = re.compile(r'"timings"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
 
 
@@ -153,14 +153,32 @@ class Metrics:
                           (s.queued and s.state is not ModelState.READY))
         self.models_info.labels(",".join(loaded), ",".join(starting), str(len(models))).set(time.time())
 
-    def record_usage(self, model: str, tail: bytes) -> dict[str, Any]:
-        """Count tokens from the last `usage` object in the end of a response body or stream; return it."""
-        usage = last_object(tail, _USAGE_KEY)
+    def count_answer(self, model: str, tail: bytes, restore_hit: bool = False) -> tuple[int | None, int | None]:
+        """(prompt, completion) tokens the end of an answer (`tail`) reports, counted per model: from its last
+        `usage` object, or when that has neither, from llama.cpp's `timings` (a stream without include_usage,
+        its own /completion: the prompt is what it evaluated plus what it reused from the cache). With
+        `restore_hit`, the first answer after a KV slot restore, also the cached tokens it reused (`cache_n`)."""
+        text = tail.decode("utf-8", errors="replace")
+        usage = last_object(text, _USAGE_KEY)
         for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
             value = usage.get(kind)
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(model, kind.replace("_tokens", "")).inc(value)
-        return usage
+        prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        completion = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        from_timings = prompt is None and completion is None
+        timings = last_object(text, _TIMINGS_KEY) if from_timings or restore_hit else {}
+        if from_timings:
+            evaluated, cached, completion = (_count(timings.get(k)) for k in ("prompt_n", "cache_n", "predicted_n"))
+            if evaluated is not None:
+                prompt = evaluated + (cached or 0)
+            for kind, value in (("prompt", prompt), ("completion", completion)):
+                if value:
+                    self.tokens.labels(model, kind).inc(value)
+        reused = timings.get("cache_n")
+        if restore_hit and isinstance(reused, int) and reused > 0:
+            self.kv_restore_hits.labels(model).inc(reused)
+        return prompt, completion
 
     def count_key_usage(self, key: str, model: str, error: bool, prompt_tokens: int, completion_tokens: int) -> None:
         self.key_requests.labels(key, model).inc()
@@ -170,22 +188,15 @@ class Metrics:
             if value:
                 self.key_tokens.labels(key, model, kind).inc(value)
 
-    def record_restore_hit(self, model: str, tail: bytes) -> None:
-        """Count the prompt tokens served from cache (llama.cpp's `timings.cache_n`) by one response."""
-        cached = last_object(tail, TIMINGS_KEY).get("cache_n")
-        if isinstance(cached, int) and cached > 0:
-            self.kv_restore_hits.labels(model).inc(cached)
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def last_object(tail: bytes, key: re.Pattern[str]) -> dict[str, Any]:
+def last_object(text: str, key: re.Pattern[str]) -> dict[str, Any]:
     """The last JSON object written under `key` in a response's tail ({} if none or cut off).
 
     Decoded rather than matched with a regex: such objects nest (`prompt_tokens_details`).
     """
-    text = tail.decode("utf-8", errors="replace")
     starts = [m.end() - 1 for m in key.finditer(text)]
     if not starts:
         return {}
@@ -194,3 +205,7 @@ def last_object(tail: bytes, key: re.Pattern[str]) -> dict[str, Any]:
     except ValueError:
         return {}
     return found if isinstance(found, dict) else {}
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
